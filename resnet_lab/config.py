@@ -1,0 +1,188 @@
+"""One frozen `RunConfig` per training run, the presets, and the stable hash that names its folder."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+ARCHS = ("plain", "resnet", "preact", "highway")
+SHORTCUTS = ("A", "B", "C")
+BLOCK_LAYERS = (1, 2, 3)
+SPLITS = ("full", "45k5k")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+# Fields that change how fast a run goes or how much memory it takes, never what it learns:
+# they are left out of the hash so a run trained with them is found by a run asked without.
+NON_RESULT_FIELDS = frozenset({"activation_checkpointing", "fast"})
+
+
+def valid_depths(block_layers: int = 2, bottleneck: bool = False, limit: int = 1300) -> list[int]:
+    """Depths the CIFAR family accepts for this block shape (6n+2, or 9n+2 for bottlenecks)."""
+    if bottleneck:
+        return [9 * n + 2 for n in range(1, limit // 9 + 1)]
+    return [6 * n + 2 for n in range(1, limit // 6 + 1) if (2 * n) % block_layers == 0]
+
+
+def check_depth(depth: int, block_layers: int = 2, bottleneck: bool = False) -> int:
+    """Return n (blocks' worth of layers per stage) or raise a ValueError naming the valid form."""
+    if bottleneck:
+        if not isinstance(depth, int) or depth < 11 or (depth - 2) % 9:
+            raise ValueError(
+                f"depth={depth!r} is not valid for bottleneck blocks: use 9n+2 with n >= 1 (11, 20, 29, 56, 110, 164, ...)"
+            )
+        return (depth - 2) // 9
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth={depth!r} is not valid: use 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, 1202, ...)")
+    n = (depth - 2) // 6
+    if block_layers not in BLOCK_LAYERS:
+        raise ValueError(f"block_layers={block_layers!r} is not valid: use one of {list(BLOCK_LAYERS)}")
+    if (2 * n) % block_layers:
+        ok = ", ".join(str(d) for d in valid_depths(block_layers)[:8])
+        raise ValueError(
+            f"depth={depth} has 2n={2 * n} layers per stage, which block_layers={block_layers} does not divide; "
+            f"depths that work: {ok}, ..."
+        )
+    return n
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not valid: use one of {list(allowed)}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides what one training run learns; its hash names `results/runs/<hash>/`."""
+
+    preset: str = "custom"
+    # model
+    arch: str = "resnet"
+    depth: int = 20
+    block_layers: int = 2
+    shortcut: str = "A"
+    bottleneck: bool = False
+    width: int = 16
+    gate_bias: float = -2.0  # highway only: sigmoid(-2) = 0.12, blocks start near the identity
+    # data
+    dataset: str = ""  # sha256 prefix of the CIFAR-10 copy; filled in by `train` from the source
+    split: str = "full"  # "full" = 50k train / 10k test; "45k5k" = 45k train / 5k val held out of train
+    train_subset: int | None = None  # first N images of a fixed class-balanced permutation
+    eval_subset: int | None = None  # evaluate on the first N test (or val) images
+    # optimisation (He et al. 2015: SGD, batch 128, lr 0.1, /10 at 32k and 48k, stop at 64k)
+    iterations: int = 64_000
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    milestones: tuple[int, ...] = (32_000, 48_000)
+    warmup_lr: float | None = None  # ResNet-110/1202: lr 0.01 until training error < warmup_err
+    warmup_err: float = 0.80
+    eval_every: int = 1_000
+    seed: int = 0
+    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    # speed only (not hashed)
+    activation_checkpointing: int = 0  # number of segments per stage; 0 = off
+    fast: bool = True  # CUDA graphs / compile where available; falls back to eager
+
+    def __post_init__(self) -> None:
+        _check_choice("arch", self.arch, ARCHS)
+        _check_choice("shortcut", self.shortcut, SHORTCUTS)
+        _check_choice("split", self.split, SPLITS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        if self.arch == "plain" and self.shortcut != "A":
+            raise ValueError(f"shortcut={self.shortcut!r} means nothing for arch='plain' (no shortcuts): leave it 'A'")
+        if self.bottleneck and self.block_layers != 2:
+            raise ValueError("bottleneck blocks have 3 layers by construction: leave block_layers=2")
+        check_depth(self.depth, self.block_layers, self.bottleneck)
+        for name in ("width", "iterations", "batch_size", "eval_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name}={v!r} is not valid: use a positive integer")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} is not valid: use an integer >= 0")
+        for name, least in (("train_subset", self.batch_size), ("eval_subset", 1)):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
+                raise ValueError(f"{name}={v!r} is not valid: use None or an integer >= {least}")
+        if not (self.lr > 0):
+            raise ValueError(f"lr={self.lr!r} is not valid: use a positive number")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones={self.milestones!r} are not valid: use increasing iteration numbers")
+
+    # -- identity -----------------------------------------------------------------------
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that change results, as plain JSON values (what the hash covers)."""
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return {k: v for k, v in sorted(d.items()) if k not in NON_RESULT_FIELDS}
+
+    @property
+    def hash(self) -> str:
+        """Stable 12-hex-digit name of this run: same fields, same folder, on any machine."""
+        blob = json.dumps(self.result_fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        """Short human label, e.g. 'resnet-56' or 'plain-20 skip1 B'."""
+        s = f"{self.arch}-{self.depth}"
+        if self.bottleneck:
+            s += " bottleneck"
+        if self.block_layers != 2:
+            s += f" skip{self.block_layers}"
+        if self.arch != "plain" and self.shortcut != "A":
+            s += f" {self.shortcut}"
+        return s
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "milestones" in d:
+            d["milestones"] = tuple(d["milestones"])
+        return cls(**d)
+
+
+# Presets set the schedule and data budget; the model fields come from the caller.
+PRESETS: dict[str, dict[str, Any]] = {
+    # seconds on a CPU: for tests, proves the plumbing, learns almost nothing
+    "smoke": dict(
+        iterations=6, batch_size=32, lr=0.05, milestones=(4,), eval_every=3,
+        train_subset=256, eval_subset=128, warmup_lr=None,
+    ),
+    # the whole suite in ~15 minutes on 2 CPU cores: trends visible, not paper numbers
+    "quick": dict(
+        iterations=300, batch_size=64, lr=0.1, milestones=(200, 260), eval_every=50,
+        train_subset=8_000, eval_subset=1_000,
+    ),
+    # He et al. 2015, CIFAR-10: all 50k training images, report on the 10k test set
+    "paper": dict(
+        iterations=64_000, batch_size=128, lr=0.1, milestones=(32_000, 48_000), eval_every=1_000,
+        train_subset=None, eval_subset=None, split="full",
+    ),
+}
+
+
+def make_config(preset: str = "quick", **overrides: Any) -> RunConfig:
+    """A `RunConfig` from a preset plus explicit overrides; unknown names fail loudly."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not valid: use one of {sorted(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"unknown RunConfig field(s) {bad}: allowed are {sorted(known - {'preset'})}")
+    kw: dict[str, Any] = dict(PRESETS[preset])
+    kw.update(overrides)
+    if "milestones" in kw:
+        kw["milestones"] = tuple(kw["milestones"])
+    # The paper warms up its deepest nets (110, 1202) at lr 0.01 until training error < 80%.
+    if preset == "paper" and "warmup_lr" not in overrides and kw.get("depth", 20) >= 110:
+        kw["warmup_lr"] = 0.01
+    return RunConfig(preset=preset, **kw)

@@ -1,0 +1,376 @@
+"""CIFAR-10 from the official python archive or an image-folder tree/tarball, decoded once, cached
+as uint8 tensors, and fed from the training device with crop + flip done there in batches."""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+N_TRAIN, N_TEST = 50_000, 10_000
+# Official CIFAR-10 per-channel statistics; the JPEG copy differs by < 0.002 (see shared/data/README.md).
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+IMAGE_EXT = (".png", ".jpg", ".jpeg")
+OFFICIAL_NAMES = ("cifar-10-python.tar.gz", "cifar-10-batches-py")
+PROJECT_DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+class DataError(ValueError):
+    """The given source is missing, not CIFAR-10, or damaged."""
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    kind: str  # "official" (python pickle batches) or "image-folder"
+    path: str
+    sha256: str
+    official_pixels: bool  # False for re-encoded (lossy) copies such as the JPEG tarball
+    n_train: int
+    n_test: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Cifar10:
+    """Train/test images as uint8 (N, 3, 32, 32) with int64 labels, plus where they came from."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    info: DataInfo
+
+
+# -- locating the source ----------------------------------------------------------------------
+def data_dir() -> Path:
+    """Cache and download folder: $RESNET_LAB_DATA_DIR, else the project's data/."""
+    return Path(os.environ.get("RESNET_LAB_DATA_DIR", PROJECT_DATA))
+
+
+def resolve_source(source: str | os.PathLike | None = None) -> Path | None:
+    """Argument, else $RESNET_LAB_DATA, else a copy found in data/; None means 'download'."""
+    if source is None:
+        source = os.environ.get("RESNET_LAB_DATA") or None
+    if source is not None:
+        p = Path(source).expanduser()
+        if not p.exists():
+            raise DataError(
+                f"CIFAR-10 source {str(p)!r} does not exist: give the official cifar-10-python.tar.gz, "
+                f"its extracted cifar-10-batches-py/, or an image-folder tree/tarball laid out {{train,test}}/<class>/*.jpg"
+            )
+        return p
+    d = data_dir()
+    for name in (*OFFICIAL_NAMES, "cifar10-jpeg.tar.gz", "cifar10-jpeg"):
+        if (d / name).exists():
+            return d / name
+    return None
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and bytes, in sorted order)."""
+    h = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(path)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# -- decoding ---------------------------------------------------------------------------------
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """The official batches are pickles; allow only numpy's array rebuilders, never arbitrary code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):  # noqa: D401
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise DataError(f"refusing to unpickle {module}.{name} from a CIFAR-10 batch file (not an array)")
+
+
+def _read_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        d = _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        x = np.asarray(d[b"data"], dtype=np.uint8)
+        y = np.asarray(d[b"labels"], dtype=np.int64)
+    except DataError:
+        raise
+    except Exception as e:  # truncated pickle, missing keys
+        raise DataError(f"CIFAR-10 batch {name!r} is damaged or not a CIFAR-10 batch: {e}") from e
+    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y):
+        raise DataError(f"CIFAR-10 batch {name!r} has data of shape {x.shape}; expected (N, 3072) with N labels")
+    return x.reshape(-1, 3, 32, 32), y
+
+
+def _load_official(path: Path) -> tuple[np.ndarray, ...]:
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    raws: dict[str, bytes] = {}
+    if path.is_dir():
+        for n in names:
+            f = path / n
+            if not f.exists():
+                raise DataError(f"{str(path)!r} is missing {n!r}: not an extracted cifar-10-batches-py folder")
+            raws[n] = f.read_bytes()
+    else:
+        with _open_tar(path) as tar:
+            try:
+                for m in tar:
+                    base = m.name.rsplit("/", 1)[-1]
+                    if base in names and m.isfile():
+                        raws[base] = tar.extractfile(m).read()
+            except (tarfile.TarError, EOFError, OSError) as e:
+                raise DataError(f"archive {str(path)!r} is truncated or corrupt: {e}") from e
+        missing = [n for n in names if n not in raws]
+        if missing:
+            raise DataError(f"archive {str(path)!r} lacks {missing}: not the official CIFAR-10 python archive")
+    parts = [_read_batch(raws[n], n) for n in names]
+    tx = np.concatenate([p[0] for p in parts[:5]])
+    ty = np.concatenate([p[1] for p in parts[:5]])
+    return tx, ty, parts[5][0], parts[5][1]
+
+
+def _open_tar(path: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(path, "r:*")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{str(path)!r} is not a readable tar archive (truncated or corrupt?): {e}") from e
+
+
+def _decode(raw: bytes, name: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            a = np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise DataError(f"image {name!r} cannot be decoded (corrupt file?): {e}") from e
+    if a.shape != (32, 32, 3):
+        raise DataError(f"image {name!r} is {a.shape[1]}x{a.shape[0]}; CIFAR-10 images are 32x32")
+    return a
+
+
+def _iter_image_folder(path: Path):
+    """Yield (split, class, name, bytes) for every image under {train,test}/<class>/."""
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.suffix.lower() in IMAGE_EXT and p.is_file():
+                yield p.relative_to(path).parts, p.read_bytes()
+        return
+    with _open_tar(path) as tar:
+        try:
+            for m in tar:
+                if m.isfile() and m.name.lower().endswith(IMAGE_EXT):
+                    yield tuple(m.name.split("/")), tar.extractfile(m).read()
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            raise DataError(f"archive {str(path)!r} is truncated or corrupt: {e}") from e
+
+
+def _load_image_folder(path: Path) -> tuple[np.ndarray, ...]:
+    items: dict[str, list[tuple[str, str, bytes]]] = {"train": [], "test": []}
+    for parts, raw in _iter_image_folder(path):
+        split = parts[-3] if len(parts) >= 3 else None
+        if split not in items:
+            continue
+        items[split].append((parts[-2], parts[-1], raw))
+    out = []
+    for split, expected in (("train", N_TRAIN), ("test", N_TEST)):
+        classes = sorted({c for c, _, _ in items[split]})
+        if not items[split]:
+            raise DataError(f"{str(path)!r} has no {split}/<class>/*.png|jpg images: not a CIFAR-10 image folder")
+        if len(classes) != len(CLASSES):
+            raise DataError(f"{str(path)!r} has {len(classes)} classes in {split}/ ({classes[:12]}); CIFAR-10 has 10")
+        _decode(items[split][0][2], f"{split}/{items[split][0][0]}/{items[split][0][1]}")  # shape check first
+        if len(items[split]) != expected:
+            raise DataError(f"{str(path)!r} has {len(items[split])} {split} images; CIFAR-10 has {expected}")
+        index = {c: i for i, c in enumerate(classes)}  # sorted names = official label order
+        items[split].sort(key=lambda t: (index[t[0]], t[1]))
+        x = np.stack([_decode(raw, f"{split}/{c}/{n}") for c, n, raw in items[split]]).transpose(0, 3, 1, 2)
+        y = np.array([index[c] for c, _, _ in items[split]], dtype=np.int64)
+        out += [np.ascontiguousarray(x), y]
+    return tuple(out)
+
+
+def _validate(tx: np.ndarray, ty: np.ndarray, vx: np.ndarray, vy: np.ndarray, path: Path) -> None:
+    if len(tx) != N_TRAIN or len(vx) != N_TEST:
+        raise DataError(f"{str(path)!r} has {len(tx)}/{len(vx)} train/test images; CIFAR-10 has {N_TRAIN}/{N_TEST}")
+    for y in (ty, vy):
+        if set(np.unique(y).tolist()) != set(range(10)):
+            raise DataError(f"{str(path)!r} has labels {sorted(set(np.unique(y).tolist()))}; CIFAR-10 has 0..9")
+
+
+# -- public API -------------------------------------------------------------------------------
+def load_cifar10(source: str | os.PathLike | None = None, cache: bool = True) -> Cifar10:
+    """CIFAR-10 as uint8 tensors; decoded once per source, then read from a sha256-keyed cache."""
+    path = resolve_source(source)
+    if path is None:
+        path = _download()
+    sha = _sha256(path)
+    kind = "official" if (path.is_dir() and (path / "data_batch_1").exists()) or path.name.startswith("cifar-10-python") \
+        else None
+    cache_file = data_dir() / "cache" / f"cifar10-{sha[:16]}.pt"
+    if cache and cache_file.exists():
+        try:
+            d = torch.load(cache_file, weights_only=True)
+            info = DataInfo(**d["info"])
+            return Cifar10(d["train_x"], d["train_y"], d["test_x"], d["test_y"], info)
+        except Exception as e:  # a damaged cache is rebuilt, never trusted
+            log.warning("ignoring unreadable cache %s (%s); decoding again", cache_file, e)
+    if kind is None:
+        kind = _sniff(path)
+    arrays = _load_official(path) if kind == "official" else _load_image_folder(path)
+    _validate(*arrays, path)
+    tx, ty, vx, vy = (torch.from_numpy(a) for a in arrays)
+    info = DataInfo(kind=kind, path=str(path), sha256=sha, official_pixels=(kind == "official"),
+                    n_train=len(tx), n_test=len(vx))
+    if cache:
+        from .runs import atomic_save_torch
+
+        atomic_save_torch({"train_x": tx, "train_y": ty, "test_x": vx, "test_y": vy, "info": info.to_json()},
+                          cache_file)
+    return Cifar10(tx, ty, vx, vy, info)
+
+
+def _sniff(path: Path) -> str:
+    """'official' if the tarball holds data_batch_* files, else 'image-folder'."""
+    if path.is_dir():
+        return "image-folder"
+    with _open_tar(path) as tar:
+        try:
+            for m in tar:
+                if m.name.rsplit("/", 1)[-1].startswith("data_batch_"):
+                    return "official"
+                if m.name.lower().endswith(IMAGE_EXT):
+                    return "image-folder"
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise DataError(f"archive {str(path)!r} is truncated or corrupt: {e}") from e
+    raise DataError(f"archive {str(path)!r} holds neither CIFAR-10 batches nor images")
+
+
+def _download() -> Path:
+    """Fetch the official archive with torchvision (needs internet)."""
+    from torchvision.datasets import CIFAR10
+
+    d = data_dir()
+    try:
+        CIFAR10(str(d), train=True, download=True)
+    except Exception as e:
+        raise DataError(
+            f"no CIFAR-10 copy found (argument, $RESNET_LAB_DATA, or {d}) and the download failed ({e}); "
+            "set RESNET_LAB_DATA to cifar-10-python.tar.gz or an image-folder tarball"
+        ) from e
+    return d / "cifar-10-batches-py"
+
+
+def class_balanced_order(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A fixed permutation that interleaves classes, so any prefix is (nearly) class-balanced."""
+    g = torch.Generator().manual_seed(seed)
+    per_class = [torch.nonzero(labels == c).flatten() for c in range(int(labels.max()) + 1)]
+    per_class = [ix[torch.randperm(len(ix), generator=g)] for ix in per_class]
+    rank = torch.empty(len(labels), dtype=torch.float64)
+    for ix in per_class:  # k-th image of each class gets rank k (+ jitter to mix classes)
+        rank[ix] = torch.arange(len(ix), dtype=torch.float64) + torch.rand(len(ix), generator=g, dtype=torch.float64) * 0.5
+    return torch.argsort(rank, stable=True)
+
+
+def split_data(data: Cifar10, split: str = "full", train_subset: int | None = None,
+               eval_subset: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train_x, train_y, eval_x, eval_y): the 50k/10k split, or 45k/5k with the 5k held out of train."""
+    order = class_balanced_order(data.train_y, seed=0)
+    if split == "full":
+        tr, ex, ey = order, data.test_x, data.test_y
+    elif split == "45k5k":
+        tr, val = order[5_000:], order[:5_000]
+        ex, ey = data.train_x[val], data.train_y[val]
+    else:
+        raise ValueError(f"split={split!r} is not valid: use 'full' or '45k5k'")
+    if train_subset is not None:
+        tr = tr[:train_subset]
+    tx, ty = data.train_x[tr], data.train_y[tr]
+    if eval_subset is not None:
+        eo = class_balanced_order(ey, seed=1)[:eval_subset]
+        ex, ey = ex[eo], ey[eo]
+    return tx, ty, ex, ey
+
+
+# -- on-device batches ------------------------------------------------------------------------
+def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> float, per-channel standardised."""
+    mean = torch.tensor(MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    return (x.to(dtype) - mean) / std
+
+
+def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Pad-`pad` random crop (shift dx, dy in [-pad, pad]) and horizontal flip, all in one gather.
+
+    x: (B, C, H, W) any dtype; dx, dy: (B,) int64; flip: (B,) bool. Zero padding, as in the paper.
+    """
+    B, C, H, W = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    rows = (dy + pad).view(B, 1) + torch.arange(H, device=x.device).view(1, H)  # (B, H)
+    ar = torch.arange(W, device=x.device).view(1, W)
+    cols = torch.where(flip.view(B, 1), W - 1 - ar, ar) + (dx + pad).view(B, 1)  # (B, W)
+    b = torch.arange(B, device=x.device).view(B, 1, 1)
+    out = xp.permute(0, 2, 3, 1)[b, rows.view(B, H, 1), cols.view(B, 1, W)]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)
+
+
+class DeviceLoader:
+    """Training batches drawn from uint8 images kept on the device.
+
+    The shuffle and augmentation of epoch e come from a generator seeded by (seed, e), so batch
+    i of a run is a pure function of (seed, i): resuming at any step replays exactly.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, device: torch.device | str):
+        self.device = torch.device(device)
+        self.x, self.y = x.to(self.device), y.to(self.device)
+        self.batch_size, self.seed = batch_size, seed
+        self.steps_per_epoch = len(x) // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch_size={batch_size} is larger than the {len(x)} training images")
+        self._epoch, self._plan = -1, None
+
+    def _epoch_plan(self, epoch: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n = self.steps_per_epoch * self.batch_size
+        perm = torch.randperm(len(self.x), generator=g)[:n]
+        shifts = torch.randint(-4, 5, (2, n), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5
+        dev = self.device
+        return perm.to(dev), shifts[0].to(dev), shifts[1].to(dev), flips.to(dev)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images uint8 (B,3,32,32) augmented, labels) for global step `step`."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._plan = epoch, self._epoch_plan(epoch)
+        perm, dx, dy, fl = self._plan
+        s = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        ix = perm[s]
+        return augment(self.x[ix], dx[s], dy[s], fl[s]), self.y[ix]
+
+
+def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000):
+    """Un-augmented (images, labels) chunks, in order."""
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size], y[i:i + batch_size]

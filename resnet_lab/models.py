@@ -1,0 +1,220 @@
+"""The CIFAR ResNet family of He et al. (2015, 2016): plain / residual / pre-activation / highway.
+
+Every net is stem -> ordered list of blocks -> head, and `model.blocks` is that list, so the
+unraveled-ensemble analyses can delete, reorder or re-route blocks without knowing their kind.
+
+Parameter counts (option A, width 16), which `tests/test_models.py` checks:
+
+    ResNet-20   269,722      ResNet-44   658,586      ResNet-110  1,727,962
+    ResNet-32   464,154      ResNet-56   853,018      ResNet-1202 19,421,274
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ARCHS, SHORTCUTS, RunConfig, _check_choice, check_depth
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A: identity that subsamples by the stride and zero-pads the new channels (no parameters)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride, self.extra = stride, cout - cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.extra:
+            lo = self.extra // 2
+            x = F.pad(x, (0, 0, 0, 0, lo, self.extra - lo))
+        return x
+
+
+def make_shortcut(kind: str, cin: int, cout: int, stride: int, with_bn: bool = True) -> nn.Module:
+    """A: zero-pad identity; B: projection only when the shape changes; C: projection always."""
+    changes = stride != 1 or cin != cout
+    if kind == "C" or (kind == "B" and changes):
+        layers: list[nn.Module] = [conv1x1(cin, cout, stride)]
+        if with_bn:
+            layers.append(nn.BatchNorm2d(cout))
+        return nn.Sequential(*layers)
+    return ZeroPadShortcut(cin, cout, stride) if changes else nn.Identity()
+
+
+class Block(nn.Module):
+    """One block: out = post(gate-mix(branch(x), shortcut(x))).
+
+    Flags the analyses set at test time (they never change parameters):
+      lesioned -- drop the residual branch, keep the shortcut (Veit et al.'s deletion);
+      route    -- "branch" or "shortcut": let the gradient through only that side
+                  (forward values unchanged), for gradient-by-path-length.
+    """
+
+    def __init__(self, branch: nn.Module, shortcut: nn.Module | None, post_relu: bool,
+                 gate: nn.Module | None = None, changes_shape: bool = False):
+        super().__init__()
+        self.branch, self.shortcut, self.gate = branch, shortcut, gate
+        self.post_relu, self.changes_shape = post_relu, changes_shape
+        self.lesioned = False
+        self.route: str | None = None
+
+    @property
+    def has_shortcut(self) -> bool:
+        return self.shortcut is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lesioned:
+            if self.shortcut is None:
+                if self.changes_shape:
+                    raise ValueError("cannot delete a plain block that changes the shape")
+                return x
+            return self.shortcut(x)
+        f = self.branch(x)
+        if self.shortcut is None:  # plain net: no addition
+            return F.relu(f) if self.post_relu else f
+        s = self.shortcut(x)
+        if self.route == "branch":
+            s = s.detach()
+        elif self.route == "shortcut":
+            f = f.detach()
+        if self.gate is not None:  # highway: T*F(x) + (1-T)*x
+            t = torch.sigmoid(self.gate(x))
+            if self.route == "shortcut":
+                t = t.detach()
+            out = t * f + (1 - t) * s
+        else:
+            out = f + s
+        return F.relu(out) if self.post_relu else out
+
+
+def _basic_branch(cin: int, cout: int, stride: int, layers: int, preact: bool) -> nn.Sequential:
+    """k 3x3 conv layers; post-act: conv-BN(-ReLU) ... conv-BN; pre-act: BN-ReLU-conv ..."""
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        c_in, s = (cin, stride) if i == 0 else (cout, 1)
+        if preact:
+            mods += [nn.BatchNorm2d(c_in), nn.ReLU(inplace=False), conv3x3(c_in, cout, s)]
+        else:
+            mods += [conv3x3(c_in, cout, s), nn.BatchNorm2d(cout)]
+            if i < layers - 1:
+                mods.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*mods)
+
+
+def _bottleneck_branch(cin: int, mid: int, cout: int, stride: int, preact: bool) -> nn.Sequential:
+    """1x1 reduce - 3x3 - 1x1 expand (stride on the 3x3)."""
+    convs = [conv1x1(cin, mid), conv3x3(mid, mid, stride), conv1x1(mid, cout)]
+    ins = [cin, mid, mid]
+    mods: list[nn.Module] = []
+    for i, conv in enumerate(convs):
+        if preact:
+            mods += [nn.BatchNorm2d(ins[i]), nn.ReLU(inplace=False), conv]
+        else:
+            mods += [conv, nn.BatchNorm2d(conv.out_channels)]
+            if i < 2:
+                mods.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*mods)
+
+
+class CifarResNet(nn.Module):
+    """stem (3x3 conv, 16 filters) -> blocks over three stages (16/32/64 filters on 32/16/8 maps) -> pool -> fc."""
+
+    def __init__(self, arch: str = "resnet", depth: int = 20, shortcut: str = "A", block_layers: int = 2,
+                 bottleneck: bool = False, width: int = 16, gate_bias: float = -2.0, num_classes: int = 10,
+                 activation_checkpointing: int = 0):
+        super().__init__()
+        _check_choice("arch", arch, ARCHS)
+        _check_choice("shortcut", shortcut, SHORTCUTS)
+        n = check_depth(depth, block_layers, bottleneck)
+        self.arch, self.depth = arch, depth
+        self.activation_checkpointing = activation_checkpointing
+        preact = arch == "preact"
+        expansion = 4 if bottleneck else 1
+        stem: list[nn.Module] = [conv3x3(3, width)]
+        if not preact:
+            stem += [nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        self.stem = nn.Sequential(*stem)
+
+        blocks: list[Block] = []
+        cin = width
+        per_stage = n if bottleneck else 2 * n // block_layers
+        for stage in range(3):
+            mid = width * 2**stage
+            cout = mid * expansion
+            for i in range(per_stage):
+                stride = 2 if (stage > 0 and i == 0) else 1
+                if bottleneck:
+                    branch = _bottleneck_branch(cin, mid, cout, stride, preact)
+                else:
+                    branch = _basic_branch(cin, cout, stride, block_layers, preact)
+                changes = stride != 1 or cin != cout
+                sc = None if arch == "plain" else make_shortcut(shortcut, cin, cout, stride, with_bn=not preact)
+                gate = None
+                if arch == "highway":
+                    gate = nn.Conv2d(cin, cout, 1, stride=stride, bias=True)
+                    nn.init.constant_(gate.bias, gate_bias)
+                blocks.append(Block(branch, sc, post_relu=not preact, gate=gate, changes_shape=changes))
+                cin = cout
+        self.blocks = nn.ModuleList(blocks)
+        head: list[nn.Module] = [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)] if preact else []
+        head += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+        self.head = nn.Sequential(*head)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # He et al. 2015: Kaiming-normal convs; BN starts as the identity.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                bias = m.bias.detach().clone() if m.bias is not None else None
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if bias is not None:
+                    m.bias.data.copy_(bias)  # keep the highway gate bias
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, classes)
+        x = self.stem(x)  # (B, 16, 32, 32)
+        seg = self.activation_checkpointing
+        if seg and self.training and torch.is_grad_enabled():
+            # Recompute groups of blocks in the backward pass: memory ~ one group, not the whole net.
+            blocks = list(self.blocks)
+            size = max(1, -(-len(blocks) // (3 * seg)))
+            for i in range(0, len(blocks), size):
+                group = nn.Sequential(*blocks[i:i + size])
+                x = checkpoint(group, x, use_reentrant=False)
+        else:
+            for block in self.blocks:
+                x = block(x)  # (B, 16|32|64, 32|16|8, 32|16|8)
+        return self.head(x)
+
+
+def build_model(arch: str = "resnet", depth: int = 20, shortcut: str = "A", block_layers: int = 2,
+                bottleneck: bool = False, width: int = 16, gate_bias: float = -2.0,
+                activation_checkpointing: int = 0) -> CifarResNet:
+    """The paper's CIFAR-10 net of the given kind; bad values raise ValueError naming the valid ones."""
+    return CifarResNet(arch, depth, shortcut, block_layers, bottleneck, width, gate_bias,
+                       activation_checkpointing=activation_checkpointing)
+
+
+def model_from_config(cfg: RunConfig) -> CifarResNet:
+    """The model a `RunConfig` describes."""
+    return build_model(cfg.arch, cfg.depth, cfg.shortcut, cfg.block_layers, cfg.bottleneck, cfg.width,
+                       cfg.gate_bias, cfg.activation_checkpointing)
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters (the number the paper's tables report)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

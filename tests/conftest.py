@@ -1,0 +1,44 @@
+"""Test-wide setup: results and dataset caches go to a temporary folder, never into the project."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_TMP = Path(tempfile.mkdtemp(prefix="resnet-lab-tests-"))
+os.environ["RESNET_LAB_RESULTS"] = str(_TMP / "results")
+os.environ.setdefault("RESNET_LAB_DATA_DIR", str(_TMP / "data"))
+os.environ["CI"] = os.environ.get("CI", "1")  # no progress bars in test logs
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+if not os.environ.get("RESNET_LAB_DATA") and SHARED.exists():
+    os.environ["RESNET_LAB_DATA"] = str(SHARED)
+
+
+def real_source() -> Path | None:
+    p = os.environ.get("RESNET_LAB_DATA")
+    return Path(p) if p and Path(p).exists() else None
+
+
+needs_data = pytest.mark.skipif(real_source() is None,
+                                reason="no CIFAR-10 copy: set RESNET_LAB_DATA (CI uses ../shared/data/cifar10-jpeg.tar.gz)")
+
+
+@pytest.fixture(scope="session")
+def cifar():
+    """The real CIFAR-10 copy, decoded once for the whole session (cached under the temp data dir)."""
+    if real_source() is None:
+        pytest.skip("no CIFAR-10 copy: set RESNET_LAB_DATA")
+    from resnet_lab.data import load_cifar10
+
+    return load_cifar10()
+
+
+@pytest.fixture
+def results(tmp_path):
+    """A fresh, empty run store for one test."""
+    return tmp_path / "runs"

@@ -1,0 +1,49 @@
+import pytest
+
+from resnet_lab.config import PRESETS, RunConfig, check_depth, make_config
+
+
+def test_hash_is_stable_and_ignores_speed_only_fields():
+    a = make_config("quick", arch="plain", depth=56)
+    b = make_config("quick", arch="plain", depth=56, activation_checkpointing=2, fast=False)
+    assert a.hash == b.hash and len(a.hash) == 12
+    assert a.hash != make_config("quick", arch="plain", depth=56, seed=1).hash
+    assert RunConfig.from_json(a.to_json()) == a
+
+
+def test_paper_preset_is_the_papers_recipe():
+    c = make_config("paper", depth=56)
+    assert (c.iterations, c.batch_size, c.lr, c.momentum, c.weight_decay) == (64_000, 128, 0.1, 0.9, 1e-4)
+    assert c.milestones == (32_000, 48_000) and c.train_subset is None and c.split == "full"
+    assert c.warmup_lr is None
+    assert make_config("paper", depth=110).warmup_lr == 0.01  # the paper warms up 110 and 1202
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(depth=21), ["depth=21", "6n+2"]),
+    (dict(arch="dense"), ["arch='dense'", "plain", "resnet", "preact", "highway"]),
+    (dict(shortcut="D"), ["shortcut='D'", "'A'", "'B'", "'C'"]),
+    (dict(block_layers=3, depth=32), ["block_layers=3", "depths that work", "20"]),
+    (dict(seed=-1), ["seed=-1"]),
+    (dict(split="90-10"), ["split='90-10'", "45k5k"]),
+])
+def test_bad_values_name_the_value_and_the_allowed_ones(kw, words):
+    with pytest.raises(ValueError) as e:
+        make_config("quick", **kw)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ValueError, match="preset='fast'.*paper.*quick.*smoke"):
+        make_config("fast")
+    with pytest.raises(ValueError, match="unknown RunConfig field.*'lerning_rate'"):
+        make_config("quick", lerning_rate=0.1)
+
+
+def test_check_depth():
+    assert check_depth(56) == 9 and check_depth(1202) == 200
+    assert check_depth(164, bottleneck=True) == 18
+    with pytest.raises(ValueError, match="9n\\+2"):
+        check_depth(58, bottleneck=True)
+    assert set(PRESETS) == {"smoke", "quick", "paper"}

@@ -1,0 +1,161 @@
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnet_lab import data as D
+from resnet_lab.data import DataError, DeviceLoader, augment, load_cifar10
+
+from .conftest import needs_data
+
+
+@needs_data
+def test_jpeg_tarball_is_full_cifar10(cifar):
+    assert cifar.train_x.shape == (50_000, 3, 32, 32) and cifar.train_x.dtype == torch.uint8
+    assert cifar.test_x.shape == (10_000, 3, 32, 32)
+    assert cifar.train_y.bincount().tolist() == [5_000] * 10
+    assert cifar.test_y.bincount().tolist() == [1_000] * 10
+    assert cifar.info.kind == "image-folder" and not cifar.info.official_pixels
+    assert len(cifar.info.sha256) == 64
+    # the shared copy's README: per-channel mean (0.4913, 0.4821, 0.4465)
+    mean = (cifar.train_x.float() / 255).mean(dim=(0, 2, 3))
+    assert torch.allclose(mean, torch.tensor([0.4913, 0.4821, 0.4465]), atol=2e-3)
+
+
+@needs_data
+def test_labels_follow_the_official_order(cifar):
+    # Official order: airplane=0 ... truck=9. Class 'ship' (8) images are bluer than 'frog' (6) ones.
+    blue_minus_green = lambda c: (cifar.train_x[cifar.train_y == c, 2].float() - cifar.train_x[cifar.train_y == c, 1].float()).mean()
+    assert blue_minus_green(8) > blue_minus_green(6) + 10
+    assert D.CLASSES[8] == "ship" and D.CLASSES[6] == "frog"
+
+
+@needs_data
+def test_cache_is_reused(cifar, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(D, "_load_image_folder", boom)
+    again = load_cifar10()
+    assert torch.equal(again.test_x, cifar.test_x) and again.info == cifar.info
+
+
+# -- bad sources ---------------------------------------------------------------------------------
+def _jpeg(size=32) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _image_tar(path, classes=10, size=32, per_class=1):
+    with tarfile.open(path, "w:gz") as tar:
+        raw = _jpeg(size)
+        for split in ("train", "test"):
+            for c in range(classes):
+                for i in range(per_class):
+                    info = tarfile.TarInfo(f"x/{split}/class{c}/{i:04d}.jpg")
+                    info.size = len(raw)
+                    tar.addfile(info, io.BytesIO(raw))
+    return path
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*cifar-10-python.tar.gz"):
+        load_cifar10(tmp_path / "nope.tar.gz")
+
+
+def test_wrong_class_count(tmp_path):
+    with pytest.raises(DataError, match="3 classes.*CIFAR-10 has 10"):
+        load_cifar10(_image_tar(tmp_path / "a.tar.gz", classes=3), cache=False)
+
+
+def test_wrong_image_size(tmp_path):
+    with pytest.raises(DataError, match="64x64.*32x32"):
+        load_cifar10(_image_tar(tmp_path / "a.tar.gz", size=64), cache=False)
+
+
+def test_wrong_split_sizes(tmp_path):
+    with pytest.raises(DataError, match="10 train images; CIFAR-10 has 50000"):
+        load_cifar10(_image_tar(tmp_path / "a.tar.gz"), cache=False)
+
+
+def test_truncated_archive(tmp_path):
+    good = _image_tar(tmp_path / "a.tar.gz", per_class=20).read_bytes()
+    bad = tmp_path / "cut.tar.gz"
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_cifar10(bad, cache=False)
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(b"not an archive at all")
+    with pytest.raises(DataError, match="not a readable tar archive"):
+        load_cifar10(junk, cache=False)
+
+
+def _official_dir(tmp_path, n_train=50_000, side=32):
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    per = n_train // 5
+    for name, n in [(f"data_batch_{i}", per) for i in range(1, 6)] + [("test_batch", 10_000)]:
+        x = rng.integers(0, 256, (n, 3 * side * side), dtype=np.uint8)
+        y = (np.arange(n) % 10).tolist()
+        with open(d / name, "wb") as f:
+            pickle.dump({b"data": x, b"labels": y}, f, protocol=2)
+    return d
+
+
+def test_official_batches_are_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_LAB_DATA_DIR", str(tmp_path / "cache"))
+    d = _official_dir(tmp_path)
+    c = load_cifar10(d)
+    assert c.info.kind == "official" and c.info.official_pixels
+    assert c.train_x.shape == (50_000, 3, 32, 32) and c.test_y[:3].tolist() == [0, 1, 2]
+    raw = pickle.load(open(d / "test_batch", "rb"))[b"data"][0].reshape(3, 32, 32)
+    assert torch.equal(c.test_x[0], torch.from_numpy(raw))
+
+
+def test_official_batches_with_wrong_shape(tmp_path):
+    with pytest.raises(DataError, match="shape.*3072"):
+        load_cifar10(_official_dir(tmp_path, n_train=50, side=16), cache=False)
+
+
+def test_batch_pickles_cannot_run_code(tmp_path):
+    d = _official_dir(tmp_path, n_train=50)
+    (d / "data_batch_1").write_bytes(pickle.dumps({b"data": __import__("os").getcwd}))
+    with pytest.raises(DataError, match="refusing to unpickle"):
+        load_cifar10(d, cache=False)
+
+
+# -- on-device augmentation -------------------------------------------------------------------------
+def test_augment_matches_pad_crop_flip_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
+    dx, dy = torch.randint(-4, 5, (2, 16), generator=g)
+    flip = torch.rand(16, generator=g) < 0.5
+    out = augment(x, dx, dy, flip)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(16):
+        ref = padded[i, :, 4 + dy[i]: 36 + dy[i], 4 + dx[i]: 36 + dx[i]]
+        if flip[i]:
+            ref = ref.flip(-1)
+        assert torch.equal(out[i], ref)
+
+
+def test_loader_varies_crops_and_covers_all_offsets():
+    x = torch.arange(64 * 3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(64, 3, 32, 32)
+    loader = DeviceLoader(x, torch.zeros(64, dtype=torch.long), batch_size=32, seed=0, device="cpu")
+    a, _ = loader.batch(0)
+    b, _ = loader.batch(2)  # same images, next epoch, other crops
+    assert a.shape == (32, 3, 32, 32) and a.dtype == torch.uint8 and not torch.equal(a, b)
+    perm, dx, dy, fl = loader._epoch_plan(0)
+    plans = [loader._epoch_plan(e) for e in range(200)]
+    dxs = torch.cat([p[1] for p in plans])
+    flips = torch.cat([p[3] for p in plans]).float()
+    assert set(dxs.tolist()) == set(range(-4, 5))
+    assert abs(flips.mean().item() - 0.5) < 0.02
+    assert torch.equal(loader.batch(1)[0], DeviceLoader(x, torch.zeros(64, dtype=torch.long), 32, 0, "cpu").batch(1)[0])

@@ -1,0 +1,42 @@
+"""environment.yml and pyproject.toml name the same dependencies; the CLI answers --help."""
+import re
+import subprocess
+import sys
+import tomllib
+
+import yaml
+
+from .conftest import ROOT
+
+CONDA_NAMES = {"pytorch": "torch"}  # conda-forge package name -> PyPI name
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", req.strip(), maxsplit=1)[0].lower()
+
+
+def test_environment_yml_matches_pyproject():
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    want = {_name(r) for r in py["dependencies"]} | {_name(r) for r in py["optional-dependencies"]["dev"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert env["channels"] == ["conda-forge", "nodefaults"]
+    conda = {_name(d) for d in env["dependencies"] if isinstance(d, str)} - {"python", "pip"}
+    conda = {CONDA_NAMES.get(n, n) for n in conda}
+    assert conda == want
+
+
+def test_constraints_pin_every_dependency():
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    want = {_name(r) for r in py["dependencies"]} | {_name(r) for r in py["optional-dependencies"]["dev"]}
+    pinned = {_name(l) for l in (ROOT / "constraints.txt").read_text().splitlines() if l and not l.startswith("#")}
+    assert want <= pinned
+
+
+def test_cli_help_and_bad_input():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "resnet_lab.cli", *a], capture_output=True, text=True)
+    assert run("train", "--help").returncode == 0
+    assert run("data", "info", "--help").returncode == 0
+    r = run("train", "--depth", "21", "--preset", "smoke")
+    assert r.returncode != 0 and "depth=21" in r.stderr and "6n+2" in r.stderr
+    r = run("train", "--set", "lerning_rate=1")
+    assert r.returncode != 0 and "lerning_rate" in r.stderr

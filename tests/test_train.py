@@ -1,0 +1,84 @@
+import importlib
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from resnet_lab.config import make_config
+from resnet_lab.runs import RunDir, load_metrics, load_runs
+from resnet_lab.train import train
+
+from .conftest import needs_data
+
+pytestmark = needs_data
+
+
+def tiny(**kw):
+    base = dict(arch="resnet", depth=8, iterations=8, eval_every=2, batch_size=16, train_subset=256,
+                eval_subset=64, milestones=(6,))
+    base.update(kw)
+    return make_config("smoke", **base)
+
+
+def test_smoke_run_lowers_training_loss(cifar, results):
+    cfg = tiny(iterations=40, eval_every=10, milestones=(30,), lr=0.05, batch_size=32)
+    rec = train(cfg, root=results, data=cifar, device="cpu")
+    m = rec.metrics
+    assert rec.status == "done" and list(m["step"]) == [10, 20, 30, 40]
+    assert m["train_loss"].iloc[-1] < m["train_loss"].iloc[0] - 0.1
+    s = rec.summary
+    assert s["params"] == 75_290  # ResNet-8: 6n+2 with n=1, counted by hand and s["dataset_sha256"] == cifar.info.sha256 and s["official_pixels"] is False
+    assert (rec.path / "model.pt").exists() and not (rec.path / "checkpoint.pt").exists()
+
+
+def test_resume_is_bit_exact(cifar, tmp_path):
+    cfg = tiny()
+    straight = train(cfg, root=tmp_path / "a", data=cifar, device="cpu")
+    part = train(cfg, root=tmp_path / "b", data=cifar, device="cpu", stop_after=3)  # mid eval interval
+    assert part.status == "running" and (part.path / "checkpoint.pt").exists()
+    resumed = train(cfg, root=tmp_path / "b", data=cifar, device="cpu")
+    assert resumed.status == "done"
+    cols = ["step", "lr", "train_loss", "train_err", "test_loss", "test_err"]
+    pd.testing.assert_frame_equal(straight.metrics[cols], resumed.metrics[cols], check_exact=True)
+    a = torch.load(straight.path / "model.pt", weights_only=True)
+    b = torch.load(resumed.path / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finished_config_is_not_retrained(cifar, results, monkeypatch):
+    cfg = tiny(iterations=2, eval_every=2)
+    first = train(cfg, root=results, data=cifar, device="cpu")
+    mtime = (first.path / "summary.json").stat().st_mtime_ns
+    T = importlib.import_module("resnet_lab.train")  # the module, not the `train` function re-exported
+    monkeypatch.setattr(T, "_train_locked", lambda *a, **k: pytest.fail("trained a finished config"))
+    again = train(cfg, root=results, data=cifar, device="cpu")
+    assert again.summary == first.summary and (first.path / "summary.json").stat().st_mtime_ns == mtime
+
+
+def test_divergence_is_recorded_not_raised(cifar, results):
+    rec = train(tiny(lr=1e6, iterations=4), root=results, data=cifar, device="cpu")
+    assert rec.status == "diverged"
+    assert json.loads((rec.path / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_warmup_switches_to_base_lr(cifar, results):
+    # warm-up threshold 1.0: the first check (after 20 steps) ends it
+    rec = train(tiny(iterations=24, eval_every=4, warmup_lr=0.01, warmup_err=1.01, milestones=()), root=results,
+                data=cifar, device="cpu")
+    lrs = rec.metrics.set_index("step")["lr"]
+    assert lrs[20] == 0.01 and lrs[24] == 0.05 and rec.summary["warmup_end_step"] == 20
+
+
+def test_load_runs_and_metrics(cifar, results):
+    for arch in ("plain", "resnet"):
+        train(tiny(arch=arch, iterations=2, eval_every=2), root=results, data=cifar, device="cpu")
+    runs = load_runs(results)
+    assert set(runs["arch"]) == {"plain", "resnet"} and (runs["status"] == "done").all()
+    assert {"final_test_err", "params", "hash", "name"} <= set(runs.columns)
+    curves = load_metrics(results, arch="plain")
+    assert set(curves["arch"]) == {"plain"} and len(curves) == 1
+    with pytest.raises(KeyError, match="no column 'colour'"):
+        load_runs(results, colour="red")
+    rd = RunDir(tiny(arch="plain", iterations=2, eval_every=2, dataset=cifar.info.sha256[:16]), results)
+    assert rd.load_model()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
