@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .models import count_params
+
 
 def count_macs(model: nn.Module, image_size: int = 32) -> int:
     """Multiply-adds of one forward pass on one image (FlopCounterMode counts 2 FLOPs per MAC)."""
@@ -63,3 +65,156 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
             "diverged": int((g["status"] == "diverged").sum()),
         })
     return pd.DataFrame(rows)
+
+
+# -- layer responses (He et al. 2015, Fig. 7) ------------------------------------------------------------
+def response_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """The BN right after every 3x3 conv (stem and residual branches), in depth order; shortcut BNs excluded."""
+    layers: list[nn.BatchNorm2d] = []
+    seqs = [model.stem] + [b.branch for b in model.blocks]
+    for seq in seqs:
+        mods = list(seq)
+        for prev, m in zip(mods, mods[1:]):
+            if isinstance(m, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d) and prev.kernel_size == (3, 3):
+                layers.append(m)
+    return layers
+
+
+def layer_responses(model: nn.Module, batches, max_images: int | None = None) -> pd.DataFrame:
+    """Std of each 3x3 layer's BN output (before addition and ReLU) over the given images.
+
+    Per channel, the std over images and positions; then the mean over channels (the layer's response
+    strength). Forward hooks only read; the model's outputs and parameters do not change.
+    Post-activation nets only: in pre-activation blocks BN comes before the conv.
+    """
+    from .data import normalize
+
+    layers = response_layers(model)
+    if not layers:
+        raise ValueError("model has no conv3x3 -> BN pairs (pre-activation nets are not supported here)")
+    stats = [None] * len(layers)
+
+    def hook(i):
+        def fn(_m, _inp, out):
+            o = out.detach().double()
+            s = (o.sum((0, 2, 3)), (o * o).sum((0, 2, 3)), o.shape[0] * o.shape[2] * o.shape[3])
+            stats[i] = s if stats[i] is None else tuple(a + b for a, b in zip(stats[i], s))
+        return fn
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(layers)]
+    was = model.training
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for x, _y in batches:
+                if max_images is not None and seen >= max_images:
+                    break
+                model(normalize(x))
+                seen += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    rows = []
+    for i, (s, ss, n) in enumerate(stats):
+        var = (ss / n - (s / n) ** 2).clamp_min(0)
+        rows.append({"layer": i + 1, "std": float(var.sqrt().mean()), "channels": len(s)})
+    df = pd.DataFrame(rows)
+    df["rank"] = df["std"].rank(ascending=False, method="first").astype(int)
+    return df
+
+
+# -- ImageNet architectures (He et al. 2015, Table 1) ----------------------------------------------------
+IMAGENET_PAPER_GMACS = {18: 1.8, 34: 3.6, 50: 3.8, 101: 7.6, 152: 11.3}
+
+
+def imagenet_model(depth: int, stride_on: str = "3x3") -> nn.Module:
+    """torchvision's ImageNet ResNet (random init); stride_on='1x1' moves the bottleneck stride to the first
+    1x1 conv, as in the paper (torchvision's 'v1.5' puts it on the 3x3)."""
+    import torchvision
+
+    if depth not in IMAGENET_PAPER_GMACS:
+        raise ValueError(f"depth={depth!r} is not an ImageNet ResNet: use one of {sorted(IMAGENET_PAPER_GMACS)}")
+    if stride_on not in ("3x3", "1x1"):
+        raise ValueError(f"stride_on={stride_on!r} is not valid: use '3x3' (torchvision) or '1x1' (paper)")
+    m = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+    if stride_on == "1x1" and depth >= 50:
+        for layer in (m.layer2, m.layer3, m.layer4):
+            b = layer[0]
+            if b.conv2.stride != (1, 1):
+                b.conv1.stride, b.conv2.stride = b.conv2.stride, (1, 1)
+    return m
+
+
+def imagenet_table(depths: list[int] = (18, 34, 50, 101, 152)) -> pd.DataFrame:
+    """Parameters and multiply-adds at 224x224 for both stride placements, beside the paper's numbers."""
+    rows = []
+    for d in depths:
+        tv = imagenet_model(d, "3x3")
+        paper = imagenet_model(d, "1x1")
+        rows.append({"depth": d, "params_M": count_params(tv) / 1e6,
+                     "GMACs (torchvision, stride on 3x3)": count_macs(tv, 224) / 1e9,
+                     "GMACs (paper, stride on 1x1)": count_macs(paper, 224) / 1e9,
+                     "paper GMACs": IMAGENET_PAPER_GMACS[d]})
+    return pd.DataFrame(rows)
+
+
+def time_model(model: nn.Module, batch_size: int, device: str | torch.device = "cpu", image_size: int = 224,
+               repeats: int = 3, backward: bool = False) -> float:
+    """Median seconds per batch of forward (or forward+backward), after one warm-up pass."""
+    import time
+
+    device = torch.device(device)
+    model = model.to(device).train(backward)
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        with torch.set_grad_enabled(backward):
+            out = model(x)
+            if backward:
+                out.float().sum().backward()
+                model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - t)
+    return float(sorted(times)[len(times) // 2])
+
+
+def gate_means(model: nn.Module, batches, max_images: int | None = None) -> pd.DataFrame:
+    """Mean highway gate value T(x) per block over the images (0 = shortcut only, 1 = branch only)."""
+    from .data import normalize
+
+    gated = [(i, b) for i, b in enumerate(model.blocks) if getattr(b, "gate", None) is not None]
+    if not gated:
+        raise ValueError("model has no gated (highway) blocks")
+    sums = {i: 0.0 for i, _ in gated}
+    counts = {i: 0 for i, _ in gated}
+
+    def hook(i):
+        def fn(_m, _inp, out):
+            t = torch.sigmoid(out.detach().float())
+            sums[i] += float(t.sum())
+            counts[i] += t.numel()
+        return fn
+
+    handles = [b.gate.register_forward_hook(hook(i)) for i, b in gated]
+    was = model.training
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for x, _y in batches:
+                if max_images is not None and seen >= max_images:
+                    break
+                model(normalize(x))
+                seen += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return pd.DataFrame({"block": [i + 1 for i, _ in gated], "mean_gate": [sums[i] / counts[i] for i, _ in gated]})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -134,3 +135,239 @@ def degradation_claims(table: pd.DataFrame) -> pd.DataFrame:
                      "shallow": f"{int(lo['depth'])}: {lo['train_err_%']:.1f}%",
                      "deep": f"{int(hi['depth'])}: {hi['train_err_%']:.1f}%", "holds here": bool(holds)})
     return pd.DataFrame(rows)
+
+
+
+# -- 02 depth (Table 6) ------------------------------------------------------------------------------
+PAPER_TEST_ERR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}  # He et al. 2015, Table 6 (%)
+
+
+def depth_configs(preset: str, depths: list[int], seeds: list[int], arch: str = "resnet") -> list[RunConfig]:
+    """ResNets (option A) at each depth and seed; 110+ layers warm up as in the paper."""
+    check_grid("depths", depths)
+    check_grid("seeds", seeds, positive=True)
+    return [make_config(preset, arch=arch, depth=d, seed=s) for d in depths for s in seeds]
+
+
+def depth_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Table 6: depth, params, MACs, test error mean ± 95% CI over seeds, the paper's error beside it."""
+    t = summarize(runs, ["arch", "depth"])
+    t["paper_test_err_%"] = t["depth"].map(PAPER_TEST_ERR)
+    return t
+
+
+# -- 03 shortcut ablations ------------------------------------------------------------------------------
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": dict(arch="plain"),  # the baseline row: same depth, no shortcuts
+    "A": dict(),  # identity shortcuts, zero-padded at the two stage transitions (the CIFAR default)
+    "B": dict(shortcut="B"),  # projections only where the shape changes
+    "C": dict(shortcut="C"),  # projections on every block
+    "skip1": dict(block_layers=1),  # blocks of one 3x3 conv
+    "skip3": dict(block_layers=3),  # blocks of three 3x3 convs
+    "preact": dict(arch="preact"),  # BN-ReLU-conv, nothing after the addition (He et al. 2016)
+    "highway": dict(arch="highway"),  # gated shortcut T*F(x) + (1-T)*x, gate bias -2
+    "bottleneck": dict(bottleneck=True),  # 1x1-3x3-1x1 blocks, depth 9n+2
+}
+
+
+def variant_of(row: dict[str, Any]) -> str:
+    """Name the ablation variant of a stored run (inverse of VARIANTS)."""
+    if row["arch"] == "plain":
+        return "plain"
+    if row["arch"] in ("preact", "highway"):
+        return row["arch"]
+    if row.get("bottleneck"):
+        return "bottleneck"
+    if row["block_layers"] != 2:
+        return f"skip{row['block_layers']}"
+    return row["shortcut"]
+
+
+def ablation_configs(preset: str, variants: list[str], depths: list[int], seeds: list[int]) -> list[RunConfig]:
+    """Every variant at every depth and seed (all checked before anything trains)."""
+    check_grid("variants", variants, allowed=VARIANTS)
+    check_grid("depths", depths)
+    check_grid("seeds", seeds, positive=True)
+    return [make_config(preset, depth=d, seed=s, **VARIANTS[v]) for v in variants for d in depths for s in seeds]
+
+
+def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Variant, depth, params, MACs, train/test error mean ± 95% CI over seeds."""
+    if runs.empty:
+        return summarize(runs, ["variant", "depth"])
+    runs = runs.assign(variant=[variant_of(r) for r in runs.to_dict("records")])
+    t = summarize(runs, ["variant", "depth"])
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    return t.sort_values(["depth", "variant"], key=lambda c: c.map(order) if c.name == "variant" else c)
+
+
+def with_variant(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(variant=[variant_of(r) for r in df.to_dict("records")]) if not df.empty else df
+
+
+# -- 05 thousand layers -----------------------------------------------------------------------------------
+CPU_1202 = {"smoke": dict(iterations=2, batch_size=4, eval_every=2, eval_subset=32, train_subset=64),
+            "quick": dict(iterations=6, batch_size=8, eval_every=3, eval_subset=100, train_subset=512,
+                          milestones=(4,))}
+
+
+def thousand_layer_configs(preset: str, depths: list[int], seeds: list[int], checkpoint_segments: int = 0
+                           ) -> list[RunConfig]:
+    """ResNet-110 and -1202 with the 110 recipe (warm-up at lr 0.01). On the CPU presets the 1202 runs a
+    handful of iterations on a tiny batch: the curve and table work end to end, the claim needs `paper`."""
+    check_grid("depths", depths)
+    check_grid("seeds", seeds, positive=True)
+    out = []
+    for d in depths:
+        extra = CPU_1202.get(preset, {}) if d > 200 else {}
+        for s in seeds:
+            out.append(make_config(preset, depth=d, seed=s, activation_checkpointing=checkpoint_segments, **extra))
+    return out
+
+
+# -- 06 layer responses ---------------------------------------------------------------------------------
+def response_configs(preset: str, depths: list[int], seeds: list[int]) -> list[RunConfig]:
+    """Plain and ResNet nets whose responses are compared: the runs of 01/02, reused from the store."""
+    return degradation_configs(preset, depths, seeds)
+
+
+def responses(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_images: int = 10_000,
+              root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Layer-response std of every stored run's model on (up to max_images) test images."""
+    from .analysis import layer_responses
+    from .data import eval_batches
+    from .runs import RunDir
+
+    data = load_cifar10(source)
+    frames = []
+    for r in runs[runs["status"] == "done"].to_dict("records"):
+        cfg = RunConfig.from_json(r)
+        model = RunDir(cfg, root).load_model()
+        df = layer_responses(model, eval_batches(data.test_x[:max_images], data.test_y[:max_images], 500))
+        frames.append(df.assign(arch=cfg.arch, depth=cfg.depth, seed=cfg.seed,
+                                net=f"{'plain' if cfg.arch == 'plain' else 'ResNet'}-{cfg.depth}"))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+
+# -- 04 unraveled ensemble (Veit et al. 2016) ------------------------------------------------------------
+def unravel_configs(preset: str, depth: int, seeds: list[int], arch: str = "resnet") -> list[RunConfig]:
+    """The residual net under study and the plain net of the same depth (the baseline that collapses)."""
+    check_grid("seeds", seeds, positive=True)
+    check_grid("arch", [arch], allowed=("resnet", "preact"))
+    return [make_config(preset, arch=a, depth=depth, seed=s) for a in (arch, "plain") for s in seeds]
+
+
+def _spread(top: int, points: int = 10) -> list[int]:
+    """About `points` integers from 0 to top inclusive."""
+    step = max(1, round(top / (points - 1)))
+    return sorted(set(list(range(0, top + 1, step)) + [top]))
+
+
+def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_000, grad_samples: int = 10,
+                     grad_batch: int = 128, source: str | os.PathLike | None = None,
+                     root: str | os.PathLike | None = None, device: str | None = None) -> dict[str, Any]:
+    """Every table of the notebook, from the stored runs: lesion, delete-k, reorder-k, path lengths,
+    gradient by path length and the effective path range (per residual run; lesion for plain runs too)."""
+    from . import unravel as U
+    from .runs import RunDir
+
+    if not isinstance(draws, int) or draws <= 0:
+        raise ValueError(f"draws={draws!r} is not valid: use a positive integer")
+    dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+    data = load_cifar10(source)
+    x, y = data.test_x[:eval_images], data.test_y[:eval_images]
+    xg, yg = data.test_x[-grad_batch:], data.test_y[-grad_batch:]
+    out: dict[str, list[pd.DataFrame]] = {k: [] for k in ("lesion", "delete", "reorder", "paths", "gradient")}
+    effective = []
+    for r in runs[runs["status"] == "done"].to_dict("records"):
+        cfg = RunConfig.from_json(r)
+        model = RunDir(cfg, root).load_model(dev)
+        net = f"{'plain' if cfg.arch == 'plain' else 'ResNet'}-{cfg.depth}"
+        tag = dict(net=net, arch=cfg.arch, depth=cfg.depth, seed=cfg.seed)
+        out["lesion"].append(U.lesion_blocks(model, x, y).assign(**tag))
+        if cfg.arch == "plain":
+            continue
+        m = len(model.blocks)
+        out["delete"].append(U.delete_k(model, x, y, _spread(m), draws, seed=cfg.seed).assign(**tag))
+        pairs = sum(len(g) // 2 for g in U.swappable_groups(model))
+        out["reorder"].append(U.reorder_k(model, x, y, _spread(pairs), draws, seed=cfg.seed).assign(**tag))
+        out["paths"].append(U.path_length_distribution(m).assign(**tag))
+        grad = U.gradient_by_path_length(model, xg, yg, list(range(m + 1)), grad_samples, seed=cfg.seed)
+        out["gradient"].append(grad.assign(**tag))
+        lo, hi = U.effective_paths(grad, 0.9)
+        effective.append({**tag, "blocks": m, "effective_from": lo, "effective_to": hi,
+                          "share_of_paths_%": 100 * sum(math.comb(m, k) for k in range(lo, hi + 1)) / 2 ** m})
+    tables = {k: (pd.concat(v, ignore_index=True) if v else pd.DataFrame()) for k, v in out.items()}
+    tables["effective"] = pd.DataFrame(effective)
+    return tables
+
+
+# -- which runs a notebook needs (sweeps and reports ask this without executing the notebook) ----------
+def _degradation_from_params(p: dict[str, Any]) -> list[RunConfig]:
+    return degradation_configs(p.get("preset", "quick"), p.get("depths", [20, 56]), p.get("seeds", [0]))
+
+
+def _depth_from_params(p: dict[str, Any]) -> list[RunConfig]:
+    return depth_configs(p.get("preset", "quick"), p.get("depths", [20, 32, 44, 56, 110]), p.get("seeds", [0]))
+
+
+def _ablation_from_params(p: dict[str, Any]) -> list[RunConfig]:
+    return ablation_configs(p.get("preset", "quick"), p.get("variants", list(VARIANTS)), p.get("depths", [20, 56]),
+                            p.get("seeds", [0]))
+
+
+def _thousand_from_params(p: dict[str, Any]) -> list[RunConfig]:
+    return thousand_layer_configs(p.get("preset", "quick"), p.get("depths", [110, 1202]), p.get("seeds", [0]),
+                                  p.get("checkpoint_segments", 0))
+
+
+def _unravel_from_params(p: dict[str, Any]) -> list[RunConfig]:
+    return unravel_configs(p.get("preset", "quick"), p.get("depth", 110), p.get("seeds", [0]), p.get("arch", "resnet"))
+
+
+def _responses_from_params(p: dict[str, Any]) -> list[RunConfig]:
+    return response_configs(p.get("preset", "quick"), p.get("depths", [20, 56]), p.get("seeds", [0]))
+
+
+NOTEBOOK_CONFIGS = {
+    "01_degradation": _degradation_from_params,
+    "02_depth": _depth_from_params,
+    "03_shortcut_ablations": _ablation_from_params,
+    "04_unraveled_ensemble": _unravel_from_params,
+    "05_thousand_layers": _thousand_from_params,
+    "06_layer_responses": _responses_from_params,
+    "07_imagenet_architectures": lambda p: [],  # measures untrained nets: trains nothing
+}
+
+
+def configs_for(notebook: str, params: dict[str, Any]) -> list[RunConfig]:
+    """The RunConfigs a notebook trains for these papermill parameters (notebook = file stem)."""
+    if notebook not in NOTEBOOK_CONFIGS:
+        raise ValueError(f"notebook {notebook!r} is unknown: use one of {sorted(NOTEBOOK_CONFIGS)}")
+    return NOTEBOOK_CONFIGS[notebook](params)
+
+
+def highway_gates(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_images: int = 2_000,
+                  root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Mean gate per block of every finished highway run (empty when there are none)."""
+    from .analysis import gate_means
+    from .data import eval_batches
+    from .runs import RunDir
+
+    hw = runs[(runs["arch"] == "highway") & (runs["status"] == "done")] if not runs.empty else runs
+    if hw.empty:
+        return pd.DataFrame(columns=["block", "mean_gate", "net"])
+    data = load_cifar10(source)
+    x, y = data.test_x[:max_images], data.test_y[:max_images]
+    frames = [gate_means(RunDir(RunConfig.from_json(r), root).load_model(), eval_batches(x, y, 500))
+              .assign(net=f"highway-{r['depth']} seed {r['seed']}") for r in hw.to_dict("records")]
+    return pd.concat(frames, ignore_index=True)
+
+
+def thousand_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Final train/test error of the 110 and 1202 runs, with the iterations each actually trained."""
+    t = depth_table(runs)
+    if not t.empty:
+        t["iterations"] = t["depth"].map(runs.groupby("depth")["iterations"].first())
+    return t

@@ -55,3 +55,117 @@ def degradation_figure(metrics: pd.DataFrame):
                     errorbar=("ci", 95), height=3.2, aspect=1.1, facet_kws={"sharey": True})
     g.set_titles("{col_name}")
     return g.figure
+
+
+def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = None, title: str | None = None):
+    """Training (dashed) and test (solid) error vs iterations, one line per `hue`."""
+    set_style()
+    long = _curves_long(metrics)
+    g = sns.relplot(data=long, x="iterations", y="error (%)", hue=hue, style="curve", style_order=["test", "train"],
+                    dashes={"test": "", "train": (4, 2)}, col=col, kind="line", errorbar=("ci", 95), height=3.2,
+                    aspect=1.2)
+    if title:
+        g.figure.suptitle(title, y=1.02)
+    return g.figure
+
+
+def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None):
+    """Test error vs depth, mean with a 95% CI band over seeds, the paper's numbers as crosses."""
+    set_style()
+    d = runs[runs["status"] == "done"].assign(**{"test error (%)": lambda x: 100 * x["final_test_err"].astype(float)})
+    fig, ax = plt.subplots(figsize=(4.2, 3.2))
+    sns.lineplot(data=d, x="depth", y="test error (%)", marker="o", errorbar=("ci", 95), ax=ax, label="ours")
+    if paper:
+        ks = sorted(k for k in paper if k in set(d["depth"]))
+        ax.plot(ks, [paper[k] for k in ks], "x", color="k", label="He et al. 2015")
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(set(d["depth"])), [str(k) for k in sorted(set(d["depth"]))])
+    ax.minorticks_off()
+    ax.legend(frameon=False)
+    return fig
+
+
+def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue: str | None = "depth",
+                y: str = "final_test_err", ylabel: str = "test error (%)"):
+    """Bars of final error per category (mean with 95% CI over seeds)."""
+    set_style()
+    d = runs[runs["status"] == "done"].assign(**{ylabel: lambda r: 100 * r[y].astype(float)})
+    if hue:
+        d[hue] = d[hue].astype(str)
+    g = sns.catplot(data=d, x=x, y=ylabel, hue=hue, order=order, kind="bar", errorbar=("ci", 95), height=3.2,
+                    aspect=1.8, palette=PALETTE)
+    return g.figure
+
+
+def gates_figure(gates: pd.DataFrame):
+    """Mean highway gate per block: how much of each block's output comes from its residual branch."""
+    set_style()
+    g = sns.relplot(data=gates, x="block", y="mean_gate", hue="net", kind="line", marker="o", height=3.0, aspect=1.5)
+    g.set_axis_labels("block", "mean gate T(x)")
+    return g.figure
+
+
+def responses_figure(resp: pd.DataFrame):
+    """He et al. Fig. 7: std of each 3x3 layer's response, in layer order (top) and sorted (bottom)."""
+    set_style()
+    fig, axes = plt.subplots(2, 1, figsize=(6, 5.5))
+    sns.lineplot(data=resp, x="layer", y="std", hue="net", marker=".", errorbar=None, ax=axes[0])
+    axes[0].set(xlabel="layer index (original)", ylabel="std")
+    sns.lineplot(data=resp, x="rank", y="std", hue="net", marker=".", errorbar=None, ax=axes[1], legend=False)
+    axes[1].set(xlabel="layer index (sorted by magnitude)", ylabel="std")
+    fig.tight_layout()
+    return fig
+
+
+def imagenet_figure(table: pd.DataFrame):
+    """GMACs per ImageNet ResNet: both stride placements and the paper's numbers."""
+    set_style()
+    cols = [c for c in table.columns if c.startswith("GMACs") or c == "paper GMACs"]
+    long = table.melt(id_vars="depth", value_vars=cols, var_name="count", value_name="GMACs")
+    g = sns.catplot(data=long, x="depth", y="GMACs", hue="count", kind="bar", height=3.2, aspect=1.8)
+    return g.figure
+
+
+def lesion_figure(lesion: pd.DataFrame):
+    """Veit et al. Fig. 3: test error after deleting each single block; dashed lines: no deletion."""
+    set_style()
+    d = lesion.assign(**{"test error (%)": 100 * lesion["err"].astype(float)})
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    sns.lineplot(data=d, x="block", y="test error (%)", hue="net", marker="o", errorbar=None, ax=ax)
+    for i, (net, g) in enumerate(d.groupby("net", sort=False)):
+        ax.axhline(100 * g["base_err"].iloc[0], ls="--", lw=1, color=sns.color_palette(PALETTE)[i % 10])
+    for b in d.loc[d["changes_shape"].astype(bool), "block"].unique():
+        ax.axvline(b, color="0.85", lw=3, zorder=0)
+    ax.set(xlabel="deleted block (grey: downsampling)", ylim=(0, 100))
+    return fig
+
+
+def deletion_figure(delete: pd.DataFrame, reorder: pd.DataFrame):
+    """Veit et al. Fig. 4: error vs number of deleted blocks, and vs number of swapped pairs."""
+    set_style()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
+    for ax, df, label in ((axes[0], delete, "blocks deleted"), (axes[1], reorder, "pairs of blocks swapped")):
+        if df.empty:
+            continue
+        sns.lineplot(data=df.assign(err100=100 * df["err"]), x="k", y="err100", hue="net", marker="o",
+                     errorbar="sd", ax=ax)
+        ax.set(xlabel=label, ylabel="test error (%)")
+    return fig
+
+
+def paths_figure(paths: pd.DataFrame, gradient: pd.DataFrame, effective: pd.DataFrame):
+    """Veit et al. Fig. 6: path-length distribution, gradient per path, total gradient per length."""
+    set_style()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    p = paths.assign(share=paths["share"].astype(float))
+    sns.lineplot(data=p, x="k", y="share", hue="net", ax=axes[0])
+    axes[0].set(xlabel="path length", ylabel="share of paths")
+    g = gradient.drop_duplicates(["net", "k"])
+    sns.lineplot(data=gradient, x="k", y="grad_norm", hue="net", errorbar="sd", ax=axes[1], legend=False)
+    axes[1].set(xlabel="path length", ylabel="gradient norm of one path", yscale="log")
+    sns.lineplot(data=g, x="k", y="total", hue="net", ax=axes[2], legend=False)
+    for i, e in enumerate(effective.to_dict("records")):
+        axes[2].axvspan(e["effective_from"], e["effective_to"], alpha=0.15, color=sns.color_palette(PALETTE)[i % 10])
+    axes[2].set(xlabel="path length (shaded: effective, 90% of the gradient)", ylabel="total gradient")
+    fig.tight_layout()
+    return fig

@@ -8,8 +8,18 @@ import pytest
 from .conftest import ROOT, needs_data
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-OUTPUTS = {  # notebook -> files it must write under results/smoke/<notebook>/
-    "01_degradation": ["table.csv", "degradation.png", "degradation.pdf"],
+OUTPUTS = {  # notebook -> (extra parameters, files it must write under results/smoke/<notebook>/)
+    "01_degradation": ({}, ["table.csv", "degradation.png", "degradation.pdf"]),
+    "02_depth": ({"depths": [20, 32]}, ["table.csv", "test_error_vs_depth.png", "curves.pdf"]),
+    "03_shortcut_ablations": ({"depths": [20], "variants": ["plain", "A", "B", "skip3", "highway"]},
+                              ["table.csv", "pivot_test_error.csv", "test_error_by_variant.png", "curves.png",
+                               "highway_gates.png"]),
+    "04_unraveled_ensemble": ({"depth": 20, "eval_images": 200, "grad_samples": 2, "draws": 2},
+                              ["lesion.csv", "delete.csv", "reorder.csv", "gradient.csv", "effective.csv",
+                               "lesion.png", "delete_reorder.png", "path_lengths.pdf"]),
+    "05_thousand_layers": ({"depths": [20, 1202], "checkpoint_segments": 2}, ["table.csv", "curves.png"]),
+    "06_layer_responses": ({"max_images": 300}, ["responses.csv", "responses.png", "responses.pdf"]),
+    "07_imagenet_architectures": ({"depths": [18, 50], "batch_size": 1, "repeats": 1}, ["table.csv", "gmacs.png"]),
 }
 
 
@@ -32,8 +42,8 @@ def test_notebook_runs_with_smoke_preset(name, tmp_path):
     import papermill as pm
 
     out_nb = tmp_path / f"{name}.ipynb"
-    pm.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(out_nb), parameters={"preset": "smoke"},
+    pm.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(out_nb), parameters={"preset": "smoke", **OUTPUTS[name][0]},
                         kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
     out = Path(os.environ["RESNET_LAB_RESULTS"]) / "smoke" / name
-    for f in OUTPUTS[name]:
+    for f in OUTPUTS[name][1]:
         assert (out / f).exists() and (out / f).stat().st_size > 0, f

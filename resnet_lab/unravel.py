@@ -1,0 +1,317 @@
+"""The unraveled view of residual networks (Veit, Wilber, Belongie 2016, "Residual Networks Behave
+Like Ensembles of Relatively Shallow Networks").
+
+A net of m residual blocks, each out = f(x) + x, unrolls into 2^m paths from input to output, one
+per subset of blocks whose residual branch the path goes through; path lengths follow
+Binomial(m, 1/2). The analyses here probe that ensemble at test time on a trained model:
+
+  lesion_blocks            drop one block's residual branch (keep its shortcut), for every block;
+  delete_k                 drop k random blocks' branches at once;
+  reorder_k                swap k random pairs of same-shape blocks;
+  gradient_by_path_length  input-gradient norm carried by paths of each length k;
+  effective_paths          the range of path lengths that carries most of the gradient.
+
+Everything acts through `model.blocks` and the `Block.lesioned` / `Block.route` flags, always
+inside `modified_blocks`, which puts block order, flags and train/eval mode back afterwards (also
+on exceptions). No parameter, buffer or `.grad` is ever changed.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import random
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import eval_batches, normalize
+from .train import evaluate
+
+ROUTES = ("branch", "shortcut")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+# -- blocks -----------------------------------------------------------------------------------
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The model's ordered block list, which every analysis here edits."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"model has no block list (`.blocks`, an nn.ModuleList): got {type(model).__name__}; "
+                         "use a net from resnet_lab.models.build_model")
+    return blocks
+
+
+def block_stages(blocks: Iterable[nn.Module]) -> list[int]:
+    """Stage index of each block: a new stage starts at every shape-changing block after the first."""
+    stages, stage = [], 0
+    for i, b in enumerate(blocks):
+        if i > 0 and b.changes_shape:
+            stage += 1
+        stages.append(stage)
+    return stages
+
+
+def _removable(block: nn.Module) -> bool:
+    """A residual block can always lose its branch; a plain one only if it keeps the shape (identity)."""
+    return block.has_shortcut or not block.changes_shape
+
+
+@contextmanager
+def modified_blocks(model: nn.Module, order: list[int] | None = None, lesion: Iterable[int] = frozenset(),
+                    route: Mapping[int, str] | None = None) -> Iterator[nn.Module]:
+    """Temporarily reorder/delete (`order`), lesion and route blocks, so analyses never leave the model changed.
+
+    Indices in `order`, `lesion` and `route` all refer to the original block list; `order` may be
+    shorter than it (the missing blocks are removed). On exit the original list, every block's
+    `lesioned`/`route` flags and every module's train/eval mode are restored.
+    """
+    blocks = blocks_of(model)
+    m = len(blocks)
+    lesion, route = set(lesion), dict(route or {})
+    for name, idx in (("order", order or []), ("lesion", lesion), ("route", route)):
+        for i in idx:
+            if not _is_int(i) or not 0 <= i < m:
+                raise ValueError(f"{name} has block index {i!r}; allowed: integers 0..{m - 1} ({m} blocks)")
+    if order is not None and len(set(order)) != len(order):
+        raise ValueError(f"order={order} repeats a block; each block index may appear at most once")
+    for i, r in route.items():
+        if r not in ROUTES and r is not None:
+            raise ValueError(f"route[{i}]={r!r} is not valid; allowed: 'branch', 'shortcut' or None")
+    for i in sorted(lesion):
+        if not _removable(blocks[i]):
+            raise ValueError(f"lesion has block {i}, a plain block that changes the shape; "
+                             "only blocks with a shortcut or of unchanged shape can be removed")
+    flags = [(b.lesioned, b.route) for b in blocks]
+    modes = {mod: mod.training for mod in model.modules()}
+    try:
+        for i in lesion:
+            blocks[i].lesioned = True
+        for i, r in route.items():
+            blocks[i].route = r
+        if order is not None:
+            model.blocks = nn.ModuleList([blocks[i] for i in order])
+        yield model
+    finally:
+        model.blocks = blocks
+        for b, (lesioned, r) in zip(blocks, flags):
+            b.lesioned, b.route = lesioned, r
+        for mod, training in modes.items():
+            mod.training = training
+
+
+# -- validation -------------------------------------------------------------------------------
+def _check_ks(ks: Iterable[int], limit: int, what: str) -> list[int]:
+    ks = list(ks)
+    if not ks:
+        raise ValueError(f"ks is empty; give at least one k in 0..{limit} ({what})")
+    for k in ks:
+        if not _is_int(k) or not 0 <= k <= limit:
+            raise ValueError(f"k={k!r} is out of range; allowed: integers 0..{limit} ({what})")
+    return [int(k) for k in ks]
+
+
+def _check_count(name: str, n: int) -> None:
+    if not _is_int(n) or n <= 0:
+        raise ValueError(f"{name}={n!r} is not valid; allowed: integers >= 1")
+
+
+def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"need as many labels as images, at least one: got {len(x)} images, {len(y)} labels")
+
+
+def _error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Test error rate via `train.evaluate`, batches moved to the model's device, no autograd graph."""
+    if not _is_int(batch_size) or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size!r} is not valid; allowed: integers >= 1")
+    dev = next(model.parameters()).device
+    with modified_blocks(model), torch.no_grad():  # evaluate() resets every module to the top-level mode
+        return evaluate(model, ((a.to(dev), b.to(dev)) for a, b in eval_batches(x, y, batch_size)))[1]
+
+
+# -- test-time deletion and reordering ----------------------------------------------------------
+def lesion_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> pd.DataFrame:
+    """Test error with each single block's residual branch removed: does the net depend on any one block?
+
+    Columns: block, stage, changes_shape, has_shortcut, err, base_err (the unlesioned error). For a
+    plain net the block itself is removed (identity) where its shape allows; err is NaN where it
+    changes the shape.
+    """
+    _check_data(x, y)
+    blocks = blocks_of(model)
+    base = _error(model, x, y, batch_size)
+    rows = []
+    for i, (b, stage) in enumerate(zip(blocks, block_stages(blocks))):
+        err = math.nan
+        if _removable(b):
+            with modified_blocks(model, lesion={i}):
+                err = _error(model, x, y, batch_size)
+        rows.append(dict(block=i, stage=stage, changes_shape=b.changes_shape, has_shortcut=b.has_shortcut,
+                         err=err, base_err=base))
+    return pd.DataFrame(rows)
+
+
+def delete_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[int], draws: int, seed: int = 0,
+             batch_size: int = 500) -> pd.DataFrame:
+    """Test error after lesioning k random blocks at once (`draws` draws per k): how smoothly error grows with k.
+
+    Blocks are drawn from those that can be removed (every block of a residual net). Columns:
+    k, draw, blocks (the lesioned indices), err; k=0 is the unlesioned error.
+    """
+    _check_data(x, y)
+    blocks = blocks_of(model)
+    pool = [i for i, b in enumerate(blocks) if _removable(b)]
+    ks = _check_ks(ks, len(pool), f"the number of removable blocks is {len(pool)}")
+    _check_count("draws", draws)
+    rng = random.Random(seed)
+    base = _error(model, x, y, batch_size)
+    rows = []
+    for k in ks:
+        for d in range(draws):
+            chosen = tuple(sorted(rng.sample(pool, k)))
+            if k == 0:
+                err = base
+            else:
+                with modified_blocks(model, lesion=chosen):
+                    err = _error(model, x, y, batch_size)
+            rows.append(dict(k=k, draw=d, blocks=chosen, err=err))
+    return pd.DataFrame(rows)
+
+
+def swappable_groups(model: nn.Module) -> list[list[int]]:
+    """Per stage, the blocks that may trade places (same input and output shape: no transition blocks)."""
+    blocks = blocks_of(model)
+    groups: dict[int, list[int]] = {}
+    for i, (b, stage) in enumerate(zip(blocks, block_stages(blocks))):
+        if not b.changes_shape:
+            groups.setdefault(stage, []).append(i)
+    return [g for g in groups.values() if len(g) >= 2]
+
+
+def reorder_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[int], draws: int, seed: int = 0,
+              batch_size: int = 500) -> pd.DataFrame:
+    """Test error after swapping k random disjoint pairs of same-shape blocks: how much block order matters.
+
+    Pairs come from the same stage and never include a transition block; k is at most the number
+    of disjoint such pairs (sum over stages of swappable blocks // 2). Columns: k, draw, pairs, err;
+    k=0 is the unmodified error.
+    """
+    _check_data(x, y)
+    m = len(blocks_of(model))
+    groups = swappable_groups(model)
+    limit = sum(len(g) // 2 for g in groups)
+    ks = _check_ks(ks, limit, f"the number of disjoint same-stage pairs of non-transition blocks is {limit}")
+    _check_count("draws", draws)
+    rng = random.Random(seed)
+    base = _error(model, x, y, batch_size)
+    rows = []
+    for k in ks:
+        for d in range(draws):
+            candidates = []  # random disjoint pairs within each stage; then k of them at random
+            for g in groups:
+                g = rng.sample(g, len(g))
+                candidates += [tuple(sorted(g[j:j + 2])) for j in range(0, len(g) - 1, 2)]
+            pairs = sorted(rng.sample(candidates, k))
+            order = list(range(m))
+            for a, b in pairs:
+                order[a], order[b] = order[b], order[a]
+            if k == 0:
+                err = base
+            else:
+                with modified_blocks(model, order=order):
+                    err = _error(model, x, y, batch_size)
+            rows.append(dict(k=k, draw=d, pairs=tuple(pairs), err=err))
+    return pd.DataFrame(rows)
+
+
+# -- paths --------------------------------------------------------------------------------------
+def path_length_distribution(m: int) -> pd.DataFrame:
+    """How many of the 2^m unraveled paths have each length k: C(m, k), i.e. Binomial(m, 1/2).
+
+    Columns: k, paths (exact Python ints, object dtype, so they sum to 2^m for any m), share
+    (C(m,k) / 2^m as a float).
+    """
+    if not _is_int(m) or m < 0:
+        raise ValueError(f"m={m!r} is not valid; allowed: integers >= 0 (the number of residual blocks)")
+    m = int(m)
+    total = 2**m
+    paths = [math.comb(m, k) for k in range(m + 1)]
+    return pd.DataFrame({"k": list(range(m + 1)), "paths": pd.Series(paths, dtype=object),
+                         "share": [p / total for p in paths]})
+
+
+def gradient_by_path_length(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[int], samples: int,
+                            seed: int = 0) -> pd.DataFrame:
+    """Input-gradient norm carried by single paths of length k, and by all C(m,k) of them: which lengths train the net.
+
+    Veit et al.'s scheme: for each k and sample, draw k of the m blocks; in the backward pass the
+    gradient goes only through the residual branch of those k blocks and only through the
+    shortcut of the others (`Block.route`; forward values are unchanged), so it follows exactly
+    one path of length k. With the model in eval mode (BN on running statistics), compute the mean
+    cross-entropy on the batch (x uint8 images, y labels), backpropagate and record the norm of the
+    gradient w.r.t. the normalised float input. Multiplying the mean norm per k by the number of
+    such paths, C(m,k), estimates the total gradient magnitude that paths of length k carry.
+
+    Columns: k, sample, blocks (the branch blocks), grad_norm, and per k: mean_grad_norm, paths
+    (C(m,k) as float), total (= mean_grad_norm * paths). Parameter `.grad`s are left untouched.
+    """
+    _check_data(x, y)
+    blocks = blocks_of(model)
+    m = len(blocks)
+    plain = [i for i, b in enumerate(blocks) if not b.has_shortcut]
+    if plain:
+        raise ValueError(f"gradient_by_path_length needs residual blocks; blocks {plain[:5]} have no shortcut")
+    ks = _check_ks(ks, m, f"the number of blocks is {m}")
+    _check_count("samples", samples)
+    rng = random.Random(seed)
+    dev = next(model.parameters()).device
+    xn = normalize(x.to(dev)).requires_grad_(True)
+    y = y.to(dev)
+    rows = []
+    for k in ks:
+        for s in range(samples):
+            chosen = set(rng.sample(range(m), k))
+            route = {i: "branch" if i in chosen else "shortcut" for i in range(m)}
+            with modified_blocks(model, route=route), torch.enable_grad():
+                model.eval()
+                loss = F.cross_entropy(model(xn).float(), y)
+                (g,) = torch.autograd.grad(loss, xn)
+            rows.append(dict(k=k, sample=s, blocks=tuple(sorted(chosen)), grad_norm=float(g.norm())))
+    df = pd.DataFrame(rows)
+    df["mean_grad_norm"] = df.groupby("k")["grad_norm"].transform("mean")
+    df["paths"] = [float(math.comb(m, k)) for k in df["k"]]
+    df["total"] = df["mean_grad_norm"] * df["paths"]
+    return df
+
+
+def effective_paths(grad_df: pd.DataFrame, mass: float = 0.9) -> tuple[int, int]:
+    """Shortest range [lo, hi] of measured path lengths holding `mass` of the total gradient: the effective paths.
+
+    Uses `total` per k from `gradient_by_path_length`; ranges run over the k values present.
+    Among equally short ranges the one with the most gradient wins.
+    """
+    if not 0 < mass <= 1:
+        raise ValueError(f"mass={mass!r} is not valid; allowed: 0 < mass <= 1")
+    if len(grad_df) == 0 or not {"k", "total"} <= set(grad_df.columns):
+        raise ValueError("grad_df must be a non-empty frame from gradient_by_path_length (columns k, total)")
+    per_k = grad_df.groupby("k")["total"].first().sort_index()
+    ks, totals = [int(k) for k in per_k.index], [float(t) for t in per_k]
+    need = mass * sum(totals) * (1 - 1e-12)  # tolerate rounding in the sums
+    best: tuple[int, float, int, int] | None = None  # (width, -mass, lo, hi)
+    for a in range(len(ks)):
+        acc = 0.0
+        for b in range(a, len(ks)):
+            acc += totals[b]
+            if acc >= need:
+                cand = (ks[b] - ks[a], -acc, ks[a], ks[b])
+                best = cand if best is None or cand < best else best
+                break
+    assert best is not None
+    return best[2], best[3]

@@ -1,0 +1,271 @@
+"""The unraveled-ensemble analyses (Veit et al. 2016) on tiny nets: exactness, restoration, validation."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resnet_lab.data import eval_batches, normalize
+from resnet_lab.models import build_model
+from resnet_lab.train import evaluate
+from resnet_lab.unravel import (blocks_of, delete_k, effective_paths, gradient_by_path_length, lesion_blocks,
+                                modified_blocks, path_length_distribution, reorder_k)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(arch: str = "resnet", depth: int = 8, seed: int = 0) -> nn.Module:
+    """Width-4 net with random BN affine parameters and running statistics, so no block is trivial."""
+    torch.manual_seed(seed)
+    model = build_model(arch, depth, width=4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def data(n: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+            torch.randint(0, 10, (n,), generator=g))
+
+
+def error(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return evaluate(model, eval_batches(x, y, 500))[1]
+
+
+def manual_input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: str) -> float:
+    """Reference by hand: every block lets the gradient through `side` only (the other side detached)."""
+    xn = normalize(x).requires_grad_(True)
+    h = model.stem(xn)
+    for b in model.blocks:
+        f, s = b.branch(h), b.shortcut(h)
+        h = f + s.detach() if side == "branch" else f.detach() + s
+        h = F.relu(h) if b.post_relu else h
+    loss = F.cross_entropy(model.head(h), y)
+    return float(torch.autograd.grad(loss, xn)[0].norm())
+
+
+# -- path counts --------------------------------------------------------------------------------
+@pytest.mark.parametrize("m", [0, 1, 3, 54, 1000])
+def test_path_counts_are_binomial_and_sum_to_2_to_the_m(m):
+    df = path_length_distribution(m)
+    assert list(df["k"]) == list(range(m + 1))
+    assert list(df["paths"]) == [math.comb(m, k) for k in range(m + 1)]
+    assert sum(df["paths"]) == 2**m  # exact Python ints, even for m = 1000
+    assert df["share"].sum() == pytest.approx(1.0)
+    assert df["share"].iloc[m // 2] == pytest.approx(math.comb(m, m // 2) / 2**m)
+
+
+# -- lesion -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["resnet", "preact"])
+def test_lesioning_a_zeroed_branch_gives_exactly_the_unlesioned_outputs(arch):
+    model = tiny(arch)
+    x, y = data()
+    xn = normalize(x)
+    for i in range(len(model.blocks)):
+        zeroed = copy.deepcopy(model)
+        last_bn = [m for m in zeroed.blocks[i].branch if isinstance(m, nn.BatchNorm2d)][-1]
+        with torch.no_grad():
+            last_bn.weight.zero_()
+            last_bn.bias.zero_()
+            full = zeroed(xn)
+            with modified_blocks(zeroed, lesion={i}):
+                assert zeroed.blocks[i].lesioned
+                lesioned = zeroed(xn)
+        assert torch.equal(full, lesioned), f"block {i}"
+        with torch.no_grad():
+            intact = model(xn)
+            with modified_blocks(model, lesion={i}):
+                assert not torch.allclose(model(xn), intact)  # while a live branch does matter
+        df = lesion_blocks(zeroed, x, y)
+        assert df.loc[i, "err"] == df.loc[i, "base_err"] == error(zeroed, x, y)
+    df = lesion_blocks(model, x, y, batch_size=4)
+    assert list(df.columns[:5]) == ["block", "stage", "changes_shape", "has_shortcut", "err"]
+    assert list(df["stage"]) == [0, 1, 2] and list(df["changes_shape"]) == [False, True, True]
+    assert df["err"].notna().all()
+
+
+def test_plain_net_lesion_is_nan_at_transition_blocks():
+    model = tiny("plain", 14)  # 6 blocks, transitions at 2 and 4
+    x, y = data()
+    df = lesion_blocks(model, x, y)
+    assert list(df["err"].isna()) == [False, False, True, False, True, False]
+    assert list(df["stage"]) == [0, 0, 1, 1, 2, 2]
+    with modified_blocks(model, lesion={1}):  # a plain block of unchanged shape becomes the identity
+        assert df.loc[1, "err"] == error(model, x, y)
+
+
+# -- deletion and reordering --------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["resnet", "preact"])
+def test_delete_and_reorder_match_manual_versions(arch):
+    model = tiny(arch, 14)  # 6 blocks; the only swappable pair is (0, 1)
+    x, y = data()
+    base = error(model, x, y)
+    d = delete_k(model, x, y, ks=[0, 2, 6], draws=3, seed=5)
+    assert list(d.columns[:4]) == ["k", "draw", "blocks", "err"] and len(d) == 9
+    assert (d[d.k == 0]["err"] == base).all()
+    with modified_blocks(model, lesion=range(6)):
+        assert (d[d.k == 6]["err"] == error(model, x, y)).all()
+    for _, row in d[d.k == 2].iterrows():
+        assert len(row["blocks"]) == 2
+        with modified_blocks(model, lesion=row["blocks"]):
+            assert row["err"] == error(model, x, y)
+    assert d.equals(delete_k(model, x, y, ks=[0, 2, 6], draws=3, seed=5))  # seeded
+
+    r = reorder_k(model, x, y, ks=[0, 1], draws=2)
+    assert (r[r.k == 0]["err"] == base).all()
+    assert list(r[r.k == 1]["pairs"]) == [((0, 1),), ((0, 1),)]
+    swapped = copy.deepcopy(model)
+    swapped.blocks = nn.ModuleList([swapped.blocks[i] for i in [1, 0, 2, 3, 4, 5]])
+    assert (r[r.k == 1]["err"] == error(swapped, x, y)).all()
+
+
+# -- gradient by path length --------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["resnet", "preact"])
+def test_gradient_at_k_m_and_k_0_matches_hand_computed_references(arch):
+    model = tiny(arch, 8)  # 3 blocks, option-A shortcuts
+    x, y = data()
+    df = gradient_by_path_length(model, x, y, ks=[0, 1, 3], samples=2, seed=3)
+    assert len(df) == 6
+    all_branches = df[df.k == 3]["grad_norm"]
+    only_shortcuts = df[df.k == 0]["grad_norm"]
+    assert all_branches.tolist() == pytest.approx([manual_input_grad(model, x, y, "branch")] * 2, rel=1e-5)
+    assert only_shortcuts.tolist() == pytest.approx([manual_input_grad(model, x, y, "shortcut")] * 2, rel=1e-5)
+    for k, g in df.groupby("k"):
+        assert (g["paths"] == math.comb(3, k)).all()
+        assert g["mean_grad_norm"].iloc[0] == pytest.approx(g["grad_norm"].mean())
+        assert (g["total"] == g["mean_grad_norm"] * g["paths"]).all()
+        assert all(len(b) == k for b in g["blocks"])
+    assert (df["grad_norm"] > 0).all()
+    xn = normalize(x).requires_grad_(True)
+    unrouted = float(torch.autograd.grad(F.cross_entropy(model(xn), y), xn)[0].norm())
+    assert all_branches.iloc[0] != pytest.approx(unrouted) != only_shortcuts.iloc[0]  # routes really act
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_effective_paths_is_the_shortest_range_holding_the_mass():
+    df = pd.DataFrame({"k": [0, 1, 2, 3, 4], "total": [1.0, 10.0, 80.0, 8.0, 1.0]})
+    assert effective_paths(df, 0.9) == (1, 2)
+    assert effective_paths(df, 0.8) == (2, 2)
+    assert effective_paths(df, 0.98) == (1, 3)
+    assert effective_paths(df, 1.0) == (0, 4)
+    model = tiny()
+    x, y = data()
+    lo, hi = effective_paths(gradient_by_path_length(model, x, y, ks=[0, 1, 2, 3], samples=1))
+    assert 0 <= lo <= hi <= 3
+
+
+# -- the model is left as it was ----------------------------------------------------------------
+def _state(model: nn.Module) -> dict:
+    return dict(params={k: v.clone() for k, v in model.state_dict().items()},
+                blocks=[id(b) for b in model.blocks], names=list(model._modules),
+                flags=[(b.lesioned, b.route) for b in model.blocks],
+                modes=[m.training for m in model.modules()],
+                grads=[p.grad for p in model.parameters()], requires=[p.requires_grad for p in model.parameters()])
+
+
+def _same(a: dict, b: dict) -> bool:
+    assert a["params"].keys() == b["params"].keys()
+    assert [k for k in a["params"] if not torch.equal(a["params"][k], b["params"][k])] == []
+    for k in ("blocks", "names", "flags", "modes", "requires"):
+        assert a[k] == b[k], k
+    assert all(g is None for g in b["grads"])
+    return True
+
+
+ANALYSES = {
+    "lesion": lambda m, x, y: lesion_blocks(m, x, y),
+    "delete": lambda m, x, y: delete_k(m, x, y, ks=[0, 1, 6], draws=2),
+    "reorder": lambda m, x, y: reorder_k(m, x, y, ks=[0, 1], draws=2),
+    "gradient": lambda m, x, y: gradient_by_path_length(m, x, y, ks=[0, 2], samples=2),
+}
+
+
+@pytest.mark.parametrize("arch", ["resnet", "preact"])
+@pytest.mark.parametrize("name", list(ANALYSES))
+def test_analyses_leave_the_model_unchanged(name, arch):
+    model = tiny(arch, 14)
+    x, y = data()
+    model.blocks[3].route = "branch"  # pre-existing flags and mixed modes must survive
+    model.train()
+    model.blocks[0].eval()
+    before = _state(model)
+    with torch.no_grad():
+        out = copy.deepcopy(model).eval()(normalize(x))
+    ANALYSES[name](model, x, y)
+    assert _same(before, _state(model))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(normalize(x)), out)
+
+
+def test_modified_blocks_restores_even_on_exceptions():
+    model = tiny("resnet", 14)
+    x, _ = data()
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with modified_blocks(model, order=[1, 0, 3, 5], lesion={0, 2}, route={1: "shortcut"}):
+            assert len(model.blocks) == 4 and model.blocks[0] is blocks_of(model)[0]
+            assert model.blocks[1].lesioned and model.blocks[0].route == "shortcut"
+            model.train()
+            raise RuntimeError("boom")
+    assert _same(before, _state(model))
+
+
+# -- validation ---------------------------------------------------------------------------------
+BAD = [
+    (lambda m, x, y: delete_k(m, x, y, ks=[4], draws=1), r"k=4 .*0\.\.3"),
+    (lambda m, x, y: delete_k(m, x, y, ks=[-1], draws=1), r"k=-1 .*0\.\.3"),
+    (lambda m, x, y: delete_k(m, x, y, ks=[], draws=1), r"ks is empty"),
+    (lambda m, x, y: delete_k(m, x, y, ks=[1], draws=0), r"draws=0 .*>= 1"),
+    (lambda m, x, y: reorder_k(m, x, y, ks=[1], draws=1), r"k=1 .*0\.\.0"),  # 3 blocks: nothing to swap
+    (lambda m, x, y: gradient_by_path_length(m, x, y, ks=[5], samples=1), r"k=5 .*0\.\.3"),
+    (lambda m, x, y: gradient_by_path_length(m, x, y, ks=[1], samples=0), r"samples=0 .*>= 1"),
+    (lambda m, x, y: gradient_by_path_length(m, x, y, ks=[], samples=1), r"ks is empty"),
+    (lambda m, x, y: lesion_blocks(m, x, y, batch_size=0), r"batch_size=0"),
+    (lambda m, x, y: lesion_blocks(m, x, y[:2]), r"6 images, 2 labels"),
+    (lambda m, x, y: path_length_distribution(-1), r"m=-1 .*>= 0"),
+    (lambda m, x, y: effective_paths(pd.DataFrame({"k": [0], "total": [1.0]}), mass=1.5), r"mass=1.5"),
+    (lambda m, x, y: blocks_of(nn.Linear(2, 2)), r"model has no block list \(`\.blocks`"),
+    (lambda m, x, y: modified_blocks(m, lesion={7}).__enter__(), r"block index 7.*0\.\.2"),
+    (lambda m, x, y: modified_blocks(m, route={0: "both"}).__enter__(), r"route\[0\]='both'"),
+    (lambda m, x, y: modified_blocks(m, order=[0, 0]).__enter__(), r"order=\[0, 0\] repeats"),
+]
+
+
+@pytest.mark.parametrize("call, pattern", BAD)
+def test_bad_inputs_raise_value_errors_naming_the_value(call, pattern):
+    model = tiny()
+    x, y = data()
+    before = _state(model)
+    with pytest.raises(ValueError, match=pattern):
+        call(model, x, y)
+    assert _same(before, _state(model))
+
+
+def test_plain_net_rejects_gradient_and_lesion_of_transition():
+    model = tiny("plain", 8)
+    x, y = data()
+    with pytest.raises(ValueError, match="needs residual blocks"):
+        gradient_by_path_length(model, x, y, ks=[1], samples=1)
+    with pytest.raises(ValueError, match="lesion has block 1"):
+        with modified_blocks(model, lesion={1}):
+            pass
+    with pytest.raises(ValueError, match=r"k=3 .*0\.\.1"):  # only block 0 is removable
+        delete_k(model, x, y, ks=[3], draws=1)

@@ -1,0 +1,110 @@
+"""Shortcut ablations, bottlenecks, pre-activation and highway blocks (issue: shortcut ablations)."""
+import pytest
+import torch
+from torch import nn
+
+from resnet_lab.config import make_config
+from resnet_lab.models import build_model, count_params
+
+
+def n_convs3x3(m):
+    return sum(1 for x in m.modules() if isinstance(x, nn.Conv2d) and x.kernel_size == (3, 3))
+
+
+def test_option_b_adds_projections_at_the_two_transitions():
+    extra = count_params(build_model("resnet", 20, shortcut="B")) - count_params(build_model("resnet", 20))
+    # 1x1 conv + BN (weight, bias): 16->32 and 32->64
+    assert extra == (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+
+
+def test_option_c_projects_on_every_block():
+    m = build_model("resnet", 20, shortcut="C")
+    extra = count_params(m) - count_params(build_model("resnet", 20))
+    per_stage = [(16, 16)] * 3 + [(16, 32)] + [(32, 32)] * 2 + [(32, 64)] + [(64, 64)] * 2
+    assert extra == sum(cin * cout + 2 * cout for cin, cout in per_stage)
+
+
+@pytest.mark.parametrize("depth", [20, 56])
+@pytest.mark.parametrize("k", [1, 3])
+def test_skip_k_keeps_the_conv_count(depth, k):
+    ref = build_model("resnet", depth)
+    m = build_model("resnet", depth, block_layers=k)
+    assert n_convs3x3(m) == n_convs3x3(ref) == depth - 1
+    assert len(m.blocks) == 3 * (depth - 2) // 3 // k
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_bad_block_layers_names_depths_that_work():
+    with pytest.raises(ValueError, match="block_layers=3.*depths that work: 20, 38, 56"):
+        build_model("resnet", 14, block_layers=3)
+    with pytest.raises(ValueError, match="block_layers=4.*\\[1, 2, 3\\]"):
+        build_model("resnet", 20, block_layers=4)
+
+
+@pytest.mark.parametrize("arch", ["preact", "highway"])
+def test_preact_and_highway_shapes(arch):
+    m = build_model(arch, 20)
+    assert m(torch.randn(3, 3, 32, 32)).shape == (3, 10) and len(m.blocks) == 9
+
+
+def test_bottleneck_depth_and_shapes():
+    m = build_model("resnet", 29, bottleneck=True)
+    assert len(m.blocks) == 9 and m.head[-1].in_features == 256
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="9n\\+2"):
+        build_model("resnet", 32, bottleneck=True)
+
+
+def test_closed_highway_gate_returns_the_input():
+    m = build_model("highway", 20, gate_bias=-40.0).eval()
+    block = m.blocks[1]  # same shape in and out
+    x = torch.relu(torch.randn(2, 16, 32, 32))  # block inputs come out of a ReLU
+    with torch.no_grad():
+        assert torch.allclose(block(x), x, atol=1e-6)
+        open_gate = build_model("highway", 20, gate_bias=40.0).eval().blocks[1]
+        assert not torch.allclose(open_gate(x), x)
+
+
+@pytest.mark.parametrize("kw", [dict(arch="plain"), dict(shortcut="B"), dict(shortcut="C"), dict(block_layers=1),
+                                dict(block_layers=3), dict(arch="preact"), dict(arch="highway"),
+                                dict(bottleneck=True)])
+def test_every_variant_takes_a_finite_sgd_step(kw):
+    torch.manual_seed(0)
+    m = build_model(depth=20, **kw)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        loss = nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)
+
+
+def test_bad_variant_config_values():
+    with pytest.raises(ValueError, match="shortcut='B' means nothing for arch='plain'"):
+        make_config("smoke", arch="plain", shortcut="B")
+    with pytest.raises(ValueError, match="bottleneck blocks have 3 layers"):
+        make_config("smoke", bottleneck=True, block_layers=3)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    a = build_model("resnet", 14)
+    b = build_model("resnet", 14, activation_checkpointing=1)
+    b.load_state_dict(a.state_dict())
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    la = nn.functional.cross_entropy(a(x), y)
+    lb = nn.functional.cross_entropy(b(x), y)
+    la.backward()
+    lb.backward()
+    assert torch.allclose(la, lb, atol=1e-6)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5)
+
+
+def test_resnet_1202_forward_backward_on_cpu():
+    m = build_model("resnet", 1202, activation_checkpointing=2)
+    out = m(torch.randn(2, 3, 32, 32))
+    out.sum().backward()
+    assert out.shape == (2, 10) and m.blocks[0].branch[0].weight.grad is not None
