@@ -54,6 +54,10 @@ reproduce: install
 	$(PAPERMILL) notebooks/07_imagenet_architectures.ipynb $(OUT)/07_imagenet_architectures.ipynb -p preset $(PRESET) $(ARGS_07)
 	@echo "tables and figures under results/$(PRESET)/"
 
+# Tables and figures of every notebook rebuilt from results/runs/ without training.
+figures: install
+	$(BIN)/resnet-lab report --preset $(PRESET)
+
 lab: install
 	$(BIN)/jupyter lab notebooks/
 

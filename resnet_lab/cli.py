@@ -66,6 +66,30 @@ def cmd_data_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import build
+
+    try:
+        table = build(a.preset, only=a.only, kernel=a.kernel)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    print(table.to_string(index=False))
+    return int((table["status"] != "done").sum())
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import markdown, run_bench
+
+    try:
+        models = [int(m) for m in a.models.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --models {a.models!r}: use comma-separated depths, e.g. 20,56,110")
+    res = run_bench(models, a.device, a.seconds, a.batch_size, a.num_workers, checkpointing=a.checkpointing)
+    print(markdown(res))
+    print("written:", *res["paths"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resnet-lab", description="Reproduce why ResNets work, on CIFAR-10.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -88,6 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     di = dsub.add_parser("info", help="source, sha256 and counts of the CIFAR-10 copy in use")
     di.add_argument("--source", default=None, help="path (default: $RESNET_LAB_DATA, then data/)")
     di.set_defaults(func=cmd_data_info)
+
+    r = sub.add_parser("report", help="rebuild every table and figure from stored runs (trains nothing)",
+                       description="Re-execute each notebook with train_missing=False into results/<preset>/.")
+    r.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    r.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="notebook stems, e.g. 01_degradation")
+    r.add_argument("--kernel", default="resnet-lab", help="Jupyter kernel name (default: resnet-lab)")
+    r.set_defaults(func=cmd_report)
+
+    b = sub.add_parser("bench", help="images/s of our loop vs the usual DataLoader loop, same process",
+                       description="Writes results/bench/<device>.json and .md, and prints the table.")
+    b.add_argument("--models", default="20,56", help="comma-separated depths (default 20,56)")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.add_argument("--seconds", type=float, default=10.0, help="measuring time per loop and model")
+    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--num-workers", type=int, default=4, help="baseline DataLoader workers")
+    b.add_argument("--checkpointing", action="store_true", help="also time activation checkpointing")
+    b.set_defaults(func=cmd_bench)
+
+    from .sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
     return p
 
 

@@ -24,7 +24,11 @@ from .models import count_params, model_from_config
 from .runs import METRIC_COLUMNS, RunDir, atomic_save_torch, atomic_write_csv, atomic_write_json
 
 log = logging.getLogger(__name__)
-WARMUP_CHECK_EVERY = 20  # steps between host reads of the training error during warm-up
+WARMUP_CHECK_EVERY = 20
+
+
+class ResultsWriteError(RuntimeError):
+    """Results could not be written (disk full, permissions); nothing already stored was damaged."""  # steps between host reads of the training error during warm-up
 
 
 @dataclass
@@ -76,6 +80,21 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     if n == 0:
         raise ValueError("evaluate() got no batches")
     return float(loss_sum) / n, float(wrong) / n
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on uint8 images; returns (loss, wrong count) as device tensors (no host sync)."""
+    x = normalize(x)
+    if x.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(x.device, precision):
+        out = model(x)
+    loss = F.cross_entropy(out.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), (out.detach().argmax(1) != y).sum()
 
 
 def lr_at(cfg: RunConfig, step: int, warming_up: bool) -> float:
@@ -146,16 +165,21 @@ def train(cfg: RunConfig, root: str | os.PathLike | None = None, device: str | t
     rd = RunDir(cfg, root)
     if rd.status() in ("done", "diverged"):
         return _record(rd)
-    with rd.lock():
-        if rd.status() in ("done", "diverged"):  # another process finished it while we waited
-            return _record(rd)
-        return _train_locked(cfg, rd, device, data, progress, stop_after, checkpoint_every_s)
+    try:
+        with rd.lock():
+            if rd.status() in ("done", "diverged"):  # another process finished it while we waited
+                return _record(rd)
+            return _train_locked(cfg, rd, device, data, progress, stop_after, checkpoint_every_s)
+    except OSError as e:  # disk full, permissions: say where; finished runs are untouched (atomic writes)
+        raise ResultsWriteError(f"cannot write run {cfg.hash} ({cfg.name}) under {rd.path}: "
+                                f"{e.strerror or e}") from e
 
 
 def _train_locked(cfg: RunConfig, rd: RunDir, device: torch.device, data: Cifar10, progress: bool | None,
                   stop_after: int | None, checkpoint_every_s: float) -> RunRecord:
     if device.type == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        # all the cores this process may use, or what a sweep gave it ($RESNET_LAB_THREADS)
+        torch.set_num_threads(int(os.environ.get("RESNET_LAB_THREADS") or max(1, len(os.sched_getaffinity(0)))))
     atomic_write_json(rd.config_file, {**cfg.to_json(), "hash": cfg.hash})
     tx, ty, ex, ey = split_data(data, cfg.split, cfg.train_subset, cfg.eval_subset)
     ex, ey = ex.to(device), ey.to(device)
@@ -188,7 +212,7 @@ def _train_locked(cfg: RunConfig, rd: RunDir, device: torch.device, data: Cifar1
                "flops": macs, "device": device_name(device), "torch": torch.__version__,
                "dataset_sha256": data.info.sha256, "dataset_kind": data.info.kind,
                "official_pixels": data.info.official_pixels, "git_commit": _git_commit(),
-               "steps_done": start, "warmup_end_step": warmup_end}
+               "steps_done": start, "warmup_end_step": warmup_end, "pid": os.getpid()}
     atomic_write_json(rd.summary_file, summary)
 
     from tqdm.auto import tqdm
@@ -214,17 +238,8 @@ def _train_locked(cfg: RunConfig, rd: RunDir, device: torch.device, data: Cifar1
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = loader.batch(step)
-            x = normalize(x)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, cfg.precision):
-                out = model(x)
-            loss = F.cross_entropy(out.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            wrong = (out.detach().argmax(1) != y).sum()
-            loss_acc += loss.detach() * len(y)
+            loss, wrong = train_step(model, opt, x, y, cfg.precision)
+            loss_acc += loss * len(y)
             wrong_acc += wrong
             seen += len(y)
             if warming_up:  # the paper: lr 0.01 until training error < 80%, then 0.1

@@ -1,13 +1,16 @@
 """Test-wide setup: results and dataset caches go to a temporary folder, never into the project."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 _TMP = Path(tempfile.mkdtemp(prefix="resnet-lab-tests-"))
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 os.environ["RESNET_LAB_RESULTS"] = str(_TMP / "results")
 os.environ.setdefault("RESNET_LAB_DATA_DIR", str(_TMP / "data"))
 os.environ["CI"] = os.environ.get("CI", "1")  # no progress bars in test logs

@@ -1,0 +1,80 @@
+"""Rebuild every notebook's tables and figures from the run store, training nothing.
+
+Each notebook is re-executed through papermill with `train_missing=False` and the parameters it was
+last executed with (read from `results/<preset>/executed/<notebook>.ipynb`, else its defaults), so
+the report is the notebooks' own code: missing runs are listed in the notebook, never trained.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import PRESETS
+from .runs import results_dir
+
+log = logging.getLogger(__name__)
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOT_REPORTED = {"00_report"}  # the report notebook itself
+
+
+def notebooks(directory: Path = NOTEBOOKS_DIR) -> list[str]:
+    """Notebook stems in notebooks/, in order."""
+    return sorted(p.stem for p in directory.glob("*.ipynb") if p.stem not in NOT_REPORTED)
+
+
+def executed_parameters(path: Path) -> dict[str, Any]:
+    """The parameters papermill injected into an executed notebook (empty if none or unreadable)."""
+    try:
+        nb = json.loads(Path(path).read_text())
+        return dict(nb.get("metadata", {}).get("papermill", {}).get("parameters", {}) or {})
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def build(preset: str = "quick", only: list[str] | None = None, kernel: str | None = None,
+          directory: Path = NOTEBOOKS_DIR) -> pd.DataFrame:
+    """Re-execute each notebook for `preset` from stored runs; one row per notebook with its status."""
+    import papermill as pm
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not valid: use one of {sorted(PRESETS)}")
+    names = notebooks(directory)
+    if only:
+        bad = sorted(set(only) - set(names))
+        if bad:
+            raise ValueError(f"unknown notebook(s) {bad}: use some of {names}")
+        names = [n for n in names if n in only]
+    out_dir = results_dir() / preset / "executed"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        out = out_dir / f"{name}.ipynb"
+        params = {**executed_parameters(out), "preset": preset}
+        declared = pm.inspect_notebook(str(directory / f"{name}.ipynb"))
+        if "train_missing" in declared:
+            params["train_missing"] = False
+        params = {k: v for k, v in params.items() if k in declared}
+        t0 = time.time()
+        try:
+            pm.execute_notebook(str(directory / f"{name}.ipynb"), str(out), parameters=params, kernel_name=kernel,
+                                cwd=str(directory), progress_bar=False)
+            status, error = "done", ""
+        except Exception as e:  # the output notebook keeps papermill's error cell: it is the log
+            status, error = "failed", str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            log.error("report of %s failed: %s", name, error)
+        rows.append({"notebook": name, "status": status, "seconds": round(time.time() - t0, 1), "output": str(out),
+                     "error": error})
+    return pd.DataFrame(rows)
+
+
+def outputs(preset: str) -> pd.DataFrame:
+    """Every table and figure under results/<preset>/, one row each (notebook, kind, path)."""
+    base = results_dir() / preset
+    rows = [{"notebook": p.parent.name, "kind": p.suffix[1:], "name": p.stem, "path": str(p)}
+            for p in sorted(base.glob("*/*")) if p.suffix in (".csv", ".png") and p.parent.name != "executed"]
+    return pd.DataFrame(rows, columns=["notebook", "kind", "name", "path"])

@@ -1,0 +1,552 @@
+"""Sweeps: a YAML grid of papermill parameters for one notebook, executed point by point.
+
+    notebook: 01_degradation        # stem (or path) of a notebook under notebooks/
+    preset: smoke                   # a key of resnet_lab.config.PRESETS
+    parameters:                     # name -> list of values; the cartesian product gives the points
+      seeds: [[0], [1]]             # a list-valued parameter is a list of lists
+      depths: [[8], [14]]
+    fixed:                          # optional: passed unchanged to every point
+      device: cpu
+
+Each point is one papermill execution, in its own process, written to
+`results/<preset>/executed/<notebook>-<point hash>.ipynb`. A point is done when the run store holds every
+config the notebook trains for it (`experiments.configs_for` + `collect`) and its executed notebook
+finished without an error; done points are skipped, so a sweep can be re-run after a crash or a
+failure and only the missing work happens. A failed point keeps its output notebook (papermill's error
+cell at the top is the log) and the others go on.
+
+Backends: `local` runs points in child processes (`jobs` at a time, each pinned to its own share of the
+CPU cores); `ray` sends the same executions to Ray tasks (`pip install 'resnet-lab[ray]'`).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import itertools
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Only the standard library at module level: a point's process loads this file on its own (see
+# `_run_point_process`) and should spend its start-up on the kernel, not on torch or pandas.
+log = logging.getLogger(__name__)
+
+GRID_KEYS = ("notebook", "preset", "parameters", "fixed")
+BACKENDS = ("local", "ray")
+STATUSES = ("done", "skipped", "failed", "would-run")
+RESULT_COLUMNS = ["point", "status", "seconds", "output", "error"]
+DEFAULT_KERNEL = "resnet-lab"
+# Thread-count variables a point's process (and its kernel) inherits. RESNET_LAB_THREADS is the project's
+# own knob; the others cap OpenMP/MKL pools of libraries that read them at import.
+THREAD_VARS = ("RESNET_LAB_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_RESULT_MARK = "@@resnet-lab-sweep-result@@ "
+_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+                                       "list": (list, tuple), "tuple": (list, tuple), "dict": (dict,)}
+
+
+def notebooks_dir() -> Path:
+    """The project's notebooks/ folder (the grid's `notebook:` is looked up here)."""
+    return Path(__file__).resolve().parent.parent / "notebooks"
+
+
+# -- grids --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Grid:
+    """A validated sweep: which notebook, which preset, which parameter values."""
+
+    notebook: str  # file stem, e.g. "01_degradation"
+    notebook_path: Path
+    preset: str
+    parameters: dict[str, list[Any]] = field(default_factory=dict)  # the product of these gives the points
+    fixed: dict[str, Any] = field(default_factory=dict)  # passed unchanged to every point
+    source: Path | None = None  # the YAML file it came from
+
+
+@dataclass(frozen=True)
+class Point:
+    """One notebook execution of a sweep: its parameters, their hash, and where its output goes."""
+
+    notebook: str
+    notebook_path: Path
+    params: dict[str, Any]  # everything papermill injects, preset included
+    hash: str  # stable short hash of params: names the output notebook
+    output: Path  # results/<preset>/executed/<notebook>-<hash>.ipynb
+    label: str  # the grid's varied parameters, e.g. "seeds=[0] depths=[8]"
+
+
+def params_hash(params: Mapping[str, Any]) -> str:
+    """10 hex digits of the canonical JSON of the parameters: same values, same output file, any machine."""
+    blob = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _type_name(v: Any) -> str:
+    return type(v).__name__
+
+
+def _expected_types(spec: Mapping[str, Any]) -> tuple[tuple[type, ...], str] | None:
+    """Python types a parameter accepts: those of its default in the notebook (None default: anything)."""
+    try:
+        default = ast.literal_eval(spec.get("default", ""))
+    except (ValueError, SyntaxError):
+        default = ...
+    if default is None:
+        return None
+    name = type(default).__name__ if default is not ... else spec.get("inferred_type_name", "")
+    types = _TYPES.get(name)
+    return (types, name) if types else None
+
+
+def _check_value(where: str, value: Any, spec: Mapping[str, Any]) -> None:
+    """A value must have the type of the notebook's default, or papermill would inject nonsense."""
+    expected = _expected_types(spec)
+    if expected is None:
+        return
+    types, name = expected
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if ok:
+        return
+    hint = ""
+    if name in ("list", "tuple") and "parameters." in where and isinstance(value, (int, float)):
+        hint = f"; a list-valued parameter is swept as a list of lists, e.g. [[{value!r}]]"
+    raise ValueError(f"{where}: value {value!r} is {_type_name(value)} but the notebook's {spec['name']} is "
+                     f"{name} (default {spec.get('default')}){hint}")
+
+
+def _resolve_notebook(value: Any, where: str) -> Path:
+    available = sorted(p.stem for p in notebooks_dir().glob("*.ipynb"))
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: notebook={value!r} is not valid: use one of {available}")
+    stem = Path(value.strip()).name
+    stem = stem[: -len(".ipynb")] if stem.endswith(".ipynb") else stem
+    if stem not in available:
+        raise ValueError(f"{where}: notebook {value!r} is unknown: use one of {available} (from {notebooks_dir()})")
+    return notebooks_dir() / f"{stem}.ipynb"
+
+
+def grid_from_dict(raw: Any, where: str = "grid") -> Grid:
+    """Validate a parsed grid (see `load_grid`); `where` names it in error messages."""
+    from papermill import inspect_notebook
+
+    from .config import PRESETS
+
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping with keys {list(GRID_KEYS)}, got {_type_name(raw)}")
+    unknown = sorted(set(map(str, raw)) - set(GRID_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}: allowed are {list(GRID_KEYS)}")
+    if "notebook" not in raw:
+        raise ValueError(f"{where}: missing key 'notebook': use one of "
+                         f"{sorted(p.stem for p in notebooks_dir().glob('*.ipynb'))}")
+    nb_path = _resolve_notebook(raw["notebook"], where)
+    preset = raw.get("preset")
+    if preset not in PRESETS:
+        what = "missing key 'preset'" if "preset" not in raw else f"preset {preset!r} is unknown"
+        raise ValueError(f"{where}: {what}: use one of {sorted(PRESETS)}")
+
+    declared = inspect_notebook(str(nb_path))
+    names = sorted(declared)
+    sections: dict[str, dict[str, Any]] = {}
+    for section in ("parameters", "fixed"):
+        got = raw.get(section)
+        if got is None:
+            got = {}
+        if not isinstance(got, dict):
+            raise ValueError(f"{where}: '{section}' must map parameter names to values, got {_type_name(got)}")
+        for name in got:
+            if name == "preset":
+                raise ValueError(f"{where}: {section}.preset: set the preset with the top-level 'preset:' key "
+                                 f"(one of {sorted(PRESETS)})")
+            if name not in declared:
+                raise ValueError(f"{where}: {section}.{name}: {nb_path.stem} declares no parameter {name!r}: "
+                                 f"allowed are {[n for n in names if n != 'preset']}")
+        sections[section] = dict(got)
+
+    parameters, fixed = sections["parameters"], sections["fixed"]
+    both = sorted(set(parameters) & set(fixed))
+    if both:
+        raise ValueError(f"{where}: {both} appear in both 'parameters' and 'fixed': keep each in one")
+    for name, values in parameters.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{where}: parameters.{name}={values!r} is not valid: give a non-empty list of "
+                             f"values (one point per value)")
+        seen: set[str] = set()
+        for v in values:
+            _check_value(f"{where}: parameters.{name}", v, declared[name])
+            if isinstance(v, list) and not v:
+                raise ValueError(f"{where}: parameters.{name} contains an empty list: give at least one value")
+            key = json.dumps(v, sort_keys=True, default=str)
+            if key in seen:
+                raise ValueError(f"{where}: parameters.{name} lists {v!r} twice: each value once")
+            seen.add(key)
+    for name, v in fixed.items():
+        _check_value(f"{where}: fixed.{name}", v, declared[name])
+        if isinstance(v, list) and not v:
+            raise ValueError(f"{where}: fixed.{name} is an empty list: give at least one value")
+    return Grid(notebook=nb_path.stem, notebook_path=nb_path, preset=preset, parameters=parameters, fixed=fixed)
+
+
+def load_grid(path: str | os.PathLike) -> Grid:
+    """Read and validate a grid YAML before anything runs: every mistake is one ValueError line."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"grid file {str(path)!r} does not exist") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        detail = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem else _one_line(e)
+        raise ValueError(f"{path}: malformed YAML: {detail}") from None
+    grid = grid_from_dict(raw, where=str(path))
+    return Grid(grid.notebook, grid.notebook_path, grid.preset, grid.parameters, grid.fixed, source=path)
+
+
+def expand(grid: Grid) -> list[Point]:
+    """The grid's points in a fixed order (the cartesian product of the parameter lists)."""
+    from .runs import results_dir
+
+    out_dir = results_dir() / grid.preset / "executed"
+    names = list(grid.parameters)
+    points = []
+    for combo in itertools.product(*(grid.parameters[n] for n in names)):
+        varied = dict(zip(names, combo))
+        params = {"preset": grid.preset, **grid.fixed, **varied}
+        h = params_hash(params)
+        label = " ".join(f"{k}={json.dumps(v)}" for k, v in varied.items()) or h
+        points.append(Point(grid.notebook, grid.notebook_path, params, h,
+                            out_dir / f"{grid.notebook}-{h}.ipynb", label))
+    return points
+
+
+# -- done-ness ----------------------------------------------------------------------------------------
+def executed_ok(path: str | os.PathLike) -> bool:
+    """True when papermill finished this output notebook and every code cell completed without error."""
+    try:
+        nb = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    pm = nb.get("metadata", {}).get("papermill", {})
+    if pm.get("exception") is True or not pm.get("end_time"):
+        return False
+    # papermill marks never-started cells 'completed' when the kernel dies at start: start_time tells the truth
+    cells = [c.get("metadata", {}).get("papermill", {}) for c in nb.get("cells", []) if c.get("cell_type") == "code"]
+    return all(c.get("status") == "completed" and c.get("start_time") for c in cells)
+
+
+def is_done(point: Point) -> bool:
+    """Done = the run store has every run the notebook trains for these parameters AND its notebook ran clean.
+
+    A notebook `configs_for` does not know (or parameters it rejects) counts as not done: running it is the
+    only way to get its tables, and a bad value then fails there with the notebook's own message.
+    """
+    from .experiments import collect, configs_for
+
+    if not executed_ok(point.output):
+        return False
+    try:
+        cfgs = configs_for(point.notebook, point.params)
+    except ValueError as e:
+        log.info("%s %s: run store cannot tell (%s): will run", point.notebook, point.label, e)
+        return False
+    if not cfgs:
+        return True
+    try:
+        _, _, missing = collect(cfgs)
+    except Exception as e:  # e.g. no dataset to fingerprint: running the point is the safe answer
+        log.warning("%s %s: cannot read the run store (%s): will run", point.notebook, point.label, e)
+        return False
+    return not missing
+
+
+# -- one point, in its own process ---------------------------------------------------------------------
+def _point_spec(point: Point, kernel_name: str, threads: int) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k.startswith("RESNET_LAB_")}
+    env.update({k: str(threads) for k in THREAD_VARS})
+    return {"input": str(point.notebook_path), "output": str(point.output), "params": point.params,
+            "kernel": kernel_name, "cwd": str(point.notebook_path.parent), "env": env}
+
+
+def _cells_started(output: str) -> bool:
+    try:
+        nb = json.loads(Path(output).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return any(c.get("metadata", {}).get("papermill", {}).get("start_time") for c in nb.get("cells", []))
+
+
+def _kernel_start_failure(e: BaseException) -> bool:
+    """Errors a kernel start can raise (died before kernel_info, no reply in time, zmq), not bad input."""
+    return isinstance(e, (RuntimeError, TimeoutError, ConnectionError)) or type(e).__module__.startswith("zmq")
+
+
+def _execute_in_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs inside the point's process: papermill once, again if the kernel never started."""
+    import papermill as pm
+    from jupyter_client.kernelspec import NoSuchKernel
+    from papermill.exceptions import PapermillExecutionError
+
+    Path(spec["output"]).parent.mkdir(parents=True, exist_ok=True)
+    for attempt in (1, 2):
+        try:
+            pm.execute_notebook(spec["input"], spec["output"], parameters=spec["params"],
+                                kernel_name=spec["kernel"], cwd=spec["cwd"], progress_bar=False)
+            return {"ok": True, "error": "", "attempts": attempt}
+        except PapermillExecutionError as e:  # a cell raised: the output notebook holds the traceback
+            return {"ok": False, "error": f"cell {e.exec_count}: {e.ename}: {_one_line(e.evalue)}",
+                    "attempts": attempt}
+        except NoSuchKernel:
+            return {"ok": False, "attempts": attempt,
+                    "error": f"kernel {spec['kernel']!r} not found: register it with `python -m ipykernel install "
+                             f"--sys-prefix --name {spec['kernel']}` (make install does)"}
+        except Exception as e:  # noqa: BLE001 - a kernel that never started is retried once, the rest reported
+            msg = f"{type(e).__name__}: {_one_line(e)}"
+            if attempt == 1 and _kernel_start_failure(e) and not _cells_started(spec["output"]):
+                log.warning("kernel did not start for %s (%s): retrying once", spec["output"], msg)
+                continue
+            return {"ok": False, "error": msg, "attempts": attempt}
+    raise AssertionError("unreachable")
+
+
+def _child_main(spec_json: str) -> int:
+    """Entry point of a point's process: pin CPUs, execute, print one result line for the parent."""
+    spec = json.loads(spec_json)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if spec.get("cpus") and hasattr(os, "sched_setaffinity"):
+        try:  # the kernel inherits the pinning; train() sizes torch's thread pool from the affinity
+            os.sched_setaffinity(0, spec["cpus"])
+        except OSError as e:
+            log.warning("cannot pin to cores %s (%s): running unpinned", spec["cpus"], e)
+    result = _execute_in_child(spec)
+    sys.stdout.write(_RESULT_MARK + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _run_point_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """Execute one point in a fresh Python process; whatever happens there, return a result dict.
+
+    A separate process per point means a crashing kernel, a segfault or an OOM kill takes down that point
+    only. Module-level so that Ray can ship it to its workers.
+    """
+    t0 = time.perf_counter()
+    env = {**os.environ, **spec.get("env", {})}
+    # Load this file without its package: `import resnet_lab` would import torch, seconds per point for nothing.
+    boot = ("import importlib.util as u, sys; s = u.spec_from_file_location('_resnet_lab_sweep_point', sys.argv[1]); "
+            "m = sys.modules[s.name] = u.module_from_spec(s); s.loader.exec_module(m); "
+            "sys.exit(m._child_main(sys.argv[2]))")
+    cmd = [sys.executable, "-c", boot, str(Path(__file__).resolve()), json.dumps(spec)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    result = None
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT_MARK):
+            result = json.loads(line[len(_RESULT_MARK):])
+            break
+    if result is None:
+        tail = _one_line(" ".join(proc.stderr.strip().splitlines()[-3:])) or "no output"
+        result = {"ok": False, "attempts": 1, "error": f"point process exited with code {proc.returncode}: {tail}"}
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+# -- sweeps ---------------------------------------------------------------------------------------------
+def _cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def _cpu_slots(jobs: int) -> list[list[int] | None]:
+    """Disjoint core sets, one per concurrent point, so that jobs * threads <= cores."""
+    cores = _cores()
+    if jobs <= 1 or not hasattr(os, "sched_setaffinity"):
+        return [None] * max(1, jobs)
+    if jobs > len(cores):
+        log.warning("jobs=%d > %d cores: points share cores, one thread each", jobs, len(cores))
+        return [[cores[i % len(cores)]] for i in range(jobs)]
+    per = len(cores) // jobs
+    return [cores[i * per:(i + 1) * per] for i in range(jobs)]
+
+
+def _run_local(todo: list[Point], jobs: int, kernel_name: str, on_result: Callable[[Point, dict], None]) -> None:
+    slots: queue.Queue = queue.Queue()
+    for s in _cpu_slots(jobs):
+        slots.put(s)
+    threads = max(1, len(_cores()) // max(1, jobs))
+
+    def task(point: Point) -> dict[str, Any]:
+        cpus = slots.get()
+        try:
+            spec = _point_spec(point, kernel_name, len(cpus) if cpus else threads)
+            spec["cpus"] = cpus
+            return _run_point_process(spec)
+        finally:
+            slots.put(cpus)
+
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sweep") as pool:
+        futures = {pool.submit(task, p): p for p in todo}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                try:
+                    res = f.result()
+                except Exception as e:  # noqa: BLE001 - could not even start the process
+                    res = {"ok": False, "error": f"{type(e).__name__}: {_one_line(e)}", "seconds": 0.0}
+                on_result(futures[f], res)
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as e:
+        raise RuntimeError("backend='ray' needs Ray, an optional extra: pip install 'resnet-lab[ray]'") from e
+    return ray
+
+
+def _run_ray(todo: list[Point], jobs: int, kernel_name: str, address: str | None, gpus_per_task: float,
+             on_result: Callable[[Point, dict], None]) -> None:
+    ray = _import_ray()
+    cores = len(_cores())
+    threads = max(1, cores // max(1, jobs))
+    started = False
+    if not ray.is_initialized():
+        if address is None:
+            ray.init(num_cpus=cores, include_dashboard=False)  # local: as many points at once as jobs allows
+        else:
+            ray.init(address=address)  # the cluster: its nodes need this checkout and a shared results dir
+        started = True
+    try:
+        remote = ray.remote(_run_point_process).options(num_cpus=threads, num_gpus=gpus_per_task, max_retries=0)
+        refs = {remote.remote(_point_spec(p, kernel_name, threads)): p for p in todo}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for r in ready:
+                try:
+                    res = ray.get(r)
+                except Exception as e:  # noqa: BLE001 - a lost worker or node fails this point only
+                    res = {"ok": False, "error": f"{type(e).__name__}: {_one_line(e)}"[:2000], "seconds": 0.0}
+                on_result(refs[r], res)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool = False, address: str | None = None,
+              gpus_per_task: float = 0.0, kernel_name: str = DEFAULT_KERNEL) -> pd.DataFrame:
+    """Execute every point that is not done; one row per point: point, status, seconds, output, error.
+
+    status: done (executed now), skipped (done before), failed (error kept in the output notebook),
+    would-run (dry run). A failure never stops the other points.
+    jobs: points at once; each point's process gets cores // jobs threads (locally: pinned to its own
+    cores; with Ray: that many num_cpus per task, plus gpus_per_task of a GPU). address: a Ray cluster,
+    whose nodes need this checkout at the same path and a shared results dir ($RESNET_LAB_RESULTS is passed on).
+    kernel_name: the Jupyter kernel papermill starts (the project registers "resnet-lab").
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not valid: use one of {list(BACKENDS)}")
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} is not valid: use an integer >= 1")
+    if not gpus_per_task >= 0:
+        raise ValueError(f"gpus_per_task={gpus_per_task!r} is not valid: use a number >= 0 (e.g. 0.25)")
+    if backend == "ray" and not dry_run:
+        _import_ray()  # fail before anything else happens
+    if backend == "local" and gpus_per_task:
+        log.warning("gpus_per_task=%s applies to backend='ray' only; local points share the visible GPUs",
+                    gpus_per_task)
+
+    points = expand(grid)
+    rows: dict[str, dict[str, Any]] = {}
+    todo: list[Point] = []
+    for p in points:
+        if is_done(p):
+            rows[p.hash] = {"status": "skipped", "seconds": 0.0, "error": ""}
+        elif dry_run:
+            rows[p.hash] = {"status": "would-run", "seconds": 0.0, "error": ""}
+        else:
+            todo.append(p)
+    n_done = sum(r["status"] == "skipped" for r in rows.values())
+    log.info("%s [%s]: %d points, %d done, %d to run%s", grid.notebook, grid.preset, len(points), n_done,
+             len(points) - n_done, " (dry run: nothing executed)" if dry_run else "")
+
+    if todo:
+        bar = tqdm(total=len(todo), desc=f"sweep {grid.notebook}", unit="point",
+                   disable=bool(os.environ.get("CI")) or None)
+
+        def on_result(point: Point, res: dict[str, Any]) -> None:
+            status = "done" if res.get("ok") else "failed"
+            rows[point.hash] = {"status": status, "seconds": round(float(res.get("seconds", 0.0)), 2),
+                                "error": res.get("error", "")}
+            if res.get("attempts", 1) > 1:
+                log.warning("%s %s: the kernel failed to start once and was retried", point.notebook, point.label)
+            if status == "failed":
+                log.error("%s %s failed: %s (notebook kept: %s)", point.notebook, point.label, res.get("error"),
+                          point.output)
+            bar.update(1)
+
+        try:
+            if backend == "local":
+                _run_local(todo, jobs, kernel_name, on_result)
+            else:
+                _run_ray(todo, jobs, kernel_name, address, gpus_per_task, on_result)
+        finally:
+            bar.close()
+
+    table = pd.DataFrame([{"point": p.label, **rows[p.hash], "output": str(p.output)} for p in points],
+                         columns=RESULT_COLUMNS)
+    return table
+
+
+# -- command line ----------------------------------------------------------------------------------------
+def _cmd_sweep(a: argparse.Namespace) -> int:
+    """`resnet-lab sweep`: print the table; the exit code is the number of failed points (at most 100)."""
+    try:
+        grid = load_grid(a.grid)
+        table = run_sweep(grid, jobs=a.jobs, backend=a.backend, dry_run=a.dry_run, address=a.address,
+                          gpus_per_task=a.gpus_per_task, kernel_name=a.kernel)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}")
+    import pandas as pd
+
+    with pd.option_context("display.max_colwidth", 120, "display.width", 200):
+        print(table.to_string(index=False))
+    return min(100, int((table["status"] == "failed").sum()))
+
+
+def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `sweep GRID.yaml [--jobs N] [--backend local|ray] [--dry-run] ...` to a CLI's subparsers."""
+    s = subparsers.add_parser(
+        "sweep", help="execute a notebook over a YAML grid of parameters (done points are skipped)",
+        description="Execute one papermill notebook per grid point into results/<preset>/executed/. "
+                    "Points whose runs are stored and whose notebook ran clean are skipped; a failed point keeps "
+                    "its output notebook and the others go on. Exit code: number of failed points (max 100).")
+    s.add_argument("grid", help="grid YAML (notebook, preset, parameters, fixed); see sweeps/")
+    s.add_argument("--jobs", type=int, default=1, help="points at once; each gets cores/jobs threads (default 1)")
+    s.add_argument("--backend", choices=BACKENDS, default="local", help="local process pool or a Ray cluster")
+    s.add_argument("--dry-run", action="store_true", help="list the points and which are done; execute nothing")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    s.add_argument("--gpus-per-task", type=float, default=0.0, help="Ray GPU fraction per point, e.g. 0.25")
+    s.add_argument("--kernel", default=DEFAULT_KERNEL, help=f"Jupyter kernel name (default {DEFAULT_KERNEL})")
+    s.set_defaults(func=_cmd_sweep)
+    return s

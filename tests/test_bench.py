@@ -1,0 +1,44 @@
+"""The benchmark runs on the CPU with a tiny budget and writes its JSON; the fast step equals the reference."""
+import json
+
+import torch
+import torch.nn.functional as F
+
+from resnet_lab.bench import run_bench
+from resnet_lab.data import augment, normalize
+from resnet_lab.models import build_model
+from resnet_lab.train import train_step
+
+from .conftest import needs_data
+
+
+@needs_data
+def test_bench_on_cpu_writes_json(cifar, tmp_path):
+    res = run_bench([8], device="cpu", seconds=0.5, batch_size=16, num_workers=0, images=256, checkpointing=True,
+                    out=tmp_path, data=cifar)
+    saved = json.loads((tmp_path / res["paths"][0].split("/")[-1]).read_text())
+    row = saved["rows"][0]
+    assert row["model"] == "resnet-8" and row["baseline_img_s"] > 0 and row["ours_img_s"] > 0
+    assert abs(row["speedup"] - row["ours_img_s"] / row["baseline_img_s"]) < 1e-9
+    assert "ckpt_step_ms" in row and saved["device_type"] == "cpu"
+
+
+def test_fast_step_equals_the_reference_step():
+    torch.manual_seed(0)
+    a, b = build_model("resnet", 8), build_model("resnet", 8)
+    b.load_state_dict(a.state_dict())
+    oa = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
+    ob = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False)
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 10, (8,))
+    z = torch.zeros(8, dtype=torch.long)
+    xa = augment(x, z, z, torch.zeros(8, dtype=torch.bool))  # no shift, no flip: the image itself
+    loss, wrong = train_step(a, oa, xa, y, precision="fp32")
+    out = b(normalize(x))
+    ref = F.cross_entropy(out, y)
+    ob.zero_grad()
+    ref.backward()
+    ob.step()
+    assert torch.allclose(loss, ref.detach(), atol=1e-6) and int(wrong) == int((out.argmax(1) != y).sum())
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)

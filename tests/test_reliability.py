@@ -1,0 +1,102 @@
+"""Kill -9 and resume, damaged checkpoints, concurrent requests, write failures."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from resnet_lab import runs as R
+from resnet_lab.config import make_config
+from resnet_lab.train import ResultsWriteError, train
+
+from .conftest import ROOT, needs_data
+
+pytestmark = needs_data
+COLS = ["step", "lr", "train_loss", "train_err", "test_loss", "test_err"]
+
+
+def cfg(**kw):
+    base = dict(arch="resnet", depth=8, iterations=12, eval_every=2, batch_size=16, train_subset=256,
+                eval_subset=64, milestones=(8,))
+    base.update(kw)
+    return make_config("smoke", **base)
+
+
+CHILD = """
+import sys, json
+from resnet_lab.config import RunConfig
+from resnet_lab.train import train
+c = RunConfig.from_json(json.loads(sys.argv[1]))
+rec = train(c, root=sys.argv[2], device="cpu", progress=False, checkpoint_every_s=0)
+print("PID", rec.summary["pid"])
+"""
+
+
+def _child(c, root):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(c.to_json()), str(root)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(cifar, tmp_path):
+    c = cfg(iterations=400, eval_every=4, milestones=(300,), dataset=cifar.info.sha256[:16])
+    p = _child(c, tmp_path / "killed")
+    run = tmp_path / "killed" / c.hash
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # let it get further, maybe into a checkpoint write
+    assert p.poll() is None, "finished before it could be killed"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    killed = json.loads((run / "summary.json").read_text())
+    assert killed["status"] == "running" and not (run / "model.pt").exists()
+    resumed = train(c, root=tmp_path / "killed", data=cifar, device="cpu")
+    straight = train(c, root=tmp_path / "straight", data=cifar, device="cpu")
+    assert resumed.status == "done" and len(resumed.metrics) == 100
+    pd.testing.assert_frame_equal(resumed.metrics[COLS], straight.metrics[COLS], check_exact=True)
+
+
+def test_truncated_checkpoint_is_set_aside_and_the_previous_one_used(cifar, tmp_path, caplog):
+    c = cfg()
+    train(c, root=tmp_path, data=cifar, device="cpu", stop_after=3)
+    part = train(c, root=tmp_path, data=cifar, device="cpu", stop_after=6)  # now checkpoint.prev.pt exists too
+    ck = part.path / "checkpoint.pt"
+    assert (part.path / "checkpoint.prev.pt").exists()
+    ck.write_bytes(ck.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        done = train(c, root=tmp_path, data=cifar, device="cpu")
+    assert "failed to load" in caplog.text and list(part.path.glob("checkpoint.pt.bad-*"))
+    straight = train(c, root=tmp_path / "b", data=cifar, device="cpu")
+    pd.testing.assert_frame_equal(done.metrics[COLS], straight.metrics[COLS], check_exact=True)
+
+
+def test_concurrent_requests_train_once(cifar, tmp_path):
+    c = cfg(iterations=40, dataset=cifar.info.sha256[:16])
+    a, b = _child(c, tmp_path), _child(c, tmp_path)
+    outs = [p.communicate(timeout=300) for p in (a, b)]
+    assert a.returncode == 0 and b.returncode == 0, outs
+    pids = {line.split()[1] for out, _ in outs for line in out.splitlines() if line.startswith("PID")}
+    assert len(pids) == 1, f"trained by {pids}"
+    assert [p.name for p in tmp_path.iterdir()] == [c.hash]
+
+
+def test_disk_full_is_a_clear_error_and_finished_runs_stay_intact(cifar, tmp_path, monkeypatch):
+    done = train(cfg(iterations=2), root=tmp_path, data=cifar, device="cpu")
+    before = {p.name: p.read_bytes() for p in done.path.iterdir() if p.is_file()}
+    real = R._atomic_write
+
+    def full(path, write):
+        if path.name == "metrics.csv":
+            raise OSError(28, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(R, "_atomic_write", full)
+    with pytest.raises(ResultsWriteError, match="No space left on device"):
+        train(cfg(iterations=4, seed=1), root=tmp_path, data=cifar, device="cpu")
+    assert {p.name: p.read_bytes() for p in done.path.iterdir() if p.is_file()} == before

@@ -1,0 +1,43 @@
+"""`report` rebuilds figures from stored runs and trains nothing."""
+import os
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, needs_data
+
+
+def _snapshot(d: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()}
+
+
+@needs_data
+def test_report_regenerates_figures_without_training(tmp_path, monkeypatch):
+    import papermill as pm
+
+    from resnet_lab import report
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    executed = tmp_path / "smoke" / "executed"
+    executed.mkdir(parents=True)
+    pm.execute_notebook(str(ROOT / "notebooks" / "01_degradation.ipynb"), str(executed / "01_degradation.ipynb"),
+                        parameters={"preset": "smoke", "depths": [8]}, kernel_name="python3", progress_bar=False)
+    fig = tmp_path / "smoke" / "01_degradation" / "degradation.png"
+    assert fig.exists()
+    fig.unlink()
+    before = _snapshot(tmp_path / "runs")
+    status = report.build("smoke", only=["01_degradation"], kernel="python3")
+    assert status["status"].tolist() == ["done"]
+    assert fig.exists(), "the figure was not rebuilt"
+    assert _snapshot(tmp_path / "runs") == before, "report touched the run store"
+    assert report.executed_parameters(executed / "01_degradation.ipynb")["depths"] == [8]
+    assert set(report.outputs("smoke")["name"]) >= {"table", "degradation"}
+
+
+def test_report_bad_input():
+    from resnet_lab import report
+
+    with pytest.raises(ValueError, match="preset='huge'.*paper"):
+        report.build("huge")
+    with pytest.raises(ValueError, match="unknown notebook.*99_nothing.*01_degradation"):
+        report.build("smoke", only=["99_nothing"])

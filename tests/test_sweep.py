@@ -1,0 +1,245 @@
+"""Sweeps: grids are validated before anything runs; points run in separate processes, done points are
+skipped, a failing point is recorded (its notebook kept) while the others go on."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from resnet_lab import sweep
+from resnet_lab.sweep import Grid, executed_ok, expand, load_grid, run_sweep
+
+from .conftest import ROOT, needs_data
+
+KERNEL = "python3"  # the venv's own kernel: tests do not depend on the registered "resnet-lab" one
+SMOKE_GRID = """
+notebook: 01_degradation
+preset: smoke
+parameters:
+  seeds: [[0], [1]]
+  depths: [[8], [14]]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "grid.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One results root for the executing tests of this module (children inherit the env var), so later
+    tests find the smoke runs of earlier ones in the store and only execute notebooks."""
+    root = tmp_path_factory.mktemp("sweep-results")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RESNET_LAB_RESULTS", str(root))
+        yield root
+
+
+@pytest.fixture
+def tiny_grid(tmp_path) -> Grid:
+    """A one-cell notebook outside notebooks/: exercises the executor without torch or data."""
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": KERNEL, "language": "python",
+                                                           "display_name": "Python 3"}})
+    nb.cells = [nbformat.v4.new_code_cell("x = 1  # a number", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import os\nprint(x, os.environ.get('RESNET_LAB_THREADS'))")]
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(nb, path)
+    return Grid(notebook="tiny", notebook_path=path, preset="smoke", parameters={"x": [1]})
+
+
+# -- grids ----------------------------------------------------------------------------------------------
+def test_committed_grids_load_and_expand(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    files = sorted((ROOT / "sweeps").glob("*.yaml"))
+    assert {f.name for f in files} >= {"degradation.yaml", "smoke_example.yaml"}
+    for f in files:
+        assert expand(load_grid(f))
+
+    points = expand(load_grid(ROOT / "sweeps" / "degradation.yaml"))
+    assert len(points) == 12  # 4 depths x 3 seeds
+    assert {tuple(p.params["depths"]) for p in points} == {(20,), (32,), (44,), (56,)}
+    assert {tuple(p.params["seeds"]) for p in points} == {(0,), (1,), (2,)}
+    assert all(p.params["preset"] == "paper" for p in points)
+    assert all(p.output == tmp_path / "paper" / "executed" / f"01_degradation-{p.hash}.ipynb" for p in points)
+
+
+def test_points_have_stable_distinct_hashes(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    grid = load_grid(write(tmp_path, SMOKE_GRID + "fixed:\n  device: cpu\n"))
+    a, b = expand(grid), expand(grid)
+    assert [p.hash for p in a] == [p.hash for p in b] and len({p.hash for p in a}) == 4
+    assert a[0].params == {"preset": "smoke", "device": "cpu", "seeds": [0], "depths": [8]}
+    assert a[0].label == "seeds=[0] depths=[8]"
+    assert a[0].hash == sweep.params_hash({"depths": [8], "seeds": [0], "device": "cpu", "preset": "smoke"})
+
+
+GOOD = "notebook: 01_degradation\npreset: smoke\n"
+BAD_GRIDS = {
+    "unknown notebook": ("notebook: 99_nope\npreset: smoke\n", ["99_nope", "01_degradation", "02_depth"]),
+    "undeclared parameter": (GOOD + "parameters:\n  widths: [[16]]\n", ["parameters.widths", "depths", "seeds",
+                                                                       "train_missing"]),
+    "malformed yaml": (GOOD + "parameters:\n  seeds: [[0], [1]\n", ["malformed YAML", "line"]),
+    "str for a list": (GOOD + "parameters:\n  depths: ['twenty']\n", ["parameters.depths", "'twenty'", "str",
+                                                                      "list"]),
+    "int for a list": (GOOD + "parameters:\n  depths: [20, 56]\n", ["parameters.depths", "int", "list of lists",
+                                                                    "[[20]]"]),
+    "wrong fixed type": (GOOD + "fixed:\n  train_missing: 'yes'\n", ["fixed.train_missing", "bool"]),
+    "bad preset": ("notebook: 01_degradation\npreset: huge\n", ["'huge'", "paper", "quick", "smoke"]),
+    "missing preset": ("notebook: 01_degradation\n", ["preset", "paper", "quick", "smoke"]),
+    "preset as a parameter": (GOOD + "parameters:\n  preset: [smoke, quick]\n", ["parameters.preset", "top-level"]),
+    "empty list": (GOOD + "parameters:\n  seeds: []\n", ["parameters.seeds", "non-empty"]),
+    "empty inner list": (GOOD + "parameters:\n  seeds: [[]]\n", ["parameters.seeds", "empty list"]),
+    "duplicate value": (GOOD + "parameters:\n  seeds: [[0], [0]]\n", ["parameters.seeds", "[0]", "twice"]),
+    "unknown top-level key": (GOOD + "grid: {}\n", ["'grid'", "notebook", "parameters", "fixed"]),
+    "in both sections": (GOOD + "parameters:\n  seeds: [[0]]\nfixed:\n  seeds: [1]\n", ["seeds", "both"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GRIDS))
+def test_load_grid_errors_name_the_key_and_the_allowed_values(case, tmp_path):
+    text, needles = BAD_GRIDS[case]
+    with pytest.raises(ValueError) as e:
+        load_grid(write(tmp_path, text))
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, f"{case}: {n!r} not in {msg!r}"
+
+
+def test_missing_grid_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_grid(tmp_path / "nope.yaml")
+
+
+# -- running --------------------------------------------------------------------------------------------
+def test_dry_run_executes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
+    table = run_sweep(load_grid(write(tmp_path, SMOKE_GRID)), jobs=2, dry_run=True, kernel_name=KERNEL)
+    assert list(table.columns) == ["point", "status", "seconds", "output", "error"]
+    assert list(table["status"]) == ["would-run"] * 4
+    assert not (tmp_path / "results").exists()  # no run, no notebook, not even a folder
+
+
+@needs_data
+def test_sweep_runs_points_in_parallel_then_skips_them(store, cifar, tmp_path):
+    grid = load_grid(write(tmp_path, SMOKE_GRID))
+    table = run_sweep(grid, jobs=2, kernel_name=KERNEL)
+    assert list(table["status"]) == ["done"] * 4, table.to_string()
+    assert (table["error"] == "").all() and (table["seconds"] > 0).all()
+    assert all(executed_ok(p) for p in table["output"])
+
+    from resnet_lab.runs import load_runs
+
+    runs = load_runs(preset="smoke")
+    assert len(runs) == 8 and set(runs["status"]) == {"done"}  # plain + resnet x 2 depths x 2 seeds
+
+    again = run_sweep(grid, jobs=2, kernel_name=KERNEL)
+    assert list(again["status"]) == ["skipped"] * 4 and (again["seconds"] == 0).all()
+    assert list(run_sweep(grid, dry_run=True, kernel_name=KERNEL)["status"]) == ["skipped"] * 4
+
+
+@needs_data
+def test_failing_point_is_recorded_and_the_others_go_on(store, cifar, tmp_path):
+    grid = load_grid(write(tmp_path, """
+        notebook: 01_degradation
+        preset: smoke
+        parameters:
+          depths: [[8], [9], [14], [8, 14]]   # 9 is not 6n+2: the notebook raises ValueError
+        fixed:
+          seeds: [0]
+          device: cpu
+        """))
+    table = run_sweep(grid, jobs=2, kernel_name=KERNEL)
+    by_point = table.set_index("point")
+    assert sorted(table["status"]) == ["done", "done", "done", "failed"], table.to_string()
+    bad = by_point.loc["depths=[9]"]
+    assert bad["status"] == "failed"
+    assert "ValueError" in bad["error"] and "depth=9" in bad["error"]
+    nb = json.loads(Path(bad["output"]).read_text())  # the error notebook is kept: it is the log
+    assert nb["metadata"]["papermill"]["exception"] is True
+    assert any(o.get("ename") == "ValueError" for c in nb["cells"] for o in c.get("outputs", []))
+
+    rerun = run_sweep(grid, jobs=2, dry_run=True, kernel_name=KERNEL).set_index("point")
+    assert rerun.loc["depths=[9]", "status"] == "would-run"  # a failed point is never "done"
+    assert (rerun.drop(index="depths=[9]")["status"] == "skipped").all()
+
+
+def test_cli_exit_code_is_the_number_of_failed_points(tmp_path, monkeypatch, capsys):
+    """Every point fails fast here (the kernel is not registered), so the count is known without training."""
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
+    parser = argparse.ArgumentParser(prog="resnet-lab")
+    sweep.add_sweep_parser(parser.add_subparsers(dest="command", required=True))
+    grid = write(tmp_path, "notebook: 01_degradation\npreset: smoke\nparameters:\n  seeds: [[0], [1]]\n")
+    args = parser.parse_args(["sweep", str(grid), "--jobs", "2", "--kernel", "no-such-kernel"])
+    assert args.func(args) == 2
+    out = capsys.readouterr().out
+    assert out.count("failed") == 2 and "kernel 'no-such-kernel' not found" in out
+    assert "seeds=[0]" in out and "seeds=[1]" in out
+
+
+def test_cli_exit_code_is_capped_at_100(tmp_path, monkeypatch):
+    failed = pd.DataFrame({"point": [str(i) for i in range(150)], "status": "failed", "seconds": 0.0,
+                           "output": "", "error": "boom"})
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: failed)
+    parser = argparse.ArgumentParser()
+    sweep.add_sweep_parser(parser.add_subparsers())
+    args = parser.parse_args(["sweep", str(write(tmp_path, SMOKE_GRID)), "--dry-run"])
+    assert args.func(args) == 100
+
+
+def test_cli_rejects_a_bad_grid_before_running(tmp_path):
+    parser = argparse.ArgumentParser()
+    sweep.add_sweep_parser(parser.add_subparsers())
+    args = parser.parse_args(["sweep", str(write(tmp_path, "notebook: 99_nope\npreset: smoke\n"))])
+    with pytest.raises(SystemExit, match="99_nope"):
+        args.func(args)
+
+
+def test_kernel_that_fails_to_start_is_retried_once(tiny_grid, tmp_path, monkeypatch):
+    """A kernelspec whose first start dies before replying to kernel_info (as a busy machine can)."""
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
+    starts = tmp_path / "starts"
+    launcher = tmp_path / "flaky.py"
+    launcher.write_text(textwrap.dedent(f"""
+        import os, sys
+        with open({str(starts)!r}, "a") as f:
+            f.write("x")
+        if os.path.getsize({str(starts)!r}) == 1:
+            sys.exit(3)
+        os.execv(sys.executable, [sys.executable, "-m", "ipykernel_launcher", *sys.argv[1:]])
+        """))
+    spec = tmp_path / "jupyter" / "kernels" / "flaky"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, str(launcher), "-f", "{connection_file}"],
+                                                  "display_name": "flaky", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    table = run_sweep(tiny_grid, kernel_name="flaky")
+    assert list(table["status"]) == ["done"], table.to_string()
+    assert starts.read_text() == "xx"
+    assert executed_ok(table["output"][0])
+
+
+def test_ray_backend_without_ray_says_how_to_install(tiny_grid, tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(RuntimeError, match=r"pip install 'resnet-lab\[ray\]'"):
+        run_sweep(tiny_grid, backend="ray", kernel_name=KERNEL)
+    assert not (tmp_path / "results").exists()
+
+
+def test_ray_backend_runs_the_same_executions(tiny_grid, tmp_path, monkeypatch):
+    pytest.importorskip("ray", reason="ray is not installed (optional extra: pip install 'resnet-lab[ray]')")
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
+    grid = Grid(tiny_grid.notebook, tiny_grid.notebook_path, "smoke", parameters={"x": [1, 2]})
+    table = run_sweep(grid, jobs=2, backend="ray", kernel_name=KERNEL)
+    assert list(table["status"]) == ["done", "done"], table.to_string()
+    nb = json.loads(Path(table["output"][1]).read_text())
+    assert nb["cells"][-1]["outputs"][0]["text"][0].startswith("2 ")  # x=2 reached the kernel
