@@ -8,7 +8,7 @@ import yaml
 
 from .conftest import ROOT
 
-CONDA_NAMES = {"pytorch": "torch"}  # conda-forge package name -> PyPI name
+CONDA_NAMES = {"pytorch": "torch", "ray-core": "ray"}  # conda-forge package name -> PyPI name
 
 
 def _name(req: str) -> str:
