@@ -67,6 +67,27 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _run_with_hooks(model: nn.Module, hooks, batches, max_images: int | None) -> None:
+    """Forward uint8 batches in eval mode with read-only forward hooks; hooks and mode are restored."""
+    from .data import normalize
+
+    handles = [m.register_forward_hook(fn) for m, fn in hooks]
+    was = model.training
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for x, _y in batches:
+                if max_images is not None and seen >= max_images:
+                    break
+                model(normalize(x))
+                seen += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+
+
 # -- layer responses (He et al. 2015, Fig. 7) ------------------------------------------------------------
 def response_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     """The BN right after every 3x3 conv (stem and residual branches), in depth order; shortcut BNs excluded."""
@@ -87,8 +108,6 @@ def layer_responses(model: nn.Module, batches, max_images: int | None = None) ->
     strength). Forward hooks only read; the model's outputs and parameters do not change.
     Post-activation nets only: in pre-activation blocks BN comes before the conv.
     """
-    from .data import normalize
-
     layers = response_layers(model)
     if not layers:
         raise ValueError("model has no conv3x3 -> BN pairs (pre-activation nets are not supported here)")
@@ -101,21 +120,7 @@ def layer_responses(model: nn.Module, batches, max_images: int | None = None) ->
             stats[i] = s if stats[i] is None else tuple(a + b for a, b in zip(stats[i], s))
         return fn
 
-    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(layers)]
-    was = model.training
-    model.eval()
-    seen = 0
-    try:
-        with torch.no_grad():
-            for x, _y in batches:
-                if max_images is not None and seen >= max_images:
-                    break
-                model(normalize(x))
-                seen += len(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    _run_with_hooks(model, [(m, hook(i)) for i, m in enumerate(layers)], batches, max_images)
     rows = []
     for i, (s, ss, n) in enumerate(stats):
         var = (ss / n - (s / n) ** 2).clamp_min(0)
@@ -187,8 +192,6 @@ def time_model(model: nn.Module, batch_size: int, device: str | torch.device = "
 
 def gate_means(model: nn.Module, batches, max_images: int | None = None) -> pd.DataFrame:
     """Mean highway gate value T(x) per block over the images (0 = shortcut only, 1 = branch only)."""
-    from .data import normalize
-
     gated = [(i, b) for i, b in enumerate(model.blocks) if getattr(b, "gate", None) is not None]
     if not gated:
         raise ValueError("model has no gated (highway) blocks")
@@ -202,19 +205,5 @@ def gate_means(model: nn.Module, batches, max_images: int | None = None) -> pd.D
             counts[i] += t.numel()
         return fn
 
-    handles = [b.gate.register_forward_hook(hook(i)) for i, b in gated]
-    was = model.training
-    model.eval()
-    seen = 0
-    try:
-        with torch.no_grad():
-            for x, _y in batches:
-                if max_images is not None and seen >= max_images:
-                    break
-                model(normalize(x))
-                seen += len(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    _run_with_hooks(model, [(b.gate, hook(i)) for i, b in gated], batches, max_images)
     return pd.DataFrame({"block": [i + 1 for i, _ in gated], "mean_gate": [sums[i] / counts[i] for i, _ in gated]})

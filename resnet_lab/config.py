@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,8 +144,15 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "RunConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
+        """From config.json, or from a row of `load_runs()` (where pandas turned None into NaN and ints
+        of a column with gaps into floats)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in fields}
+        for k, v in d.items():
+            if isinstance(v, float) and math.isnan(v):
+                d[k] = None
+            elif isinstance(v, float) and v.is_integer() and str(fields[k].type).startswith("int"):
+                d[k] = int(v)
         if "milestones" in d:
             d["milestones"] = tuple(d["milestones"])
         return cls(**d)

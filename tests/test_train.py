@@ -76,7 +76,14 @@ def test_load_runs_and_metrics(cifar, results):
     runs = load_runs(results)
     assert set(runs["arch"]) == {"plain", "resnet"} and (runs["status"] == "done").all()
     assert {"final_test_err", "params", "hash", "name"} <= set(runs.columns)
-    curves = load_metrics(results, arch="plain")
+    train(tiny(arch="plain", iterations=2, eval_every=2, train_subset=None, seed=3), root=results, data=cifar,
+          device="cpu")  # a column with gaps: pandas turns None into NaN and ints into floats
+    runs = load_runs(results)
+    assert runs["train_subset"].isna().sum() == 1 and len(set(runs["name"])) == 2
+    from resnet_lab.config import RunConfig
+
+    assert {RunConfig.from_json(r).hash for r in runs.to_dict("records")} == set(runs["hash"])
+    curves = load_metrics(results, arch="plain", seed=0)
     assert set(curves["arch"]) == {"plain"} and len(curves) == 1
     with pytest.raises(KeyError, match="no column 'colour'"):
         load_runs(results, colour="red")
