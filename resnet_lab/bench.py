@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import MEAN, STD, DeviceLoader
+from .data import MEAN, STD, DeviceLoader, balanced_subset
 from .models import build_model
 from .runs import atomic_write_json, atomic_write_text, results_dir
 from .train import device_name, train_step
@@ -123,7 +123,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
         from .data import load_cifar10
 
         data = load_cifar10()
-    x, y = data.train_x[:images], data.train_y[:images]
+    x, y = balanced_subset(data.train_x, data.train_y, images, seed=0)
     rows = []
     for depth in models:
         base = baseline_images_per_s(depth, x, y, dev, batch_size, seconds, num_workers)

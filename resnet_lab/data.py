@@ -291,6 +291,15 @@ def class_balanced_order(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return torch.argsort(rank, stable=True)
 
 
+def balanced_subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int = 1
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images in a fixed class-balanced order: the copies on disk are sorted by class, so a plain
+    prefix would be one class."""
+    order = class_balanced_order(y, seed=seed)
+    order = order if n is None else order[:n]
+    return x[order], y[order]
+
+
 def split_data(data: Cifar10, split: str = "full", train_subset: int | None = None,
                eval_subset: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train_x, train_y, eval_x, eval_y): the 50k/10k split, or 45k/5k with the 5k held out of train."""
@@ -306,8 +315,7 @@ def split_data(data: Cifar10, split: str = "full", train_subset: int | None = No
         tr = tr[:train_subset]
     tx, ty = data.train_x[tr], data.train_y[tr]
     if eval_subset is not None:
-        eo = class_balanced_order(ey, seed=1)[:eval_subset]
-        ex, ey = ex[eo], ey[eo]
+        ex, ey = balanced_subset(ex, ey, eval_subset)
     return tx, ty, ex, ey
 
 

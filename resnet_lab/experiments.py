@@ -20,7 +20,7 @@ import torch
 
 from .analysis import summarize
 from .config import RunConfig, make_config
-from .data import load_cifar10, resolve_source
+from .data import balanced_subset, load_cifar10, resolve_source
 from .runs import atomic_write_csv, load_metrics, load_runs, results_dir
 from .train import RunRecord, train
 
@@ -243,7 +243,7 @@ def responses(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_i
     for r in runs[runs["status"] == "done"].to_dict("records"):
         cfg = RunConfig.from_json(r)
         model = RunDir(cfg, root).load_model()
-        df = layer_responses(model, eval_batches(data.test_x[:max_images], data.test_y[:max_images], 500))
+        df = layer_responses(model, eval_batches(*balanced_subset(data.test_x, data.test_y, max_images), 500))
         frames.append(df.assign(arch=cfg.arch, depth=cfg.depth, seed=cfg.seed,
                                 net=f"{'plain' if cfg.arch == 'plain' else 'ResNet'}-{cfg.depth}"))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -276,8 +276,8 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
         raise ValueError(f"draws={draws!r} is not valid: use a positive integer")
     dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
     data = load_cifar10(source)
-    x, y = data.test_x[:eval_images], data.test_y[:eval_images]
-    xg, yg = data.test_x[-grad_batch:], data.test_y[-grad_batch:]
+    x, y = balanced_subset(data.test_x, data.test_y, eval_images)
+    xg, yg = balanced_subset(data.test_x, data.test_y, grad_batch, seed=2)
     out: dict[str, list[pd.DataFrame]] = {k: [] for k in ("lesion", "delete", "reorder", "paths", "gradient")}
     effective = []
     for r in runs[runs["status"] == "done"].to_dict("records"):
@@ -359,7 +359,7 @@ def highway_gates(runs: pd.DataFrame, source: str | os.PathLike | None = None, m
     if hw.empty:
         return pd.DataFrame(columns=["block", "mean_gate", "net"])
     data = load_cifar10(source)
-    x, y = data.test_x[:max_images], data.test_y[:max_images]
+    x, y = balanced_subset(data.test_x, data.test_y, max_images)
     frames = [gate_means(RunDir(RunConfig.from_json(r), root).load_model(), eval_batches(x, y, 500))
               .assign(net=f"highway-{r['depth']} seed {r['seed']}") for r in hw.to_dict("records")]
     return pd.concat(frames, ignore_index=True)

@@ -49,7 +49,8 @@ def degradation_figure(metrics: pd.DataFrame):
     long = _curves_long(metrics)
     long["net"] = long["arch"].map({"plain": "plain", "resnet": "ResNet"}).fillna(long["arch"])
     long["depth"] = long["depth"].astype(str)
-    g = sns.relplot(data=long, x="iterations", y="error (%)", hue="depth", style="curve",
+    g = sns.relplot(data=long, x="iterations", y="error (%)", hue="depth",
+                    hue_order=sorted(long["depth"].unique(), key=int), style="curve",
                     style_order=["test", "train"], dashes={"test": "", "train": (4, 2)}, col="net",
                     col_order=[c for c in ("plain", "ResNet") if c in set(long["net"])], kind="line",
                     errorbar=("ci", 95), height=3.2, aspect=1.1, facet_kws={"sharey": True})
@@ -61,7 +62,8 @@ def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = No
     """Training (dashed) and test (solid) error vs iterations, one line per `hue`."""
     set_style()
     long = _curves_long(metrics)
-    g = sns.relplot(data=long, x="iterations", y="error (%)", hue=hue, style="curve", style_order=["test", "train"],
+    order = sorted(long[hue].unique(), key=lambda v: (len(str(v)), str(v)))  # "20" before "110"
+    g = sns.relplot(data=long, x="iterations", y="error (%)", hue=hue, hue_order=order, style="curve", style_order=["test", "train"],
                     dashes={"test": "", "train": (4, 2)}, col=col, kind="line", errorbar=("ci", 95), height=3.2,
                     aspect=1.2)
     if title:

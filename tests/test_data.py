@@ -159,3 +159,11 @@ def test_loader_varies_crops_and_covers_all_offsets():
     assert set(dxs.tolist()) == set(range(-4, 5))
     assert abs(flips.mean().item() - 0.5) < 0.02
     assert torch.equal(loader.batch(1)[0], DeviceLoader(x, torch.zeros(64, dtype=torch.long), 32, 0, "cpu").batch(1)[0])
+
+
+def test_balanced_subset_mixes_classes():
+    y = torch.arange(10).repeat_interleave(100)  # sorted by class, like the copies on disk
+    x = torch.arange(1000)
+    xs, ys = D.balanced_subset(x, y, 50)
+    assert ys.bincount(minlength=10).tolist() == [5] * 10 and torch.equal(y[xs], ys)
+    assert torch.equal(D.balanced_subset(x, y, 50)[0], xs)  # fixed order
