@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
               "machine": platform.machine(), "batch_size": batch_size, "seconds_per_measurement": seconds,
               "num_workers": num_workers, "rows": rows}
     out = out or results_dir() / "bench"
-    slug = "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower()
+    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")  # "cpu-x86-64-2-threads", "nvidia-h100-..."
     atomic_write_json(out / f"{slug}.json", result)
     atomic_write_text(out / f"{slug}.md", markdown(result))
     result["paths"] = [str(out / f"{slug}.json"), str(out / f"{slug}.md")]
