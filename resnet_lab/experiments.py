@@ -304,48 +304,36 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
 
 
 # -- which runs a notebook needs (sweeps and reports ask this without executing the notebook) ----------
-def _degradation_from_params(p: dict[str, Any]) -> list[RunConfig]:
-    return degradation_configs(p.get("preset", "quick"), p.get("depths", [20, 56]), p.get("seeds", [0]))
-
-
-def _depth_from_params(p: dict[str, Any]) -> list[RunConfig]:
-    return depth_configs(p.get("preset", "quick"), p.get("depths", [20, 32, 44, 56, 110]), p.get("seeds", [0]))
-
-
-def _ablation_from_params(p: dict[str, Any]) -> list[RunConfig]:
-    return ablation_configs(p.get("preset", "quick"), p.get("variants", list(VARIANTS)), p.get("depths", [20, 56]),
-                            p.get("seeds", [0]))
-
-
-def _thousand_from_params(p: dict[str, Any]) -> list[RunConfig]:
-    return thousand_layer_configs(p.get("preset", "quick"), p.get("depths", [110, 1202]), p.get("seeds", [0]),
-                                  p.get("checkpoint_segments", 0))
-
-
-def _unravel_from_params(p: dict[str, Any]) -> list[RunConfig]:
-    return unravel_configs(p.get("preset", "quick"), p.get("depth", 110), p.get("seeds", [0]), p.get("arch", "resnet"))
-
-
-def _responses_from_params(p: dict[str, Any]) -> list[RunConfig]:
-    return response_configs(p.get("preset", "quick"), p.get("depths", [20, 56]), p.get("seeds", [0]))
-
-
-NOTEBOOK_CONFIGS = {
-    "01_degradation": _degradation_from_params,
-    "02_depth": _depth_from_params,
-    "03_shortcut_ablations": _ablation_from_params,
-    "04_unraveled_ensemble": _unravel_from_params,
-    "05_thousand_layers": _thousand_from_params,
-    "06_layer_responses": _responses_from_params,
-    "07_imagenet_architectures": lambda p: [],  # measures untrained nets: trains nothing
+# notebook -> (the function that names its runs, the notebook parameters it takes, in order)
+NOTEBOOK_CONFIGS: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "01_degradation": (degradation_configs, ("preset", "depths", "seeds")),
+    "02_depth": (depth_configs, ("preset", "depths", "seeds")),
+    "03_shortcut_ablations": (ablation_configs, ("preset", "variants", "depths", "seeds")),
+    "04_unraveled_ensemble": (unravel_configs, ("preset", "depth", "seeds", "arch")),
+    "05_thousand_layers": (thousand_layer_configs, ("preset", "depths", "seeds", "checkpoint_segments")),
+    "06_layer_responses": (response_configs, ("preset", "depths", "seeds")),
+    "07_imagenet_architectures": (lambda preset: [], ("preset",)),  # measures untrained nets
 }
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def notebook_defaults(notebook: str) -> dict[str, Any]:
+    """The literals of a notebook's parameters cell, so sweeps and reports never restate them."""
+    import ast
+
+    import papermill as pm
+
+    declared = pm.inspect_notebook(str(NOTEBOOKS_DIR / f"{notebook}.ipynb"))
+    return {k: ast.literal_eval(v["default"]) for k, v in declared.items()}
 
 
 def configs_for(notebook: str, params: dict[str, Any]) -> list[RunConfig]:
     """The RunConfigs a notebook trains for these papermill parameters (notebook = file stem)."""
     if notebook not in NOTEBOOK_CONFIGS:
         raise ValueError(f"notebook {notebook!r} is unknown: use one of {sorted(NOTEBOOK_CONFIGS)}")
-    return NOTEBOOK_CONFIGS[notebook](params)
+    fn, names = NOTEBOOK_CONFIGS[notebook]
+    merged = {**notebook_defaults(notebook), **params}
+    return fn(*[merged[n] for n in names])
 
 
 def highway_gates(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_images: int = 2_000,

@@ -15,10 +15,10 @@ from typing import Any
 import pandas as pd
 
 from .config import PRESETS
+from .experiments import NOTEBOOKS_DIR
 from .runs import results_dir
 
 log = logging.getLogger(__name__)
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOT_REPORTED = {"00_report"}  # the report notebook itself
 
 
