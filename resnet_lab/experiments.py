@@ -193,10 +193,9 @@ def ablation_configs(preset: str, variants: list[str], depths: list[int], seeds:
 
 def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Variant, depth, params, MACs, train/test error mean ± 95% CI over seeds."""
-    if runs.empty:
-        return summarize(runs, ["variant", "depth"])
-    runs = runs.assign(variant=[variant_of(r) for r in runs.to_dict("records")])
-    t = summarize(runs, ["variant", "depth"])
+    t = summarize(with_variant(runs), ["variant", "depth"])
+    if t.empty:
+        return t
     order = {v: i for i, v in enumerate(VARIANTS)}
     return t.sort_values(["depth", "variant"], key=lambda c: c.map(order) if c.name == "variant" else c)
 
