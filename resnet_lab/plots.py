@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -25,9 +26,14 @@ def save(fig, out_dir: str | os.PathLike, name: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         p = out / f"{name}.{ext}"
-        tmp = out / f".{name}.tmp.{ext}"
-        fig.savefig(tmp, bbox_inches="tight", dpi=300)
-        os.replace(tmp, p)
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=f".{ext}")  # unique: sweep points run at once
+        os.close(fd)
+        try:
+            fig.savefig(tmp, bbox_inches="tight", dpi=300, format=ext)
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         paths.append(p)
     return paths
 
