@@ -320,10 +320,20 @@ def split_data(data: Cifar10, split: str = "full", train_subset: int | None = No
 
 
 # -- on-device batches ------------------------------------------------------------------------
+_NORM: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B,3,H,W) -> float, per-channel standardised."""
-    mean = torch.tensor(MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    """uint8 (B,3,H,W) -> float, per-channel standardised.
+
+    The mean/std tensors are made once per device: building them from Python lists every step
+    would be a host-to-device copy per step, and is not allowed inside a CUDA graph capture.
+    """
+    key = (x.device, dtype)
+    if key not in _NORM:
+        _NORM[key] = (torch.tensor(MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255,
+                      torch.tensor(STD, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255)
+    mean, std = _NORM[key]
     return (x.to(dtype) - mean) / std
 
 

@@ -22,7 +22,7 @@ from .analysis import summarize
 from .config import RunConfig, make_config
 from .data import balanced_subset, load_cifar10, resolve_source
 from .runs import atomic_write_csv, load_metrics, load_runs, results_dir
-from .train import RunRecord, train
+from .train import RunRecord, default_device, train_many
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +64,46 @@ def with_dataset(cfgs: Iterable[RunConfig], source: str | os.PathLike | None = N
 
 
 # -- running and reading ---------------------------------------------------------------------------
+PACK_CUDA = 4  # small nets packed per GPU by default (`resnet-lab bench` measures 1/2/4/8)
+LONE_DEPTH = 200  # deeper nets train alone: one already fills the GPU (and its memory)
+
+
+def pack_size(device: str | torch.device | None = None) -> int:
+    """Runs packed per device: $RESNET_LAB_PACK, else PACK_CUDA on a GPU and 1 on the CPU."""
+    env = os.environ.get("RESNET_LAB_PACK")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"RESNET_LAB_PACK={env!r} is not valid: use an integer >= 1")
+        return int(env)
+    dev = torch.device(device) if device not in (None, "auto") else default_device()
+    return PACK_CUDA if dev.type == "cuda" else 1
+
+
 def train_all(cfgs: Iterable[RunConfig], device: str | None = None, root: str | os.PathLike | None = None,
-              source: str | os.PathLike | None = None, **kw: Any) -> list[RunRecord | None]:
-    """Train every config not yet in the store; a failure is logged and stored, the others go on."""
+              source: str | os.PathLike | None = None, pack: int | None = None, **kw: Any) -> list[RunRecord | None]:
+    """Train every config not yet in the store, small nets `pack` at a time on a GPU.
+
+    A failure is logged and stored in its run folder; the others go on (its entry is None).
+    """
     dev = None if device in (None, "auto") else device
     data = load_cifar10(source)
-    out: list[RunRecord | None] = []
-    for cfg in cfgs:
+    cfgs = list(cfgs)
+    pack = pack_size(dev) if pack is None else pack
+    out: dict[int, RunRecord | None] = {}
+    lone = [i for i, c in enumerate(cfgs) if c.depth > LONE_DEPTH or pack == 1]
+    small = [i for i in range(len(cfgs)) if i not in lone]
+    for ix, p in ((small, pack), (lone, 1)):
+        if not ix:
+            continue
         try:
-            out.append(train(cfg, root=root, device=dev, data=data, **kw))
-        except Exception as e:  # the run folder says 'failed' with the error; keep going
-            log.error("run %s failed: %s", cfg.name, e)
-            out.append(None)
+            recs = train_many([cfgs[i] for i in ix], root=root, device=dev, data=data, pack=p, **kw)
+        except Exception as e:  # e.g. the run store cannot be written: say so, the other group still goes
+            log.error("training %d run(s) failed: %s", len(ix), e)
+            recs = [None] * len(ix)
+        out.update(zip(ix, recs))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return out
+    return [out[i] for i in range(len(cfgs))]
 
 
 def collect(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,

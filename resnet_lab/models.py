@@ -10,6 +10,9 @@ Parameter counts (option A, width 16), which `tests/test_models.py` checks:
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,6 +100,26 @@ class Block(nn.Module):
         else:
             out = f + s
         return F.relu(out) if self.post_relu else out
+
+
+def _bn_stats_kept_on_recompute(group: nn.Module) -> Callable[[], tuple]:
+    """checkpoint's context_fn: the backward pass re-runs the group's forward, whose BatchNorm layers
+    would update their running statistics a second time; put them back as the forward left them."""
+
+    @contextlib.contextmanager
+    def restore() -> Iterator[None]:
+        bns = [m for m in group.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and m.training and m.track_running_stats]
+        with torch.no_grad():
+            saved = [[t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, (mean, var, n) in zip(bns, saved):
+                    m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
+
+    return lambda: (contextlib.nullcontext(), restore())
 
 
 def _basic_branch(cin: int, cout: int, stride: int, layers: int, preact: bool) -> nn.Sequential:
@@ -194,7 +217,8 @@ class CifarResNet(nn.Module):
             size = max(1, -(-len(blocks) // (3 * seg)))
             for i in range(0, len(blocks), size):
                 group = nn.Sequential(*blocks[i:i + size])
-                x = checkpoint(group, x, use_reentrant=False)
+                x = checkpoint(group, x, use_reentrant=False, preserve_rng_state=False,  # no dropout here
+                               context_fn=_bn_stats_kept_on_recompute(group))
         else:
             for block in self.blocks:
                 x = block(x)  # (B, 16|32|64, 32|16|8, 32|16|8)

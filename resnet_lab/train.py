@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data import Cifar10, DeviceLoader, eval_batches, load_cifar10, normalize, split_data
+from .fast import Stepper, autocast, make_optimizer, step_body
 from .models import count_params, model_from_config
 from .runs import METRIC_COLUMNS, RunDir, atomic_save_torch, atomic_write_csv, atomic_write_json
 
@@ -53,13 +54,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              precision: str = "fp32") -> tuple[float, float]:
@@ -69,7 +63,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     loss_sum, wrong, n = None, None, 0
     for x, y in batches:
         dev = x.device
-        with _autocast(dev, precision):
+        with autocast(dev, precision):
             out = model(normalize(x))
         l = F.cross_entropy(out.float(), y, reduction="sum")
         w = (out.argmax(1) != y).sum()
@@ -84,17 +78,11 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step on uint8 images; returns (loss, wrong count) as device tensors (no host sync)."""
-    x = normalize(x)
-    if x.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    with _autocast(x.device, precision):
-        out = model(x)
-    loss = F.cross_entropy(out.float(), y)
+    """One eager SGD step on uint8 images; returns (loss, wrong count) as device tensors (no host sync).
+
+    The reference the fast path (`fast.Stepper`) is checked against."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.detach(), (out.detach().argmax(1) != y).sum()
+    return step_body(model, opt, x, y, precision)
 
 
 def lr_at(cfg: RunConfig, step: int, warming_up: bool) -> float:
@@ -153,12 +141,14 @@ def _save_checkpoint(rd: RunDir, state: dict) -> None:
 
 def train(cfg: RunConfig, root: str | os.PathLike | None = None, device: str | torch.device | None = None,
           data: Cifar10 | None = None, progress: bool | None = None, stop_after: int | None = None,
-          checkpoint_every_s: float = 120.0) -> RunRecord:
+          checkpoint_every_s: float = 120.0, time_budget_s: float | None = None) -> RunRecord:
     """Train `cfg` once: a finished config is returned from the store, an interrupted one resumes.
 
-    stop_after: leave after this many total steps with a checkpoint (as a kill would), for tests
-    and for runs longer than one sitting.
+    stop_after: leave after this many total steps with a checkpoint (as a kill would), for tests.
+    time_budget_s: leave with a checkpoint once this many seconds have passed, for runs longer than
+    one sitting (the GPU machine's 10-minute calls); the next call resumes exactly.
     """
+    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     device = torch.device(device) if device is not None else default_device()
     data = data if data is not None else load_cifar10()
     cfg = resolve_dataset(cfg, data)
@@ -169,144 +159,300 @@ def train(cfg: RunConfig, root: str | os.PathLike | None = None, device: str | t
         with rd.lock():
             if rd.status() in ("done", "diverged"):  # another process finished it while we waited
                 return _record(rd)
-            return _train_locked(cfg, rd, device, data, progress, stop_after, checkpoint_every_s)
+            return _train_locked(cfg, rd, device, data, progress, stop_after, checkpoint_every_s, deadline)
     except OSError as e:  # disk full, permissions: say where; finished runs are untouched (atomic writes)
         raise ResultsWriteError(f"cannot write run {cfg.hash} ({cfg.name}) under {rd.path}: "
                                 f"{e.strerror or e}") from e
 
 
 def _train_locked(cfg: RunConfig, rd: RunDir, device: torch.device, data: Cifar10, progress: bool | None,
-                  stop_after: int | None, checkpoint_every_s: float) -> RunRecord:
+                  stop_after: int | None, checkpoint_every_s: float, deadline: float | None = None) -> RunRecord:
     if device.type == "cpu":
-        # all the cores this process may use, or what a sweep gave it ($RESNET_LAB_THREADS)
-        torch.set_num_threads(int(os.environ.get("RESNET_LAB_THREADS") or max(1, len(os.sched_getaffinity(0)))))
-    atomic_write_json(rd.config_file, {**cfg.to_json(), "hash": cfg.hash})
-    tx, ty, ex, ey = split_data(data, cfg.split, cfg.train_subset, cfg.eval_subset)
-    ex, ey = ex.to(device), ey.to(device)
-    loader = DeviceLoader(tx, ty, cfg.batch_size, cfg.seed, device)
-
-    torch.manual_seed(cfg.seed)
-    model = model_from_config(cfg)
-    from .analysis import count_macs  # FLOPs of the fresh model, before it moves to the device
-
-    macs = count_macs(model)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          foreach=True)
-    start, rows, seconds = 0, [], 0.0
-    warming_up = cfg.warmup_lr is not None
-    warmup_end = None
-    ckpt = _load_checkpoint(rd)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start, seconds = int(ckpt["step"]), float(ckpt["seconds"])
-        warming_up, warmup_end = bool(ckpt["warming_up"]), ckpt["warmup_end"]
-        rows = [r for r in rd.metrics().to_dict("records") if r["step"] <= start]  # drop rows past the checkpoint
-        torch.set_rng_state(ckpt["torch_rng"])
-        acc = ckpt["accumulators"]
-        log.info("resuming %s at step %d", cfg.name, start)
-    summary = {"status": "running", "name": cfg.name, "hash": cfg.hash, "params": count_params(model),
-               "flops": macs, "device": device_name(device), "torch": torch.__version__,
-               "dataset_sha256": data.info.sha256, "dataset_kind": data.info.kind,
-               "official_pixels": data.info.official_pixels, "git_commit": _git_commit(),
-               "steps_done": start, "warmup_end_step": warmup_end, "pid": os.getpid()}
-    atomic_write_json(rd.summary_file, summary)
-
-    from tqdm.auto import tqdm
-
-    quiet = progress is False or (progress is None and bool(os.environ.get("CI")))
-    bar = tqdm(total=cfg.iterations, initial=start, desc=cfg.name, disable=quiet, leave=False)
-    model.train()
-    # Training loss/error accumulate on the device and are read only at evaluation (no per-step sync).
-    loss_acc = torch.zeros((), device=device)
-    wrong_acc = torch.zeros((), device=device)
-    seen, win_wrong, win_seen = 0, torch.zeros((), device=device), 0
-    if ckpt is not None:
-        loss_acc += acc["loss"].to(device)
-        wrong_acc += acc["wrong"].to(device)
-        win_wrong += acc["win_wrong"].to(device)
-        seen, win_seen = int(acc["seen"]), int(acc["win_seen"])
-    t0, last_ckpt = time.time(), time.time()
-    end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
-    status = "running"
+        _set_cpu_threads()
+    run = _Run(cfg, rd, device, data, progress, stop_after, checkpoint_every_s)
     try:
-        for step in range(start, end):
-            lr = lr_at(cfg, step, warming_up)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x, y = loader.batch(step)
-            loss, wrong = train_step(model, opt, x, y, cfg.precision)
-            loss_acc += loss * len(y)
-            wrong_acc += wrong
-            seen += len(y)
-            if warming_up:  # the paper: lr 0.01 until training error < 80%, then 0.1
-                win_wrong += wrong
-                win_seen += len(y)
-                if (step + 1) % WARMUP_CHECK_EVERY == 0:
-                    if float(win_wrong) / win_seen < cfg.warmup_err:
-                        warming_up, warmup_end = False, step + 1
-                    win_wrong.zero_()
-                    win_seen = 0
-            bar.update(1)
-            done = step + 1
-            if done % cfg.eval_every == 0 or done == cfg.iterations:
-                train_loss = float(loss_acc) / seen
-                train_err = float(wrong_acc) / seen
-                test_loss, test_err = evaluate(model, eval_batches(ex, ey), cfg.precision)
-                now = time.time()
-                rows.append(dict(step=done, epoch=done / loader.steps_per_epoch, lr=lr, train_loss=train_loss,
-                                 train_err=train_err, test_loss=test_loss, test_err=test_err,
-                                 seconds=seconds + now - t0))
-                loss_acc.zero_(), wrong_acc.zero_()
-                seen = 0
-                atomic_write_csv(pd.DataFrame(rows, columns=METRIC_COLUMNS), rd.metrics_file)
-                bar.set_postfix(train_err=f"{train_err:.3f}", test_err=f"{test_err:.3f}")
-                if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
-                    status = "diverged"  # NaN/inf: recorded, not a crash
-                    break
-                if done < end and now - last_ckpt >= checkpoint_every_s:
-                    _save_checkpoint(rd, _state(model, opt, done, seconds + now - t0, warming_up, warmup_end,
-                                                _acc(loss_acc, wrong_acc, seen, win_wrong, win_seen)))
-                    last_ckpt = time.time()
-        else:
-            status = "done" if end == cfg.iterations else "running"
+        while run.step():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        return run.finish()
     except BaseException as e:
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
-        atomic_write_json(rd.summary_file, summary)
+        run.fail(e)
         raise
-    finally:
-        bar.close()
-    seconds += time.time() - t0
-    done_steps = rows[-1]["step"] if status == "diverged" else end
-    if status == "running":  # stopped early on purpose: checkpoint so the next call resumes here
-        _save_checkpoint(rd, _state(model, opt, end, seconds, warming_up, warmup_end,
-                                        _acc(loss_acc, wrong_acc, seen, win_wrong, win_seen)))
-    else:
-        model_cpu = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_save_torch(model_cpu, rd.model_file)
-    last = rows[-1] if rows else {}
-    summary.update(status=status, steps_done=done_steps, wall_seconds=seconds, warmup_end_step=warmup_end,
-                   final_train_err=last.get("train_err"), final_test_err=last.get("test_err"),
-                   final_train_loss=last.get("train_loss"), final_test_loss=last.get("test_loss"))
-    atomic_write_json(rd.summary_file, summary)
-    if status in ("done", "diverged"):
-        for f in (rd.checkpoint_file, rd.path / "checkpoint.prev.pt"):
-            with contextlib.suppress(FileNotFoundError):
-                f.unlink()
-    return _record(rd)
 
 
-def _acc(loss: torch.Tensor, wrong: torch.Tensor, seen: int, win_wrong: torch.Tensor, win_seen: int) -> dict:
-    return {"loss": loss.detach().cpu(), "wrong": wrong.detach().cpu(), "seen": seen,
-            "win_wrong": win_wrong.detach().cpu(), "win_seen": win_seen}
+def _set_cpu_threads() -> None:
+    # all the cores this process may use, or what a sweep gave it ($RESNET_LAB_THREADS)
+    torch.set_num_threads(int(os.environ.get("RESNET_LAB_THREADS") or max(1, len(os.sched_getaffinity(0)))))
 
 
-def _state(model: nn.Module, opt: torch.optim.Optimizer, step: int, seconds: float, warming_up: bool,
-           warmup_end: int | None, accumulators: dict) -> dict:
-    """Everything exact resume needs (data order is a function of (seed, step), so no loader state)."""
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "seconds": seconds,
-            "warming_up": warming_up, "warmup_end": warmup_end, "torch_rng": torch.get_rng_state(),
-            "accumulators": accumulators}
+class _Run:
+    """One run while it trains: `train` drives one, `train_many` several in lockstep on one GPU.
+
+    Everything the run launches goes to its own CUDA stream when it has one, so the kernels of
+    packed runs overlap on the GPU.
+    """
+
+    def __init__(self, cfg: RunConfig, rd: RunDir, device: torch.device, data: Cifar10, progress: bool | None,
+                 stop_after: int | None, checkpoint_every_s: float, stream: torch.cuda.Stream | None = None,
+                 packed: int = 1):
+        self.cfg, self.rd, self.device, self.stream = cfg, rd, device, stream
+        self.checkpoint_every_s = checkpoint_every_s
+        self.end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
+        with self.on_stream():
+            self._setup(data, progress, packed)
+
+    def on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def _setup(self, data: Cifar10, progress: bool | None, packed: int) -> None:
+        cfg, rd, device = self.cfg, self.rd, self.device
+        atomic_write_json(rd.config_file, {**cfg.to_json(), "hash": cfg.hash})
+        tx, ty, ex, ey = split_data(data, cfg.split, cfg.train_subset, cfg.eval_subset)
+        self.ex, self.ey = ex.to(device), ey.to(device)
+        self.loader = DeviceLoader(tx, ty, cfg.batch_size, cfg.seed, device)
+
+        torch.manual_seed(cfg.seed)
+        model = model_from_config(cfg)
+        from .analysis import count_macs  # FLOPs of the fresh model, before it moves to the device
+
+        macs = count_macs(model)
+        model = model.to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        opt, lr_t = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+        self.opt = opt
+        self.start, self.rows, self.seconds = 0, [], 0.0
+        self.warming_up = cfg.warmup_lr is not None
+        self.warmup_end = None
+        ckpt = _load_checkpoint(rd)
+        acc = None
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            self.start, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])
+            self.warming_up, self.warmup_end = bool(ckpt["warming_up"]), ckpt["warmup_end"]
+            self.rows = [r for r in rd.metrics().to_dict("records") if r["step"] <= self.start]  # drop rows past it
+            torch.set_rng_state(ckpt["torch_rng"])
+            acc = ckpt["accumulators"]
+            log.info("resuming %s at step %d", cfg.name, self.start)
+        self.stepper = Stepper(model, opt, lr_t, cfg.precision, fast=cfg.fast)
+        self.summary = {"status": "running", "name": cfg.name, "hash": cfg.hash, "params": count_params(model),
+                        "flops": macs, "device": device_name(device), "torch": torch.__version__,
+                        "dataset_sha256": data.info.sha256, "dataset_kind": data.info.kind,
+                        "official_pixels": data.info.official_pixels, "git_commit": _git_commit(),
+                        "steps_done": self.start, "warmup_end_step": self.warmup_end, "pid": os.getpid(),
+                        "packed_runs": packed}
+        atomic_write_json(rd.summary_file, self.summary)
+
+        from tqdm.auto import tqdm
+
+        quiet = progress is False or (progress is None and bool(os.environ.get("CI")))
+        self.bar = tqdm(total=cfg.iterations, initial=self.start, desc=cfg.name, disable=quiet, leave=False)
+        model.train()
+        # Training loss/error accumulate on the device and are read only at evaluation (no per-step sync).
+        z = lambda: torch.zeros((), device=device)  # noqa: E731
+        self.loss_acc, self.wrong_acc, self.win_wrong = z(), z(), z()
+        self.seen, self.win_seen = 0, 0
+        if acc is not None:
+            self.loss_acc += acc["loss"].to(device)
+            self.wrong_acc += acc["wrong"].to(device)
+            self.win_wrong += acc["win_wrong"].to(device)
+            self.seen, self.win_seen = int(acc["seen"]), int(acc["win_seen"])
+        self.step_no = self.start
+        self.status = "running"
+        self.t0, self.last_ckpt = time.time(), time.time()
+
+    def step(self) -> bool:
+        """One training step (and evaluation when due); False once the run has nothing left to do."""
+        if self.status != "running" or self.step_no >= self.end:
+            return False
+        with self.on_stream():
+            self._step()
+        return self.status == "running" and self.step_no < self.end
+
+    def _step(self) -> None:
+        cfg, step = self.cfg, self.step_no
+        lr = lr_at(cfg, step, self.warming_up)
+        x, y = self.loader.batch(step)
+        loss, wrong = self.stepper(x, y, lr)
+        self.loss_acc += loss * len(y)
+        self.wrong_acc += wrong
+        self.seen += len(y)
+        if self.warming_up:  # the paper: lr 0.01 until training error < 80%, then 0.1
+            self.win_wrong += wrong
+            self.win_seen += len(y)
+            if (step + 1) % WARMUP_CHECK_EVERY == 0:
+                if float(self.win_wrong) / self.win_seen < cfg.warmup_err:
+                    self.warming_up, self.warmup_end = False, step + 1
+                self.win_wrong.zero_()
+                self.win_seen = 0
+        self.bar.update(1)
+        done = self.step_no = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.iterations:
+            train_loss = float(self.loss_acc) / self.seen
+            train_err = float(self.wrong_acc) / self.seen
+            test_loss, test_err = evaluate(self.model, eval_batches(self.ex, self.ey), cfg.precision)
+            now = time.time()
+            self.rows.append(dict(step=done, epoch=done / self.loader.steps_per_epoch, lr=lr, train_loss=train_loss,
+                                  train_err=train_err, test_loss=test_loss, test_err=test_err,
+                                  seconds=self.seconds + now - self.t0))
+            self.loss_acc.zero_(), self.wrong_acc.zero_()
+            self.seen = 0
+            atomic_write_csv(pd.DataFrame(self.rows, columns=METRIC_COLUMNS), self.rd.metrics_file)
+            self.bar.set_postfix(train_err=f"{train_err:.3f}", test_err=f"{test_err:.3f}")
+            if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+                self.status = "diverged"  # NaN/inf: recorded, not a crash
+                return
+            if done < self.end and now - self.last_ckpt >= self.checkpoint_every_s:
+                self._checkpoint(done, self.seconds + now - self.t0)
+                self.last_ckpt = time.time()
+        if done == self.cfg.iterations:
+            self.status = "done"
+
+    def _checkpoint(self, step: int, seconds: float) -> None:
+        acc = {"loss": self.loss_acc.detach().cpu(), "wrong": self.wrong_acc.detach().cpu(), "seen": self.seen,
+               "win_wrong": self.win_wrong.detach().cpu(), "win_seen": self.win_seen}
+        # Everything exact resume needs (data order is a function of (seed, step), so no loader state).
+        _save_checkpoint(self.rd, {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                                   "step": step, "seconds": seconds, "warming_up": self.warming_up,
+                                   "warmup_end": self.warmup_end, "torch_rng": torch.get_rng_state(),
+                                   "accumulators": acc})
+
+    def finish(self) -> RunRecord:
+        """Store the outcome: model and final summary when done, a checkpoint when stopped early."""
+        with self.on_stream():
+            return self._finish()
+
+    def _finish(self) -> RunRecord:
+        self.bar.close()
+        rd, status = self.rd, self.status
+        seconds = self.seconds + time.time() - self.t0
+        done_steps = self.rows[-1]["step"] if status == "diverged" else self.step_no
+        if status == "running":  # stopped early on purpose: checkpoint so the next call resumes here
+            self._checkpoint(self.step_no, seconds)
+        else:
+            model_cpu = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            atomic_save_torch(model_cpu, rd.model_file)
+        last = self.rows[-1] if self.rows else {}
+        st = self.stepper
+        self.summary.update(status=status, steps_done=done_steps, wall_seconds=seconds,
+                            warmup_end_step=self.warmup_end, step_mode=st.mode, step_mode_reason=st.reason,
+                            graph_check=st.check, final_train_err=last.get("train_err"),
+                            final_test_err=last.get("test_err"), final_train_loss=last.get("train_loss"),
+                            final_test_loss=last.get("test_loss"))
+        atomic_write_json(rd.summary_file, self.summary)
+        if status in ("done", "diverged"):
+            for f in (rd.checkpoint_file, rd.path / "checkpoint.prev.pt"):
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+        return _record(rd)
+
+    def fail(self, e: BaseException) -> None:
+        self.bar.close()
+        self.summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        atomic_write_json(self.rd.summary_file, self.summary)
+
+
+def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
+               device: str | torch.device | None = None, data: Cifar10 | None = None, pack: int = 1,
+               progress: bool | None = None, stop_after: int | None = None, checkpoint_every_s: float = 120.0,
+               time_budget_s: float | None = None) -> list[RunRecord | None]:
+    """Train several configs, `pack` at a time in lockstep on one device (each on its own CUDA stream).
+
+    Small nets leave most of a big GPU idle; packed, their kernels overlap. Runs already finished are
+    read from the store; a run that fails is stored as failed and the others go on (its entry is None).
+    The order of steps inside one run is the same as `train`'s, so a packed run learns what a lone
+    run learns (bit-exact on the CPU).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    data = data if data is not None else load_cifar10()
+    if not isinstance(pack, int) or pack < 1:
+        raise ValueError(f"pack={pack!r} is not valid: use an integer >= 1")
+    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
+    if device.type == "cpu":
+        _set_cpu_threads()
+    cfgs = [resolve_dataset(c, data) for c in cfgs]
+    out: dict[int, RunRecord | None] = {}
+    todo = []
+    for i, cfg in enumerate(cfgs):
+        rd = RunDir(cfg, root)
+        if rd.status() in ("done", "diverged"):
+            out[i] = _record(rd)
+        else:
+            todo.append(i)
+    for g in range(0, len(todo), pack):
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        group = todo[g:g + pack]
+        try:
+            out.update(_train_group([cfgs[i] for i in group], group, root, device, data, progress, stop_after,
+                                    checkpoint_every_s, deadline))
+        except Exception as e:  # e.g. a run folder cannot be locked: this group is lost, the next ones go on
+            log.error("runs %s failed: %s", ", ".join(cfgs[i].name for i in group), e)
+            out.update({i: None for i in group})
+    for i in set(range(len(cfgs))) - set(out):  # not started before the deadline
+        rd = RunDir(cfgs[i], root)
+        out[i] = _record(rd) if rd.summary() else None
+    return [out[i] for i in range(len(cfgs))]
+
+
+def _train_group(cfgs: list[RunConfig], index: list[int], root, device: torch.device, data: Cifar10,
+                 progress: bool | None, stop_after: int | None, checkpoint_every_s: float,
+                 deadline: float | None) -> dict[int, RunRecord | None]:
+    out: dict[int, RunRecord | None] = {}
+    dirs = [RunDir(c, root) for c in cfgs]
+    with contextlib.ExitStack() as locks:
+        runs: dict[int, _Run] = {}
+        # locks in hash order, so two processes packing overlapping sets cannot deadlock
+        for k in sorted(range(len(cfgs)), key=lambda k: cfgs[k].hash):
+            try:
+                locks.enter_context(dirs[k].lock())
+            except OSError as e:
+                raise ResultsWriteError(f"cannot lock run {cfgs[k].hash} under {dirs[k].path}: {e}") from e
+        streams = [torch.cuda.Stream(device) if device.type == "cuda" and len(cfgs) > 1 else None for _ in cfgs]
+        for k, (cfg, rd) in enumerate(zip(cfgs, dirs)):
+            if rd.status() in ("done", "diverged"):  # another process finished it while we waited
+                out[index[k]] = _record(rd)
+                continue
+            try:
+                runs[k] = _Run(cfg, rd, device, data, progress, stop_after, checkpoint_every_s, streams[k],
+                               packed=len(cfgs))
+            except Exception as e:
+                log.error("run %s could not start: %s", cfg.name, e)
+                _store_failure(rd, cfg, e)
+                out[index[k]] = None
+        active = dict(runs)
+        while active:
+            for k, run in list(active.items()):
+                try:
+                    more = run.step()
+                except Exception as e:  # this run fails; the packed others go on
+                    log.error("run %s failed: %s", run.cfg.name, e)
+                    run.fail(e)
+                    out[index[k]] = None
+                    del active[k], runs[k]
+                    continue
+                if not more:  # store it now (model file, summary) rather than when the group ends
+                    del active[k]
+                    out[index[k]] = _finish(runs.pop(k))
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        for k, run in runs.items():  # stopped by the deadline: checkpoints, resumed by the next call
+            out[index[k]] = _finish(run)
+    return out
+
+
+def _finish(run: _Run) -> RunRecord | None:
+    try:
+        return run.finish()
+    except Exception as e:
+        log.error("run %s could not be stored: %s", run.cfg.name, e)
+        run.fail(e)
+        return None
+
+
+def _store_failure(rd: RunDir, cfg: RunConfig, e: BaseException) -> None:
+    with contextlib.suppress(OSError):
+        atomic_write_json(rd.summary_file, {"status": "failed", "name": cfg.name, "hash": cfg.hash,
+                                            "error": f"{type(e).__name__}: {e}"})

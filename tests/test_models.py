@@ -47,3 +47,4 @@ def test_init_is_seeded():
     torch.manual_seed(0)
     b = build_model("resnet", 8)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+

@@ -89,3 +89,57 @@ def test_load_runs_and_metrics(cifar, results):
         load_runs(results, colour="red")
     rd = RunDir(tiny(arch="plain", iterations=2, eval_every=2, dataset=cifar.info.sha256[:16]), results)
     assert rd.load_model()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def _same_curves(a, b):
+    cols = ["step", "lr", "train_loss", "train_err", "test_loss", "test_err"]
+    pd.testing.assert_frame_equal(a.metrics[cols], b.metrics[cols], check_exact=True)
+    wa = torch.load(a.path / "model.pt", weights_only=True)
+    wb = torch.load(b.path / "model.pt", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_packed_runs_learn_what_lone_runs_learn(cifar, tmp_path):
+    from resnet_lab.train import train_many
+
+    cfgs = [tiny(), tiny(arch="plain", seed=1), tiny(depth=14, iterations=6, eval_every=3, milestones=())]
+    alone = [train(c, root=tmp_path / "a", data=cifar, device="cpu") for c in cfgs]
+    train(cfgs[1], root=tmp_path / "b", data=cifar, device="cpu", stop_after=3)  # one member resumes mid-run
+    packed = train_many(cfgs, root=tmp_path / "b", data=cifar, device="cpu", pack=3)
+    for a, p in zip(alone, packed):
+        assert p.status == "done" and p.summary["packed_runs"] == 3 and p.summary["step_mode"] == "eager"
+        assert "CUDA device" in p.summary["step_mode_reason"]
+        _same_curves(a, p)
+    with pytest.raises(ValueError, match="pack=0 is not valid"):
+        train_many(cfgs, root=tmp_path / "b", data=cifar, device="cpu", pack=0)
+
+
+def test_a_failing_packed_run_does_not_stop_the_others(cifar, tmp_path, monkeypatch):
+    T = importlib.import_module("resnet_lab.train")
+    real = T.evaluate
+
+    def evaluate(model, *a, **k):
+        if model.depth == 14:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(T, "evaluate", evaluate)
+    ok, bad = tiny(), tiny(depth=14)
+    out = T.train_many([bad, ok], root=tmp_path, data=cifar, device="cpu", pack=2)
+    assert out[0] is None and out[1].status == "done"
+    s = RunDir(T.resolve_dataset(bad, cifar), tmp_path).summary()
+    assert s["status"] == "failed" and "illegal memory access" in s["error"]
+
+
+def test_time_budget_stops_with_a_checkpoint_and_the_next_call_resumes(cifar, tmp_path):
+    from resnet_lab.train import train_many
+
+    cfg = tiny()
+    straight = train(cfg, root=tmp_path / "a", data=cifar, device="cpu")
+    part = train(cfg, root=tmp_path / "b", data=cifar, device="cpu", time_budget_s=0)
+    assert part.status == "running" and part.summary["steps_done"] == 1 and (part.path / "checkpoint.pt").exists()
+    again = train_many([cfg], root=tmp_path / "b", data=cifar, device="cpu", time_budget_s=0)[0]
+    assert again.status == "running" and again.summary["steps_done"] == 1  # the budget was spent before it began
+    resumed = train_many([cfg], root=tmp_path / "b", data=cifar, device="cpu")[0]
+    assert resumed.status == "done"
+    _same_curves(straight, resumed)

@@ -1,0 +1,187 @@
+"""The training step, eager or replayed as one captured CUDA graph.
+
+Small CIFAR nets on a big GPU are bound by kernel launches, not FLOPs: a ResNet-56 step is about a
+thousand small kernels (forward, backward, optimizer). Capturing forward + backward + fused SGD
+into one CUDA graph launches them all at once. The learning rate lives in a device tensor, so
+the schedule changes without re-capture. Whatever stops capture (a CPU device, an op that needs
+the host, a failed self-check) leaves the eager step in place, with the reason logged and kept in
+`Stepper.reason` (the run summary stores it).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import normalize
+
+log = logging.getLogger(__name__)
+
+MODES = ("eager", "graph")
+WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN/cuBLAS pick and cache their kernels)
+CHECK_LOSS_RTOL = 2e-2  # graph vs eager on the first batch: loss, bf16 tolerance
+CHECK_UPDATE_RTOL = 0.1  # ... and the parameter update, relative to its size
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float
+                   ) -> tuple[torch.optim.Optimizer, torch.Tensor]:
+    """Fused SGD whose learning rate is a device tensor (so a captured step sees schedule changes)."""
+    dev = next(model.parameters()).device
+    lr_t = torch.tensor(float(lr), device=dev)
+    opt = torch.optim.SGD(model.parameters(), lr=lr_t, momentum=momentum, weight_decay=weight_decay, fused=True)
+    return opt, lr_t
+
+
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """bf16 autocast on CUDA ("auto") or when asked ("bf16"); nothing for fp32.
+
+    cache=False inside graph capture: the autocast weight cache would hold casts of the capture-time
+    weights, stale at every replay.
+    """
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
+
+
+def step_body(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+              precision: str = "auto", cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, optimizer step on uint8 images; (loss, wrong count) stay on the device."""
+    xf = normalize(x)
+    if xf.device.type == "cuda":
+        xf = xf.contiguous(memory_format=torch.channels_last)
+    with autocast(xf.device, precision, cache):
+        out = model(xf)
+    loss = F.cross_entropy(out.float(), y)
+    loss.backward()
+    opt.step()
+    return loss.detach(), (out.detach().argmax(1) != y).sum()
+
+
+class Stepper:
+    """`stepper(x, y, lr) -> (loss, wrong)`: one training step, as a CUDA graph where it can be.
+
+    The returned tensors are valid until the next call (in graph mode they are the graph's outputs).
+    """
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, lr_t: torch.Tensor,
+                 precision: str = "auto", fast: bool = True):
+        self.model, self.opt, self.lr_t, self.precision = model, opt, lr_t, precision
+        self.mode = "eager"
+        self.reason: str | None = None if fast else "fast=False"
+        self._want_graph, self._tried = fast, False
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._lr: float | None = None
+        self.check: dict | None = None  # graph-vs-eager numbers on the first batch
+
+    def set_lr(self, lr: float) -> None:
+        if lr != self._lr:
+            self.lr_t.fill_(lr)
+            for g in self.opt.param_groups:  # a loaded optimizer state brings its own lr tensor
+                g["lr"] = self.lr_t
+            self._lr = lr
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        self.set_lr(lr)
+        if self._want_graph and not self._tried:
+            self._tried = True
+            self._try_capture(x, y)
+        if self._graph is not None and x.shape == self._x.shape:
+            self._x.copy_(x)
+            self._y.copy_(y)
+            self._graph.replay()
+            return self._loss, self._wrong
+        self.opt.zero_grad(set_to_none=True)
+        return step_body(self.model, self.opt, x, y, self.precision)
+
+    # -- capture ------------------------------------------------------------------------------
+    def _try_capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        reason = graph_unavailable(x.device)
+        if reason:
+            self.reason = reason
+            return
+        snap = self._snapshot()
+        try:
+            self._capture(x, y)
+            self._restore(snap)
+            self._self_check(x, y, snap)
+            self.mode, self.reason = "graph", None
+        except Exception as e:  # anything at all: the eager step is always correct
+            self._graph = None
+            self.reason = f"CUDA graph not used ({type(e).__name__}: {e})"
+            log.warning("%s; training with the eager step", self.reason)
+            self._restore(snap)
+            self.opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self._x, self._y = x.clone(), y.clone()
+        cur = torch.cuda.current_stream(x.device)
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self.opt.zero_grad(set_to_none=True)
+                step_body(self.model, self.opt, self._x, self._y, self.precision, cache=False)
+        cur.wait_stream(side)
+        torch.cuda.empty_cache()  # the graph gets its own memory pool: hand back what the warm-up cached
+        g = torch.cuda.CUDAGraph()
+        self.opt.zero_grad(set_to_none=True)  # backward inside the capture allocates .grad from the graph's pool
+        with torch.cuda.graph(g):
+            self._loss, self._wrong = step_body(self.model, self.opt, self._x, self._y, self.precision, cache=False)
+        self._graph = g
+
+    def _snapshot(self) -> dict:
+        """Weights, BN statistics and momentum buffers: capture's warm-up steps must leave no trace."""
+        with torch.no_grad():
+            model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            bufs = [self.opt.state.get(p, {}).get("momentum_buffer") for p in self._params()]
+            return {"model": model, "bufs": [None if b is None else b.detach().clone() for b in bufs]}
+
+    def _restore(self, snap: dict) -> None:
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                v.copy_(snap["model"][k])
+            for p, b in zip(self._params(), snap["bufs"]):
+                buf = self.opt.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    # a fresh run has no buffer yet; SGD's first step sets buf = grad, which is
+                    # what momentum * 0 + grad gives
+                    buf.copy_(b) if b is not None else buf.zero_()
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.opt.param_groups for p in g["params"]]
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().float().flatten() for p in self._params()])
+
+    def _self_check(self, x: torch.Tensor, y: torch.Tensor, snap: dict) -> None:
+        """One eager step and one replay from the same state must agree, or the graph is not used."""
+        p0 = self._flat()
+        self.opt.zero_grad(set_to_none=True)
+        loss_e, wrong_e = step_body(self.model, self.opt, x, y, self.precision)
+        loss_e, upd_e = float(loss_e), self._flat() - p0
+        self._restore(snap)
+        self._x.copy_(x)
+        self._y.copy_(y)
+        self._graph.replay()
+        loss_g, upd_g = float(self._loss), self._flat() - p0
+        self._restore(snap)
+        loss_err = abs(loss_g - loss_e) / max(1.0, abs(loss_e))
+        upd_err = float((upd_g - upd_e).norm() / upd_e.norm().clamp_min(1e-12))
+        self.check = {"loss_eager": loss_e, "loss_graph": loss_g, "loss_rel_diff": loss_err,
+                      "update_rel_diff": upd_err}
+        if not (loss_err <= CHECK_LOSS_RTOL and upd_err <= CHECK_UPDATE_RTOL):
+            raise RuntimeError(f"graph step disagrees with the eager step: {self.check}")
+
+
+def graph_unavailable(device: torch.device) -> str | None:
+    """Why a CUDA graph cannot be used on `device`, or None."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, got {device.type!r}"
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False"
+    return None

@@ -1,0 +1,146 @@
+"""The fast step (fused SGD with a device-tensor lr, CUDA graph with self-check and eager fallback).
+
+No GPU here: the graph is stood in for by a replay that runs the same step on the static buffers,
+so everything around the capture (warm-up steps leaving no trace, lr changes reaching the replay,
+the self-check, the fallback) is exercised on the CPU.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_lab.fast as fast
+from resnet_lab.data import normalize
+from resnet_lab.fast import Stepper, make_optimizer, step_body
+from resnet_lab.models import build_model
+
+LRS = [0.1, 0.1, 0.01, 0.01, 0.001]
+
+
+def batches(n=len(LRS), b=8):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=g),
+             torch.randint(0, 10, (b,), generator=g)) for _ in range(n)]
+
+
+def reference(model, data):
+    """The textbook loop: float lr set per step, plain (for-loop) SGD."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False)
+    losses = []
+    for (x, y), lr in zip(data, LRS):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        out = model(normalize(x))
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().item())
+    return losses
+
+
+def with_stepper(model, data, fast_flag=True):
+    opt, lr_t = make_optimizer(model, 0.1, 0.9, 1e-4)
+    st = Stepper(model, opt, lr_t, precision="fp32", fast=fast_flag)
+    losses = [float(st(x, y, lr)[0]) for (x, y), lr in zip(data, LRS)]
+    return st, losses
+
+
+def pair():
+    torch.manual_seed(0)
+    a = build_model("resnet", 8)
+    b = build_model("resnet", 8)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def assert_same_training(a, b, la, lb):
+    assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+    for u, v in zip(a.buffers(), b.buffers()):  # BN running statistics and batch counts
+        assert torch.allclose(u.float(), v.float(), atol=1e-5)
+
+
+def test_on_cpu_the_eager_fallback_is_taken_and_learns_what_the_reference_learns():
+    a, b = pair()
+    data = batches()
+    st, la = with_stepper(a, data)
+    assert st.mode == "eager" and "CUDA device" in st.reason
+    assert_same_training(a, b, la, reference(b, data))
+    st_off, _ = with_stepper(build_model("resnet", 8), data[:1], fast_flag=False)
+    assert st_off.mode == "eager" and st_off.reason == "fast=False"
+
+
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: replay runs the step on the captured static buffers."""
+
+    def __init__(self, st, lr_scale=1.0):
+        self.st, self.lr_scale = st, lr_scale
+
+    def replay(self):
+        st = self.st
+        for g in st.opt.param_groups:
+            g["lr"] = st.lr_t * self.lr_scale  # lr_scale != 1: a graph with a wrong (stale) lr baked in
+        st.opt.zero_grad(set_to_none=True)
+        st._loss, st._wrong = step_body(st.model, st.opt, st._x, st._y, st.precision, cache=False)
+        for g in st.opt.param_groups:
+            g["lr"] = st.lr_t
+
+
+def fake_capture(lr_scale=1.0, fail=False):
+    def capture(self, x, y):
+        self._x, self._y = x.clone(), y.clone()
+        for _ in range(fast.WARMUP_STEPS):  # as the real capture: eager steps that change the state
+            self.opt.zero_grad(set_to_none=True)
+            step_body(self.model, self.opt, self._x, self._y, self.precision)
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self._graph = FakeGraph(self, lr_scale)
+    return capture
+
+
+@pytest.fixture
+def graphs_available(monkeypatch):
+    monkeypatch.setattr(fast, "graph_unavailable", lambda device: None)
+
+
+def test_graph_path_leaves_no_trace_of_capture_and_follows_the_lr_schedule(graphs_available, monkeypatch):
+    monkeypatch.setattr(Stepper, "_capture", fake_capture())
+    a, b = pair()
+    data = batches()
+    st, la = with_stepper(a, data)
+    assert st.mode == "graph" and st.reason is None
+    assert st.check["loss_rel_diff"] < 1e-6 and st.check["update_rel_diff"] < 1e-5
+    assert_same_training(a, b, la, reference(b, data))
+
+
+def test_failed_capture_falls_back_to_eager_and_restores_the_state(graphs_available, monkeypatch):
+    monkeypatch.setattr(Stepper, "_capture", fake_capture(fail=True))
+    a, b = pair()
+    data = batches()
+    st, la = with_stepper(a, data)
+    assert st.mode == "eager" and "stream is capturing" in st.reason
+    assert_same_training(a, b, la, reference(b, data))
+
+
+def test_self_check_rejects_a_graph_that_disagrees_with_the_eager_step(graphs_available, monkeypatch):
+    monkeypatch.setattr(Stepper, "_capture", fake_capture(lr_scale=10.0))
+    a, b = pair()
+    data = batches()
+    st, la = with_stepper(a, data)
+    assert st.mode == "eager" and "disagrees" in st.reason and st.check["update_rel_diff"] > 1
+    assert_same_training(a, b, la, reference(b, data))
+
+
+def test_resumed_optimizer_keeps_following_the_schedule():
+    """A loaded optimizer state brings its own lr tensor; the stepper must point it back at lr_t."""
+    torch.manual_seed(0)
+    m = build_model("resnet", 8)
+    opt, lr_t = make_optimizer(m, 0.1, 0.9, 1e-4)
+    x, y = batches(1)[0]
+    Stepper(m, opt, lr_t, "fp32")(x, y, 0.1)
+    opt2, lr2 = make_optimizer(m, 0.1, 0.9, 1e-4)
+    opt2.load_state_dict(opt.state_dict())
+    st = Stepper(m, opt2, lr2, "fp32")
+    st(x, y, 0.05)
+    assert opt2.param_groups[0]["lr"] is lr2 and float(lr2) == pytest.approx(0.05)
