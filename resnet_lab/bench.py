@@ -5,11 +5,13 @@ Baseline: eager fp32 model; a Dataset of PIL images with torchvision RandomCrop(
 RandomHorizontalFlip, ToTensor, Normalize; DataLoader(batch_size, shuffle=True, num_workers,
 pin_memory on CUDA); `.item()` on the loss every step.
 Ours: uint8 data resident on the device, crop/flip/normalise there in batches, bf16 autocast and
-channels_last on CUDA, foreach SGD, no host sync inside the step.
+channels_last on CUDA, fused SGD, no host sync inside the step, the step captured as one CUDA graph
+(`fast.Stepper`; eager where capture is unavailable, and the table says which ran).
+Packed: several independent ResNet-20 runs stepped together, one CUDA stream each.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import platform
 import re
@@ -21,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import MEAN, STD, DeviceLoader, balanced_subset
+from .data import MEAN, STD, DeviceLoader, balanced_subset, eval_batches
+from .fast import Stepper, make_optimizer
 from .models import build_model
 from .runs import atomic_write_json, atomic_write_text, results_dir
-from .train import device_name, train_step
+from .train import device_name, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -87,59 +90,117 @@ def baseline_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: 
                     return images / (time.perf_counter() - t0)
 
 
-def ours_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int,
-                      seconds: float, warmup: int = 3, activation_checkpointing: int = 0) -> tuple[float, float, int | None]:
-    """(images/s, seconds per step, peak CUDA bytes or None) of our step on device-resident data."""
-    torch.manual_seed(0)
+def _ours(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int, seed: int,
+          fast: bool, activation_checkpointing: int = 0):
+    torch.manual_seed(seed)
     model = build_model("resnet", depth, activation_checkpointing=activation_checkpointing).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-        torch.cuda.reset_peak_memory_stats(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
-    loader = DeviceLoader(x, y, batch_size, seed=0, device=device)
-    step = 0
-    for step in range(warmup):
-        train_step(model, opt, *loader.batch(step))
+    opt, lr_t = make_optimizer(model, 0.1, 0.9, 1e-4)
+    return model, Stepper(model, opt, lr_t, "auto", fast=fast), DeviceLoader(x, y, batch_size, seed, device)
+
+
+def _timed(steppers: list, loaders: list, streams: list, device: torch.device, seconds: float, warmup: int = 3
+           ) -> tuple[float, int]:
+    """Lockstep steps of one or more runs (each on its stream) until `seconds` pass: (elapsed, steps each)."""
+    def one_round(step: int) -> None:
+        for st, ld, s in zip(steppers, loaders, streams):
+            with torch.cuda.stream(s) if s is not None else contextlib.nullcontext():
+                st(*ld.batch(step), 0.1)
+
+    for step in range(warmup):  # includes graph capture
+        one_round(step)
     _sync(device)
     t0, n = time.perf_counter(), 0
     while True:
-        step += 1
-        train_step(model, opt, *loader.batch(step))
+        one_round(warmup + n)
         n += 1
         if n % 10 == 0 or device.type == "cpu":
             _sync(device)
-            dt = time.perf_counter() - t0
-            if dt >= seconds:
-                break
+            if time.perf_counter() - t0 >= seconds:
+                return time.perf_counter() - t0, n
+
+
+def ours_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int,
+                      seconds: float, warmup: int = 3, activation_checkpointing: int = 0, fast: bool = True
+                      ) -> tuple[float, float, int | None, str, str | None]:
+    """(images/s, seconds per step, peak CUDA bytes or None, step mode, why not graph) of our step."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model, st, ld = _ours(depth, x, y, device, batch_size, 0, fast, activation_checkpointing)
+    dt, n = _timed([st], [ld], [None], device, seconds, warmup)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return n * batch_size / dt, dt / n, peak
+    return n * batch_size / dt, dt / n, peak, st.mode, st.reason
+
+
+def eval_seconds(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, images: int = 10_000) -> float:
+    """Seconds for one evaluation pass over `images` test images (the paper schedule does 64)."""
+    torch.manual_seed(0)
+    model = build_model("resnet", depth).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    xd, yd = x.to(device), y.to(device)
+    evaluate(model, eval_batches(xd, yd), "auto")  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    evaluate(model, eval_batches(xd, yd), "auto")
+    _sync(device)
+    return (time.perf_counter() - t0) * images / len(y)
+
+
+def packed_images_per_s(depth: int, n_runs: int, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                        batch_size: int, seconds: float) -> tuple[float, list[str]]:
+    """Aggregate images/s of `n_runs` independent runs stepped in lockstep, one CUDA stream each."""
+    parts = [_ours(depth, x, y, device, batch_size, seed, fast=True) for seed in range(n_runs)]
+    streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in parts]
+    dt, n = _timed([p[1] for p in parts], [p[2] for p in parts], streams, device, seconds)
+    return n_runs * n * batch_size / dt, [p[1].mode for p in parts]
 
 
 def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, batch_size: int = 128,
               num_workers: int = 4, images: int = 5_000, checkpointing: bool = False, out: Path | None = None,
-              data=None) -> dict[str, Any]:
-    """Benchmark each depth: baseline vs ours (and checkpointing on/off); writes JSON + markdown."""
+              data=None, packs: list[int] | None = None, pack_depth: int = 20) -> dict[str, Any]:
+    """Benchmark each depth: baseline vs ours (graph and eager), checkpointing, packed runs; JSON + markdown."""
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if data is None:
         from .data import load_cifar10
 
         data = load_cifar10()
     x, y = balanced_subset(data.train_x, data.train_y, images, seed=0)
+    ex, ey = balanced_subset(data.test_x, data.test_y, min(images, len(data.test_y)), seed=0)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     rows = []
     for depth in models:
         base = baseline_images_per_s(depth, x, y, dev, batch_size, seconds, num_workers)
-        ours, step_s, peak = ours_images_per_s(depth, x, y, dev, batch_size, seconds)
+        ours, step_s, peak, mode, reason = ours_images_per_s(depth, x, y, dev, batch_size, seconds)
+        ev = eval_seconds(depth, ex, ey, dev)
         row = {"model": f"resnet-{depth}", "baseline_img_s": base, "ours_img_s": ours, "speedup": ours / base,
-               "ours_step_ms": 1000 * step_s, "paper_schedule_min": 64_000 * step_s / 60, "peak_mem_mb":
-               None if peak is None else peak / 2**20}
+               "ours_mode": mode, "ours_step_ms": 1000 * step_s, "eval_10k_s": ev,
+               "paper_schedule_min": (64_000 * step_s + 64 * ev) / 60,
+               "peak_mem_mb": None if peak is None else peak / 2**20}
+        if dev.type == "cuda":  # what the graph buys over our own eager step
+            eager, *_ = ours_images_per_s(depth, x, y, dev, batch_size, seconds, fast=False)
+            row.update(ours_eager_img_s=eager, graph_gain=ours / eager)
         if checkpointing:
-            ck, ck_step, ck_peak = ours_images_per_s(depth, x, y, dev, batch_size, seconds, activation_checkpointing=1)
+            _, ck_step, ck_peak, *_ = ours_images_per_s(depth, x, y, dev, batch_size, seconds,
+                                                        activation_checkpointing=1)
             row.update(ckpt_step_ms=1000 * ck_step, ckpt_peak_mem_mb=None if ck_peak is None else ck_peak / 2**20)
+        if reason and mode != "graph":
+            row["ours_mode_reason"] = reason
         rows.append(row)
         log.info("%s", row)
+    packed = []
+    for n in packs or []:
+        agg, modes = packed_images_per_s(pack_depth, n, x, y, dev, batch_size, seconds)
+        packed.append({"model": f"resnet-{pack_depth}", "runs": n, "aggregate_img_s": agg, "modes": ",".join(modes)})
+    for r in packed:
+        r["vs_one"] = r["aggregate_img_s"] / packed[0]["aggregate_img_s"] if packed[0]["runs"] == 1 else None
+        log.info("%s", r)
     result = {"device": device_name(dev), "device_type": dev.type, "torch": torch.__version__,
               "machine": platform.machine(), "batch_size": batch_size, "seconds_per_measurement": seconds,
-              "num_workers": num_workers, "rows": rows}
+              "num_workers": num_workers, "images": images, "rows": rows, "packed": packed}
     out = out or results_dir() / "bench"
     slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")  # "cpu-x86-64-2-threads", "nvidia-h100-..."
     atomic_write_json(out / f"{slug}.json", result)
@@ -148,11 +209,23 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
     return result
 
 
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [r.get(c) for c in cols]
+        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))
+                                       for v in cells) + " |")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """The benchmark as a markdown table."""
-    cols = [k for k in result["rows"][0]] if result["rows"] else []
-    lines = [f"Device: {result['device']} · torch {result['torch']} · batch {result['batch_size']}", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in result["rows"]:
-        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    """The benchmark as markdown tables (per model; packed runs)."""
+    lines = [f"Device: {result['device']} · torch {result['torch']} · batch {result['batch_size']} · "
+             f"{result['seconds_per_measurement']} s per measurement", ""]
+    if result["rows"]:
+        lines += _table(result["rows"])
+    if result.get("packed"):
+        lines += ["", "Packed runs (independent nets stepped together, one CUDA stream each):", ""]
+        lines += _table(result["packed"])
     return "\n".join(lines) + "\n"

@@ -11,13 +11,13 @@ from typing import Any
 from .config import ARCHS, PRESETS, SHORTCUTS, RunConfig
 
 
-def _parse_value(field: dataclasses.Field, text: str) -> Any:
-    """--set values are JSON (numbers, lists, null, true) or plain strings."""
+def _parse_value(field: dataclasses.Field | None, text: str) -> Any:
+    """--set / -p values are JSON (numbers, lists, null, true) or plain strings."""
     try:
         v = json.loads(text)
     except json.JSONDecodeError:
         v = text
-    if field.name == "milestones" and isinstance(v, list):
+    if field is not None and field.name == "milestones" and isinstance(v, list):
         v = tuple(v)
     return v
 
@@ -36,21 +36,73 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    if a.notebook:
+        return _train_notebooks(a)
     from .config import make_config
     from .train import train
 
-    kw = dict(arch=a.arch, depth=a.depth, shortcut=a.shortcut, block_layers=a.block_layers, seed=a.seed)
+    kw = dict(arch=a.arch or "resnet", depth=a.depth or 20, shortcut=a.shortcut or "A",
+              block_layers=a.block_layers or 2, seed=a.seed)
     kw.update(_overrides(a.set or []))
     try:
         cfg = make_config(a.preset, **kw)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    rec = train(cfg, device=None if a.device == "auto" else a.device, progress=not a.quiet)
-    s = rec.summary
-    print(f"{cfg.name} [{cfg.preset}] {s.get('status')}: train err {100 * (s.get('final_train_err') or 0):.2f}%  "
-          f"test err {100 * (s.get('final_test_err') or 0):.2f}%  params {s.get('params'):,}  "
-          f"{s.get('wall_seconds', 0):.1f}s on {s.get('device')}\n  {rec.path}")
+    rec = train(cfg, device=None if a.device == "auto" else a.device, progress=not a.quiet,
+                time_budget_s=a.time_budget)
+    _print_run(rec)
     return 0 if rec.status == "done" else 1
+
+
+def _print_run(rec) -> None:
+    s, cfg = rec.summary, rec.config
+    print(f"{cfg.name} seed {cfg.seed} [{cfg.preset}] {s.get('status')} at step {s.get('steps_done')}: "
+          f"train err {100 * (s.get('final_train_err') or 0):.2f}%  test err {100 * (s.get('final_test_err') or 0):.2f}%  "
+          f"params {s.get('params'):,}  {s.get('wall_seconds', 0):.1f}s on {s.get('device')} "
+          f"({s.get('step_mode', '?')} step, {s.get('packed_runs', 1)} packed)\n  {rec.path}")
+
+
+def _train_notebooks(a: argparse.Namespace) -> int:
+    """Every run the named notebooks need, packed on the GPU, without Jupyter (the GPU machine has none)."""
+    from . import experiments as ex
+    from .runs import RunDir
+
+    given = [f for f in ("arch", "depth", "shortcut", "block_layers") if getattr(a, f) is not None]
+    if given or a.set:
+        raise SystemExit(f"error: --notebook takes the notebook's grid; set it with -p NAME=VALUE, not "
+                         f"{', '.join('--' + g.replace('_', '-') for g in given) or '--set'}")
+    params = {"preset": a.preset}
+    for pair in a.param or []:
+        key, sep, val = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"error: -p {pair!r}: use NAME=VALUE")
+        params[key] = _parse_value(None, val)
+    cfgs: list[RunConfig] = []
+    try:
+        for nb in a.notebook:
+            unknown = set(params) - set(ex.notebook_defaults(nb)) if nb in ex.NOTEBOOK_CONFIGS else set()
+            if unknown:
+                raise ValueError(f"{nb} has no parameter(s) {sorted(unknown)}: it takes "
+                                 f"{sorted(ex.notebook_defaults(nb))}")
+            cfgs += [c for c in ex.configs_for(nb, params) if c.hash not in {d.hash for d in cfgs}]
+        cfgs = ex.with_dataset(cfgs)
+        pack = a.pack if a.pack is not None else ex.pack_size(None if a.device == "auto" else a.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if a.list:
+        for c in cfgs:
+            rd = RunDir(c)
+            s = rd.summary() or {}
+            print(f"{c.hash}  {c.name:24s} seed {c.seed}  {s.get('status', 'missing'):8s} step {s.get('steps_done', 0)}"
+                  f"/{c.iterations}")
+        return 0
+    recs = ex.train_all(cfgs, device=a.device, pack=pack, progress=not a.quiet, time_budget_s=a.time_budget)
+    for c, rec in zip(cfgs, recs):
+        if rec is None:
+            print(f"{c.name} seed {c.seed}: failed (see {RunDir(c).summary_file})")
+        else:
+            _print_run(rec)
+    return sum(r is None or r.status != "done" for r in recs)
 
 
 def cmd_data_info(a: argparse.Namespace) -> int:
@@ -84,7 +136,19 @@ def cmd_bench(a: argparse.Namespace) -> int:
         models = [int(m) for m in a.models.split(",")]
     except ValueError:
         raise SystemExit(f"error: --models {a.models!r}: use comma-separated depths, e.g. 20,56,110")
-    res = run_bench(models, a.device, a.seconds, a.batch_size, a.num_workers, checkpointing=a.checkpointing)
+    try:
+        packs = [int(m) for m in a.packs.split(",") if m] if a.packs != "auto" else None
+        if packs is not None and any(n < 1 for n in packs):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"error: --packs {a.packs!r}: use 'auto' or comma-separated run counts >= 1, e.g. 1,2,4,8")
+    if packs is None:  # packing is about filling a GPU; on a CPU the cores are already busy
+        import torch
+
+        on_cuda = a.device.startswith("cuda") or (a.device == "auto" and torch.cuda.is_available())
+        packs = [1, 2, 4, 8] if on_cuda else []
+    res = run_bench(models, a.device, a.seconds, a.batch_size, a.num_workers, checkpointing=a.checkpointing,
+                    packs=packs)
     print(markdown(res))
     print("written:", *res["paths"])
     return 0
@@ -94,16 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resnet-lab", description="Reproduce why ResNets work, on CIFAR-10.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train one config (or return it from the run store)",
-                       description="Train one net with a preset's recipe; a finished config is not retrained.")
-    t.add_argument("--arch", default="resnet", choices=ARCHS)
-    t.add_argument("--depth", type=int, default=20, help="6n+2 (9n+2 for bottlenecks)")
-    t.add_argument("--shortcut", default="A", choices=SHORTCUTS)
-    t.add_argument("--block-layers", type=int, default=2, choices=(1, 2, 3))
+    t = sub.add_parser("train", help="train one config, or every run of some notebooks (finished runs are kept)",
+                       description="Train one net with a preset's recipe, or with --notebook every run those "
+                                   "notebooks need (small nets packed on a GPU). A finished config is not retrained; "
+                                   "an interrupted one resumes.")
+    t.add_argument("--arch", default=None, choices=ARCHS, help="default resnet")
+    t.add_argument("--depth", type=int, default=None, help="6n+2 (9n+2 for bottlenecks); default 20")
+    t.add_argument("--shortcut", default=None, choices=SHORTCUTS, help="default A")
+    t.add_argument("--block-layers", type=int, default=None, choices=(1, 2, 3), help="default 2")
     t.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any RunConfig field")
+    t.add_argument("--notebook", action="append", metavar="STEM",
+                   help="train every run this notebook needs (repeatable), e.g. 02_depth")
+    t.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
+                   help="with --notebook: a notebook parameter, JSON value, e.g. -p 'seeds=[0,1,2]'")
+    t.add_argument("--pack", type=int, default=None, help="runs stepped together per GPU (default: 4 on CUDA, 1 on CPU)")
+    t.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="stop with a checkpoint after S seconds; the next call resumes")
+    t.add_argument("--list", action="store_true", help="with --notebook: list the runs and their status, train nothing")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
@@ -128,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--num-workers", type=int, default=4, help="baseline DataLoader workers")
     b.add_argument("--checkpointing", action="store_true", help="also time activation checkpointing")
+    b.add_argument("--packs", default="auto", help="packed ResNet-20 run counts to time, e.g. 1,2,4,8 "
+                   "(auto: 1,2,4,8 on CUDA, none on the CPU)")
     b.set_defaults(func=cmd_bench)
 
     from .sweep import add_sweep_parser

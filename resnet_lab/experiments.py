@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -342,13 +343,24 @@ NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 def notebook_defaults(notebook: str) -> dict[str, Any]:
-    """The literals of a notebook's parameters cell, so sweeps and reports never restate them."""
+    """The literals of a notebook's parameters cell, so sweeps and reports never restate them.
+
+    Read with `ast`, not papermill, so a machine without Jupyter (the GPU machine) can ask too.
+    """
     import ast
 
-    import papermill as pm
-
-    declared = pm.inspect_notebook(str(NOTEBOOKS_DIR / f"{notebook}.ipynb"))
-    return {k: ast.literal_eval(v["default"]) for k, v in declared.items()}
+    path = NOTEBOOKS_DIR / f"{notebook}.ipynb"
+    cells = [c for c in json.loads(path.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path} has {len(cells)} cells tagged 'parameters': expected exactly one")
+    src = cells[0]["source"]
+    out: dict[str, Any] = {}
+    for node in ast.parse(src if isinstance(src, str) else "".join(src)).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            out[node.target.id] = ast.literal_eval(node.value)
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+    return out
 
 
 def configs_for(notebook: str, params: dict[str, Any]) -> list[RunConfig]:

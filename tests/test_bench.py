@@ -1,6 +1,8 @@
 """The benchmark runs on the CPU with a tiny budget and writes its JSON; the fast step equals the reference."""
 import json
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -15,12 +17,18 @@ from .conftest import needs_data
 @needs_data
 def test_bench_on_cpu_writes_json(cifar, tmp_path):
     res = run_bench([8], device="cpu", seconds=0.5, batch_size=16, num_workers=0, images=256, checkpointing=True,
-                    out=tmp_path, data=cifar)
+                    out=tmp_path, data=cifar, packs=[1, 2], pack_depth=8)
     saved = json.loads((tmp_path / res["paths"][0].split("/")[-1]).read_text())
     row = saved["rows"][0]
     assert row["model"] == "resnet-8" and row["baseline_img_s"] > 0 and row["ours_img_s"] > 0
     assert abs(row["speedup"] - row["ours_img_s"] / row["baseline_img_s"]) < 1e-9
-    assert "ckpt_step_ms" in row and saved["device_type"] == "cpu"
+    assert "ckpt_step_ms" in row and saved["device_type"] == "cpu" and row["eval_10k_s"] > 0
+    assert row["ours_mode"] == "eager" and "CUDA device" in row["ours_mode_reason"]  # the fallback, said so
+    assert row["paper_schedule_min"] == pytest.approx((64_000 * row["ours_step_ms"] / 1000 + 64 * row["eval_10k_s"]) / 60)
+    one, two = saved["packed"]
+    assert (one["runs"], two["runs"]) == (1, 2) and one["vs_one"] == 1.0 and two["aggregate_img_s"] > 0
+    md = (tmp_path / res["paths"][1].split("/")[-1]).read_text()
+    assert "| resnet-8 |" in md and "Packed runs" in md
 
 
 def test_fast_step_equals_the_reference_step():

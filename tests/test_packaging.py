@@ -1,4 +1,5 @@
 """environment.yml and pyproject.toml name the same dependencies; the CLI answers --help."""
+import os
 import re
 import subprocess
 import sys
@@ -6,7 +7,7 @@ import tomllib
 
 import yaml
 
-from .conftest import ROOT
+from .conftest import ROOT, needs_data
 
 CONDA_NAMES = {"pytorch": "torch", "ray-core": "ray"}  # conda-forge package name -> PyPI name
 
@@ -40,3 +41,20 @@ def test_cli_help_and_bad_input():
     assert r.returncode != 0 and "depth=21" in r.stderr and "6n+2" in r.stderr
     r = run("train", "--set", "lerning_rate=1")
     assert r.returncode != 0 and "lerning_rate" in r.stderr
+
+
+@needs_data
+def test_cli_trains_a_notebooks_runs_without_jupyter(tmp_path):
+    env = {**os.environ, "RESNET_LAB_RESULTS": str(tmp_path)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "resnet_lab.cli", "train", "--notebook", "01_degradation",
+                                     "--preset", "smoke", "-p", "depths=[8]", *a], capture_output=True, text=True,
+                                    env=env)
+    r = run("--list")
+    assert r.returncode == 0 and r.stdout.count("missing") == 2 and "plain-8" in r.stdout and "resnet-8" in r.stdout
+    r = run("--quiet", "--pack", "2")
+    assert r.returncode == 0 and r.stdout.count(" done at step 6") == 2 and "2 packed" in r.stdout, r.stderr
+    assert run("--list").stdout.count(" done ") == 2
+    r = run("-p", "dephts=[8]")
+    assert r.returncode != 0 and "dephts" in r.stderr and "depths" in r.stderr
+    r = run("--depth", "20")
+    assert r.returncode != 0 and "-p NAME=VALUE" in r.stderr
