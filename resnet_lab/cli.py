@@ -215,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .data import DataError
+
+    try:
+        return args.func(args)
+    except DataError as e:  # no dataset, a damaged archive: one line, not a traceback
+        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":
