@@ -154,6 +154,30 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs_export(a: argparse.Namespace) -> int:
+    from .transfer import export_runs
+
+    try:
+        parts = export_runs(a.dest, checkpoints=a.checkpoints, part_mb=a.part_mb, name=a.name)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    for p in parts:
+        print(p, f"{p.stat().st_size / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_runs_import(a: argparse.Namespace) -> int:
+    from .transfer import import_runs
+
+    try:
+        done = import_runs(a.parts)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    for h, what in done.items():
+        print(h, what)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resnet-lab", description="Reproduce why ResNets work, on CIFAR-10.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -205,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--packs", default="auto", help="packed ResNet-20 run counts to time, e.g. 1,2,4,8 "
                    "(auto: 1,2,4,8 on CUDA, none on the CPU)")
     b.set_defaults(func=cmd_bench)
+
+    rs = sub.add_parser("runs", help="move run folders between machines (export on the GPU, import here)")
+    rsub = rs.add_subparsers(dest="runs_command", required=True)
+    ex = rsub.add_parser("export", help="the run store as a gzipped tar in parts of at most --part-mb MiB")
+    ex.add_argument("dest", help="folder for <name>.tar.gz.000, .001, ...")
+    ex.add_argument("--checkpoints", action="store_true", help="include unfinished runs' checkpoints (to resume)")
+    ex.add_argument("--part-mb", type=float, default=15.0)
+    ex.add_argument("--name", default="runs")
+    ex.set_defaults(func=cmd_runs_export)
+    im = rsub.add_parser("import", help="merge exported parts; the copy further along wins")
+    im.add_argument("parts", nargs="+")
+    im.set_defaults(func=cmd_runs_import)
 
     from .sweep import add_sweep_parser
 

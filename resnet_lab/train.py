@@ -219,6 +219,7 @@ class _Run:
         model = model.to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         self.model = model
         opt, lr_t = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.opt = opt

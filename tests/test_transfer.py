@@ -1,0 +1,66 @@
+"""Run folders travel from the GPU machine in size-limited parts and merge without losing progress."""
+import io
+import json
+import os
+import tarfile
+
+import pytest
+
+from resnet_lab.transfer import export_runs, import_runs
+
+
+def make_run(root, h, status, steps, big=0):
+    d = root / h
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "summary.json").write_text(json.dumps({"status": status, "steps_done": steps}))
+    (d / "config.json").write_text("{}")
+    (d / "metrics.csv").write_text("step\n")
+    (d / "checkpoint.pt").write_bytes(os.urandom(big))  # incompressible, like weights
+    (d / "checkpoint.prev.pt").write_bytes(b"p")
+    (d / ".lock").write_text("")
+    if status == "done":
+        (d / "model.pt").write_bytes(bytes(range(256)) * 40)
+    return d
+
+
+def test_export_splits_and_import_merges(tmp_path):
+    gpu, here = tmp_path / "gpu", tmp_path / "here"
+    make_run(gpu, "aaa", "done", 100)
+    make_run(gpu, "bbb", "running", 50, big=300_000)
+    make_run(gpu, "ccc", "running", 10)
+    make_run(here, "aaa", "running", 30)  # behind: replaced
+    make_run(here, "ccc", "running", 20)  # ahead of the incoming copy: kept
+    parts = export_runs(tmp_path / "out", root=gpu, checkpoints=True, part_mb=0.1)
+    assert len(parts) >= 2 and all(p.stat().st_size <= 0.1 * 2**20 for p in parts)
+    result = import_runs(list(reversed(parts)), root=here)
+    assert result == {"aaa": "imported", "bbb": "imported", "ccc": "kept local"}
+    runs = here
+    assert json.loads((runs / "aaa" / "summary.json").read_text())["status"] == "done"
+    assert (runs / "aaa" / "model.pt").exists() and not (runs / "aaa" / "checkpoint.pt").exists()
+    assert (runs / "bbb" / "checkpoint.pt").stat().st_size == 300_000  # unfinished: checkpoint came along
+    assert not (runs / "bbb" / "checkpoint.prev.pt").exists() and not (runs / "bbb" / ".lock").exists()
+    assert json.loads((runs / "ccc" / "summary.json").read_text())["steps_done"] == 20
+    assert sorted(os.listdir(runs)) == ["aaa", "bbb", "ccc"]  # nothing staged left behind
+    plain = export_runs(tmp_path / "out2", root=gpu)  # default: no checkpoints at all
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in plain))) as t:
+        assert not [n for n in t.getnames() if "checkpoint" in n]
+
+
+def test_import_refuses_paths_outside_the_store(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        info = tarfile.TarInfo("../../escaped.txt")
+        info.size = 3
+        t.addfile(info, io.BytesIO(b"bad"))
+    part = tmp_path / "evil.tar.gz.000"
+    part.write_bytes(buf.getvalue())
+    with pytest.raises(tarfile.TarError):
+        import_runs([part], root=tmp_path / "store")
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path.parent / "escaped.txt").exists()
+
+
+def test_parts_of_two_exports_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="more than one export"):
+        import_runs([tmp_path / "a.tar.gz.000", tmp_path / "b.tar.gz.000"], root=tmp_path)
+    with pytest.raises(ValueError, match="part_mb=0"):
+        export_runs(tmp_path, root=tmp_path, part_mb=0)
