@@ -158,9 +158,41 @@ def packed_images_per_s(depth: int, n_runs: int, x: torch.Tensor, y: torch.Tenso
     return n_runs * n * batch_size / dt, [p[1].mode for p in parts]
 
 
+def profile_ours(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int,
+                 steps: int = 20) -> tuple[str, float | None]:
+    """(top-ops table, GPU-busy fraction) of `steps` of our step: where the time goes when a target
+    is missed (launch-bound: busy fraction far below 1; kernel-bound: close to it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, st, ld = _ours(depth, x, y, device, batch_size, 0, fast=True)
+    for step in range(5):  # capture and warm-up outside the profile
+        st(*ld.batch(step), 0.1)
+    _sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for step in range(5, 5 + steps):
+            st(*ld.batch(step), 0.1)
+        _sync(device)
+        wall = time.perf_counter() - t0
+    ka = prof.key_averages()
+    busy = None
+    if device.type == "cuda":  # kernel time (self, so nothing counted twice) over wall time
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in ka if e.device_type == DeviceType.CUDA]  # kernel rows only: ops would count twice
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6 / wall
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    head = f"resnet-{depth}, {steps} steps of batch {batch_size}, {st.mode} step, {wall:.3f} s wall"
+    if busy is not None:
+        head += f", GPU busy {100 * busy:.0f}% of the wall time"
+    return head + "\n" + ka.table(sort_by=sort, row_limit=25), busy
+
+
 def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, batch_size: int = 128,
               num_workers: int = 4, images: int = 5_000, checkpointing: bool = False, out: Path | None = None,
-              data=None, packs: list[int] | None = None, pack_depth: int = 20) -> dict[str, Any]:
+              data=None, packs: list[int] | None = None, pack_depth: int = 20, profile: bool = False
+              ) -> dict[str, Any]:
     """Benchmark each depth: baseline vs ours (graph and eager), checkpointing, packed runs; JSON + markdown."""
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if data is None:
@@ -171,7 +203,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
     ex, ey = balanced_subset(data.test_x, data.test_y, min(images, len(data.test_y)), seed=0)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    rows = []
+    rows, profiles = [], {}
     for depth in models:
         base = baseline_images_per_s(depth, x, y, dev, batch_size, seconds, num_workers)
         ours, step_s, peak, mode, reason = ours_images_per_s(depth, x, y, dev, batch_size, seconds)
@@ -189,6 +221,10 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
             row.update(ckpt_step_ms=1000 * ck_step, ckpt_peak_mem_mb=None if ck_peak is None else ck_peak / 2**20)
         if reason and mode != "graph":
             row["ours_mode_reason"] = reason
+        if profile:
+            text, busy = profile_ours(depth, x, y, dev, batch_size)
+            row["gpu_busy"] = busy
+            profiles[f"resnet-{depth}"] = text
         rows.append(row)
         log.info("%s", row)
     packed = []
@@ -206,6 +242,9 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
     atomic_write_json(out / f"{slug}.json", result)
     atomic_write_text(out / f"{slug}.md", markdown(result))
     result["paths"] = [str(out / f"{slug}.json"), str(out / f"{slug}.md")]
+    if profiles:
+        atomic_write_text(out / f"{slug}-profile.txt", "\n\n".join(profiles.values()))
+        result["paths"].append(str(out / f"{slug}-profile.txt"))
     return result
 
 

@@ -148,7 +148,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         on_cuda = a.device.startswith("cuda") or (a.device == "auto" and torch.cuda.is_available())
         packs = [1, 2, 4, 8] if on_cuda else []
     res = run_bench(models, a.device, a.seconds, a.batch_size, a.num_workers, checkpointing=a.checkpointing,
-                    packs=packs)
+                    packs=packs, profile=a.profile)
     print(markdown(res))
     print("written:", *res["paths"])
     return 0
@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--num-workers", type=int, default=4, help="baseline DataLoader workers")
     b.add_argument("--checkpointing", action="store_true", help="also time activation checkpointing")
+    b.add_argument("--profile", action="store_true",
+                   help="also profile 20 of our steps per model: top ops and GPU-busy share (<device>-profile.txt)")
     b.add_argument("--packs", default="auto", help="packed ResNet-20 run counts to time, e.g. 1,2,4,8 "
                    "(auto: 1,2,4,8 on CUDA, none on the CPU)")
     b.set_defaults(func=cmd_bench)

@@ -17,7 +17,7 @@ from .conftest import needs_data
 @needs_data
 def test_bench_on_cpu_writes_json(cifar, tmp_path):
     res = run_bench([8], device="cpu", seconds=0.5, batch_size=16, num_workers=0, images=256, checkpointing=True,
-                    out=tmp_path, data=cifar, packs=[1, 2], pack_depth=8)
+                    out=tmp_path, data=cifar, packs=[1, 2], pack_depth=8, profile=True)
     saved = json.loads((tmp_path / res["paths"][0].split("/")[-1]).read_text())
     row = saved["rows"][0]
     assert row["model"] == "resnet-8" and row["baseline_img_s"] > 0 and row["ours_img_s"] > 0
@@ -29,6 +29,8 @@ def test_bench_on_cpu_writes_json(cifar, tmp_path):
     assert (one["runs"], two["runs"]) == (1, 2) and one["vs_one"] == 1.0 and two["aggregate_img_s"] > 0
     md = (tmp_path / res["paths"][1].split("/")[-1]).read_text()
     assert "| resnet-8 |" in md and "Packed runs" in md
+    prof = (tmp_path / res["paths"][2].split("/")[-1]).read_text()
+    assert "resnet-8, 20 steps" in prof and "convolution" in prof and row["gpu_busy"] is None  # no GPU here
 
 
 def test_fast_step_equals_the_reference_step():
