@@ -25,11 +25,11 @@ from .models import count_params, model_from_config
 from .runs import METRIC_COLUMNS, RunDir, atomic_save_torch, atomic_write_csv, atomic_write_json
 
 log = logging.getLogger(__name__)
-WARMUP_CHECK_EVERY = 20
+WARMUP_CHECK_EVERY = 20  # steps between host reads of the training error during warm-up
 
 
 class ResultsWriteError(RuntimeError):
-    """Results could not be written (disk full, permissions); nothing already stored was damaged."""  # steps between host reads of the training error during warm-up
+    """Results could not be written (disk full, permissions); nothing already stored was damaged."""
 
 
 @dataclass

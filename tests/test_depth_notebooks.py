@@ -1,7 +1,6 @@
 """Layer-response hooks, ImageNet architecture counts and grid validation (issue: depth notebooks)."""
 import pytest
 import torch
-from torch import nn
 
 from resnet_lab import experiments as ex
 from resnet_lab.analysis import imagenet_model, imagenet_table, layer_responses, response_layers

@@ -8,7 +8,6 @@ import time
 
 import pandas as pd
 import pytest
-import torch
 
 from resnet_lab import runs as R
 from resnet_lab.config import make_config

@@ -1,5 +1,4 @@
 """`report` rebuilds figures from stored runs and trains nothing."""
-import os
 from pathlib import Path
 
 import pytest
