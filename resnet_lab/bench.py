@@ -154,6 +154,9 @@ def packed_images_per_s(depth: int, n_runs: int, x: torch.Tensor, y: torch.Tenso
     """Aggregate images/s of `n_runs` independent runs stepped in lockstep, one CUDA stream each."""
     parts = [_ours(depth, x, y, device, batch_size, seed, fast=True) for seed in range(n_runs)]
     streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in parts]
+    for s in streams:  # the models and data were put on the GPU by the default stream
+        if s is not None:
+            s.wait_stream(torch.cuda.current_stream(device))
     dt, n = _timed([p[1] for p in parts], [p[2] for p in parts], streams, device, seconds)
     return n_runs * n * batch_size / dt, [p[1].mode for p in parts]
 
