@@ -333,6 +333,8 @@ def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
     if key not in _NORM:
         _NORM[key] = (torch.tensor(MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255,
                       torch.tensor(STD, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255)
+        if x.device.type == "cuda":  # packed runs on other streams read them: finish making them first
+            torch.cuda.current_stream(x.device).synchronize()
     mean, std = _NORM[key]
     return (x.to(dtype) - mean) / std
 
