@@ -1,0 +1,68 @@
+"""The CUDA fast path on a real GPU: captured, agreeing with the eager step, packed runs on streams.
+
+Skipped without CUDA (CI has none); run first in a GPU session, before any benchmark or paper run:
+    RESNET_LAB_DATA=.data/cifar10-jpeg.tar.gz python3 -m pytest -q tests/test_gpu.py
+"""
+import pytest
+import torch
+
+from resnet_lab.config import make_config
+from resnet_lab.fast import Stepper, make_optimizer
+from resnet_lab.models import build_model
+
+from .conftest import needs_data
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+LRS = [0.1] * 4 + [0.01] * 4
+
+
+def run_steps(model, fast, batches):
+    opt, lr_t = make_optimizer(model, 0.1, 0.9, 1e-4)
+    st = Stepper(model, opt, lr_t, "auto", fast=fast)
+    losses = [float(st(x, y, lr)[0]) for (x, y), lr in zip(batches, LRS)]
+    return st, losses
+
+
+def twins(arch="resnet", depth=20, **kw):
+    torch.manual_seed(0)
+    a = build_model(arch, depth, **kw).cuda().to(memory_format=torch.channels_last)
+    b = build_model(arch, depth, **kw).cuda().to(memory_format=torch.channels_last)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def batches(n=len(LRS), b=128):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=g).cuda(),
+             torch.randint(0, 10, (b,), generator=g).cuda()) for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch, depth, kw", [
+    ("resnet", 20, {}), ("plain", 20, {}), ("preact", 20, {}), ("highway", 20, {}),
+    ("resnet", 20, {"shortcut": "C"}), ("resnet", 56, {"activation_checkpointing": 2}),
+])
+def test_graph_is_captured_and_trains_like_the_eager_step(arch, depth, kw):
+    a, b = twins(arch, depth, **kw)
+    data = batches()
+    st, la = run_steps(a, True, data)
+    _, lb = run_steps(b, False, data)
+    assert st.mode == "graph", st.reason
+    assert st.check["loss_rel_diff"] < 1e-2 and st.check["update_rel_diff"] < 0.1
+    assert la == pytest.approx(lb, rel=2e-2)  # bf16: same kernels, non-deterministic reductions
+    pa = torch.cat([p.detach().flatten() for p in a.parameters()])
+    pb = torch.cat([p.detach().flatten() for p in b.parameters()])
+    assert float((pa - pb).norm() / pb.norm()) < 1e-2
+
+
+@needs_data
+def test_packed_runs_on_streams_learn_what_lone_runs_learn(cifar, tmp_path):
+    from resnet_lab.train import train, train_many
+
+    cfgs = [make_config("smoke", arch=a, depth=20, iterations=60, eval_every=20, milestones=(40,),
+                        batch_size=128, train_subset=2560, eval_subset=500) for a in ("resnet", "plain")]
+    alone = [train(c, root=tmp_path / "a", data=cifar, device="cuda") for c in cfgs]
+    packed = train_many(cfgs, root=tmp_path / "b", data=cifar, device="cuda", pack=2)
+    for a, p in zip(alone, packed):
+        assert p.status == "done" and p.summary["step_mode"] == "graph" and p.summary["packed_runs"] == 2
+        assert a.summary["step_mode"] == "graph"
+        assert abs(p.summary["final_train_loss"] - a.summary["final_train_loss"]) < 0.1
