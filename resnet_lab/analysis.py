@@ -49,7 +49,8 @@ def ci95(values) -> float:
 def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Mean ± 95% CI over seeds of final train/test error (in %), with params and MACs, grouped by `by`."""
     if runs.empty:
-        return pd.DataFrame(columns=by + ["runs", "params", "macs", "train_err_%", "test_err_%", "test_err_ci95"])
+        return pd.DataFrame(columns=by + ["runs", "params", "macs", "train_err_%", "test_err_%", "test_err_ci95",
+                                          "diverged", "wall_min", "packed", "device"])
     done = runs[runs["status"].isin(["done", "diverged"])]
     rows = []
     for key, g in done.groupby(by, sort=True, dropna=False):
@@ -63,6 +64,10 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
             "test_err_%": 100 * g["final_test_err"].astype(float).mean(),
             "test_err_ci95": 100 * ci95(g["final_test_err"].astype(float)),
             "diverged": int((g["status"] == "diverged").sum()),
+            # wall time per run; a packed run's clock also ran while its neighbours stepped
+            "wall_min": g["wall_seconds"].astype(float).mean() / 60 if "wall_seconds" in g else float("nan"),
+            "packed": int(g["packed_runs"].fillna(1).max()) if "packed_runs" in g else 1,
+            "device": ", ".join(sorted({str(d) for d in g.get("device", pd.Series(dtype=str)).dropna()})),
         })
     return pd.DataFrame(rows)
 
