@@ -21,7 +21,7 @@ import math
 import numbers
 import random
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import pandas as pd
 import torch
@@ -169,19 +169,33 @@ def delete_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[in
     blocks = blocks_of(model)
     pool = [i for i, b in enumerate(blocks) if _removable(b)]
     ks = _check_ks(ks, len(pool), f"the number of removable blocks is {len(pool)}")
+
+    def draw(rng: random.Random, k: int) -> tuple[Any, dict]:
+        chosen = tuple(sorted(rng.sample(pool, k)))
+        return chosen, {"lesion": chosen}
+
+    return _draw_errors(model, x, y, ks, draws, seed, batch_size, "blocks", draw)
+
+
+def _draw_errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: list[int], draws: int, seed: int,
+                 batch_size: int, column: str, draw: Callable[[random.Random, int], tuple[Any, dict]]
+                 ) -> pd.DataFrame:
+    """Test error of `draws` random modifications per k; draw(rng, k) -> (what was drawn, for the `column`
+    column; `modified_blocks` arguments). k=0 is the unmodified error (draw is still called, so the
+    random stream is the same whichever ks are asked)."""
     _check_count("draws", draws)
     rng = random.Random(seed)
     base = _error(model, x, y, batch_size)
     rows = []
     for k in ks:
         for d in range(draws):
-            chosen = tuple(sorted(rng.sample(pool, k)))
+            label, change = draw(rng, k)
             if k == 0:
                 err = base
             else:
-                with modified_blocks(model, lesion=chosen):
+                with modified_blocks(model, **change):
                     err = _error(model, x, y, batch_size)
-            rows.append(dict(k=k, draw=d, blocks=chosen, err=err))
+            rows.append({"k": k, "draw": d, column: label, "err": err})
     return pd.DataFrame(rows)
 
 
@@ -208,27 +222,19 @@ def reorder_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[i
     groups = swappable_groups(model)
     limit = sum(len(g) // 2 for g in groups)
     ks = _check_ks(ks, limit, f"the number of disjoint same-stage pairs of non-transition blocks is {limit}")
-    _check_count("draws", draws)
-    rng = random.Random(seed)
-    base = _error(model, x, y, batch_size)
-    rows = []
-    for k in ks:
-        for d in range(draws):
-            candidates = []  # random disjoint pairs within each stage; then k of them at random
-            for g in groups:
-                g = rng.sample(g, len(g))
-                candidates += [tuple(sorted(g[j:j + 2])) for j in range(0, len(g) - 1, 2)]
-            pairs = sorted(rng.sample(candidates, k))
-            order = list(range(m))
-            for a, b in pairs:
-                order[a], order[b] = order[b], order[a]
-            if k == 0:
-                err = base
-            else:
-                with modified_blocks(model, order=order):
-                    err = _error(model, x, y, batch_size)
-            rows.append(dict(k=k, draw=d, pairs=tuple(pairs), err=err))
-    return pd.DataFrame(rows)
+
+    def draw(rng: random.Random, k: int) -> tuple[Any, dict]:
+        candidates = []  # random disjoint pairs within each stage; then k of them at random
+        for g in groups:
+            g = rng.sample(g, len(g))
+            candidates += [tuple(sorted(g[j:j + 2])) for j in range(0, len(g) - 1, 2)]
+        pairs = sorted(rng.sample(candidates, k))
+        order = list(range(m))
+        for a, b in pairs:
+            order[a], order[b] = order[b], order[a]
+        return tuple(pairs), {"order": order}
+
+    return _draw_errors(model, x, y, ks, draws, seed, batch_size, "pairs", draw)
 
 
 # -- paths --------------------------------------------------------------------------------------
