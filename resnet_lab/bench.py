@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import MEAN, STD, DeviceLoader, balanced_subset, eval_batches
-from .fast import Stepper, make_optimizer
+from .fast import Stepper, make_optimizer, to_device
 from .models import build_model
 from .runs import atomic_write_json, atomic_write_text, results_dir
 from .train import device_name, evaluate
@@ -93,9 +93,7 @@ def baseline_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: 
 def _ours(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int, seed: int,
           fast: bool, activation_checkpointing: int = 0):
     torch.manual_seed(seed)
-    model = build_model("resnet", depth, activation_checkpointing=activation_checkpointing).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = to_device(build_model("resnet", depth, activation_checkpointing=activation_checkpointing), device)
     opt, lr_t = make_optimizer(model, 0.1, 0.9, 1e-4)
     return model, Stepper(model, opt, lr_t, "auto", fast=fast), DeviceLoader(x, y, batch_size, seed, device)
 
@@ -137,9 +135,7 @@ def ours_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torc
 def eval_seconds(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, images: int = 10_000) -> float:
     """Seconds for one evaluation pass over `images` test images (the paper schedule does 64)."""
     torch.manual_seed(0)
-    model = build_model("resnet", depth).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = to_device(build_model("resnet", depth), device)
     xd, yd = x.to(device), y.to(device)
     evaluate(model, eval_batches(xd, yd), "auto")  # warm-up
     _sync(device)

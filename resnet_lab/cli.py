@@ -80,11 +80,12 @@ def _train_notebooks(a: argparse.Namespace) -> int:
     cfgs: list[RunConfig] = []
     try:
         for nb in a.notebook:
-            unknown = set(params) - set(ex.notebook_defaults(nb)) if nb in ex.NOTEBOOK_CONFIGS else set()
-            if unknown:
-                raise ValueError(f"{nb} has no parameter(s) {sorted(unknown)}: it takes "
-                                 f"{sorted(ex.notebook_defaults(nb))}")
-            cfgs += [c for c in ex.configs_for(nb, params) if c.hash not in {d.hash for d in cfgs}]
+            declared = ex.notebook_defaults(nb) if nb in ex.NOTEBOOK_CONFIGS else {}  # unknown nb: configs_for says
+            if nb in ex.NOTEBOOK_CONFIGS and set(params) - set(declared):
+                raise ValueError(f"{nb} has no parameter(s) {sorted(set(params) - set(declared))}: it takes "
+                                 f"{sorted(declared)}")
+            seen = {c.hash for c in cfgs}  # notebooks share runs (06 reuses 01's): train each once
+            cfgs += [c for c in ex.configs_for(nb, params) if c.hash not in seen]
         cfgs = ex.with_dataset(cfgs)
         pack = a.pack if a.pack is not None else ex.pack_size(None if a.device == "auto" else a.device)
     except ValueError as e:

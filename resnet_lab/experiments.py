@@ -91,8 +91,8 @@ def train_all(cfgs: Iterable[RunConfig], device: str | None = None, root: str | 
     cfgs = list(cfgs)
     pack = pack_size(dev) if pack is None else pack
     out: dict[int, RunRecord | None] = {}
-    lone = [i for i, c in enumerate(cfgs) if c.depth > LONE_DEPTH or pack == 1]
-    small = [i for i in range(len(cfgs)) if i not in lone]
+    lone = [i for i, c in enumerate(cfgs) if c.depth > LONE_DEPTH]
+    small = [i for i, c in enumerate(cfgs) if c.depth <= LONE_DEPTH]
     for ix, p in ((small, pack), (lone, 1)):
         if not ix:
             continue

@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data import Cifar10, DeviceLoader, eval_batches, load_cifar10, normalize, split_data
-from .fast import Stepper, autocast, make_optimizer, step_body
+from .fast import Stepper, autocast, make_optimizer, step_body, to_device
 from .models import count_params, model_from_config
 from .runs import METRIC_COLUMNS, RunDir, atomic_save_torch, atomic_write_csv, atomic_write_json
 
@@ -216,9 +216,8 @@ class _Run:
         from .analysis import count_macs  # FLOPs of the fresh model, before it moves to the device
 
         macs = count_macs(model)
-        model = model.to(device)
+        model = to_device(model, device)
         if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         self.model = model
         opt, lr_t = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)

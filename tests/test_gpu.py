@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from resnet_lab.config import make_config
-from resnet_lab.fast import Stepper, make_optimizer
+from resnet_lab.fast import Stepper, make_optimizer, to_device
 from resnet_lab.models import build_model
 
 from .conftest import needs_data
@@ -25,8 +25,9 @@ def run_steps(model, fast, batches):
 
 def twins(arch="resnet", depth=20, **kw):
     torch.manual_seed(0)
-    a = build_model(arch, depth, **kw).cuda().to(memory_format=torch.channels_last)
-    b = build_model(arch, depth, **kw).cuda().to(memory_format=torch.channels_last)
+    cuda = torch.device("cuda")
+    a = to_device(build_model(arch, depth, **kw), cuda)
+    b = to_device(build_model(arch, depth, **kw), cuda)
     b.load_state_dict(a.state_dict())
     return a, b
 
