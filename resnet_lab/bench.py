@@ -7,7 +7,8 @@ pin_memory on CUDA); `.item()` on the loss every step.
 Ours: uint8 data resident on the device, crop/flip/normalise there in batches, bf16 autocast and
 channels_last on CUDA, fused SGD, no host sync inside the step, the step captured as one CUDA graph
 (`fast.Stepper`; eager where capture is unavailable, and the table says which ran).
-Packed: several independent ResNet-20 runs stepped together, one CUDA stream each.
+Packed: several independent ResNet-20 runs stepped together, one CUDA stream each; beside it the
+same runs grouped into one net (`grouped.GroupedNets`: conv groups, one set of kernels for all).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from .data import MEAN, STD, DeviceLoader, balanced_subset, eval_batches
 from .fast import Stepper, make_optimizer, to_device
+from .grouped import GroupedNets
 from .models import build_model
 from .runs import atomic_write_json, atomic_write_text, results_dir
 from .train import device_name, evaluate
@@ -157,6 +159,32 @@ def packed_images_per_s(depth: int, n_runs: int, x: torch.Tensor, y: torch.Tenso
     return n_runs * n * batch_size / dt, [p[1].mode for p in parts]
 
 
+class _CatLoader:
+    """Batches of several loaders, one after another on the batch dimension (GroupedNets' input)."""
+
+    def __init__(self, loaders: list[DeviceLoader]):
+        self.loaders = loaders
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*(ld.batch(step) for ld in self.loaders))
+        return torch.cat(xs), torch.cat(ys)
+
+
+def grouped_images_per_s(depth: int, n_runs: int, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                         batch_size: int, seconds: float) -> tuple[float, str]:
+    """Aggregate images/s of `n_runs` ResNets trained as one grouped net (our step, one stream)."""
+    nets = []
+    for seed in range(n_runs):
+        torch.manual_seed(seed)
+        nets.append(build_model("resnet", depth))
+    model = to_device(GroupedNets(nets), device)
+    opt, lr_t = make_optimizer(model, 0.1, 0.9, 1e-4)
+    st = Stepper(model, opt, lr_t, "auto", members=n_runs)
+    ld = _CatLoader([DeviceLoader(x, y, batch_size, seed, device) for seed in range(n_runs)])
+    dt, n = _timed([st], [ld], [None], device, seconds)
+    return n_runs * n * batch_size / dt, st.mode
+
+
 def profile_ours(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int,
                  steps: int = 20) -> tuple[str, float | None]:
     """(top-ops table, GPU-busy fraction) of `steps` of our step: where the time goes when a target
@@ -229,9 +257,13 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
     packed = []
     for n in packs or []:
         agg, modes = packed_images_per_s(pack_depth, n, x, y, dev, batch_size, seconds)
-        packed.append({"model": f"resnet-{pack_depth}", "runs": n, "aggregate_img_s": agg, "modes": ",".join(modes)})
-    for r in packed:
-        r["vs_one"] = r["aggregate_img_s"] / packed[0]["aggregate_img_s"] if packed[0]["runs"] == 1 else None
+        g_agg, g_mode = grouped_images_per_s(pack_depth, n, x, y, dev, batch_size, seconds)
+        packed.append({"model": f"resnet-{pack_depth}", "runs": n, "aggregate_img_s": agg, "modes": ",".join(modes),
+                       "grouped_img_s": g_agg, "grouped_mode": g_mode})
+    for r in packed:  # both ways of packing against one run alone
+        one = packed[0]["aggregate_img_s"] if packed[0]["runs"] == 1 else None
+        r["vs_one"] = r["aggregate_img_s"] / one if one else None
+        r["grouped_vs_one"] = r["grouped_img_s"] / one if one else None
         log.info("%s", r)
     result = {"device": device_name(dev), "device_type": dev.type, "torch": torch.__version__,
               "machine": platform.machine(), "batch_size": batch_size, "seconds_per_measurement": seconds,
@@ -264,6 +296,7 @@ def markdown(result: dict[str, Any]) -> str:
     if result["rows"]:
         lines += _table(result["rows"])
     if result.get("packed"):
-        lines += ["", "Packed runs (independent nets stepped together, one CUDA stream each):", ""]
+        lines += ["", "Packed runs (independent nets stepped together, one CUDA stream each; grouped: the same "
+                  "nets as one net with conv groups):", ""]
         lines += _table(result["packed"])
     return "\n".join(lines) + "\n"

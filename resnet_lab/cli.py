@@ -59,7 +59,8 @@ def _print_run(rec) -> None:
     print(f"{cfg.name} seed {cfg.seed} [{cfg.preset}] {s.get('status')} at step {s.get('steps_done')}: "
           f"train err {100 * (s.get('final_train_err') or 0):.2f}%  test err {100 * (s.get('final_test_err') or 0):.2f}%  "
           f"params {s.get('params'):,}  {s.get('wall_seconds', 0):.1f}s on {s.get('device')} "
-          f"({s.get('step_mode', '?')} step, {s.get('packed_runs', 1)} packed)\n  {rec.path}")
+          f"({s.get('step_mode', '?')} step, {s.get('packed_runs', 1)} packed"
+          f"{', grouped' if s.get('grouped_runs') else ''})\n  {rec.path}")
 
 
 def _train_notebooks(a: argparse.Namespace) -> int:
@@ -88,6 +89,7 @@ def _train_notebooks(a: argparse.Namespace) -> int:
             cfgs += [c for c in ex.configs_for(nb, params) if c.hash not in seen]
         cfgs = ex.with_dataset(cfgs)
         pack = a.pack if a.pack is not None else ex.pack_size(None if a.device == "auto" else a.device)
+        group = a.group or ex.group_seeds()
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if a.list:
@@ -97,7 +99,8 @@ def _train_notebooks(a: argparse.Namespace) -> int:
             print(f"{c.hash}  {c.name:24s} seed {c.seed}  {s.get('status', 'missing'):8s} step {s.get('steps_done', 0)}"
                   f"/{c.iterations}")
         return 0
-    recs = ex.train_all(cfgs, device=a.device, pack=pack, progress=not a.quiet, time_budget_s=a.time_budget)
+    recs = ex.train_all(cfgs, device=a.device, pack=pack, group=group, progress=not a.quiet,
+                        time_budget_s=a.time_budget)
     for c, rec in zip(cfgs, recs):
         if rec is None:
             print(f"{c.name} seed {c.seed}: failed (see {RunDir(c).summary_file})")
@@ -200,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
                    help="with --notebook: a notebook parameter, JSON value, e.g. -p 'seeds=[0,1,2]'")
     t.add_argument("--pack", type=int, default=None, help="runs stepped together per GPU (default: 4 on CUDA, 1 on CPU)")
+    t.add_argument("--group", action="store_true",
+                   help="with --notebook: train the seeds of one config as one grouped net (conv groups; "
+                        "$RESNET_LAB_GROUP=1 does the same); off by default until the GPU bench shows it pays")
     t.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="stop with a checkpoint after S seconds; the next call resumes")
     t.add_argument("--list", action="store_true", help="with --notebook: list the runs and their status, train nothing")

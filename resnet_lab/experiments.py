@@ -80,16 +80,27 @@ def pack_size(device: str | torch.device | None = None) -> int:
     return PACK_CUDA if dev.type == "cuda" else 1
 
 
+def group_seeds() -> bool:
+    """$RESNET_LAB_GROUP: 1 trains the seeds of one config as one grouped net (see `train_many`)."""
+    env = os.environ.get("RESNET_LAB_GROUP", "0")
+    if env not in ("0", "1"):
+        raise ValueError(f"RESNET_LAB_GROUP={env!r} is not valid: use 0 or 1")
+    return env == "1"
+
+
 def train_all(cfgs: Iterable[RunConfig], device: str | None = None, root: str | os.PathLike | None = None,
-              source: str | os.PathLike | None = None, pack: int | None = None, **kw: Any) -> list[RunRecord | None]:
+              source: str | os.PathLike | None = None, pack: int | None = None, group: bool | None = None,
+              **kw: Any) -> list[RunRecord | None]:
     """Train every config not yet in the store, small nets `pack` at a time on a GPU.
 
     A failure is logged and stored in its run folder; the others go on (its entry is None).
+    group (default $RESNET_LAB_GROUP, off): seeds of one config train as one grouped net.
     """
     dev = None if device in (None, "auto") else device
     data = load_cifar10(source)
     cfgs = list(cfgs)
     pack = pack_size(dev) if pack is None else pack
+    group = group_seeds() if group is None else group
     out: dict[int, RunRecord | None] = {}
     lone = [i for i, c in enumerate(cfgs) if c.depth > LONE_DEPTH]
     small = [i for i, c in enumerate(cfgs) if c.depth <= LONE_DEPTH]
@@ -97,7 +108,7 @@ def train_all(cfgs: Iterable[RunConfig], device: str | None = None, root: str | 
         if not ix:
             continue
         try:
-            recs = train_many([cfgs[i] for i in ix], root=root, device=dev, data=data, pack=p, **kw)
+            recs = train_many([cfgs[i] for i in ix], root=root, device=dev, data=data, pack=p, group=group, **kw)
         except Exception as e:  # e.g. the run store cannot be written: say so, the other group still goes
             log.error("training %d run(s) failed: %s", len(ix), e)
             recs = [None] * len(ix)

@@ -54,17 +54,27 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
 
 
 def step_body(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-              precision: str = "auto", cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward, optimizer step on uint8 images; (loss, wrong count) stay on the device."""
+              precision: str = "auto", cache: bool = True, members: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, optimizer step on uint8 images; (loss, wrong count) stay on the device.
+
+    members > 1: `model` is a `GroupedNets` and x holds each member's batch in turn; loss and wrong
+    count come back per member, shape (members,).
+    """
     xf = normalize(x)
     if xf.device.type == "cuda":
         xf = xf.contiguous(memory_format=torch.channels_last)
     with autocast(xf.device, precision, cache):
         out = model(xf)
-    loss = F.cross_entropy(out.float(), y)
-    loss.backward()
+    wrong = out.detach().argmax(1) != y
+    if members == 1:
+        loss = F.cross_entropy(out.float(), y)
+        loss.backward()
+        opt.step()
+        return loss.detach(), wrong.sum()
+    per_member = F.cross_entropy(out.float(), y, reduction="none").view(members, -1).mean(1)
+    per_member.mean().backward()  # GroupedNets scales the gradient back up by `members`
     opt.step()
-    return loss.detach(), (out.detach().argmax(1) != y).sum()
+    return per_member.detach(), wrong.view(members, -1).sum(1)
 
 
 class Stepper:
@@ -74,8 +84,8 @@ class Stepper:
     """
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, lr_t: torch.Tensor,
-                 precision: str = "auto", fast: bool = True):
-        self.model, self.opt, self.lr_t, self.precision = model, opt, lr_t, precision
+                 precision: str = "auto", fast: bool = True, members: int = 1):
+        self.model, self.opt, self.lr_t, self.precision, self.members = model, opt, lr_t, precision, members
         self.mode = "eager"
         self.reason: str | None = None if fast else "fast=False"
         self._want_graph, self._tried = fast, False
@@ -101,7 +111,10 @@ class Stepper:
             self._graph.replay()
             return self._loss, self._wrong
         self.opt.zero_grad(set_to_none=True)
-        return step_body(self.model, self.opt, x, y, self.precision)
+        return self._body(x, y)
+
+    def _body(self, x: torch.Tensor, y: torch.Tensor, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        return step_body(self.model, self.opt, x, y, self.precision, cache, self.members)
 
     # -- capture ------------------------------------------------------------------------------
     def _try_capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -131,13 +144,13 @@ class Stepper:
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
                 self.opt.zero_grad(set_to_none=True)
-                step_body(self.model, self.opt, self._x, self._y, self.precision, cache=False)
+                self._body(self._x, self._y, cache=False)
         cur.wait_stream(side)
         torch.cuda.empty_cache()  # the graph gets its own memory pool: hand back what the warm-up cached
         g = torch.cuda.CUDAGraph()
         self.opt.zero_grad(set_to_none=True)  # backward inside the capture allocates .grad from the graph's pool
         with torch.cuda.graph(g):
-            self._loss, self._wrong = step_body(self.model, self.opt, self._x, self._y, self.precision, cache=False)
+            self._loss, self._wrong = self._body(self._x, self._y, cache=False)
         self._graph = g
 
     def _snapshot(self) -> dict:
@@ -168,13 +181,13 @@ class Stepper:
         """One eager step and one replay from the same state must agree, or the graph is not used."""
         p0 = self._flat()
         self.opt.zero_grad(set_to_none=True)
-        loss_e, wrong_e = step_body(self.model, self.opt, x, y, self.precision)
-        loss_e, upd_e = float(loss_e), self._flat() - p0
+        loss_e, _ = self._body(x, y)
+        loss_e, upd_e = float(loss_e.mean()), self._flat() - p0
         self._restore(snap)
         self._x.copy_(x)
         self._y.copy_(y)
         self._graph.replay()
-        loss_g, upd_g = float(self._loss), self._flat() - p0
+        loss_g, upd_g = float(self._loss.mean()), self._flat() - p0
         self._restore(snap)
         loss_err = abs(loss_g - loss_e) / max(1.0, abs(loss_e))
         upd_err = float((upd_g - upd_e).norm() / upd_e.norm().clamp_min(1e-12))

@@ -11,7 +11,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pandas as pd
 import torch
@@ -198,6 +198,7 @@ class _Run:
         self.cfg, self.rd, self.device, self.stream = cfg, rd, device, stream
         self.checkpoint_every_s = checkpoint_every_s
         self.end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
+        self.group: _Group | None = None
         with self.on_stream():
             self._setup(data, progress, packed)
 
@@ -263,25 +264,33 @@ class _Run:
         self.status = "running"
         self.t0, self.last_ckpt = time.time(), time.time()
 
+    @property
+    def active(self) -> bool:
+        return self.status == "running" and self.step_no < self.end
+
     def step(self) -> bool:
         """One training step (and evaluation when due); False once the run has nothing left to do."""
-        if self.status != "running" or self.step_no >= self.end:
+        if not self.active:
             return False
         with self.on_stream():
             self._step()
-        return self.status == "running" and self.step_no < self.end
+        return self.active
 
     def _step(self) -> None:
-        cfg, step = self.cfg, self.step_no
-        lr = lr_at(cfg, step, self.warming_up)
-        x, y = self.loader.batch(step)
+        lr = lr_at(self.cfg, self.step_no, self.warming_up)
+        x, y = self.loader.batch(self.step_no)
         loss, wrong = self.stepper(x, y, lr)
-        self.loss_acc += loss * len(y)
+        self.account(lr, loss, wrong, len(y))
+
+    def account(self, lr: float, loss: torch.Tensor, wrong: torch.Tensor, n: int) -> None:
+        """Book one step's loss and wrong count; evaluate, checkpoint and finish when due."""
+        cfg, step = self.cfg, self.step_no
+        self.loss_acc += loss * n
         self.wrong_acc += wrong
-        self.seen += len(y)
+        self.seen += n
         if self.warming_up:  # the paper: lr 0.01 until training error < 80%, then 0.1
             self.win_wrong += wrong
-            self.win_seen += len(y)
+            self.win_seen += n
             if (step + 1) % WARMUP_CHECK_EVERY == 0:
                 if float(self.win_wrong) / self.win_seen < cfg.warmup_err:
                     self.warming_up, self.warmup_end = False, step + 1
@@ -292,6 +301,7 @@ class _Run:
         if done % cfg.eval_every == 0 or done == cfg.iterations:
             train_loss = float(self.loss_acc) / self.seen
             train_err = float(self.wrong_acc) / self.seen
+            self.pull()
             test_loss, test_err = evaluate(self.model, eval_batches(self.ex, self.ey), cfg.precision)
             now = time.time()
             self.rows.append(dict(step=done, epoch=done / self.loader.steps_per_epoch, lr=lr, train_loss=train_loss,
@@ -310,7 +320,13 @@ class _Run:
         if done == self.cfg.iterations:
             self.status = "done"
 
+    def pull(self) -> None:
+        """Bring the model and optimizer up to date when a `_Group` trains this run."""
+        if self.group is not None:
+            self.group.pull(self)
+
     def _checkpoint(self, step: int, seconds: float) -> None:
+        self.pull()
         acc = {"loss": self.loss_acc.detach().cpu(), "wrong": self.wrong_acc.detach().cpu(), "seen": self.seen,
                "win_wrong": self.win_wrong.detach().cpu(), "win_seen": self.win_seen}
         # Everything exact resume needs (data order is a function of (seed, step), so no loader state).
@@ -332,6 +348,7 @@ class _Run:
         if status == "running":  # stopped early on purpose: checkpoint so the next call resumes here
             self._checkpoint(self.step_no, seconds)
         else:
+            self.pull()
             model_cpu = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             atomic_save_torch(model_cpu, rd.model_file)
         last = self.rows[-1] if self.rows else {}
@@ -357,13 +374,17 @@ class _Run:
 def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
                device: str | torch.device | None = None, data: Cifar10 | None = None, pack: int = 1,
                progress: bool | None = None, stop_after: int | None = None, checkpoint_every_s: float = 120.0,
-               time_budget_s: float | None = None) -> list[RunRecord | None]:
+               time_budget_s: float | None = None, group: bool = False) -> list[RunRecord | None]:
     """Train several configs, `pack` at a time in lockstep on one device (each on its own CUDA stream).
 
     Small nets leave most of a big GPU idle; packed, their kernels overlap. Runs already finished are
     read from the store; a run that fails is stored as failed and the others go on (its entry is None).
     The order of steps inside one run is the same as `train`'s, so a packed run learns what a lone
     run learns (bit-exact on the CPU).
+
+    group: runs of one pack that differ only in seed train as one grouped net (`grouped.GroupedNets`,
+    one set of kernels for all; equal to lone runs up to float rounding); seeds of a config are
+    moved next to each other so they share a pack. A failure then fails the whole group.
     """
     device = torch.device(device) if device is not None else default_device()
     data = data if data is not None else load_cifar10()
@@ -381,27 +402,109 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
             out[i] = _record(rd)
         else:
             todo.append(i)
+    if group:  # seeds of one config side by side, else in the order given
+        first: dict = {}
+        for i in todo:
+            first.setdefault(group_key(cfgs[i]) or i, i)
+        todo.sort(key=lambda i: (first[group_key(cfgs[i]) or i], i))
     for g in range(0, len(todo), pack):
         if deadline is not None and time.monotonic() >= deadline:
             break
-        group = todo[g:g + pack]
+        chunk = todo[g:g + pack]
         try:
-            out.update(_train_group([cfgs[i] for i in group], group, root, device, data, progress, stop_after,
-                                    checkpoint_every_s, deadline))
-        except Exception as e:  # e.g. a run folder cannot be locked: this group is lost, the next ones go on
-            log.error("runs %s failed: %s", ", ".join(cfgs[i].name for i in group), e)
-            out.update({i: None for i in group})
+            out.update(_train_pack([cfgs[i] for i in chunk], chunk, root, device, data, progress, stop_after,
+                                   checkpoint_every_s, deadline, group))
+        except Exception as e:  # e.g. a run folder cannot be locked: this pack is lost, the next ones go on
+            log.error("runs %s failed: %s", ", ".join(cfgs[i].name for i in chunk), e)
+            out.update({i: None for i in chunk})
     for i in set(range(len(cfgs))) - set(out):  # not started before the deadline
         rd = RunDir(cfgs[i], root)
         out[i] = _record(rd) if rd.summary() else None
     return [out[i] for i in range(len(cfgs))]
 
 
-def _train_group(cfgs: list[RunConfig], index: list[int], root, device: torch.device, data: Cifar10,
-                 progress: bool | None, stop_after: int | None, checkpoint_every_s: float,
-                 deadline: float | None) -> dict[int, RunRecord | None]:
+def group_key(cfg: RunConfig) -> RunConfig | None:
+    """Runs with equal keys differ only in seed and can train as one `GroupedNets`; None: never grouped
+    (a warm-up ends at a step of its own for each seed)."""
+    return None if cfg.warmup_lr is not None else dataclasses.replace(cfg, seed=0)
+
+
+class _Group:
+    """Runs that differ only in seed, trained as one grouped net: one set of kernels for all.
+
+    Each run keeps its own data order, evaluation, metrics, checkpoints and summary; `pull` copies
+    its weights, BN statistics and momentum out of the grouped net whenever the run reads or stores
+    them, so its files are those of a run trained alone (and resume alone, or grouped).
+    """
+
+    def __init__(self, runs: list[_Run]):
+        from .grouped import GroupedNets
+
+        self.runs, cfg = runs, runs[0].cfg
+        with runs[0].on_stream():
+            self.model = to_device(GroupedNets([r.model for r in runs]), runs[0].device)
+            opt, lr_t = make_optimizer(self.model, cfg.lr, cfg.momentum, cfg.weight_decay)
+            members = [list(r.model.parameters()) for r in runs]
+            for j, p in enumerate(self.model.parameters()):  # resumed runs bring their momentum
+                bufs = [r.opt.state.get(ps[j], {}).get("momentum_buffer") for r, ps in zip(runs, members)]
+                if all(b is not None for b in bufs):
+                    opt.state[p]["momentum_buffer"] = torch.cat(bufs)
+            self.stepper = Stepper(self.model, opt, lr_t, cfg.precision, fast=cfg.fast, members=len(runs))
+        for r in runs:
+            r.group, r.stepper = self, self.stepper
+            r.summary["grouped_runs"] = len(runs)
+
+    def step(self) -> None:
+        live = [r for r in self.runs if r.active]
+        if not live:
+            return
+        step = live[0].step_no
+        with live[0].on_stream():
+            lr = lr_at(live[0].cfg, step, False)
+            xs, ys = zip(*(r.loader.batch(step) for r in self.runs))  # a diverged member still rides along
+            loss, wrong = self.stepper(torch.cat(xs), torch.cat(ys), lr)
+            for i, r in enumerate(self.runs):
+                if r.active:
+                    r.account(lr, loss[i], wrong[i], len(ys[i]))
+
+    @torch.no_grad()
+    def pull(self, run: _Run) -> None:
+        i, n = self.runs.index(run), len(self.runs)
+        run.model.load_state_dict(self.model.member_state_dict(i))
+        for gp, mp in zip(self.model.parameters(), run.model.parameters()):
+            buf = self.stepper.opt.state.get(gp, {}).get("momentum_buffer")
+            if buf is not None:
+                run.opt.state[mp]["momentum_buffer"] = buf.chunk(n)[i].clone()
+
+
+def _units(runs: dict[int, _Run], keys: list) -> list[tuple[list[int], Callable[[], object]]]:
+    """What the lockstep loop steps: lone runs, and groups of runs that share a key and a start step."""
+    units, placed = [], set()
+    for k, run in runs.items():
+        if k in placed:
+            continue
+        mates = [j for j, r in runs.items() if keys[k] is not None and keys[j] == keys[k] and r.start == run.start]
+        mates = mates or [k]
+        placed.update(mates)
+        if len(mates) > 1:
+            try:
+                units.append((mates, _Group([runs[j] for j in mates]).step))
+                continue
+            except Exception as e:  # grouping is only for speed: train them one by one
+                log.warning("runs %s not grouped (%s); training them one by one",
+                            ", ".join(runs[j].cfg.name for j in mates), e)
+                for j in mates:
+                    runs[j].group = None
+        units += [([j], runs[j].step) for j in mates]
+    return units
+
+
+def _train_pack(cfgs: list[RunConfig], index: list[int], root, device: torch.device, data: Cifar10,
+                progress: bool | None, stop_after: int | None, checkpoint_every_s: float,
+                deadline: float | None, group: bool = False) -> dict[int, RunRecord | None]:
     out: dict[int, RunRecord | None] = {}
     dirs = [RunDir(c, root) for c in cfgs]
+    keys = [group_key(c) if group else None for c in cfgs]
     with contextlib.ExitStack() as locks:
         runs: dict[int, _Run] = {}
         # locks in hash order, so two processes packing overlapping sets cannot deadlock
@@ -410,7 +513,15 @@ def _train_group(cfgs: list[RunConfig], index: list[int], root, device: torch.de
                 locks.enter_context(dirs[k].lock())
             except OSError as e:
                 raise ResultsWriteError(f"cannot lock run {cfgs[k].hash} under {dirs[k].path}: {e}") from e
-        streams = [torch.cuda.Stream(device) if device.type == "cuda" and len(cfgs) > 1 else None for _ in cfgs]
+        streams: list[torch.cuda.Stream | None] = []
+        shared: dict = {}  # runs that may be grouped share a stream
+        for key in keys:
+            if device.type != "cuda" or len(cfgs) == 1:
+                streams.append(None)
+            else:
+                streams.append(shared[key] if key is not None and key in shared else torch.cuda.Stream(device))
+                if key is not None:
+                    shared.setdefault(key, streams[-1])
         for k, (cfg, rd) in enumerate(zip(cfgs, dirs)):
             if rd.status() in ("done", "diverged"):  # another process finished it while we waited
                 out[index[k]] = _record(rd)
@@ -422,20 +533,23 @@ def _train_group(cfgs: list[RunConfig], index: list[int], root, device: torch.de
                 log.error("run %s could not start: %s", cfg.name, e)
                 _store_failure(rd, cfg, e)
                 out[index[k]] = None
-        active = dict(runs)
-        while active:
-            for k, run in list(active.items()):
+        units = _units(runs, keys)
+        while units:
+            for unit in list(units):
+                ks, step = unit
                 try:
-                    more = run.step()
-                except Exception as e:  # this run fails; the packed others go on
-                    log.error("run %s failed: %s", run.cfg.name, e)
-                    run.fail(e)
-                    out[index[k]] = None
-                    del active[k], runs[k]
-                    continue
-                if not more:  # store it now (model file, summary) rather than when the group ends
-                    del active[k]
-                    out[index[k]] = _finish(runs.pop(k))
+                    step()
+                except Exception as e:  # this run (or group) fails; the packed others go on
+                    for k in ks:
+                        if k in runs:
+                            log.error("run %s failed: %s", runs[k].cfg.name, e)
+                            runs.pop(k).fail(e)
+                            out[index[k]] = None
+                for k in ks:  # store finished runs now (model file, summary) rather than when the pack ends
+                    if k in runs and not runs[k].active:
+                        out[index[k]] = _finish(runs.pop(k))
+                if not any(k in runs for k in ks):
+                    units.remove(unit)
             if deadline is not None and time.monotonic() >= deadline:
                 break
         for k, run in runs.items():  # stopped by the deadline: checkpoints, resumed by the next call

@@ -27,8 +27,10 @@ def test_bench_on_cpu_writes_json(cifar, tmp_path):
     assert row["paper_schedule_min"] == pytest.approx((64_000 * row["ours_step_ms"] / 1000 + 64 * row["eval_10k_s"]) / 60)
     one, two = saved["packed"]
     assert (one["runs"], two["runs"]) == (1, 2) and one["vs_one"] == 1.0 and two["aggregate_img_s"] > 0
+    assert two["grouped_img_s"] > 0 and two["grouped_mode"] == "eager"  # two nets as one grouped net
+    assert two["grouped_vs_one"] == pytest.approx(two["grouped_img_s"] / one["aggregate_img_s"])
     md = (tmp_path / res["paths"][1].split("/")[-1]).read_text()
-    assert "| resnet-8 |" in md and "Packed runs" in md
+    assert "| resnet-8 |" in md and "Packed runs" in md and "grouped_img_s" in md
     prof = (tmp_path / res["paths"][2].split("/")[-1]).read_text()
     assert "resnet-8, 20 steps" in prof and "convolution" in prof and row["gpu_busy"] is None  # no GPU here
 

@@ -67,3 +67,36 @@ def test_packed_runs_on_streams_learn_what_lone_runs_learn(cifar, tmp_path):
         assert p.status == "done" and p.summary["step_mode"] == "graph" and p.summary["packed_runs"] == 2
         assert a.summary["step_mode"] == "graph"
         assert abs(p.summary["final_train_loss"] - a.summary["final_train_loss"]) < 0.1
+
+
+def test_grouped_nets_capture_and_match_their_members():
+    from resnet_lab.grouped import GroupedNets
+
+    cuda = torch.device("cuda")
+    nets = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        nets.append(to_device(build_model("resnet", 20), cuda))
+    group = to_device(GroupedNets(nets), cuda)
+    x, y = batches(1, b=4 * 128)[0]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, alone = group(x.float() / 255), [m(x[i * 128:(i + 1) * 128].float() / 255) for i, m in enumerate(nets)]
+    assert float((out.float() - torch.cat(alone).float()).abs().max()) < 5e-2  # bf16, other conv kernels
+    opt, lr_t = make_optimizer(group, 0.1, 0.9, 1e-4)
+    st = Stepper(group, opt, lr_t, "auto", members=4)
+    losses = [st(xb, yb, lr)[0].clone() for (xb, yb), lr in zip(batches(b=4 * 128), LRS)]
+    assert st.mode == "graph", st.reason
+    assert losses[0].shape == (4,) and bool((losses[-1] < losses[0]).all())
+
+
+@needs_data
+def test_grouped_seeds_train_like_lone_runs(cifar, tmp_path):
+    from resnet_lab.train import train, train_many
+
+    cfgs = [make_config("smoke", depth=20, iterations=60, eval_every=20, milestones=(40,), batch_size=128,
+                        train_subset=2560, eval_subset=500, seed=s) for s in (0, 1)]
+    alone = [train(c, root=tmp_path / "a", data=cifar, device="cuda") for c in cfgs]
+    grouped = train_many(cfgs, root=tmp_path / "b", data=cifar, device="cuda", pack=2, group=True)
+    for a, g in zip(alone, grouped):
+        assert g.status == "done" and g.summary["step_mode"] == "graph" and g.summary["grouped_runs"] == 2
+        assert abs(g.summary["final_train_loss"] - a.summary["final_train_loss"]) < 0.1

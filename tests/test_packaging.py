@@ -54,6 +54,8 @@ def test_cli_trains_a_notebooks_runs_without_jupyter(tmp_path):
     r = run("--quiet", "--pack", "2")
     assert r.returncode == 0 and r.stdout.count(" done at step 6") == 2 and "2 packed" in r.stdout, r.stderr
     assert run("--list").stdout.count(" done ") == 2
+    r = run("--quiet", "--pack", "2", "--group", "-p", "seeds=[1,2]")  # two seeds of each net, grouped
+    assert r.returncode == 0 and r.stdout.count("2 packed, grouped") == 4, r.stderr
     r = run("-p", "dephts=[8]")
     assert r.returncode != 0 and "dephts" in r.stderr and "depths" in r.stderr
     r = run("--depth", "20")

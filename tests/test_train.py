@@ -143,3 +143,45 @@ def test_time_budget_stops_with_a_checkpoint_and_the_next_call_resumes(cifar, tm
     resumed = train_many([cfg], root=tmp_path / "b", data=cifar, device="cpu")[0]
     assert resumed.status == "done"
     _same_curves(straight, resumed)
+
+
+def _close_curves(a, b):
+    """Equal up to float rounding, which a few SGD steps on tiny batches amplify (running the same lone
+    run on 1 thread instead of 2 moves these losses by up to 3e-3): a gross error (lr, weight decay,
+    gradient scale, momentum) moves them far more."""
+    pd.testing.assert_frame_equal(a.metrics[["step", "lr"]], b.metrics[["step", "lr"]])
+    assert b.metrics["train_loss"].iloc[0] == pytest.approx(a.metrics["train_loss"].iloc[0], rel=1e-5)
+    assert list(b.metrics["train_loss"]) == pytest.approx(list(a.metrics["train_loss"]), rel=1e-2)
+    assert list(b.metrics["test_loss"]) == pytest.approx(list(a.metrics["test_loss"]), rel=1e-2)
+    wa = torch.load(a.path / "model.pt", weights_only=True)
+    wb = torch.load(b.path / "model.pt", weights_only=True)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k].float(), wb[k].float(), atol=0.1) for k in wa)
+
+
+def test_grouped_seeds_learn_what_lone_runs_learn_and_resume_either_way(cifar, tmp_path):
+    from resnet_lab.train import train_many
+
+    cfgs = [tiny(seed=s) for s in (0, 1, 2)] + [tiny(arch="plain")]
+    alone = [train(c, root=tmp_path / "a", data=cifar, device="cpu") for c in cfgs]
+    straight = train_many(cfgs, root=tmp_path / "g", data=cifar, device="cpu", pack=4, group=True)
+    for a, g in zip(alone, straight):
+        assert g.status == "done"
+        _close_curves(a, g)
+    part = train_many(cfgs, root=tmp_path / "b", data=cifar, device="cpu", pack=4, group=True, stop_after=3)
+    assert [p.status for p in part] == ["running"] * 4 and all((p.path / "checkpoint.pt").exists() for p in part)
+    assert [p.summary.get("grouped_runs") for p in part] == [3, 3, 3, None]  # the plain net is no seed of them
+    resumed = train_many(cfgs, root=tmp_path / "b", data=cifar, device="cpu", pack=4, group=True)
+    for g, r in zip(straight, resumed):  # weights, BN statistics and momentum came back exactly
+        _same_curves(g, r)
+    # a grouped run's checkpoint resumes alone: the files are a lone run's
+    train_many(cfgs[:2], root=tmp_path / "c", data=cifar, device="cpu", pack=2, group=True, stop_after=3)
+    lone = train(cfgs[1], root=tmp_path / "c", data=cifar, device="cpu")
+    _close_curves(alone[1], lone)
+
+
+def test_seeds_far_apart_in_the_list_are_packed_together_when_grouping(cifar, tmp_path):
+    from resnet_lab.train import train_many
+
+    cfgs = [tiny(seed=0), tiny(depth=14), tiny(seed=1)]
+    out = train_many(cfgs, root=tmp_path, data=cifar, device="cpu", pack=2, group=True, stop_after=2)
+    assert [r.summary.get("grouped_runs") for r in out] == [2, None, 2]

@@ -1,0 +1,87 @@
+"""N nets grouped into one (conv groups) compute and learn exactly what the N nets do on their own."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnet_lab.fast import make_optimizer
+from resnet_lab.grouped import GroupedNets
+from resnet_lab.models import build_model
+
+N, B = 3, 4
+VARIANTS = [dict(arch="resnet"), dict(arch="plain"), dict(arch="resnet", shortcut="B"),
+            dict(arch="resnet", shortcut="C"), dict(arch="preact"), dict(arch="highway"),
+            dict(arch="resnet", block_layers=1), dict(arch="resnet", depth=11, bottleneck=True)]
+
+
+def members(**kw):
+    out = []
+    for seed in range(N):
+        torch.manual_seed(seed)
+        out.append(build_model(**{"depth": 8, **kw}))
+    return out
+
+
+def data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N * B, 3, 32, 32, generator=g), torch.randint(0, 10, (N * B,), generator=g)
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def test_grouped_step_equals_each_net_stepping_alone(kw):
+    nets = members(**kw)
+    group = GroupedNets(nets)
+    for i, m in enumerate(nets):  # grouping copies: the members start where the nets are
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in group.member_state_dict(i).items())
+    x, y = data()
+    opt_g, _ = make_optimizer(group, 0.1, 0.9, 1e-4)
+    out = group(x)
+    F.cross_entropy(out, y).backward()
+    opt_g.step()
+    for i, m in enumerate(nets):
+        xi, yi = x[i * B:(i + 1) * B], y[i * B:(i + 1) * B]
+        opt, _ = make_optimizer(m, 0.1, 0.9, 1e-4)
+        oi = m(xi)
+        assert torch.allclose(out[i * B:(i + 1) * B], oi, atol=1e-5)
+        F.cross_entropy(oi, yi).backward()
+        opt.step()
+        got = group.member_state_dict(i)
+        for k, v in m.state_dict().items():  # weights after the step, BN running statistics
+            assert torch.allclose(got[k].float(), v.float(), atol=1e-5), (kw, i, k)
+    group.eval()
+    for m in nets:
+        m.eval()
+    out = group(x)
+    for i, m in enumerate(nets):
+        assert torch.allclose(out[i * B:(i + 1) * B], m(x[i * B:(i + 1) * B]), atol=1e-5)
+
+
+def test_member_weights_load_into_a_plain_model():
+    group = GroupedNets(members())
+    m = build_model("resnet", 8)
+    m.load_state_dict(group.member_state_dict(2))  # strict: same keys and shapes
+    with pytest.raises(ValueError, match=r"member=3 is not valid: use 0\.\.2"):
+        group.member_state_dict(3)
+
+
+def test_nets_of_different_architectures_are_refused():
+    with pytest.raises(ValueError, match="differs from model 0"):
+        GroupedNets([build_model("resnet", 8), build_model("resnet", 14)])
+    with pytest.raises(ValueError, match="cannot group a Dropout"):
+        GroupedNets([torch.nn.Sequential(torch.nn.Dropout())])
+
+
+def test_group_switch_reads_the_environment(monkeypatch):
+    from resnet_lab.experiments import group_seeds
+    from resnet_lab.train import group_key
+    from resnet_lab.config import make_config
+
+    monkeypatch.delenv("RESNET_LAB_GROUP", raising=False)
+    assert group_seeds() is False
+    monkeypatch.setenv("RESNET_LAB_GROUP", "1")
+    assert group_seeds() is True
+    monkeypatch.setenv("RESNET_LAB_GROUP", "yes")
+    with pytest.raises(ValueError, match=r"RESNET_LAB_GROUP='yes' is not valid: use 0 or 1"):
+        group_seeds()
+    a, b = make_config("smoke", seed=0), make_config("smoke", seed=1)
+    assert group_key(a) == group_key(b) != group_key(make_config("smoke", depth=14))
+    assert group_key(make_config("smoke", depth=110, warmup_lr=0.01)) is None  # warm-ups end at their own step
