@@ -26,7 +26,7 @@ from torch import nn
 
 from .data import MEAN, STD, DeviceLoader, balanced_subset, eval_batches
 from .fast import Stepper, make_optimizer, to_device
-from .grouped import GroupedNets
+from .grouped import CatLoader, GroupedNets
 from .models import build_model
 from .runs import atomic_write_json, atomic_write_text, results_dir
 from .train import device_name, evaluate
@@ -159,17 +159,6 @@ def packed_images_per_s(depth: int, n_runs: int, x: torch.Tensor, y: torch.Tenso
     return n_runs * n * batch_size / dt, [p[1].mode for p in parts]
 
 
-class _CatLoader:
-    """Batches of several loaders, one after another on the batch dimension (GroupedNets' input)."""
-
-    def __init__(self, loaders: list[DeviceLoader]):
-        self.loaders = loaders
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*(ld.batch(step) for ld in self.loaders))
-        return torch.cat(xs), torch.cat(ys)
-
-
 def grouped_images_per_s(depth: int, n_runs: int, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                          batch_size: int, seconds: float) -> tuple[float, str]:
     """Aggregate images/s of `n_runs` ResNets trained as one grouped net (our step, one stream)."""
@@ -180,7 +169,7 @@ def grouped_images_per_s(depth: int, n_runs: int, x: torch.Tensor, y: torch.Tens
     model = to_device(GroupedNets(nets), device)
     opt, lr_t = make_optimizer(model, 0.1, 0.9, 1e-4)
     st = Stepper(model, opt, lr_t, "auto", members=n_runs)
-    ld = _CatLoader([DeviceLoader(x, y, batch_size, seed, device) for seed in range(n_runs)])
+    ld = CatLoader([DeviceLoader(x, y, batch_size, seed, device) for seed in range(n_runs)])
     dt, n = _timed([st], [ld], [None], device, seconds)
     return n_runs * n * batch_size / dt, st.mode
 

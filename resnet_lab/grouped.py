@@ -76,8 +76,8 @@ def _grouped_leaf(mods: list[nn.Module]) -> nn.Module | None:
     if isinstance(m, nn.BatchNorm2d):
         g = nn.BatchNorm2d(n * m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
                            device=m.weight.device if m.affine else None)
-        sd = {k: _cat([mod.state_dict()[k] for mod in mods]) for k in ("weight", "bias", "running_mean",
-                                                                        "running_var") if k in m.state_dict()}
+        sds = [mod.state_dict() for mod in mods]
+        sd = {k: _cat([d[k] for d in sds]) for k in ("weight", "bias", "running_mean", "running_var") if k in sds[0]}
         if m.track_running_stats:
             sd["num_batches_tracked"] = m.num_batches_tracked.detach().clone()  # unused with momentum 0.1
         g.load_state_dict(sd)
@@ -90,6 +90,17 @@ def _grouped_leaf(mods: list[nn.Module]) -> nn.Module | None:
         return None
     allowed = ", ".join(t.__name__ for t in (nn.Conv2d, nn.BatchNorm2d, nn.Linear, ZeroPadShortcut) + _PASS_THROUGH)
     raise ValueError(f"cannot group a {type(m).__name__}: grouping knows {allowed}")
+
+
+class CatLoader:
+    """Member batches one after another on the batch dimension: the input `GroupedNets` takes."""
+
+    def __init__(self, loaders: Sequence):
+        self.loaders = list(loaders)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*(ld.batch(step) for ld in self.loaders))
+        return torch.cat(xs), torch.cat(ys)
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -402,11 +402,12 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
             out[i] = _record(rd)
         else:
             todo.append(i)
-    if group:  # seeds of one config side by side, else in the order given
+    if group:  # seeds of one config side by side, else in the order given (the sort is stable)
+        keys = {i: group_key(cfgs[i]) or i for i in todo}
         first: dict = {}
         for i in todo:
-            first.setdefault(group_key(cfgs[i]) or i, i)
-        todo.sort(key=lambda i: (first[group_key(cfgs[i]) or i], i))
+            first.setdefault(keys[i], i)
+        todo.sort(key=lambda i: first[keys[i]])
     for g in range(0, len(todo), pack):
         if deadline is not None and time.monotonic() >= deadline:
             break
@@ -438,9 +439,10 @@ class _Group:
     """
 
     def __init__(self, runs: list[_Run]):
-        from .grouped import GroupedNets
+        from .grouped import CatLoader, GroupedNets
 
         self.runs, cfg = runs, runs[0].cfg
+        self.loader = CatLoader([r.loader for r in runs])
         with runs[0].on_stream():
             self.model = to_device(GroupedNets([r.model for r in runs]), runs[0].device)
             opt, lr_t = make_optimizer(self.model, cfg.lr, cfg.momentum, cfg.weight_decay)
@@ -461,11 +463,11 @@ class _Group:
         step = live[0].step_no
         with live[0].on_stream():
             lr = lr_at(live[0].cfg, step, False)
-            xs, ys = zip(*(r.loader.batch(step) for r in self.runs))  # a diverged member still rides along
-            loss, wrong = self.stepper(torch.cat(xs), torch.cat(ys), lr)
+            x, y = self.loader.batch(step)  # every member's batch: a diverged one still rides along
+            loss, wrong = self.stepper(x, y, lr)
             for i, r in enumerate(self.runs):
                 if r.active:
-                    r.account(lr, loss[i], wrong[i], len(ys[i]))
+                    r.account(lr, loss[i], wrong[i], len(y) // len(self.runs))
 
     @torch.no_grad()
     def pull(self, run: _Run) -> None:
@@ -493,8 +495,6 @@ def _units(runs: dict[int, _Run], keys: list) -> list[tuple[list[int], Callable[
             except Exception as e:  # grouping is only for speed: train them one by one
                 log.warning("runs %s not grouped (%s); training them one by one",
                             ", ".join(runs[j].cfg.name for j in mates), e)
-                for j in mates:
-                    runs[j].group = None
         units += [([j], runs[j].step) for j in mates]
     return units
 
@@ -513,15 +513,13 @@ def _train_pack(cfgs: list[RunConfig], index: list[int], root, device: torch.dev
                 locks.enter_context(dirs[k].lock())
             except OSError as e:
                 raise ResultsWriteError(f"cannot lock run {cfgs[k].hash} under {dirs[k].path}: {e}") from e
-        streams: list[torch.cuda.Stream | None] = []
-        shared: dict = {}  # runs that may be grouped share a stream
-        for key in keys:
-            if device.type != "cuda" or len(cfgs) == 1:
-                streams.append(None)
-            else:
-                streams.append(shared[key] if key is not None and key in shared else torch.cuda.Stream(device))
+        streams: list[torch.cuda.Stream | None] = [None] * len(cfgs)
+        if device.type == "cuda" and len(cfgs) > 1:
+            shared: dict = {}  # runs that may be grouped share a stream
+            for k, key in enumerate(keys):
+                streams[k] = (shared.get(key) if key is not None else None) or torch.cuda.Stream(device)
                 if key is not None:
-                    shared.setdefault(key, streams[-1])
+                    shared[key] = streams[k]
         for k, (cfg, rd) in enumerate(zip(cfgs, dirs)):
             if rd.status() in ("done", "diverged"):  # another process finished it while we waited
                 out[index[k]] = _record(rd)
