@@ -29,12 +29,42 @@ def runs_dir(root: str | os.PathLike | None = None) -> Path:
 
 
 # -- atomic writes ------------------------------------------------------------------------------
+def _umask() -> int:
+    """The process umask, read from /proc where it can be (os.umask alone must set it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` survive a crash; best-effort (some filesystems refuse a folder fsync)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, write) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers see the old or the new file, never half."""
+    """Write to a temp file in the same folder, fsync, rename: readers see the old or the new file, never half.
+
+    The file gets the mode a plain open() would give (mkstemp makes it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -44,6 +74,11 @@ def _atomic_write(path: Path, write) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    _atomic_write(Path(path), lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -60,6 +95,34 @@ def atomic_save_torch(obj: Any, path: str | os.PathLike) -> None:
 
 def atomic_write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
     atomic_write_text(path, df.to_csv(index=False))
+
+
+# -- run locks ----------------------------------------------------------------------------------------
+class RunLocked(RuntimeError):
+    """Another process holds a run's lock (raised only to callers that asked not to wait)."""
+
+
+@contextlib.contextmanager
+def lock_run(folder: str | os.PathLike, wait: bool = True) -> Iterator[None]:
+    """Exclusive flock on `<folder>/.lock`, the one lock trainers and imports share.
+
+    wait=False raises RunLocked at once instead of waiting. The lock file is never followed through a
+    symlink (O_NOFOLLOW), so a planted `.lock` link cannot make the open truncate another file.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError as e:
+            raise RunLocked(f"run {folder.name} is locked by another process (a trainer or an import)") from e
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 # -- one run ----------------------------------------------------------------------------------------
@@ -91,16 +154,9 @@ class RunDir:
             return pd.DataFrame(columns=METRIC_COLUMNS)
         return pd.read_csv(self.metrics_file)
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> contextlib.AbstractContextManager[None]:
         """Exclusive lock on this run: a second process asking for the same config waits here."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return lock_run(self.path)
 
     def load_model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The trained model of a finished run (weights only; never unpickles code)."""
@@ -115,10 +171,13 @@ class RunDir:
 
 # -- many runs ---------------------------------------------------------------------------------------
 def iter_runs(root: str | os.PathLike | None = None) -> Iterator[tuple[Path, dict, dict | None]]:
+    """(folder, config, summary or None) of every run folder; hidden folders and stray files are skipped."""
     d = runs_dir(root)
     if not d.exists():
         return
     for p in sorted(d.iterdir()):
+        if p.name.startswith("."):  # `.<hash>.importing` / `.replaced`: an import's staging, not a run
+            continue
         try:
             cfg = json.loads((p / "config.json").read_text())
         except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):

@@ -3,94 +3,313 @@
 `export_runs` packs the run store into a gzipped tar split into parts no larger than a limit (the
 device tool brings back files of at most 16 MiB); checkpoints of unfinished runs go along only when
 asked, so a later GPU session can resume them. `import_runs` merges parts into a store, keeping
-whichever copy of each run is further along, and never lets an archive write outside it.
+whichever copy of each run is further along. An archive is read into memory and checked whole before
+the store is touched: only regular files with the names export writes, each under a `<hash>/` folder
+whose config.json hashes to that name; nothing in it is ever extracted by tarfile itself.
 """
 from __future__ import annotations
 
+import contextlib
+import gzip
 import io
 import json
+import logging
+import math
 import os
+import re
 import shutil
 import tarfile
 import tempfile
+import time
+import zlib
 from pathlib import Path
 
-from .runs import runs_dir
+from .config import RunConfig
+from .runs import RunLocked, _umask, atomic_write_bytes, lock_run, runs_dir
+
+log = logging.getLogger(__name__)
 
 RANK = {None: 0, "failed": 1, "running": 2, "diverged": 3, "done": 3}
+FINISHED = ("done", "diverged")
+RUN_FILES = ("config.json", "summary.json", "metrics.csv", "model.pt")  # what every export carries
+CHECKPOINT = "checkpoint.pt"  # only with checkpoints=True, only for unfinished runs
+ARCHIVE_FILES = RUN_FILES + (CHECKPOINT,)
+HASH = re.compile(r"[0-9a-f]{12}")
+EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+PART_NUMBER = re.compile(r"[0-9]+")
+MIN_PART_MB, MAX_PART_MB = 1 / 1024, 15.0  # 1 KiB .. the device tool's file limit, with a margin
 
 
 def _progress(summary: dict | None) -> tuple[int, int]:
-    s = summary or {}
-    return RANK.get(s.get("status"), 0), int(s.get("steps_done") or 0)
+    s = summary if isinstance(summary, dict) else {}
+    try:
+        steps = int(s.get("steps_done") or 0)
+    except (TypeError, ValueError):
+        steps = 0
+    return RANK.get(s.get("status"), 0), steps
+
+
+def _parse_summary(data: bytes | None) -> dict | None:
+    """A summary.json's content, or None when absent or unreadable (then the run counts as not started)."""
+    if data is None:
+        return None
+    try:
+        s = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return s if isinstance(s, dict) else None
 
 
 def _summary(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / "summary.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return _parse_summary((folder / "summary.json").read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def _config_error(h: str, data: bytes) -> str | None:
+    """Why `<h>/config.json` does not describe run `h` (None when it does): a run folder is named by the
+    hash of its config, and a mismatch would file results under the wrong experiment."""
+    try:
+        cfg = RunConfig.from_json(json.loads(data))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
+        return f"{h}/config.json is not a valid run config ({e})"
+    if cfg.hash != h:
+        return f"{h}/config.json hashes to {cfg.hash}, not to its folder name {h}"
+    return None
+
+
+# -- export ------------------------------------------------------------------------------------------
+def _check_part_mb(part_mb: float) -> int:
+    """Part size in bytes; NaN, inf, tiny or oversized values are refused by name."""
+    ok = isinstance(part_mb, (int, float)) and not isinstance(part_mb, bool) and math.isfinite(part_mb)
+    if not ok or not MIN_PART_MB <= part_mb <= MAX_PART_MB:
+        raise ValueError(f"part_mb={part_mb!r} is not valid: use a number of MiB from 1/1024 (1 KiB) "
+                         f"to {MAX_PART_MB:g} (the device tool's file limit, with a margin)")
+    return int(part_mb * 2**20)
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not EXPORT_NAME.fullmatch(name):
+        raise ValueError(f"name={name!r} is not valid: use a plain file name of letters, digits, '.', '_' "
+                         f"and '-' that does not start with '.'")
+    return name
+
+
+def _read(path: Path) -> bytes | None:
+    """A file's bytes read in one go (a trainer's atomic rename swaps whole files), None if absent."""
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _run_files(run: Path, checkpoints: bool) -> dict[str, bytes] | None:
+    """The files of one run as they are now, or None when the run must not travel.
+
+    summary.json is read first and decides the rest, so the status shipped is the status of the
+    files shipped: a finished run brings model.pt (written before its summary), an unfinished one
+    its newest checkpoint when asked for (checkpoint.prev.pt covers the moment a trainer swaps them).
+    """
+    summary = _read(run / "summary.json")
+    config = _read(run / "config.json")
+    if config is None:
+        return None
+    if err := _config_error(run.name, config):
+        log.warning("run %s not exported: %s", run.name, err)
+        return None
+    files = {"config.json": config}
+    if summary is not None:
+        files["summary.json"] = summary
+    finished = (_parse_summary(summary) or {}).get("status") in FINISHED
+    if finished:
+        model = _read(run / "model.pt")
+        if model is None:
+            log.warning("run %s not exported: its summary says finished but model.pt is missing", run.name)
+            return None
+        files["model.pt"] = model
+    metrics = _read(run / "metrics.csv")
+    if metrics is not None:
+        files["metrics.csv"] = metrics
+    if checkpoints and not finished:
+        ckpt = _read(run / CHECKPOINT)
+        ckpt = ckpt if ckpt is not None else _read(run / "checkpoint.prev.pt")
+        if ckpt is not None:
+            files[CHECKPOINT] = ckpt
+    return files
+
+
+def _run_folders(src: Path) -> list[Path]:
+    """Real run folders: named by a hash, not hidden staging, not symlinks."""
+    if not src.exists():
+        return []
+    return sorted(p for p in src.iterdir() if HASH.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+
+
+def _pack(src: Path, checkpoints: bool) -> bytes:
+    buf = io.BytesIO()
+    now = int(time.time())
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for run in _run_folders(src):
+            for name, data in sorted((_run_files(run, checkpoints) or {}).items()):
+                info = tarfile.TarInfo(f"{run.name}/{name}")
+                info.size, info.mtime, info.mode = len(data), now, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _remove_old_parts(dest: Path, name: str) -> None:
+    """Parts of an earlier export under the same name go first, so that `<name>.tar.gz.*` is only ever
+    parts of one export (a leftover .007 would otherwise be glued onto a new 3-part export)."""
+    for p in dest.glob(f"{name}.tar.gz.*"):
+        if PART_NUMBER.fullmatch(p.name.rsplit(".", 1)[1]) and p.is_file():
+            p.unlink()
 
 
 def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, checkpoints: bool = False,
                 part_mb: float = 15.0, name: str = "runs") -> list[Path]:
     """Write `<dest>/<name>.tar.gz.000`, `.001`, ...: every run folder of the store, without
-    checkpoints unless `checkpoints` (then only unfinished runs' newest one). Returns the parts."""
-    src = runs_dir(root)
-    if part_mb <= 0:
-        raise ValueError(f"part_mb={part_mb!r} is not valid: use a positive size in MiB")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for run in sorted(p for p in src.iterdir() if p.is_dir()) if src.exists() else []:
-            done = (_summary(run) or {}).get("status") in ("done", "diverged")
-            for f in sorted(run.iterdir()):
-                keep = f.name in ("config.json", "summary.json", "metrics.csv", "model.pt")
-                keep |= checkpoints and not done and f.name == "checkpoint.pt"
-                if keep and f.is_file():
-                    tar.add(f, arcname=f"{run.name}/{f.name}")
-    data, size = buf.getvalue(), int(part_mb * 2**20)
+    checkpoints unless `checkpoints` (then only unfinished runs' newest one). Returns the parts.
+
+    Each part is written atomically, so a killed export leaves whole parts (and an incomplete set,
+    which import names) rather than a cut one."""
+    size = _check_part_mb(part_mb)
+    name = _check_name(name)
+    data = _pack(runs_dir(root), checkpoints)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    _remove_old_parts(dest, name)
     parts = []
     for i in range(0, max(len(data), 1), size):
         p = dest / f"{name}.tar.gz.{i // size:03d}"
-        p.write_bytes(data[i:i + size])
+        atomic_write_bytes(p, data[i:i + size])
         parts.append(p)
     return parts
+
+
+# -- import ------------------------------------------------------------------------------------------
+def _ordered_parts(parts: list[str | os.PathLike]) -> list[Path]:
+    """The parts in order, after checking they are one export numbered 000, 001, ... without gaps."""
+    if not parts:
+        raise ValueError("no parts given: pass every <name>.tar.gz.NNN file of one export")
+    paths = [Path(p) for p in parts]
+    for p in paths:
+        stem, _, num = p.name.rpartition(".")
+        if not stem or not PART_NUMBER.fullmatch(num):
+            raise ValueError(f"{p} is not an export part: part names end in .000, .001, ...")
+    stems = {p.name.rpartition(".")[0] for p in paths}
+    if len(stems) != 1:
+        raise ValueError(f"parts of more than one export given: {sorted(stems)}")
+    numbered: dict[int, Path] = {}
+    for p in paths:
+        n = int(p.name.rpartition(".")[2])
+        if n in numbered:
+            raise ValueError(f"part {n:03d} given twice: {numbered[n]} and {p}")
+        numbered[n] = p
+    stem = stems.pop()
+    missing = [f"{stem}.{n:03d}" for n in range(max(numbered)) if n not in numbered]
+    if missing:
+        raise ValueError(f"export incomplete: part(s) {', '.join(missing)} missing "
+                         f"(given: {', '.join(p.name for p in numbered.values())})")
+    return [numbered[n] for n in sorted(numbered)]
+
+
+def _member_target(m: tarfile.TarInfo) -> tuple[str, str]:
+    """(run hash, file name) of an acceptable member; anything else is refused by name."""
+    allowed = f"regular files <12-hex hash>/{{{', '.join(ARCHIVE_FILES)}}}"
+    if not m.isreg():
+        kind = "symlink" if m.issym() else "hard link" if m.islnk() else "folder" if m.isdir() else "special file"
+        raise ValueError(f"archive member {m.name!r} is a {kind}: an export holds only {allowed}")
+    h, sep, name = m.name.partition("/")
+    if not sep or not HASH.fullmatch(h) or name not in ARCHIVE_FILES:
+        raise ValueError(f"archive member {m.name!r} is not a run file: an export holds only {allowed}")
+    return h, name
+
+
+def _unpack(data: bytes) -> dict[str, dict[str, bytes]]:
+    """{run hash: {file name: bytes}} of a whole tar, read member by member through extractfile."""
+    runs: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for m in tar:
+            h, name = _member_target(m)
+            if name in runs.setdefault(h, {}):
+                raise ValueError(f"archive member {m.name!r} appears twice")
+            runs[h][name] = tar.extractfile(m).read()
+    for h, files in runs.items():
+        if "config.json" not in files:
+            raise ValueError(f"run {h} in the archive has no config.json: it cannot be checked or used")
+        if err := _config_error(h, files["config.json"]):
+            raise ValueError(f"archive member {err}")
+    return runs
+
+
+def _read_archive(parts: list[Path]) -> dict[str, dict[str, bytes]]:
+    """Every run of an export, checked whole; damage of any kind becomes a ValueError naming the parts."""
+    names = ", ".join(p.name for p in parts)
+    try:  # gzip checks the length and CRC at the end, which tarfile alone may never read
+        data = gzip.decompress(b"".join(p.read_bytes() for p in parts))
+        return _unpack(data)
+    except (gzip.BadGzipFile, zlib.error, EOFError, tarfile.TarError) as e:
+        raise ValueError(f"{names}: not a complete, readable export ({type(e).__name__}: {e}); "
+                         f"pass every part of one export") from e
+
+
+def _remove_leftovers(dst: Path, h: str) -> None:
+    """Staging folders of an import of run `h` that was killed; safe because we hold h's lock."""
+    for p in [*dst.glob(f".{h}.importing*"), *dst.glob(f".{h}.replaced*")]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _swap_in(dst: Path, h: str, files: dict[str, bytes]) -> None:
+    """Replace `<dst>/<h>` (which exists: the lock made it) by the imported files.
+
+    The new folder gets a hard link to the old folder's lock file, so a trainer already waiting on
+    that lock and one that opens it after the swap contend for the same lock."""
+    local = dst / h
+    _remove_leftovers(dst, h)
+    staged = Path(tempfile.mkdtemp(prefix=f".{h}.importing-", dir=dst))
+    old = dst / staged.name.replace(".importing-", ".replaced-", 1)
+    try:
+        os.chmod(staged, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        for name, data in files.items():
+            atomic_write_bytes(staged / name, data)
+        with contextlib.suppress(OSError):  # no hard links here: the next open makes a fresh lock file
+            os.link(local / ".lock", staged / ".lock")
+        os.replace(local, old)  # move aside first: at every moment one complete copy exists
+        try:
+            os.replace(staged, local)
+        except BaseException:
+            os.replace(old, local)
+            raise
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _merge_run(dst: Path, h: str, files: dict[str, bytes]) -> str:
+    """Take one run if the store lacks it or has it less far along; never wait for a busy run."""
+    local = dst / h
+    try:
+        with lock_run(local, wait=False):
+            if (local / "config.json").exists() and \
+                    _progress(_summary(local)) >= _progress(_parse_summary(files.get("summary.json"))):
+                return "kept local"
+            _swap_in(dst, h, files)
+            return "imported"
+    except RunLocked:
+        return "skipped: a local process (a trainer?) holds its lock; import again once it is done"
 
 
 def import_runs(parts: list[str | os.PathLike], root: str | os.PathLike | None = None) -> dict[str, str]:
     """Merge exported parts (all of one export, in any order) into the store: {run hash: what happened}.
 
     A run is taken when the store lacks it or has it less far along (failed < running at fewer steps
-    < running at more < done); a finished local run is never replaced.
+    < running at more < done); a finished local run is never replaced, and a run whose lock a local
+    process holds is skipped. A damaged, incomplete or crafted archive raises ValueError before the
+    store is touched.
     """
-    parts = sorted(Path(p) for p in parts)
-    stems = {p.name.rsplit(".", 1)[0] for p in parts}
-    if len(stems) != 1:
-        raise ValueError(f"parts of more than one export given: {sorted(stems)}")
-    data = b"".join(p.read_bytes() for p in parts)
+    runs = _read_archive(_ordered_parts(parts))
     dst = runs_dir(root)
     dst.mkdir(parents=True, exist_ok=True)
-    out: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp, \
-            tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        tar.extractall(tmp, filter="data")  # refuses absolute paths, '..', links out of tmp, devices
-        for run in sorted(Path(tmp).iterdir()):
-            if not run.is_dir():
-                continue
-            local = dst / run.name
-            mine, theirs = _progress(_summary(local)), _progress(_summary(run))
-            if local.exists() and mine >= theirs:
-                out[run.name] = "kept local"
-                continue
-            staged = dst / f".{run.name}.importing"
-            shutil.rmtree(staged, ignore_errors=True)
-            shutil.move(str(run), staged)
-            old = dst / f".{run.name}.replaced"
-            if local.exists():  # move aside first: at every moment one complete copy exists
-                os.replace(local, old)
-            os.replace(staged, local)
-            shutil.rmtree(old, ignore_errors=True)
-            out[run.name] = "imported"
-    return out
+    return {h: _merge_run(dst, h, files) for h, files in sorted(runs.items())}

@@ -6,14 +6,19 @@ import tarfile
 
 import pytest
 
+from resnet_lab.config import make_config
 from resnet_lab.transfer import export_runs, import_runs
 
+# three real configs: a run folder is named by its config's hash, and import checks that
+CFGS = {k: make_config("smoke", seed=i) for i, k in enumerate(("aaa", "bbb", "ccc"))}
+HASH = {k: c.hash for k, c in CFGS.items()}
 
-def make_run(root, h, status, steps, big=0):
-    d = root / h
+
+def make_run(root, key, status, steps, big=0):
+    d = root / HASH[key]
     d.mkdir(parents=True, exist_ok=True)
     (d / "summary.json").write_text(json.dumps({"status": status, "steps_done": steps}))
-    (d / "config.json").write_text("{}")
+    (d / "config.json").write_text(json.dumps({**CFGS[key].to_json(), "hash": HASH[key]}))
     (d / "metrics.csv").write_text("step\n")
     (d / "checkpoint.pt").write_bytes(os.urandom(big))  # incompressible, like weights
     (d / "checkpoint.prev.pt").write_bytes(b"p")
@@ -33,14 +38,17 @@ def test_export_splits_and_import_merges(tmp_path):
     parts = export_runs(tmp_path / "out", root=gpu, checkpoints=True, part_mb=0.1)
     assert len(parts) >= 2 and all(p.stat().st_size <= 0.1 * 2**20 for p in parts)
     result = import_runs(list(reversed(parts)), root=here)
-    assert result == {"aaa": "imported", "bbb": "imported", "ccc": "kept local"}
-    runs = here
-    assert json.loads((runs / "aaa" / "summary.json").read_text())["status"] == "done"
-    assert (runs / "aaa" / "model.pt").exists() and not (runs / "aaa" / "checkpoint.pt").exists()
-    assert (runs / "bbb" / "checkpoint.pt").stat().st_size == 300_000  # unfinished: checkpoint came along
-    assert not (runs / "bbb" / "checkpoint.prev.pt").exists() and not (runs / "bbb" / ".lock").exists()
-    assert json.loads((runs / "ccc" / "summary.json").read_text())["steps_done"] == 20
-    assert sorted(os.listdir(runs)) == ["aaa", "bbb", "ccc"]  # nothing staged left behind
+    assert result == {HASH["aaa"]: "imported", HASH["bbb"]: "imported", HASH["ccc"]: "kept local"}
+    aaa, bbb, ccc = (here / HASH[k] for k in ("aaa", "bbb", "ccc"))
+    assert json.loads((aaa / "summary.json").read_text())["status"] == "done"
+    assert (aaa / "model.pt").exists() and not (aaa / "checkpoint.pt").exists()
+    assert (bbb / "checkpoint.pt").stat().st_size == 300_000  # unfinished: checkpoint came along
+    assert not (bbb / "checkpoint.prev.pt").exists()
+    assert json.loads((ccc / "summary.json").read_text())["steps_done"] == 20
+    assert sorted(os.listdir(here)) == sorted(HASH.values())  # nothing staged left behind
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as t:
+        assert sorted({n.split("/")[1] for n in t.getnames()}) == [
+            "checkpoint.pt", "config.json", "metrics.csv", "model.pt", "summary.json"]  # no .lock, no prev
     plain = export_runs(tmp_path / "out2", root=gpu)  # default: no checkpoints at all
     with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in plain))) as t:
         assert not [n for n in t.getnames() if "checkpoint" in n]
@@ -54,7 +62,7 @@ def test_import_refuses_paths_outside_the_store(tmp_path):
         t.addfile(info, io.BytesIO(b"bad"))
     part = tmp_path / "evil.tar.gz.000"
     part.write_bytes(buf.getvalue())
-    with pytest.raises(tarfile.TarError):
+    with pytest.raises(ValueError, match="escaped.txt"):
         import_runs([part], root=tmp_path / "store")
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path.parent / "escaped.txt").exists()
 
@@ -62,5 +70,5 @@ def test_import_refuses_paths_outside_the_store(tmp_path):
 def test_parts_of_two_exports_are_refused(tmp_path):
     with pytest.raises(ValueError, match="more than one export"):
         import_runs([tmp_path / "a.tar.gz.000", tmp_path / "b.tar.gz.000"], root=tmp_path)
-    with pytest.raises(ValueError, match="part_mb=0"):
+    with pytest.raises(ValueError, match="part_mb=0 is not valid"):
         export_runs(tmp_path, root=tmp_path, part_mb=0)
