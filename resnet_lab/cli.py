@@ -6,9 +6,30 @@ import dataclasses
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from .config import ARCHS, PRESETS, SHORTCUTS, RunConfig
+
+# `train` flags that describe one net (--notebook takes the notebook's grid instead) and flags that only mean
+# something for several runs (--notebook); each is refused where it would be ignored.
+SINGLE_RUN_FLAGS = ("arch", "depth", "shortcut", "block_layers", "seed")
+NOTEBOOK_FLAGS = ("param", "pack", "group")
+TRAINING_FLAGS = ("time_budget", "pack", "group")  # --list trains nothing
+
+
+def usage_error(message: object) -> NoReturn:
+    """Bad input (a flag, a value, a grid): one line on stderr and exit code 2, argparse's, never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _flag(dest: str) -> str:
+    return "-p/--param" if dest == "param" else "--" + dest.replace("_", "-")
+
+
+def _given(a: argparse.Namespace, dests: tuple[str, ...]) -> list[str]:
+    """The flags among `dests` that were given (argparse defaults are None or False)."""
+    return [_flag(d) for d in dests if getattr(a, d, None) not in (None, False, [])]
 
 
 def _parse_value(field: dataclasses.Field | None, text: str) -> Any:
@@ -28,30 +49,71 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     for p in pairs:
         key, sep, val = p.partition("=")
         if not sep:
-            raise SystemExit(f"--set {p!r}: use KEY=VALUE")
+            usage_error(f"--set {p!r}: use KEY=VALUE")
         if key not in fields:
-            raise SystemExit(f"--set {key!r}: unknown field; allowed are {sorted(fields)}")
+            usage_error(f"--set {key!r}: unknown field; allowed are {sorted(fields)}")
         out[key] = _parse_value(fields[key], val)
     return out
 
 
+def _check_train_flags(a: argparse.Namespace) -> None:
+    """Every flag of `train` acts or is refused by name: none is silently ignored."""
+    if a.notebook:
+        given = _given(a, SINGLE_RUN_FLAGS) or (["--set"] if a.set else [])
+        if given:
+            seeds = f" (seeds too: -p 'seeds=[{a.seed}]')" if a.seed is not None else ""
+            usage_error(f"--notebook takes the notebook's grid; set it with -p NAME=VALUE{seeds}, "
+                        f"not {', '.join(given)}")
+    elif _given(a, NOTEBOOK_FLAGS):
+        usage_error(f"{', '.join(_given(a, NOTEBOOK_FLAGS))} apply to several runs: use them with --notebook STEM, "
+                    f"or drop them to train one net")
+    if a.list and _given(a, TRAINING_FLAGS):
+        usage_error(f"--list trains nothing: drop {', '.join(_given(a, TRAINING_FLAGS))}")
+    if a.pack is not None and a.pack < 1:
+        usage_error(f"--pack {a.pack} is not valid: use an integer >= 1 (runs stepped together)")
+    if a.time_budget is not None and not a.time_budget > 0:
+        usage_error(f"--time-budget {a.time_budget} is not valid: use a number of seconds > 0")
+
+
+def _default(value: Any, default: Any) -> Any:
+    """`value` unless the flag was not given: `a.depth or 20` would turn --depth 0 into 20."""
+    return default if value is None else value
+
+
 def cmd_train(a: argparse.Namespace) -> int:
+    _check_train_flags(a)
     if a.notebook:
         return _train_notebooks(a)
     from .config import make_config
-    from .train import train
 
-    kw = dict(arch=a.arch or "resnet", depth=a.depth or 20, shortcut=a.shortcut or "A",
-              block_layers=a.block_layers or 2, seed=a.seed)
+    kw = dict(arch=_default(a.arch, "resnet"), depth=_default(a.depth, 20), shortcut=_default(a.shortcut, "A"),
+              block_layers=_default(a.block_layers, 2), seed=_default(a.seed, 0))
     kw.update(_overrides(a.set or []))
     try:
         cfg = make_config(a.preset, **kw)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        usage_error(e)
+    if a.list:
+        from .experiments import with_dataset
+
+        _list_runs(with_dataset([cfg]))
+        return 0
+    from .train import train
+
     rec = train(cfg, device=None if a.device == "auto" else a.device, progress=not a.quiet,
                 time_budget_s=a.time_budget)
     _print_run(rec)
     return 0 if rec.status == "done" else 1
+
+
+def _list_runs(cfgs: list[RunConfig]) -> None:
+    """One line per config: hash, name, seed, stored status (missing when never started) and steps done."""
+    from .runs import RunDir
+
+    for c in cfgs:
+        s = RunDir(c).summary() or {}
+        print(f"{c.hash}  {c.name:24s} seed {c.seed}  {s.get('status', 'missing'):8s} step {s.get('steps_done', 0)}"
+              f"/{c.iterations}")
 
 
 def _print_run(rec) -> None:
@@ -66,17 +128,14 @@ def _print_run(rec) -> None:
 def _train_notebooks(a: argparse.Namespace) -> int:
     """Every run the named notebooks need, packed on the GPU, without Jupyter (the GPU machine has none)."""
     from . import experiments as ex
+    from .data import DataError
     from .runs import RunDir
 
-    given = [f for f in ("arch", "depth", "shortcut", "block_layers") if getattr(a, f) is not None]
-    if given or a.set:
-        raise SystemExit(f"error: --notebook takes the notebook's grid; set it with -p NAME=VALUE, not "
-                         f"{', '.join('--' + g.replace('_', '-') for g in given) or '--set'}")
     params = {"preset": a.preset}
     for pair in a.param or []:
         key, sep, val = pair.partition("=")
         if not sep:
-            raise SystemExit(f"error: -p {pair!r}: use NAME=VALUE")
+            usage_error(f"-p {pair!r}: use NAME=VALUE")
         params[key] = _parse_value(None, val)
     cfgs: list[RunConfig] = []
     try:
@@ -90,14 +149,12 @@ def _train_notebooks(a: argparse.Namespace) -> int:
         cfgs = ex.with_dataset(cfgs)
         pack = a.pack if a.pack is not None else ex.pack_size(None if a.device == "auto" else a.device)
         group = a.group or ex.group_seeds()
+    except DataError:
+        raise  # the machine's dataset, not the command line: main says it (exit 1)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        usage_error(e)
     if a.list:
-        for c in cfgs:
-            rd = RunDir(c)
-            s = rd.summary() or {}
-            print(f"{c.hash}  {c.name:24s} seed {c.seed}  {s.get('status', 'missing'):8s} step {s.get('steps_done', 0)}"
-                  f"/{c.iterations}")
+        _list_runs(cfgs)
         return 0
     recs = ex.train_all(cfgs, device=a.device, pack=pack, group=group, progress=not a.quiet,
                         time_budget_s=a.time_budget)
@@ -106,7 +163,7 @@ def _train_notebooks(a: argparse.Namespace) -> int:
             print(f"{c.name} seed {c.seed}: failed (see {RunDir(c).summary_file})")
         else:
             _print_run(rec)
-    return sum(r is None or r.status != "done" for r in recs)
+    return min(100, sum(r is None or r.status != "done" for r in recs))  # an exit code wraps at 256
 
 
 def cmd_data_info(a: argparse.Namespace) -> int:
@@ -128,7 +185,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     try:
         table = build(a.preset, only=a.only, kernel=a.kernel)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        usage_error(e)
     print(table.to_string(index=False))
     return int((table["status"] != "done").sum())
 
@@ -139,13 +196,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
     try:
         models = [int(m) for m in a.models.split(",")]
     except ValueError:
-        raise SystemExit(f"error: --models {a.models!r}: use comma-separated depths, e.g. 20,56,110")
+        usage_error(f"--models {a.models!r}: use comma-separated depths, e.g. 20,56,110")
     try:
         packs = [int(m) for m in a.packs.split(",") if m] if a.packs != "auto" else None
         if packs is not None and any(n < 1 for n in packs):
             raise ValueError
     except ValueError:
-        raise SystemExit(f"error: --packs {a.packs!r}: use 'auto' or comma-separated run counts >= 1, e.g. 1,2,4,8")
+        usage_error(f"--packs {a.packs!r}: use 'auto' or comma-separated run counts >= 1, e.g. 1,2,4,8")
     if packs is None:  # packing is about filling a GPU; on a CPU the cores are already busy
         import torch
 
@@ -164,7 +221,7 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
     try:
         parts = export_runs(a.dest, checkpoints=a.checkpoints, part_mb=a.part_mb, name=a.name)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        usage_error(e)
     for p in parts:
         print(p, f"{p.stat().st_size / 2**20:.1f} MiB")
     return 0
@@ -175,7 +232,9 @@ def cmd_runs_import(a: argparse.Namespace) -> int:
 
     try:
         done = import_runs(a.parts)
-    except (ValueError, OSError) as e:
+    except ValueError as e:
+        usage_error(e)
+    except OSError as e:  # the disk, not the input
         raise SystemExit(f"error: {e}")
     for h, what in done.items():
         print(h, what)
@@ -195,20 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shortcut", default=None, choices=SHORTCUTS, help="default A")
     t.add_argument("--block-layers", type=int, default=None, choices=(1, 2, 3), help="default 2")
     t.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=None, help="default 0; with --notebook use -p 'seeds=[...]'")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any RunConfig field")
     t.add_argument("--notebook", action="append", metavar="STEM",
                    help="train every run this notebook needs (repeatable), e.g. 02_depth")
     t.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
                    help="with --notebook: a notebook parameter, JSON value, e.g. -p 'seeds=[0,1,2]'")
-    t.add_argument("--pack", type=int, default=None, help="runs stepped together per GPU (default: 4 on CUDA, 1 on CPU)")
+    t.add_argument("--pack", type=int, default=None,
+                   help="with --notebook: runs stepped together per GPU (default: 4 on CUDA, 1 on CPU)")
     t.add_argument("--group", action="store_true",
                    help="with --notebook: train the seeds of one config as one grouped net (conv groups; "
                         "$RESNET_LAB_GROUP=1 does the same); off by default until the GPU bench shows it pays")
     t.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="stop with a checkpoint after S seconds; the next call resumes")
-    t.add_argument("--list", action="store_true", help="with --notebook: list the runs and their status, train nothing")
+    t.add_argument("--list", action="store_true", help="list the run(s) and their status, train nothing")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

@@ -6,17 +6,20 @@ the report is the notebooks' own code: missing runs are listed in the notebook, 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 
 from .config import PRESETS
 from .experiments import NOTEBOOKS_DIR
 from .runs import results_dir
+from .sweep import PATH_VARS, absolute_path_env
 
 log = logging.getLogger(__name__)
 NOT_REPORTED = {"00_report"}  # the report notebook itself
@@ -36,11 +39,28 @@ def executed_parameters(path: Path) -> dict[str, Any]:
         return {}
 
 
+@contextlib.contextmanager
+def absolute_path_vars() -> Iterator[None]:
+    """Relative RESNET_LAB_DATA/_RESULTS/... made absolute in os.environ while notebooks execute, then restored.
+
+    papermill starts the kernel in notebooks/ with this process's environment: a relative path (the README's
+    `RESNET_LAB_DATA=../shared/...`) would resolve from there, or point the kernel at another run store.
+    """
+    before = {k: os.environ.get(k) for k in PATH_VARS}
+    os.environ.update({k: v for k, v in absolute_path_env(os.environ).items() if k in PATH_VARS})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def build(preset: str = "quick", only: list[str] | None = None, kernel: str | None = None,
           directory: Path = NOTEBOOKS_DIR) -> pd.DataFrame:
     """Re-execute each notebook for `preset` from stored runs; one row per notebook with its status."""
-    import papermill as pm
-
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is not valid: use one of {sorted(PRESETS)}")
     names = notebooks(directory)
@@ -49,27 +69,32 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
         if bad:
             raise ValueError(f"unknown notebook(s) {bad}: use some of {names}")
         names = [n for n in names if n in only]
+    with absolute_path_vars():
+        return pd.DataFrame([_build_one(name, preset, kernel, directory) for name in names])
+
+
+def _build_one(name: str, preset: str, kernel: str | None, directory: Path) -> dict[str, Any]:
+    """Re-execute one notebook into results/<preset>/executed/<name>.ipynb; its row of `build`'s table."""
+    import papermill as pm
+
     out_dir = results_dir() / preset / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in names:
-        out = out_dir / f"{name}.ipynb"
-        params = {**executed_parameters(out), "preset": preset}
-        declared = pm.inspect_notebook(str(directory / f"{name}.ipynb"))
-        if "train_missing" in declared:
-            params["train_missing"] = False
-        params = {k: v for k, v in params.items() if k in declared}
-        t0 = time.time()
-        try:
-            pm.execute_notebook(str(directory / f"{name}.ipynb"), str(out), parameters=params, kernel_name=kernel,
-                                cwd=str(directory), progress_bar=False)
-            status, error = "done", ""
-        except Exception as e:  # the output notebook keeps papermill's error cell: it is the log
-            status, error = "failed", str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            log.error("report of %s failed: %s", name, error)
-        rows.append({"notebook": name, "status": status, "seconds": round(time.time() - t0, 1), "output": str(out),
-                     "error": error})
-    return pd.DataFrame(rows)
+    out = out_dir / f"{name}.ipynb"
+    params = {**executed_parameters(out), "preset": preset}
+    declared = pm.inspect_notebook(str(directory / f"{name}.ipynb"))
+    if "train_missing" in declared:
+        params["train_missing"] = False
+    params = {k: v for k, v in params.items() if k in declared}
+    t0 = time.time()
+    try:
+        pm.execute_notebook(str(directory / f"{name}.ipynb"), str(out), parameters=params, kernel_name=kernel,
+                            cwd=str(directory), progress_bar=False)
+        status, error = "done", ""
+    except Exception as e:  # the output notebook keeps papermill's error cell: it is the log
+        status, error = "failed", str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        log.error("report of %s failed: %s", name, error)
+    return {"notebook": name, "status": status, "seconds": round(time.time() - t0, 1), "output": str(out),
+            "error": error}
 
 
 def outputs(preset: str) -> pd.DataFrame:

@@ -28,8 +28,10 @@ import json
 import logging
 import os
 import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -45,12 +47,16 @@ log = logging.getLogger(__name__)
 
 GRID_KEYS = ("notebook", "preset", "parameters", "fixed")
 BACKENDS = ("local", "ray")
-STATUSES = ("done", "skipped", "failed", "would-run")
+STATUSES = ("done", "skipped", "failed", "would-run", "interrupted")
 RESULT_COLUMNS = ["point", "status", "seconds", "output", "error"]
 DEFAULT_KERNEL = "resnet-lab"
 # Thread-count variables a point's process (and its kernel) inherits. RESNET_LAB_THREADS is the project's
 # own knob; the others cap OpenMP/MKL pools of libraries that read them at import.
 THREAD_VARS = ("RESNET_LAB_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# RESNET_LAB_* variables holding local paths (data.py, runs.py). Kernels start in notebooks/, so a relative
+# value is made absolute against the caller's cwd before a point's process or a report's kernel sees it.
+PATH_VARS = ("RESNET_LAB_DATA", "RESNET_LAB_DATA_DIR", "RESNET_LAB_RESULTS")
+STOP_GRACE_S = 10.0  # after Ctrl-C, how long running points get to shut their kernels down before SIGKILL
 _RESULT_MARK = "@@resnet-lab-sweep-result@@ "
 _TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
                                        "list": (list, tuple), "tuple": (list, tuple), "dict": (dict,)}
@@ -100,12 +106,17 @@ def _type_name(v: Any) -> str:
     return type(v).__name__
 
 
+def _default(spec: Mapping[str, Any]) -> Any:
+    """The notebook's default for a parameter as a Python value (`...` when it is not a literal)."""
+    try:
+        return ast.literal_eval(spec.get("default", ""))
+    except (ValueError, SyntaxError):
+        return ...
+
+
 def _expected_types(spec: Mapping[str, Any]) -> tuple[tuple[type, ...], str] | None:
     """Python types a parameter accepts: those of its default in the notebook (None default: anything)."""
-    try:
-        default = ast.literal_eval(spec.get("default", ""))
-    except (ValueError, SyntaxError):
-        default = ...
+    default = _default(spec)
     if default is None:
         return None
     name = type(default).__name__ if default is not ... else spec.get("inferred_type_name", "")
@@ -113,20 +124,49 @@ def _expected_types(spec: Mapping[str, Any]) -> tuple[tuple[type, ...], str] | N
     return (types, name) if types else None
 
 
-def _check_value(where: str, value: Any, spec: Mapping[str, Any]) -> None:
-    """A value must have the type of the notebook's default, or papermill would inject nonsense."""
+def _element_type(spec: Mapping[str, Any]) -> type | None:
+    """The type of a list parameter's items, when its default is a non-empty list of one of int/str/bool."""
+    default = _default(spec)
+    if not isinstance(default, (list, tuple)) or not default:
+        return None
+    kinds = {type(v) for v in default}
+    return kinds.pop() if len(kinds) == 1 and kinds <= {int, str, bool} else None
+
+
+def _as_int(value: Any) -> Any:
+    """20.0 -> 20 (YAML and JSON write whole numbers either way; both must give the same point); else unchanged."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+
+
+def _check_value(where: str, value: Any, spec: Mapping[str, Any]) -> Any:
+    """The value, normalised (whole floats to int where the notebook's default is an int, also inside lists),
+    or a ValueError: a value must have the type of the notebook's default, or papermill would inject nonsense."""
     expected = _expected_types(spec)
     if expected is None:
-        return
+        return value
     types, name = expected
+    if name == "int":
+        value = _as_int(value)
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-    if ok:
-        return
-    hint = ""
-    if name in ("list", "tuple") and "parameters." in where and isinstance(value, (int, float)):
-        hint = f"; a list-valued parameter is swept as a list of lists, e.g. [[{value!r}]]"
-    raise ValueError(f"{where}: value {value!r} is {_type_name(value)} but the notebook's {spec['name']} is "
-                     f"{name} (default {spec.get('default')}){hint}")
+    if not ok:
+        hint = ""
+        if name in ("list", "tuple") and "parameters." in where and isinstance(value, (int, float)):
+            hint = f"; a list-valued parameter is swept as a list of lists, e.g. [[{value!r}]]"
+        raise ValueError(f"{where}: value {value!r} is {_type_name(value)} but the notebook's {spec['name']} is "
+                         f"{name} (default {spec.get('default')}){hint}")
+    item = _element_type(spec) if name in ("list", "tuple") else None
+    if item is None:
+        return value
+    items = [_as_int(v) for v in value] if item is int else list(value)
+    for v in items:
+        if not _is_a(v, item):
+            raise ValueError(f"{where}: item {v!r} of {value!r} is {_type_name(v)} but the notebook's {spec['name']} "
+                             f"holds {item.__name__} values (default {spec.get('default')})")
+    return items
 
 
 def _resolve_notebook(value: Any, where: str) -> Path:
@@ -156,7 +196,7 @@ def grid_from_dict(raw: Any, where: str = "grid") -> Grid:
                          f"{sorted(p.stem for p in notebooks_dir().glob('*.ipynb'))}")
     nb_path = _resolve_notebook(raw["notebook"], where)
     preset = raw.get("preset")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:  # a list or a mapping is not hashable
         what = "missing key 'preset'" if "preset" not in raw else f"preset {preset!r} is unknown"
         raise ValueError(f"{where}: {what}: use one of {sorted(PRESETS)}")
 
@@ -187,16 +227,20 @@ def grid_from_dict(raw: Any, where: str = "grid") -> Grid:
             raise ValueError(f"{where}: parameters.{name}={values!r} is not valid: give a non-empty list of "
                              f"values (one point per value)")
         seen: set[str] = set()
-        for v in values:
-            _check_value(f"{where}: parameters.{name}", v, declared[name])
+        checked = []
+        for given in values:
+            v = _check_value(f"{where}: parameters.{name}", given, declared[name])
             if isinstance(v, list) and not v:
                 raise ValueError(f"{where}: parameters.{name} contains an empty list: give at least one value")
             key = json.dumps(v, sort_keys=True, default=str)
             if key in seen:
-                raise ValueError(f"{where}: parameters.{name} lists {v!r} twice: each value once")
+                same = f" ({given!r} is {v!r})" if repr(given) != repr(v) else ""  # [0.0] == [0] in Python
+                raise ValueError(f"{where}: parameters.{name} lists {v!r} twice{same}: each value once")
             seen.add(key)
+            checked.append(v)
+        parameters[name] = checked
     for name, v in fixed.items():
-        _check_value(f"{where}: fixed.{name}", v, declared[name])
+        fixed[name] = v = _check_value(f"{where}: fixed.{name}", v, declared[name])
         if isinstance(v, list) and not v:
             raise ValueError(f"{where}: fixed.{name} is an empty list: give at least one value")
     return Grid(notebook=nb_path.stem, notebook_path=nb_path, preset=preset, parameters=parameters, fixed=fixed)
@@ -211,6 +255,12 @@ def load_grid(path: str | os.PathLike) -> Grid:
         text = path.read_text()
     except FileNotFoundError:
         raise ValueError(f"grid file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"grid file {str(path)!r} is a directory: give one YAML file in it, e.g. "
+                         f"{sorted(str(p) for p in path.glob('*.yaml'))[:3] or 'sweeps/smoke_example.yaml'}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"grid file {str(path)!r} cannot be read ({_one_line(e)}): "
+                         f"give a readable YAML file") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -279,8 +329,27 @@ def is_done(point: Point) -> bool:
 
 
 # -- one point, in its own process ---------------------------------------------------------------------
+def absolute_path_env(env: Mapping[str, str], cwd: str | os.PathLike | None = None) -> dict[str, str]:
+    """`env` with relative values of PATH_VARS made absolute against `cwd` (default: this process's cwd).
+
+    A point's kernel (and a report's) runs in notebooks/: `RESNET_LAB_DATA=../shared/...` as the README
+    suggests would resolve from there, and a relative RESNET_LAB_RESULTS would give the kernel another
+    store than the parent's. Empty values and anything with a scheme (`s3://...`) pass unchanged.
+    """
+    out = dict(env)
+    for name in PATH_VARS:
+        value = out.get(name)
+        if not value or "://" in value:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = Path(cwd if cwd is not None else os.getcwd()) / path
+        out[name] = str(path)
+    return out
+
+
 def _point_spec(point: Point, kernel_name: str, threads: int) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if k.startswith("RESNET_LAB_")}
+    env = absolute_path_env({k: v for k, v in os.environ.items() if k.startswith("RESNET_LAB_")})
     env.update({k: str(threads) for k in THREAD_VARS})
     return {"input": str(point.notebook_path), "output": str(point.output), "params": point.params,
             "kernel": kernel_name, "cwd": str(point.notebook_path.parent), "env": env}
@@ -342,33 +411,124 @@ def _child_main(spec_json: str) -> int:
     return 0
 
 
-def _run_point_process(spec: dict[str, Any]) -> dict[str, Any]:
-    """Execute one point in a fresh Python process; whatever happens there, return a result dict.
+class SweepStopped(RuntimeError):
+    """A point was about to start after the sweep was told to stop (Ctrl-C)."""
 
-    A separate process per point means a crashing kernel, a segfault or an OOM kill takes down that point
-    only. Module-level so that Ray can ship it to its workers.
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to a point's process group (its own session: the child and whatever it started there)."""
+    if proc.poll() is not None:
+        return
+    try:
+        if os.name == "posix" and os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _Children:
+    """The point processes of one sweep, so that Ctrl-C can stop them instead of waiting for them.
+
+    new_session: start each child in its own session (local backend): a terminal's Ctrl-C then reaches the
+    parent only, which stops the children itself (`stop`) and keeps queued points from starting.
     """
-    t0 = time.perf_counter()
-    env = {**os.environ, **spec.get("env", {})}
-    # Load this file without its package: `import resnet_lab` would import torch, seconds per point for nothing.
+
+    def __init__(self, new_session: bool) -> None:
+        self._new_session = new_session and os.name == "posix"
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen] = set()
+        self._stopped = False
+
+    def start(self, cmd: list[str], env: Mapping[str, str]) -> subprocess.Popen:
+        with self._lock:  # under the lock: `stop` sees every child that got started
+            if self._stopped:
+                raise SweepStopped("the sweep was interrupted before this point started")
+            proc = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=self._new_session)
+            self._procs.add(proc)
+            return proc
+
+    def forget(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> int:
+        """Start no more; SIGINT the running children (papermill shuts its kernel down), SIGKILL what is
+        left after grace_s or at a second Ctrl-C. Returns how many were running."""
+        with self._lock:
+            self._stopped = True
+            procs = list(self._procs)
+        try:
+            for proc in procs:
+                _signal_group(proc, signal.SIGINT)
+            deadline = time.monotonic() + grace_s
+            for proc in procs:
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            for proc in procs:
+                _signal_group(proc, signal.SIGKILL)
+        return len(procs)
+
+
+def _child_command(spec: dict[str, Any]) -> list[str]:
+    """The command line of a point's process (loads this file without its package, runs `_child_main`)."""
+    # `import resnet_lab` would import torch: seconds per point for nothing.
     boot = ("import importlib.util as u, sys; s = u.spec_from_file_location('_resnet_lab_sweep_point', sys.argv[1]); "
             "m = sys.modules[s.name] = u.module_from_spec(s); s.loader.exec_module(m); "
             "sys.exit(m._child_main(sys.argv[2]))")
-    cmd = [sys.executable, "-c", boot, str(Path(__file__).resolve()), json.dumps(spec)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    return [sys.executable, "-c", boot, str(Path(__file__).resolve()), json.dumps(spec)]
+
+
+def _run_point_process(spec: dict[str, Any], children: _Children | None = None) -> dict[str, Any]:
+    """Execute one point in a fresh Python process; whatever happens there, return a result dict.
+
+    A separate process per point means a crashing kernel, a segfault or an OOM kill takes down that point
+    only. Module-level so that Ray can ship it to its workers. children: the sweep's registry, which
+    Ctrl-C stops (default: a private one, as on a Ray worker).
+    """
+    t0 = time.perf_counter()
+    env = {**os.environ, **spec.get("env", {})}
+    children = children if children is not None else _Children(new_session=False)
+    proc = children.start(_child_command(spec), env)
+    try:
+        stdout, stderr = proc.communicate()
+    except BaseException:  # e.g. a Ray task cancelled: do not leave the point's process behind
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        children.forget(proc)
     result = None
-    for line in reversed(proc.stdout.splitlines()):
+    for line in reversed(stdout.splitlines()):
         if line.startswith(_RESULT_MARK):
             result = json.loads(line[len(_RESULT_MARK):])
             break
     if result is None:
-        tail = _one_line(" ".join(proc.stderr.strip().splitlines()[-3:])) or "no output"
+        tail = _one_line(" ".join(stderr.strip().splitlines()[-3:])) or "no output"
         result = {"ok": False, "attempts": 1, "error": f"point process exited with code {proc.returncode}: {tail}"}
     result["seconds"] = time.perf_counter() - t0
     return result
 
 
 # -- sweeps ---------------------------------------------------------------------------------------------
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a sweep; `table` has the points that finished (the rest are 'interrupted').
+
+    A KeyboardInterrupt, so code that does not know sweeps still stops as on any Ctrl-C.
+    """
+
+    def __init__(self, table: pd.DataFrame) -> None:
+        finished = int(table["status"].isin(["done", "failed", "skipped"]).sum())
+        super().__init__(f"sweep interrupted: {finished} of {len(table)} points finished; "
+                         f"run it again to do the rest (done points are skipped)")
+        self.table = table
+
+
 def _cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
@@ -386,21 +546,25 @@ def _cpu_slots(jobs: int) -> list[list[int] | None]:
 
 
 def _run_local(todo: list[Point], jobs: int, kernel_name: str, on_result: Callable[[Point, dict], None]) -> None:
+    """Points in child processes, `jobs` at a time. Ctrl-C (KeyboardInterrupt here, in the main thread) cancels
+    the queued points and stops the running ones, instead of waiting for all of them, then re-raises."""
     slots: queue.Queue = queue.Queue()
     for s in _cpu_slots(jobs):
         slots.put(s)
     threads = max(1, len(_cores()) // max(1, jobs))
+    children = _Children(new_session=True)
 
     def task(point: Point) -> dict[str, Any]:
         cpus = slots.get()
         try:
             spec = _point_spec(point, kernel_name, len(cpus) if cpus else threads)
             spec["cpus"] = cpus
-            return _run_point_process(spec)
+            return _run_point_process(spec, children)
         finally:
             slots.put(cpus)
 
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sweep") as pool:
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sweep")
+    try:
         futures = {pool.submit(task, p): p for p in todo}
         pending = set(futures)
         while pending:
@@ -411,6 +575,14 @@ def _run_local(todo: list[Point], jobs: int, kernel_name: str, on_result: Callab
                 except Exception as e:  # noqa: BLE001 - could not even start the process
                     res = {"ok": False, "error": f"{type(e).__name__}: {_one_line(e)}", "seconds": 0.0}
                 on_result(futures[f], res)
+    except BaseException:  # Ctrl-C: the `with` form would wait here for every queued point
+        pool.shutdown(wait=False, cancel_futures=True)
+        log.warning("interrupted: cancelling the queued points and stopping the running ones "
+                    "(up to %.0fs for their kernels to shut down; Ctrl-C again kills them now)", STOP_GRACE_S)
+        children.stop(STOP_GRACE_S)
+        raise
+    finally:
+        pool.shutdown(wait=True)  # after a stop: only threads whose child is already gone are left
 
 
 def _import_ray() -> Any:
@@ -437,14 +609,22 @@ def _run_ray(todo: list[Point], jobs: int, kernel_name: str, address: str | None
         remote = ray.remote(_run_point_process).options(num_cpus=threads, num_gpus=gpus_per_task, max_retries=0)
         refs = {remote.remote(_point_spec(p, kernel_name, threads)): p for p in todo}
         pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for r in ready:
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                for r in ready:
+                    try:
+                        res = ray.get(r)
+                    except Exception as e:  # noqa: BLE001 - a lost worker or node fails this point only
+                        res = {"ok": False, "error": f"{type(e).__name__}: {_one_line(e)}"[:2000], "seconds": 0.0}
+                    on_result(refs[r], res)
+        except KeyboardInterrupt:  # not force=True: the task's KeyboardInterrupt kills its point's process
+            for r in pending:
                 try:
-                    res = ray.get(r)
-                except Exception as e:  # noqa: BLE001 - a lost worker or node fails this point only
-                    res = {"ok": False, "error": f"{type(e).__name__}: {_one_line(e)}"[:2000], "seconds": 0.0}
-                on_result(refs[r], res)
+                    ray.cancel(r)
+                except Exception:  # noqa: BLE001 - best effort: the cluster may already be going away
+                    pass
+            raise
     finally:
         if started:
             ray.shutdown()
@@ -455,7 +635,8 @@ def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool =
     """Execute every point that is not done; one row per point: point, status, seconds, output, error.
 
     status: done (executed now), skipped (done before), failed (error kept in the output notebook),
-    would-run (dry run). A failure never stops the other points.
+    would-run (dry run). A failure never stops the other points. Ctrl-C does: queued points are cancelled,
+    running ones stopped, and SweepInterrupted (a KeyboardInterrupt) carries the table, the rest 'interrupted'.
     jobs: points at once; each point's process gets cores // jobs threads (locally: pinned to its own
     cores; with Ray: that many num_cpus per task, plus gpus_per_task of a GPU). address: a Ray cluster,
     whose nodes need this checkout at the same path and a shared results dir ($RESNET_LAB_RESULTS is passed on).
@@ -510,27 +691,48 @@ def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool =
                 _run_local(todo, jobs, kernel_name, on_result)
             else:
                 _run_ray(todo, jobs, kernel_name, address, gpus_per_task, on_result)
+        except KeyboardInterrupt:
+            for p in todo:  # queued, or stopped while running: their output notebooks are not executed_ok
+                rows.setdefault(p.hash, {"status": "interrupted", "seconds": 0.0, "error": ""})
+            raise SweepInterrupted(_table(points, rows)) from None
         finally:
             bar.close()
+    return _table(points, rows)
 
-    table = pd.DataFrame([{"point": p.label, **rows[p.hash], "output": str(p.output)} for p in points],
-                         columns=RESULT_COLUMNS)
-    return table
+
+def _table(points: list[Point], rows: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame([{"point": p.label, **rows[p.hash], "output": str(p.output)} for p in points],
+                        columns=RESULT_COLUMNS)
 
 
 # -- command line ----------------------------------------------------------------------------------------
-def _cmd_sweep(a: argparse.Namespace) -> int:
-    """`resnet-lab sweep`: print the table; the exit code is the number of failed points (at most 100)."""
-    try:
-        grid = load_grid(a.grid)
-        table = run_sweep(grid, jobs=a.jobs, backend=a.backend, dry_run=a.dry_run, address=a.address,
-                          gpus_per_task=a.gpus_per_task, kernel_name=a.kernel)
-    except (ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}")
+def _print_table(table: pd.DataFrame) -> None:
     import pandas as pd
 
     with pd.option_context("display.max_colwidth", 120, "display.width", 200):
         print(table.to_string(index=False))
+
+
+def _cmd_sweep(a: argparse.Namespace) -> int:
+    """`resnet-lab sweep`: print the table; the exit code is the number of failed points (at most 100),
+    2 for a bad grid or option (one line, as argparse does), 130 after Ctrl-C (the table so far is printed)."""
+    from .cli import usage_error
+
+    try:
+        grid = load_grid(a.grid)
+        table = run_sweep(grid, jobs=a.jobs, backend=a.backend, dry_run=a.dry_run, address=a.address,
+                          gpus_per_task=a.gpus_per_task, kernel_name=a.kernel)
+    except ValueError as e:
+        usage_error(e)
+    except RuntimeError as e:  # the machine, not the input (e.g. Ray not installed)
+        raise SystemExit(f"error: {e}")
+    except SweepInterrupted as e:
+        _print_table(e.table)
+        print(f"error: {e}", file=sys.stderr)
+        return 130
+    _print_table(table)
     return min(100, int((table["status"] == "failed").sum()))
 
 

@@ -40,3 +40,30 @@ def test_report_bad_input():
         report.build("huge")
     with pytest.raises(ValueError, match="unknown notebook.*99_nothing.*01_degradation"):
         report.build("smoke", only=["99_nothing"])
+
+
+def test_report_kernel_gets_absolute_data_and_results_paths(tmp_path, monkeypatch):
+    """papermill starts the kernel in notebooks/: relative paths (README: RESNET_LAB_DATA=../shared/...) must be
+    made absolute against the caller's cwd while it runs, and os.environ restored afterwards."""
+    import os
+
+    import papermill as pm
+
+    from resnet_lab import report
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RESNET_LAB_DATA", "../shared/data/cifar10-jpeg.tar.gz")
+    monkeypatch.setenv("RESNET_LAB_RESULTS", "results")
+    seen = {}
+
+    def fake_execute(input_path, output_path, **kw):
+        seen.update({k: os.environ.get(k) for k in ("RESNET_LAB_DATA", "RESNET_LAB_RESULTS")}, output=output_path)
+
+    monkeypatch.setattr(pm, "execute_notebook", fake_execute)
+    table = report.build("smoke", only=["01_degradation"], kernel="python3")
+    assert table["status"].tolist() == ["done"]
+    assert seen["RESNET_LAB_DATA"] == str(tmp_path / "../shared/data/cifar10-jpeg.tar.gz")
+    assert seen["RESNET_LAB_RESULTS"] == str(tmp_path / "results")
+    assert seen["output"] == str(tmp_path / "results" / "smoke" / "executed" / "01_degradation.ipynb")
+    assert os.environ["RESNET_LAB_DATA"] == "../shared/data/cifar10-jpeg.tar.gz"
+    assert os.environ["RESNET_LAB_RESULTS"] == "results"

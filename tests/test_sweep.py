@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import nbformat
@@ -100,6 +105,15 @@ BAD_GRIDS = {
     "duplicate value": (GOOD + "parameters:\n  seeds: [[0], [0]]\n", ["parameters.seeds", "[0]", "twice"]),
     "unknown top-level key": (GOOD + "grid: {}\n", ["'grid'", "notebook", "parameters", "fixed"]),
     "in both sections": (GOOD + "parameters:\n  seeds: [[0]]\nfixed:\n  seeds: [1]\n", ["seeds", "both"]),
+    "preset as a list": ("notebook: 01_degradation\npreset: [smoke]\n", ["preset", "['smoke']", "paper", "smoke"]),
+    "str inside a list of ints": (GOOD + "parameters:\n  seeds: [['a']]\n", ["parameters.seeds", "'a'", "str",
+                                                                            "int"]),
+    "list inside a list of ints": (GOOD + "parameters:\n  seeds: [[[0]]]\n", ["parameters.seeds", "[0]", "list",
+                                                                             "int"]),
+    "bool inside a list of ints": (GOOD + "fixed:\n  seeds: [true]\n", ["fixed.seeds", "True", "bool", "int"]),
+    "fraction inside a list of ints": (GOOD + "fixed:\n  depths: [8.5]\n", ["fixed.depths", "8.5", "int"]),
+    "int given twice, once as a float": (GOOD + "parameters:\n  seeds: [[0], [0.0]]\n", ["parameters.seeds",
+                                                                                     "[0.0]", "twice"]),
 }
 
 
@@ -117,6 +131,21 @@ def test_load_grid_errors_name_the_key_and_the_allowed_values(case, tmp_path):
 def test_missing_grid_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_grid(tmp_path / "nope.yaml")
+
+
+def test_grid_path_that_is_a_directory_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"'.*sweeps' is a directory.*\.yaml"):
+        load_grid(ROOT / "sweeps")
+
+
+def test_whole_floats_are_the_ints_they_write(tmp_path, monkeypatch):
+    """YAML's 8.0 and 8 are one depth: one point, one hash, an int injected (the notebook's default is an int)."""
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    as_floats = load_grid(write(tmp_path, GOOD + "parameters:\n  depths: [[8.0], [14]]\nfixed:\n  seeds: [0.0]\n"))
+    as_ints = load_grid(write(tmp_path, GOOD + "parameters:\n  depths: [[8], [14]]\nfixed:\n  seeds: [0]\n", "b.yaml"))
+    assert as_floats.parameters == {"depths": [[8], [14]]} and as_floats.fixed == {"seeds": [0]}
+    assert all(type(v) is int for v in as_floats.parameters["depths"][0] + as_floats.fixed["seeds"])
+    assert [p.hash for p in expand(as_floats)] == [p.hash for p in expand(as_ints)]
 
 
 # -- running --------------------------------------------------------------------------------------------
@@ -195,12 +224,101 @@ def test_cli_exit_code_is_capped_at_100(tmp_path, monkeypatch):
     assert args.func(args) == 100
 
 
-def test_cli_rejects_a_bad_grid_before_running(tmp_path):
+@pytest.mark.parametrize("text", ["notebook: 99_nope\npreset: smoke\n", "notebook: 01_degradation\npreset: [smoke]\n",
+                                  GOOD + "parameters:\n  seeds: [['a']]\n"])
+def test_cli_rejects_a_bad_grid_before_running_with_one_line_and_code_2(tmp_path, capsys, text):
+    from resnet_lab import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep", str(write(tmp_path, text))])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+
+
+def test_cli_rejects_a_grid_directory_with_code_2(capsys):
+    from resnet_lab import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep", str(ROOT / "sweeps")])
+    assert e.value.code == 2 and "is a directory" in capsys.readouterr().err
+
+
+# -- paths the kernel sees ------------------------------------------------------------------------------
+def test_points_get_absolute_data_and_results_paths(tiny_grid, tmp_path, monkeypatch):
+    """The kernel runs in notebooks/: the README's relative RESNET_LAB_DATA must still find the data there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RESNET_LAB_DATA", "../shared/data/cifar10-jpeg.tar.gz")
+    monkeypatch.setenv("RESNET_LAB_RESULTS", "results")
+    monkeypatch.setenv("RESNET_LAB_DATA_DIR", "~/cache")
+    point = expand(tiny_grid)[0]
+    env = sweep._point_spec(point, KERNEL, threads=1)["env"]
+    assert env["RESNET_LAB_DATA"] == str(tmp_path / "../shared/data/cifar10-jpeg.tar.gz")
+    assert env["RESNET_LAB_RESULTS"] == str(tmp_path / "results")
+    assert env["RESNET_LAB_DATA_DIR"] == str(tmp_path / "home" / "cache")
+    assert env["RESNET_LAB_THREADS"] == "1"
+
+
+def test_absolute_path_env_leaves_absolute_empty_urls_and_other_vars_alone(tmp_path):
+    env = {"RESNET_LAB_DATA": "", "RESNET_LAB_RESULTS": "/abs/results", "RESNET_LAB_DATA_DIR": "s3://bucket/x",
+           "RESNET_LAB_GROUP": "1", "RESNET_LAB_PACK": "2"}
+    assert sweep.absolute_path_env(env, cwd=tmp_path) == env
+    relative = sweep.absolute_path_env({"RESNET_LAB_DATA": "d.tgz"}, cwd=tmp_path)
+    assert relative == {"RESNET_LAB_DATA": str(tmp_path / "d.tgz")}
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------------
+def test_ctrl_c_cancels_queued_points_and_stops_the_running_one(tiny_grid, tmp_path, monkeypatch):
+    """Each point's process sleeps a minute; SIGINT to this process (a terminal's Ctrl-C) once the first runs
+    must end the sweep in seconds, start none of the queued points and leave no point process behind."""
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
+    grid = Grid(tiny_grid.notebook, tiny_grid.notebook_path, "smoke", parameters={"x": [1, 2, 3]})
+    started: list[subprocess.Popen] = []
+    real_start = sweep._Children.start
+
+    def start_sleeper(self, cmd, env):
+        proc = real_start(self, [sys.executable, "-c", "import time; time.sleep(60)"], env)
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(sweep._Children, "start", start_sleeper)
+
+    def ctrl_c() -> None:
+        deadline = time.monotonic() + 60
+        while not started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if started:  # never signal pytest itself outside the sweep
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(sweep.SweepInterrupted) as e:
+        run_sweep(grid, jobs=1, kernel_name=KERNEL)
+    assert time.monotonic() - t0 < 40
+    assert len(started) == 1, "a queued point started after Ctrl-C"
+    assert started[0].poll() is not None, "the running point's process was left behind"
+    assert isinstance(e.value, KeyboardInterrupt)
+    assert list(e.value.table["status"]) == ["interrupted"] * 3
+    assert "0 of 3 points finished" in str(e.value)
+
+
+def test_cli_after_ctrl_c_prints_what_finished_and_exits_130(tmp_path, monkeypatch, capsys):
+    table = pd.DataFrame({"point": ["x=1", "x=2"], "status": ["done", "interrupted"], "seconds": [1.0, 0.0],
+                          "output": ["a.ipynb", "b.ipynb"], "error": ["", ""]})
+
+    def interrupted(*a, **k):
+        raise sweep.SweepInterrupted(table)
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
     parser = argparse.ArgumentParser()
     sweep.add_sweep_parser(parser.add_subparsers())
-    args = parser.parse_args(["sweep", str(write(tmp_path, "notebook: 99_nope\npreset: smoke\n"))])
-    with pytest.raises(SystemExit, match="99_nope"):
-        args.func(args)
+    args = parser.parse_args(["sweep", str(write(tmp_path, SMOKE_GRID))])
+    assert args.func(args) == 130
+    out, err = capsys.readouterr()
+    assert "x=1" in out and "done" in out and "interrupted" in out
+    assert "1 of 2 points finished" in err and "again" in err
 
 
 def test_kernel_that_fails_to_start_is_retried_once(tiny_grid, tmp_path, monkeypatch):

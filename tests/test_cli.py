@@ -1,0 +1,71 @@
+"""`resnet-lab train`: every flag acts or is refused by name (exit code 2, one line); none is silently ignored."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import pytest
+
+from resnet_lab import cli
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Training here would be a bug: the command was meant to fail or to list."""
+    ex = importlib.import_module("resnet_lab.experiments")
+    tr = importlib.import_module("resnet_lab.train")  # the package exports a function of that name
+
+    def boom(*a, **k):
+        raise AssertionError("the command trained")
+
+    monkeypatch.setattr(tr, "train", boom)
+    monkeypatch.setattr(ex, "train_all", boom)
+
+
+def _usage_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_depth_0_is_refused_not_trained_as_20(no_training, capsys):
+    err = _usage_error(capsys, "train", "--depth", "0", "--preset", "smoke")
+    assert "depth=0" in err and "6n+2" in err
+
+
+@pytest.mark.parametrize("argv, flag", [(["-p", "seeds=[1]"], "-p/--param"), (["--pack", "2"], "--pack"),
+                                        (["--group"], "--group")])
+def test_notebook_flags_without_notebook_are_refused(no_training, capsys, argv, flag):
+    err = _usage_error(capsys, "train", "--preset", "smoke", *argv)
+    assert flag in err and "--notebook" in err
+
+
+def test_seed_with_notebook_says_to_use_the_seeds_parameter(no_training, capsys):
+    err = _usage_error(capsys, "train", "--notebook", "01_degradation", "--preset", "smoke", "--seed", "1")
+    assert "--seed" in err and "-p 'seeds=[1]'" in err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--list", "--time-budget", "5"], ["--list", "--time-budget"]),
+    (["--notebook", "01_degradation", "--list", "--pack", "2"], ["--list", "--pack"]),
+    (["--notebook", "01_degradation", "--pack", "0"], ["--pack 0", ">= 1"]),
+    (["--time-budget", "0"], ["--time-budget 0", "> 0"]),
+    (["--set", "lerning_rate=1"], ["lerning_rate", "allowed"]),
+])
+def test_meaningless_or_bad_values_are_refused(no_training, capsys, argv, needles):
+    err = _usage_error(capsys, "train", "--preset", "smoke", *argv)
+    for n in needles:
+        assert n in err, err
+
+
+def test_list_without_notebook_lists_the_one_run(no_training, capsys, tmp_path, monkeypatch):
+    ex = importlib.import_module("resnet_lab.experiments")
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    monkeypatch.setattr(ex, "with_dataset", lambda cfgs: [dataclasses.replace(c, dataset="test") for c in cfgs])
+    assert cli.main(["train", "--preset", "smoke", "--depth", "14", "--seed", "3", "--list"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "resnet-14" in out[0] and "seed 3" in out[0] and "missing" in out[0], out
