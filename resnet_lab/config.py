@@ -18,6 +18,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # they are left out of the hash so a run trained with them is found by a run asked without.
 NON_RESULT_FIELDS = frozenset({"activation_checkpointing", "fast"})
 
+# Bumped when `models.py` changes what an architecture computes, so that runs stored from the old
+# net hash to other folders and are not reused (an arch missing here is at revision 1, and its
+# hashes are those of before this table existed). preact 2: BN-ReLU before the split in the first
+# block and at projection shortcuts (He et al. 2016, appendix).
+MODEL_REVISIONS = {"preact": 2}
+
 
 def valid_depths(block_layers: int = 2, bottleneck: bool = False, limit: int = 1300) -> list[int]:
     """Depths the CIFAR family accepts for this block shape (6n+2, or 9n+2 for bottlenecks)."""
@@ -117,6 +123,8 @@ class RunConfig:
         """The fields that change results, as plain JSON values (what the hash covers)."""
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
+        if self.arch in MODEL_REVISIONS:
+            d["model_revision"] = MODEL_REVISIONS[self.arch]
         return {k: v for k, v in sorted(d.items()) if k not in NON_RESULT_FIELDS}
 
     @property

@@ -313,7 +313,7 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
     dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
     data = load_cifar10(source)
     x, y = balanced_subset(data.test_x, data.test_y, eval_images)
-    xg, yg = balanced_subset(data.test_x, data.test_y, grad_batch, seed=2)
+    xg, yg = data.train_x, data.train_y  # Veit et al.: a random training batch per measurement
     out: dict[str, list[pd.DataFrame]] = {k: [] for k in ("lesion", "delete", "reorder", "paths", "gradient")}
     effective = []
     for r in runs[runs["status"] == "done"].to_dict("records"):
@@ -329,7 +329,8 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
         pairs = sum(len(g) // 2 for g in U.swappable_groups(model))
         out["reorder"].append(U.reorder_k(model, x, y, _spread(pairs), draws, seed=cfg.seed).assign(**tag))
         out["paths"].append(U.path_length_distribution(m).assign(**tag))
-        grad = U.gradient_by_path_length(model, xg, yg, list(range(m + 1)), grad_samples, seed=cfg.seed)
+        grad = U.gradient_by_path_length(model, xg, yg, list(range(m + 1)), grad_samples, seed=cfg.seed,
+                                         batch=grad_batch)
         out["gradient"].append(grad.assign(**tag))
         lo, hi = U.effective_paths(grad, 0.9)
         effective.append({**tag, "blocks": m, "effective_from": lo, "effective_to": hi,

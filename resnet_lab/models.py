@@ -59,16 +59,20 @@ def make_shortcut(kind: str, cin: int, cout: int, stride: int, with_bn: bool = T
 class Block(nn.Module):
     """One block: out = post(gate-mix(branch(x), shortcut(x))).
 
+    `pre` (pre-activation nets only): BN-ReLU applied before the split, shared by branch and
+    shortcut, for the first block after conv1 and for projection shortcuts (He et al. 2016, appendix).
+
     Flags the analyses set at test time (they never change parameters):
-      lesioned -- drop the residual branch, keep the shortcut (Veit et al.'s deletion);
+      lesioned -- drop the residual branch, keep the shortcut (Veit et al.'s deletion); a
+                  post-activation block keeps its ReLU after the (now one-term) sum;
       route    -- "branch" or "shortcut": let the gradient through only that side
                   (forward values unchanged), for gradient-by-path-length.
     """
 
     def __init__(self, branch: nn.Module, shortcut: nn.Module | None, post_relu: bool,
-                 gate: nn.Module | None = None, changes_shape: bool = False):
+                 gate: nn.Module | None = None, changes_shape: bool = False, pre: nn.Module | None = None):
         super().__init__()
-        self.branch, self.shortcut, self.gate = branch, shortcut, gate
+        self.pre, self.branch, self.shortcut, self.gate = pre, branch, shortcut, gate
         self.post_relu, self.changes_shape = post_relu, changes_shape
         self.lesioned = False
         self.route: str | None = None
@@ -78,12 +82,15 @@ class Block(nn.Module):
         return self.shortcut is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre is not None:
+            x = self.pre(x)
         if self.lesioned:
             if self.shortcut is None:
                 if self.changes_shape:
                     raise ValueError("cannot delete a plain block that changes the shape")
                 return x
-            return self.shortcut(x)
+            s = self.shortcut(x)
+            return F.relu(s) if self.post_relu else s
         f = self.branch(x)
         if self.shortcut is None:  # plain net: no addition
             return F.relu(f) if self.post_relu else f
@@ -122,13 +129,19 @@ def _bn_stats_kept_on_recompute(group: nn.Module) -> Callable[[], tuple]:
     return lambda: (contextlib.nullcontext(), restore())
 
 
-def _basic_branch(cin: int, cout: int, stride: int, layers: int, preact: bool) -> nn.Sequential:
-    """k 3x3 conv layers; post-act: conv-BN(-ReLU) ... conv-BN; pre-act: BN-ReLU-conv ..."""
+def _preact(c: int) -> list[nn.Module]:
+    return [nn.BatchNorm2d(c), nn.ReLU(inplace=False)]
+
+
+def _basic_branch(cin: int, cout: int, stride: int, layers: int, preact: bool,
+                  shared_pre: bool = False) -> nn.Sequential:
+    """k 3x3 conv layers; post-act: conv-BN(-ReLU) ... conv-BN; pre-act: BN-ReLU-conv ...
+    (shared_pre: the first BN-ReLU sits before the split, in `Block.pre`)."""
     mods: list[nn.Module] = []
     for i in range(layers):
         c_in, s = (cin, stride) if i == 0 else (cout, 1)
         if preact:
-            mods += [nn.BatchNorm2d(c_in), nn.ReLU(inplace=False), conv3x3(c_in, cout, s)]
+            mods += ([] if i == 0 and shared_pre else _preact(c_in)) + [conv3x3(c_in, cout, s)]
         else:
             mods += [conv3x3(c_in, cout, s), nn.BatchNorm2d(cout)]
             if i < layers - 1:
@@ -136,14 +149,15 @@ def _basic_branch(cin: int, cout: int, stride: int, layers: int, preact: bool) -
     return nn.Sequential(*mods)
 
 
-def _bottleneck_branch(cin: int, mid: int, cout: int, stride: int, preact: bool) -> nn.Sequential:
+def _bottleneck_branch(cin: int, mid: int, cout: int, stride: int, preact: bool,
+                       shared_pre: bool = False) -> nn.Sequential:
     """1x1 reduce - 3x3 - 1x1 expand (stride on the 3x3)."""
     convs = [conv1x1(cin, mid), conv3x3(mid, mid, stride), conv1x1(mid, cout)]
     ins = [cin, mid, mid]
     mods: list[nn.Module] = []
     for i, conv in enumerate(convs):
         if preact:
-            mods += [nn.BatchNorm2d(ins[i]), nn.ReLU(inplace=False), conv]
+            mods += ([] if i == 0 and shared_pre else _preact(ins[i])) + [conv]
         else:
             mods += [conv, nn.BatchNorm2d(conv.out_channels)]
             if i < 2:
@@ -178,17 +192,22 @@ class CifarResNet(nn.Module):
             cout = mid * expansion
             for i in range(per_stage):
                 stride = 2 if (stage > 0 and i == 0) else 1
-                if bottleneck:
-                    branch = _bottleneck_branch(cin, mid, cout, stride, preact)
-                else:
-                    branch = _basic_branch(cin, cout, stride, block_layers, preact)
                 changes = stride != 1 or cin != cout
                 sc = None if arch == "plain" else make_shortcut(shortcut, cin, cout, stride, with_bn=not preact)
+                # He et al. 2016: the first unit after conv1, and projection shortcuts, take the
+                # activation before the split
+                projection = shortcut == "C" or (shortcut == "B" and changes)
+                shared_pre = preact and (not blocks or projection)
+                if bottleneck:
+                    branch = _bottleneck_branch(cin, mid, cout, stride, preact, shared_pre)
+                else:
+                    branch = _basic_branch(cin, cout, stride, block_layers, preact, shared_pre)
                 gate = None
                 if arch == "highway":
                     gate = nn.Conv2d(cin, cout, 1, stride=stride, bias=True)
                     nn.init.constant_(gate.bias, gate_bias)
-                blocks.append(Block(branch, sc, post_relu=not preact, gate=gate, changes_shape=changes))
+                pre = nn.Sequential(*_preact(cin)) if shared_pre else None
+                blocks.append(Block(branch, sc, post_relu=not preact, gate=gate, changes_shape=changes, pre=pre))
                 cin = cout
         self.blocks = nn.ModuleList(blocks)
         head: list[nn.Module] = [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)] if preact else []

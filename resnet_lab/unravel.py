@@ -254,15 +254,17 @@ def path_length_distribution(m: int) -> pd.DataFrame:
 
 
 def gradient_by_path_length(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[int], samples: int,
-                            seed: int = 0) -> pd.DataFrame:
+                            seed: int = 0, batch: int | None = None) -> pd.DataFrame:
     """Input-gradient norm carried by single paths of length k, and by all C(m,k) of them: which lengths train the net.
 
     Veit et al.'s scheme: for each k and sample, draw k of the m blocks; in the backward pass the
     gradient goes only through the residual branch of those k blocks and only through the
     shortcut of the others (`Block.route`; forward values are unchanged), so it follows exactly
     one path of length k. With the model in eval mode (BN on running statistics), compute the mean
-    cross-entropy on the batch (x uint8 images, y labels), backpropagate and record the norm of the
-    gradient w.r.t. the normalised float input. Multiplying the mean norm per k by the number of
+    cross-entropy on a batch of uint8 images with labels, backpropagate and record the norm of the
+    gradient w.r.t. the normalised float input. batch=None: every sample uses all of (x, y);
+    batch=B: each sample draws its own B images from (x, y), as Veit et al. drew a random training
+    batch per measurement. Multiplying the mean norm per k by the number of
     such paths, C(m,k), estimates the total gradient magnitude that paths of length k carry.
 
     Columns: k, sample, blocks (the branch blocks), grad_norm, and per k: mean_grad_norm, paths
@@ -274,20 +276,29 @@ def gradient_by_path_length(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     plain = [i for i, b in enumerate(blocks) if not b.has_shortcut]
     if plain:
         raise ValueError(f"gradient_by_path_length needs residual blocks; blocks {plain[:5]} have no shortcut")
+    gated = [i for i, b in enumerate(blocks) if b.gate is not None]
+    if gated:  # T(x) mixes both sides, so a path's gradient also flows through the gate: no single path
+        raise ValueError(f"gradient_by_path_length needs ungated residual blocks (resnet, preact); "
+                         f"blocks {gated[:5]} are highway-gated")
     ks = _check_ks(ks, m, f"the number of blocks is {m}")
     _check_count("samples", samples)
+    if batch is not None:
+        _check_count("batch", batch)
+        if batch > len(y):
+            raise ValueError(f"batch={batch!r} is not valid: use at most the {len(y)} images given, or None")
     rng = random.Random(seed)
     dev = next(model.parameters()).device
-    xn = normalize(x.to(dev)).requires_grad_(True)
-    y = y.to(dev)
+    x, y = x.to(dev), y.to(dev)
     rows = []
     for k in ks:
         for s in range(samples):
             chosen = set(rng.sample(range(m), k))
             route = {i: "branch" if i in chosen else "shortcut" for i in range(m)}
+            idx = None if batch is None else torch.tensor(rng.sample(range(len(y)), batch), device=dev)
+            xn = normalize(x if idx is None else x[idx]).requires_grad_(True)
             with modified_blocks(model, route=route), torch.enable_grad():
                 model.eval()
-                loss = F.cross_entropy(model(xn).float(), y)
+                loss = F.cross_entropy(model(xn).float(), y if idx is None else y[idx])
                 (g,) = torch.autograd.grad(loss, xn)
             rows.append(dict(k=k, sample=s, blocks=tuple(sorted(chosen)), grad_norm=float(g.norm())))
     df = pd.DataFrame(rows)

@@ -55,6 +55,7 @@ def manual_input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: 
     xn = normalize(x).requires_grad_(True)
     h = model.stem(xn)
     for b in model.blocks:
+        h = b.pre(h) if b.pre is not None else h  # pre-activation before the split (shared by both sides)
         f, s = b.branch(h), b.shortcut(h)
         h = f + s.detach() if side == "branch" else f.detach() + s
         h = F.relu(h) if b.post_relu else h
@@ -160,6 +161,26 @@ def test_gradient_at_k_m_and_k_0_matches_hand_computed_references(arch):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_gradient_samples_draw_their_own_batches_when_asked():
+    """Veit et al. measure each path on a fresh random training batch; batch=B draws B of the images given."""
+    model = tiny("resnet", 8)
+    x, y = data()
+    df = gradient_by_path_length(model, x, y, ks=[0], samples=6, seed=1, batch=3)
+    norms = df["grad_norm"].tolist()
+    assert len(set(norms)) > 1  # the route is the same for k=0: only the batch changes
+    subsets = [[i, j, k] for i in range(6) for j in range(i + 1, 6) for k in range(j + 1, 6)]
+    possible = [manual_input_grad(model, x[s], y[s], "shortcut") for s in subsets]
+    assert all(any(n == pytest.approx(p, rel=1e-5) for p in possible) for n in norms)
+    again = gradient_by_path_length(model, x, y, ks=[0], samples=6, seed=1, batch=3)
+    assert again["grad_norm"].tolist() == norms  # the seed fixes the draws
+
+
+def test_gated_blocks_have_no_single_paths_to_measure():
+    x, y = data()
+    with pytest.raises(ValueError, match="highway-gated"):
+        gradient_by_path_length(tiny("highway", 8), x, y, ks=[1], samples=1)
+
+
 def test_effective_paths_is_the_shortest_range_holding_the_mass():
     df = pd.DataFrame({"k": [0, 1, 2, 3, 4], "total": [1.0, 10.0, 80.0, 8.0, 1.0]})
     assert effective_paths(df, 0.9) == (1, 2)
@@ -238,6 +259,8 @@ BAD = [
     (lambda m, x, y: gradient_by_path_length(m, x, y, ks=[5], samples=1), r"k=5 .*0\.\.3"),
     (lambda m, x, y: gradient_by_path_length(m, x, y, ks=[1], samples=0), r"samples=0 .*>= 1"),
     (lambda m, x, y: gradient_by_path_length(m, x, y, ks=[], samples=1), r"ks is empty"),
+    (lambda m, x, y: gradient_by_path_length(m, x, y, ks=[1], samples=1, batch=0), r"batch=0 .*>= 1"),
+    (lambda m, x, y: gradient_by_path_length(m, x, y, ks=[1], samples=1, batch=7), r"batch=7 .*at most the 6"),
     (lambda m, x, y: lesion_blocks(m, x, y, batch_size=0), r"batch_size=0"),
     (lambda m, x, y: lesion_blocks(m, x, y[:2]), r"6 images, 2 labels"),
     (lambda m, x, y: path_length_distribution(-1), r"m=-1 .*>= 0"),

@@ -110,3 +110,45 @@ def test_resnet_1202_forward_backward_on_cpu():
     out = m(torch.randn(2, 3, 32, 32))
     out.sum().backward()
     assert out.shape == (2, 10) and m.blocks[0].branch[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B", "C"])
+def test_preact_activates_before_the_split_where_he_2016_does(shortcut):
+    """The first unit after conv1, and every projection shortcut, see BN-ReLU(x), not the raw x."""
+    m = build_model("preact", 20, shortcut=shortcut).eval()
+    projection = [shortcut == "C" or (shortcut == "B" and b.changes_shape) for b in m.blocks]
+    shared = [b.pre is not None for b in m.blocks]
+    assert shared == [i == 0 or p for i, p in enumerate(projection)]
+    for b in m.blocks:  # a branch never activates twice, and always starts with BN-ReLU when not shared
+        first = b.branch[0]
+        assert isinstance(first, nn.Conv2d) if b.pre is not None else isinstance(first, nn.BatchNorm2d)
+    if shortcut == "A":  # BNs see unit inputs: no stem BN (-32), a head BN (+128), narrower BNs at
+        assert count_params(m) == 269_722  # the two transitions (-32, -64): ResNet-20's count again
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stem = m.stem(x)
+        m.blocks[0].lesioned = True  # the skip path of the first unit carries the activation
+        skip = m.blocks[0](stem)
+        assert stem.min() < 0
+        if not projection[0]:
+            assert torch.equal(skip, m.blocks[0].pre(stem)) and skip.min() >= 0
+
+
+@pytest.mark.parametrize("shortcut", ["B", "C"])
+def test_a_deleted_post_activation_block_keeps_its_relu(shortcut):
+    m = build_model("resnet", 20, shortcut=shortcut).eval()
+    block = m.blocks[3]  # 16 -> 32 with a projection shortcut
+    x = torch.relu(torch.randn(2, 16, 32, 32))
+    with torch.no_grad():
+        block.lesioned = True
+        out = block(x)
+        assert torch.equal(out, torch.relu(block.shortcut(x))) and out.min() >= 0
+
+
+def test_a_model_revision_moves_only_its_arch_to_new_folders():
+    from resnet_lab.config import MODEL_REVISIONS, RunConfig
+
+    assert make_config("quick", arch="resnet", depth=20).result_fields().get("model_revision") is None
+    pre = make_config("quick", arch="preact", depth=20)
+    assert pre.result_fields()["model_revision"] == MODEL_REVISIONS["preact"]
+    assert RunConfig.from_json(pre.to_json()) == pre  # config.json is not touched by it
