@@ -41,6 +41,21 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: f
     return opt, lr_t
 
 
+@torch.no_grad()
+def match_momentum_layout(opt: torch.optim.Optimizer) -> None:
+    """Give every momentum buffer its parameter's memory layout.
+
+    A checkpoint keeps the layout it was saved in (channels_last from CUDA) and `load_state_dict`
+    changes only device and dtype; the fused SGD kernel walks buffer and parameter element by
+    element, so a buffer in another layout would be silently scrambled on the next step.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and buf.stride() != p.stride():
+                opt.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
+
+
 def autocast(device: torch.device, precision: str, cache: bool = True):
     """bf16 autocast on CUDA ("auto") or when asked ("bf16"); nothing for fp32.
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data import Cifar10, DeviceLoader, eval_batches, load_cifar10, normalize, split_data
-from .fast import Stepper, autocast, make_optimizer, step_body, to_device
+from .fast import Stepper, autocast, make_optimizer, match_momentum_layout, step_body, to_device
 from .models import count_params, model_from_config
 from .runs import METRIC_COLUMNS, RunDir, atomic_save_torch, atomic_write_csv, atomic_write_json
 
@@ -119,17 +119,36 @@ def _record(rd: RunDir) -> RunRecord:
     return RunRecord(rd.cfg, rd.path, rd.summary() or {}, rd.metrics())
 
 
-def _load_checkpoint(rd: RunDir) -> dict | None:
-    """Newest loadable checkpoint; a damaged one is set aside with a warning, never trusted."""
+_CHECKPOINT_KEYS = ("model", "optimizer", "step", "seconds", "warming_up", "warmup_end", "torch_rng",
+                    "accumulators")
+
+
+def _resume(rd: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict | None:
+    """Load the newest checkpoint that fits into `model` and `opt`, and return it.
+
+    One that cannot be read, or that does not fit (written by another version of the net), is set
+    aside with a warning, never trusted, and the model and optimizer are left as they were built;
+    otherwise such a file would fail every later call of the run.
+    """
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
     for f in (rd.checkpoint_file, rd.path / "checkpoint.prev.pt"):
         if not f.exists():
             continue
         try:
-            return torch.load(f, map_location="cpu", weights_only=True)
+            ckpt = torch.load(f, map_location="cpu", weights_only=True)
+            missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
+            if missing:
+                raise KeyError(f"no {', '.join(missing)} in it")
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])  # checks everything before it changes anything
+            match_momentum_layout(opt)  # a CUDA checkpoint (channels_last) resumed on the CPU, or back
+            return ckpt
         except Exception as e:
+            model.load_state_dict(fresh)
+            opt.state.clear()
             bad = f.with_name(f"{f.name}.bad-{int(time.time())}")
             os.replace(f, bad)
-            log.warning("checkpoint %s failed to load (%s); set aside as %s", f, e, bad.name)
+            log.warning("checkpoint %s failed to load (%s: %s); set aside as %s", f, type(e).__name__, e, bad.name)
     return None
 
 
@@ -169,7 +188,11 @@ def _train_locked(cfg: RunConfig, rd: RunDir, device: torch.device, data: Cifar1
                   stop_after: int | None, checkpoint_every_s: float, deadline: float | None = None) -> RunRecord:
     if device.type == "cpu":
         _set_cpu_threads()
-    run = _Run(cfg, rd, device, data, progress, stop_after, checkpoint_every_s)
+    try:
+        run = _Run(cfg, rd, device, data, progress, stop_after, checkpoint_every_s)
+    except BaseException as e:  # say so in the run's summary, as a packed run that cannot start does
+        _store_failure(rd, cfg, e)
+        raise
     try:
         while run.step():
             if deadline is not None and time.monotonic() >= deadline:
@@ -216,7 +239,7 @@ class _Run:
         model = model_from_config(cfg)
         from .analysis import count_macs  # FLOPs of the fresh model, before it moves to the device
 
-        macs = count_macs(model)
+        macs = count_macs(model)  # stored as "flops": multiply-adds, what He et al. call FLOPs
         model = to_device(model, device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
@@ -226,11 +249,9 @@ class _Run:
         self.start, self.rows, self.seconds = 0, [], 0.0
         self.warming_up = cfg.warmup_lr is not None
         self.warmup_end = None
-        ckpt = _load_checkpoint(rd)
+        ckpt = _resume(rd, model, opt)
         acc = None
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
             self.start, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])
             self.warming_up, self.warmup_end = bool(ckpt["warming_up"]), ckpt["warmup_end"]
             self.rows = [r for r in rd.metrics().to_dict("records") if r["step"] <= self.start]  # drop rows past it
@@ -296,6 +317,10 @@ class _Run:
                     self.warming_up, self.warmup_end = False, step + 1
                 self.win_wrong.zero_()
                 self.win_seen = 0
+            if cfg.milestones and step + 1 == cfg.milestones[0]:  # the recipe has no answer for this: say it
+                log.warning("%s is still warming up (lr %g, training error >= %g) at the first milestone, "
+                            "step %d; its summary will say warmup_end_step=None", cfg.name, cfg.warmup_lr,
+                            cfg.warmup_err, step + 1)
         self.bar.update(1)
         done = self.step_no = step + 1
         if done % cfg.eval_every == 0 or done == cfg.iterations:

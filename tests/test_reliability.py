@@ -99,3 +99,60 @@ def test_disk_full_is_a_clear_error_and_finished_runs_stay_intact(cifar, tmp_pat
     with pytest.raises(ResultsWriteError, match="No space left on device"):
         train(cfg(iterations=4, seed=1), root=tmp_path, data=cifar, device="cpu")
     assert {p.name: p.read_bytes() for p in done.path.iterdir() if p.is_file()} == before
+
+
+def test_a_checkpoint_saved_channels_last_resumes_exactly(cifar, tmp_path):
+    """A CUDA checkpoint holds channels_last momentum; resumed on the CPU it must not be scrambled."""
+    import torch
+
+    c = cfg(iterations=8, milestones=(6,))
+    part = train(c, root=tmp_path / "a", data=cifar, device="cpu", stop_after=3)
+    ck = part.path / "checkpoint.pt"
+    state = torch.load(ck, weights_only=True)
+    bufs = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()]
+    assert any(b.dim() == 4 for b in bufs)
+    for s in state["optimizer"]["state"].values():
+        if s["momentum_buffer"].dim() == 4:
+            s["momentum_buffer"] = s["momentum_buffer"].contiguous(memory_format=torch.channels_last)
+    torch.save(state, ck)
+    resumed = train(c, root=tmp_path / "a", data=cifar, device="cpu")
+    straight = train(c, root=tmp_path / "b", data=cifar, device="cpu")
+    a = torch.load(resumed.path / "model.pt", weights_only=True)
+    b = torch.load(straight.path / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_another_net_is_set_aside_and_the_run_starts_over(cifar, tmp_path, caplog):
+    """A readable checkpoint that does not fit (another version of the net) must not fail every call."""
+    import torch
+
+    from resnet_lab.models import model_from_config
+
+    c = cfg(iterations=6, milestones=(4,))
+    part = train(c, root=tmp_path, data=cifar, device="cpu", stop_after=3)
+    ck = part.path / "checkpoint.pt"
+    state = torch.load(ck, weights_only=True)
+    state["model"] = model_from_config(cfg(depth=14)).state_dict()
+    torch.save(state, ck)
+    with caplog.at_level("WARNING"):
+        done = train(c, root=tmp_path, data=cifar, device="cpu")
+    assert done.status == "done" and "failed to load" in caplog.text
+    assert list(part.path.glob("checkpoint.pt.bad-*"))
+    straight = train(c, root=tmp_path / "b", data=cifar, device="cpu")
+    pd.testing.assert_frame_equal(done.metrics[COLS], straight.metrics[COLS], check_exact=True)
+
+
+def test_a_run_that_cannot_start_says_so_in_its_summary(cifar, tmp_path, monkeypatch):
+    import importlib
+
+    T = importlib.import_module("resnet_lab.train")  # the module, not the `train` function re-exported
+    c = cfg()
+
+    def boom(*a, **k):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(T, "Stepper", boom)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        T.train(c, root=tmp_path, data=cifar, device="cpu")
+    s = json.loads((R.RunDir(T.resolve_dataset(c, cifar), tmp_path).summary_file).read_text())
+    assert s["status"] == "failed" and "no kernel" in s["error"]
