@@ -47,7 +47,11 @@ def ci95(values) -> float:
 
 
 def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Mean ± 95% CI over seeds of final train/test error (in %), with params and MACs, grouped by `by`."""
+    """Mean ± 95% CI over seeds of final train/test error (in %), with params and MACs, grouped by `by`.
+
+    Diverged runs are counted (`diverged`) but not averaged: their last error is that of NaN
+    logits, which says nothing about the net. `runs` counts the runs the means are over.
+    """
     if runs.empty:
         return pd.DataFrame(columns=by + ["runs", "params", "macs", "train_err_%", "test_err_%", "test_err_ci95",
                                           "diverged", "wall_min", "packed", "device"])
@@ -55,17 +59,18 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     rows = []
     for key, g in done.groupby(by, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
+        ok = g[g["status"] == "done"]
         rows.append({
             **dict(zip(by, key)),
-            "runs": len(g),
+            "runs": len(ok),
             "params": int(g["params"].iloc[0]),
             "macs": int(g["flops"].iloc[0]),
-            "train_err_%": 100 * g["final_train_err"].astype(float).mean(),
-            "test_err_%": 100 * g["final_test_err"].astype(float).mean(),
-            "test_err_ci95": 100 * ci95(g["final_test_err"].astype(float)),
+            "train_err_%": 100 * ok["final_train_err"].astype(float).mean(),
+            "test_err_%": 100 * ok["final_test_err"].astype(float).mean(),
+            "test_err_ci95": 100 * ci95(ok["final_test_err"].astype(float)),
             "diverged": int((g["status"] == "diverged").sum()),
             # wall time per run; a packed run's clock also ran while its neighbours stepped
-            "wall_min": g["wall_seconds"].astype(float).mean() / 60 if "wall_seconds" in g else float("nan"),
+            "wall_min": ok["wall_seconds"].astype(float).mean() / 60 if "wall_seconds" in g else float("nan"),
             "packed": int(g["packed_runs"].fillna(1).max()) if "packed_runs" in g else 1,
             "device": ", ".join(sorted({str(d) for d in g.get("device", pd.Series(dtype=str)).dropna()})),
         })

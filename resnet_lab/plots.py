@@ -12,6 +12,22 @@ import seaborn as sns
 PALETTE = "colorblind"
 
 
+def t_interval(values) -> tuple[float, float]:
+    """Mean ± the Student-t 95% half-width: the interval the tables print (`analysis.ci95`).
+
+    seaborn's ("ci", 95) is a bootstrap, several times narrower than this with 2-3 seeds, so a
+    figure would promise more certainty than its table.
+    """
+    from .analysis import ci95
+
+    v = pd.to_numeric(pd.Series(values), errors="coerce").dropna()
+    mean, half = float(v.mean()), ci95(v)
+    return mean - half, mean + half
+
+
+CI95 = t_interval  # what every errorbar over seeds uses
+
+
 def set_style() -> None:
     """One look for every figure; TrueType fonts in PDFs (journals reject Type 3)."""
     sns.set_theme(context="paper", style="ticks", palette=PALETTE, font_scale=1.1)
@@ -59,7 +75,7 @@ def degradation_figure(metrics: pd.DataFrame):
                     hue_order=sorted(long["depth"].unique(), key=int), style="curve",
                     style_order=["test", "train"], dashes={"test": "", "train": (4, 2)}, col="net",
                     col_order=[c for c in ("plain", "ResNet") if c in set(long["net"])], kind="line",
-                    errorbar=("ci", 95), height=3.2, aspect=1.1, facet_kws={"sharey": True})
+                    errorbar=CI95, height=3.2, aspect=1.1, facet_kws={"sharey": True})
     g.set_titles("{col_name}")
     return g.figure
 
@@ -70,7 +86,7 @@ def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = No
     long = _curves_long(metrics)
     order = sorted(long[hue].unique(), key=lambda v: (len(str(v)), str(v)))  # "20" before "110"
     g = sns.relplot(data=long, x="iterations", y="error (%)", hue=hue, hue_order=order, style="curve", style_order=["test", "train"],
-                    dashes={"test": "", "train": (4, 2)}, col=col, kind="line", errorbar=("ci", 95), height=3.2,
+                    dashes={"test": "", "train": (4, 2)}, col=col, kind="line", errorbar=CI95, height=3.2,
                     aspect=1.2)
     if title:
         g.figure.suptitle(title, y=1.02)
@@ -78,11 +94,11 @@ def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = No
 
 
 def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None):
-    """Test error vs depth, mean with a 95% CI band over seeds, the paper's numbers as crosses."""
+    """Test error vs depth, mean with a 95% CI band over seeds (Student t), the paper's numbers as crosses."""
     set_style()
     d = runs[runs["status"] == "done"].assign(**{"test error (%)": lambda x: 100 * x["final_test_err"].astype(float)})
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
-    sns.lineplot(data=d, x="depth", y="test error (%)", marker="o", errorbar=("ci", 95), ax=ax, label="ours")
+    sns.lineplot(data=d, x="depth", y="test error (%)", marker="o", errorbar=CI95, ax=ax, label="ours")
     if paper:
         ks = sorted(k for k in paper if k in set(d["depth"]))
         ax.plot(ks, [paper[k] for k in ks], "x", color="k", label="He et al. 2015")
@@ -95,12 +111,12 @@ def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None):
 
 def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue: str | None = "depth",
                 y: str = "final_test_err", ylabel: str = "test error (%)"):
-    """Bars of final error per category (mean with 95% CI over seeds)."""
+    """Bars of final error per category (mean with a Student-t 95% CI over seeds)."""
     set_style()
     d = runs[runs["status"] == "done"].assign(**{ylabel: lambda r: 100 * r[y].astype(float)})
     if hue:
         d[hue] = d[hue].astype(str)
-    g = sns.catplot(data=d, x=x, y=ylabel, hue=hue, order=order, kind="bar", errorbar=("ci", 95), height=3.2,
+    g = sns.catplot(data=d, x=x, y=ylabel, hue=hue, order=order, kind="bar", errorbar=CI95, height=3.2,
                     aspect=1.8, palette=PALETTE)
     return g.figure
 
@@ -140,11 +156,12 @@ def lesion_figure(lesion: pd.DataFrame):
     d = lesion.assign(**{"test error (%)": 100 * lesion["err"].astype(float)})
     fig, ax = plt.subplots(figsize=(6, 3.2))
     sns.lineplot(data=d, x="block", y="test error (%)", hue="net", marker="o", errorbar=None, ax=ax)
-    for i, (net, g) in enumerate(d.groupby("net", sort=False)):
-        ax.axhline(100 * g["base_err"].iloc[0], ls="--", lw=1, color=sns.color_palette(PALETTE)[i % 10])
+    for i, (net, g) in enumerate(d.groupby("net", sort=False)):  # seaborn's hue order: first appearance
+        base = 100 * g.drop_duplicates("seed")["base_err"].astype(float).mean() if "seed" in g else 100 * g["base_err"].iloc[0]
+        ax.axhline(base, ls="--", lw=1, color=sns.color_palette(PALETTE)[i % 10])
     for b in d.loc[d["changes_shape"].astype(bool), "block"].unique():
         ax.axvline(b, color="0.85", lw=3, zorder=0)
-    ax.set(xlabel="deleted block (grey: downsampling)", ylim=(0, 100))
+    ax.set(xlabel="deleted block (grey: blocks that change the shape)", ylim=(0, 100))
     return fig
 
 
@@ -168,12 +185,14 @@ def paths_figure(paths: pd.DataFrame, gradient: pd.DataFrame, effective: pd.Data
     p = paths.assign(share=paths["share"].astype(float))
     sns.lineplot(data=p, x="k", y="share", hue="net", ax=axes[0])
     axes[0].set(xlabel="path length", ylabel="share of paths")
-    g = gradient.drop_duplicates(["net", "k"])
+    per_run = [c for c in ("net", "seed", "k") if c in gradient]
+    g = gradient.drop_duplicates(per_run)  # one total per run and length; the line is the mean over seeds
     sns.lineplot(data=gradient, x="k", y="grad_norm", hue="net", errorbar="sd", ax=axes[1], legend=False)
     axes[1].set(xlabel="path length", ylabel="gradient norm of one path", yscale="log")
     sns.lineplot(data=g, x="k", y="total", hue="net", ax=axes[2], legend=False)
-    for i, e in enumerate(effective.to_dict("records")):
-        axes[2].axvspan(e["effective_from"], e["effective_to"], alpha=0.15, color=sns.color_palette(PALETTE)[i % 10])
+    colour = {net: sns.color_palette(PALETTE)[i % 10] for i, net in enumerate(pd.unique(g["net"]))}
+    for e in effective.to_dict("records"):  # one span per run
+        axes[2].axvspan(e["effective_from"], e["effective_to"], alpha=0.15, color=colour.get(e["net"], "0.5"))
     axes[2].set(xlabel="path length (shaded: effective, 90% of the gradient)", ylabel="total gradient")
     fig.tight_layout()
     return fig

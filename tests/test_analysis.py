@@ -1,0 +1,37 @@
+"""Tables and their intervals: what a reader compares with the paper."""
+import math
+
+import pandas as pd
+import pytest
+
+from resnet_lab.analysis import ci95, summarize
+from resnet_lab.plots import t_interval
+
+
+def runs(statuses, test_errs):
+    n = len(statuses)
+    return pd.DataFrame({"arch": ["resnet"] * n, "depth": [20] * n, "status": statuses, "params": [269_722] * n,
+                         "flops": [40_551_552] * n, "final_train_err": [0.01] * n, "final_test_err": test_errs,
+                         "wall_seconds": [60.0] * n, "packed_runs": [1] * n, "device": ["cpu"] * n})
+
+
+def test_diverged_runs_are_counted_not_averaged():
+    t = summarize(runs(["done", "done", "diverged", "failed"], [0.08, 0.10, 0.90, 0.5]), ["arch", "depth"])
+    row = t.iloc[0]
+    assert row["runs"] == 2 and row["diverged"] == 1
+    assert row["test_err_%"] == pytest.approx(9.0)
+    assert row["test_err_ci95"] == pytest.approx(100 * ci95([0.08, 0.10]))
+
+
+def test_a_config_whose_every_seed_diverged_shows_no_error():
+    row = summarize(runs(["diverged"], [0.9]), ["arch", "depth"]).iloc[0]
+    assert row["runs"] == 0 and row["diverged"] == 1 and math.isnan(row["test_err_%"])
+
+
+def test_figures_draw_the_tables_t_interval_not_a_bootstrap():
+    v = [7.0, 8.0, 9.5]
+    lo, hi = t_interval(v)
+    mean = sum(v) / 3
+    assert (lo + hi) / 2 == pytest.approx(mean) and (hi - lo) / 2 == pytest.approx(ci95(v))
+    assert (hi - lo) / 2 > 4.3 * 0.5  # t(2) = 4.30 times a standard error of at least 0.5 here
+    assert t_interval([8.0]) == (8.0, 8.0)
