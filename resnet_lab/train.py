@@ -476,6 +476,7 @@ class _Group:
                 bufs = [r.opt.state.get(ps[j], {}).get("momentum_buffer") for r, ps in zip(runs, members)]
                 if all(b is not None for b in bufs):
                     opt.state[p]["momentum_buffer"] = torch.cat(bufs)
+            match_momentum_layout(opt)  # the fused kernel needs each buffer laid out as its parameter
             self.stepper = Stepper(self.model, opt, lr_t, cfg.precision, fast=cfg.fast, members=len(runs))
         for r in runs:
             r.group, r.stepper = self, self.stepper
@@ -502,6 +503,7 @@ class _Group:
             buf = self.stepper.opt.state.get(gp, {}).get("momentum_buffer")
             if buf is not None:
                 run.opt.state[mp]["momentum_buffer"] = buf.chunk(n)[i].clone()
+        match_momentum_layout(run.opt)
 
 
 def _units(runs: dict[int, _Run], keys: list) -> list[tuple[list[int], Callable[[], object]]]:
