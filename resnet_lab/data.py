@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 N_TRAIN, N_TEST = 50_000, 10_000
+# Bumped when decoding changes (labels, checks), so a cache made by the old decoder is not reused.
+CACHE_VERSION = 2
 # Official CIFAR-10 per-channel statistics; the JPEG copy differs by < 0.002 (see shared/data/README.md).
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -198,10 +200,14 @@ def _load_image_folder(path: Path) -> tuple[np.ndarray, ...]:
             raise DataError(f"{str(path)!r} has no {split}/<class>/*.png|jpg images: not a CIFAR-10 image folder")
         if len(classes) != len(CLASSES):
             raise DataError(f"{str(path)!r} has {len(classes)} classes in {split}/ ({classes[:12]}); CIFAR-10 has 10")
+        unknown = [c for c in classes if c.lower() not in CLASSES]
+        if unknown:  # a folder's name is its label: 'car' for 'automobile' would shift every label after it
+            raise DataError(f"{str(path)!r} has class folders {unknown} in {split}/; CIFAR-10's are "
+                            f"{', '.join(CLASSES)} (the names give the labels, in this order)")
         _decode(items[split][0][2], f"{split}/{items[split][0][0]}/{items[split][0][1]}")  # shape check first
         if len(items[split]) != expected:
             raise DataError(f"{str(path)!r} has {len(items[split])} {split} images; CIFAR-10 has {expected}")
-        index = {c: i for i, c in enumerate(classes)}  # sorted names = official label order
+        index = {c: CLASSES.index(c.lower()) for c in classes}  # the official label order, by name
         items[split].sort(key=lambda t: (index[t[0]], t[1]))
         x = np.stack([_decode(raw, f"{split}/{c}/{n}") for c, n, raw in items[split]]).transpose(0, 3, 1, 2)
         y = np.array([index[c] for c, _, _ in items[split]], dtype=np.int64)
@@ -212,9 +218,13 @@ def _load_image_folder(path: Path) -> tuple[np.ndarray, ...]:
 def _validate(tx: np.ndarray, ty: np.ndarray, vx: np.ndarray, vy: np.ndarray, path: Path) -> None:
     if len(tx) != N_TRAIN or len(vx) != N_TEST:
         raise DataError(f"{str(path)!r} has {len(tx)}/{len(vx)} train/test images; CIFAR-10 has {N_TRAIN}/{N_TEST}")
-    for y in (ty, vy):
+    for split, y, per in (("train", ty, N_TRAIN // 10), ("test", vy, N_TEST // 10)):
         if set(np.unique(y).tolist()) != set(range(10)):
             raise DataError(f"{str(path)!r} has labels {sorted(set(np.unique(y).tolist()))}; CIFAR-10 has 0..9")
+        counts = np.bincount(y, minlength=10).tolist()
+        if counts != [per] * 10:
+            raise DataError(f"{str(path)!r} has {counts} {split} images per class ({', '.join(CLASSES)}); "
+                            f"CIFAR-10 has {per} of each")
 
 
 # -- public API -------------------------------------------------------------------------------
@@ -226,7 +236,7 @@ def load_cifar10(source: str | os.PathLike | None = None, cache: bool = True) ->
     sha = _sha256(path)
     kind = "official" if (path.is_dir() and (path / "data_batch_1").exists()) or path.name.startswith("cifar-10-python") \
         else None
-    cache_file = data_dir() / "cache" / f"cifar10-{sha[:16]}.pt"
+    cache_file = data_dir() / "cache" / f"cifar10-{sha[:16]}-v{CACHE_VERSION}.pt"
     if cache and cache_file.exists():
         try:
             d = torch.load(cache_file, weights_only=True)
@@ -277,7 +287,10 @@ def _download() -> Path:
             f"no CIFAR-10 copy found (argument, $RESNET_LAB_DATA, or {d}) and the download failed ({e}); "
             "set RESNET_LAB_DATA to cifar-10-python.tar.gz or an image-folder tarball"
         ) from e
-    return d / "cifar-10-batches-py"
+    # torchvision keeps the archive beside the folder it unpacks, and `resolve_source` finds the archive
+    # first: name it now too, so the dataset id (its sha256) is the same in this session and the next
+    tarball = d / "cifar-10-python.tar.gz"
+    return tarball if tarball.exists() else d / "cifar-10-batches-py"
 
 
 def class_balanced_order(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -1,6 +1,7 @@
 import io
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,9 @@ def test_cache_is_reused(cifar, monkeypatch):
     monkeypatch.setattr(D, "_load_image_folder", boom)
     again = load_cifar10()
     assert torch.equal(again.test_x, cifar.test_x) and again.info == cifar.info
+    monkeypatch.setattr(D, "CACHE_VERSION", D.CACHE_VERSION + 1)  # a new decoder never reads an old cache
+    with pytest.raises(AssertionError, match="decoded again"):
+        load_cifar10()
 
 
 # -- bad sources ---------------------------------------------------------------------------------
@@ -51,13 +55,13 @@ def _jpeg(size=32) -> bytes:
     return buf.getvalue()
 
 
-def _image_tar(path, classes=10, size=32, per_class=1):
+def _image_tar(path, classes=10, size=32, per_class=1, names=D.CLASSES):
     with tarfile.open(path, "w:gz") as tar:
         raw = _jpeg(size)
         for split in ("train", "test"):
-            for c in range(classes):
+            for c in names[:classes]:
                 for i in range(per_class):
-                    info = tarfile.TarInfo(f"x/{split}/class{c}/{i:04d}.jpg")
+                    info = tarfile.TarInfo(f"x/{split}/{c}/{i:04d}.jpg")
                     info.size = len(raw)
                     tar.addfile(info, io.BytesIO(raw))
     return path
@@ -71,6 +75,13 @@ def test_missing_path(tmp_path):
 def test_wrong_class_count(tmp_path):
     with pytest.raises(DataError, match="3 classes.*CIFAR-10 has 10"):
         load_cifar10(_image_tar(tmp_path / "a.tar.gz", classes=3), cache=False)
+
+
+def test_class_folders_must_have_cifar10_names(tmp_path):
+    """Folder names give the labels: 'car' for 'automobile' would sort after 'bird' and shift labels."""
+    names = ("airplane", "car", *D.CLASSES[2:])
+    with pytest.raises(DataError, match=r"class folders \['car'\] in train/.*airplane, automobile, bird"):
+        load_cifar10(_image_tar(tmp_path / "a.tar.gz", names=names), cache=False)
 
 
 def test_wrong_image_size(tmp_path):
@@ -116,6 +127,32 @@ def test_official_batches_are_read(tmp_path, monkeypatch):
     assert c.train_x.shape == (50_000, 3, 32, 32) and c.test_y[:3].tolist() == [0, 1, 2]
     raw = pickle.load(open(d / "test_batch", "rb"))[b"data"][0].reshape(3, 32, 32)
     assert torch.equal(c.test_x[0], torch.from_numpy(raw))
+
+
+def test_classes_must_have_their_official_counts(tmp_path):
+    d = _official_dir(tmp_path)
+    batch = pickle.load(open(d / "data_batch_1", "rb"))
+    batch[b"labels"][0] = 1  # one airplane relabelled: 4999 / 5001, the totals still right
+    with open(d / "data_batch_1", "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    with pytest.raises(DataError, match=r"\[4999, 5001, 5000.*train images per class.*5000 of each"):
+        load_cifar10(d, cache=False)
+
+
+def test_a_download_is_named_by_its_archive_as_later_sessions_find_it(tmp_path, monkeypatch):
+    """torchvision keeps cifar-10-python.tar.gz, which `resolve_source` finds first next time: the same id."""
+    import torchvision.datasets
+
+    monkeypatch.setenv("RESNET_LAB_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("RESNET_LAB_DATA", raising=False)
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"archive")
+            (Path(root) / "cifar-10-batches-py").mkdir()
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    assert D._download() == D.resolve_source() == tmp_path / "cifar-10-python.tar.gz"
 
 
 def test_official_batches_with_wrong_shape(tmp_path):
