@@ -124,7 +124,8 @@ def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue:
 def gates_figure(gates: pd.DataFrame):
     """Mean highway gate per block: how much of each block's output comes from its residual branch."""
     set_style()
-    g = sns.relplot(data=gates, x="block", y="mean_gate", hue="net", kind="line", marker="o", height=3.0, aspect=1.5)
+    g = sns.relplot(data=gates, x="block", y="mean_gate", hue="net", kind="line", marker="o", errorbar=CI95, height=3.0,
+                    aspect=1.5)
     g.set_axis_labels("block", "mean gate T(x)")
     return g.figure
 
@@ -146,7 +147,7 @@ def imagenet_figure(table: pd.DataFrame):
     set_style()
     cols = [c for c in table.columns if c.startswith("GMACs") or c == "paper GMACs"]
     long = table.melt(id_vars="depth", value_vars=cols, var_name="count", value_name="GMACs")
-    g = sns.catplot(data=long, x="depth", y="GMACs", hue="count", kind="bar", height=3.2, aspect=1.8)
+    g = sns.catplot(data=long, x="depth", y="GMACs", hue="count", kind="bar", errorbar=None, height=3.2, aspect=1.8)
     return g.figure
 
 
@@ -166,7 +167,8 @@ def lesion_figure(lesion: pd.DataFrame):
 
 
 def deletion_figure(delete: pd.DataFrame, reorder: pd.DataFrame):
-    """Veit et al. Fig. 4: error vs number of deleted blocks, and vs number of swapped pairs."""
+    """Veit et al. Fig. 4: error vs number of deleted blocks, and vs number of swapped pairs (band: ±1 sd
+    over the random draws, seeds pooled: how much the choice of blocks matters)."""
     set_style()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
     for ax, df, label in ((axes[0], delete, "blocks deleted"), (axes[1], reorder, "pairs of blocks swapped")):
@@ -183,13 +185,13 @@ def paths_figure(paths: pd.DataFrame, gradient: pd.DataFrame, effective: pd.Data
     set_style()
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     p = paths.assign(share=paths["share"].astype(float))
-    sns.lineplot(data=p, x="k", y="share", hue="net", ax=axes[0])
+    sns.lineplot(data=p, x="k", y="share", hue="net", errorbar=None, ax=axes[0])  # exact: C(m,k) / 2^m
     axes[0].set(xlabel="path length", ylabel="share of paths")
     per_run = [c for c in ("net", "seed", "k") if c in gradient]
     g = gradient.drop_duplicates(per_run)  # one total per run and length; the line is the mean over seeds
     sns.lineplot(data=gradient, x="k", y="grad_norm", hue="net", errorbar="sd", ax=axes[1], legend=False)
     axes[1].set(xlabel="path length", ylabel="gradient norm of one path", yscale="log")
-    sns.lineplot(data=g, x="k", y="total", hue="net", ax=axes[2], legend=False)
+    sns.lineplot(data=g, x="k", y="total", hue="net", errorbar=CI95, ax=axes[2], legend=False)
     colour = {net: sns.color_palette(PALETTE)[i % 10] for i, net in enumerate(pd.unique(g["net"]))}
     for e in effective.to_dict("records"):  # one span per run
         axes[2].axvspan(e["effective_from"], e["effective_to"], alpha=0.15, color=colour.get(e["net"], "0.5"))
