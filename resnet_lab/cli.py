@@ -219,11 +219,31 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
     from .transfer import export_runs
 
     try:
-        parts = export_runs(a.dest, checkpoints=a.checkpoints, part_mb=a.part_mb, name=a.name)
+        skip = None
+        if a.skip is not None:
+            try:
+                skip = json.loads(open(a.skip).read())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"--skip {a.skip!r}: cannot read a manifest from it ({e})") from e
+        parts = export_runs(a.dest, checkpoints=a.checkpoints, part_mb=a.part_mb, name=a.name, skip=skip,
+                            max_mb=a.max_mb)
     except ValueError as e:
         usage_error(e)
     for p in parts:
         print(p, f"{p.stat().st_size / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_runs_manifest(a: argparse.Namespace) -> int:
+    from .transfer import manifest
+
+    text = json.dumps(manifest(), indent=1, sort_keys=True)
+    if a.out is None:
+        print(text)
+    else:
+        from .runs import atomic_write_text
+
+        atomic_write_text(a.out, text + "\n")
     return 0
 
 
@@ -306,7 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoints", action="store_true", help="include unfinished runs' checkpoints (to resume)")
     ex.add_argument("--part-mb", type=float, default=15.0)
     ex.add_argument("--name", default="runs")
+    ex.add_argument("--skip", metavar="MANIFEST", help="leave out runs this manifest (`runs manifest` on the "
+                    "receiving machine) has as far along")
+    ex.add_argument("--max-mb", type=float, help="add runs only while the archive stays under this many MiB; "
+                    "the rest waits for the next export (finished runs go first)")
     ex.set_defaults(func=cmd_runs_export)
+    mf = rsub.add_parser("manifest", help="which runs this store has, how far along (JSON), for export --skip")
+    mf.add_argument("out", nargs="?", help="file to write (default: stdout)")
+    mf.set_defaults(func=cmd_runs_manifest)
     im = rsub.add_parser("import", help="merge exported parts; the copy further along wins")
     im.add_argument("parts", nargs="+")
     im.set_defaults(func=cmd_runs_import)

@@ -146,16 +146,50 @@ def _run_folders(src: Path) -> list[Path]:
     return sorted(p for p in src.iterdir() if HASH.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
 
 
-def _pack(src: Path, checkpoints: bool) -> bytes:
+def manifest(root: str | os.PathLike | None = None) -> dict[str, dict]:
+    """{run hash: {status, steps_done}} of a store: what this machine already has, for `export_runs(skip=)`."""
+    out = {}
+    for run in _run_folders(runs_dir(root)):
+        s = _summary(run) or {}
+        out[run.name] = {"status": s.get("status"), "steps_done": s.get("steps_done")}
+    return out
+
+
+def _check_manifest(skip: object) -> dict[str, dict]:
+    if skip is None:
+        return {}
+    if not isinstance(skip, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in skip.items()):
+        raise ValueError("a manifest is a JSON object {run hash: {status, steps_done}}, as `resnet-lab runs "
+                         "manifest` writes it")
+    return skip
+
+
+def _pack(src: Path, checkpoints: bool, skip: dict[str, dict], max_bytes: int | None) -> tuple[bytes, list[str]]:
+    """The archive, and the runs left out because it was full. Runs the manifest `skip` has as far
+    along are not packed (import would keep that copy anyway); finished runs go first."""
+    runs = []
+    for run in _run_folders(src):
+        files = _run_files(run, checkpoints)
+        if files is None:
+            continue
+        progress = _progress(_parse_summary(files.get("summary.json")))
+        if run.name in skip and _progress(skip[run.name]) >= progress:
+            continue
+        runs.append((progress[0] != RANK["done"], run.name, files))
     buf = io.BytesIO()
-    now = int(time.time())
+    now, used, left = int(time.time()), 0, []
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for run in _run_folders(src):
-            for name, data in sorted((_run_files(run, checkpoints) or {}).items()):
-                info = tarfile.TarInfo(f"{run.name}/{name}")
+        for _, h, files in sorted(runs):
+            size = sum(len(d) + 1024 for d in files.values())  # tar header and padding: an upper bound of its share
+            if max_bytes is not None and used + size > max_bytes:
+                left.append(h)
+                continue
+            used += size
+            for name, data in sorted(files.items()):
+                info = tarfile.TarInfo(f"{h}/{name}")
                 info.size, info.mtime, info.mode = len(data), now, 0o644
                 tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return buf.getvalue(), left
 
 
 def _remove_old_parts(dest: Path, name: str) -> None:
@@ -167,15 +201,26 @@ def _remove_old_parts(dest: Path, name: str) -> None:
 
 
 def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, checkpoints: bool = False,
-                part_mb: float = 15.0, name: str = "runs") -> list[Path]:
+                part_mb: float = 15.0, name: str = "runs", skip: dict[str, dict] | None = None,
+                max_mb: float | None = None) -> list[Path]:
     """Write `<dest>/<name>.tar.gz.000`, `.001`, ...: every run folder of the store, without
     checkpoints unless `checkpoints` (then only unfinished runs' newest one). Returns the parts.
 
-    Each part is written atomically, so a killed export leaves whole parts (and an incomplete set,
-    which import names) rather than a cut one."""
+    skip: a `manifest()` of the machine the parts go to; runs it has as far along stay out, so each
+    export carries only what is new there. max_mb: stop adding runs before the archive could pass this
+    size (the device tool brings back 64 MiB a call); the runs left out are logged, and the next export
+    with an updated manifest takes them. Each part is written atomically, so a killed export leaves
+    whole parts (and an incomplete set, which import names) rather than a cut one."""
     size = _check_part_mb(part_mb)
     name = _check_name(name)
-    data = _pack(runs_dir(root), checkpoints)
+    ok = max_mb is None or (isinstance(max_mb, (int, float)) and not isinstance(max_mb, bool)
+                            and math.isfinite(max_mb) and max_mb > 0)
+    if not ok:
+        raise ValueError(f"max_mb={max_mb!r} is not valid: use a positive number of MiB, or None for no limit")
+    data, left = _pack(runs_dir(root), checkpoints, _check_manifest(skip),
+                       None if max_mb is None else int(max_mb * 2**20))
+    if left:
+        log.warning("%d run(s) left for the next export (over %g MiB): %s", len(left), max_mb, ", ".join(left))
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     _remove_old_parts(dest, name)

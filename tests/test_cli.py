@@ -69,3 +69,26 @@ def test_list_without_notebook_lists_the_one_run(no_training, capsys, tmp_path, 
     assert cli.main(["train", "--preset", "smoke", "--depth", "14", "--seed", "3", "--list"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "resnet-14" in out[0] and "seed 3" in out[0] and "missing" in out[0], out
+
+
+def test_runs_manifest_and_export_skip_from_the_command_line(tmp_path, monkeypatch, capsys):
+    import json
+
+    from .test_transfer import HASH, make_run
+
+    gpu, here = tmp_path / "gpu", tmp_path / "here"
+    make_run(gpu / "runs", "aaa", "done", 100)
+    make_run(gpu / "runs", "bbb", "done", 100)
+    make_run(here / "runs", "aaa", "done", 100)
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(here))
+    assert cli.main(["runs", "manifest", str(tmp_path / "have.json")]) == 0
+    assert list(json.loads((tmp_path / "have.json").read_text())) == [HASH["aaa"]]
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(gpu))
+    assert cli.main(["runs", "export", str(tmp_path / "out"), "--skip", str(tmp_path / "have.json"),
+                     "--max-mb", "60"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(here))
+    assert cli.main(["runs", "import", *map(str, sorted((tmp_path / "out").iterdir()))]) == 0
+    assert capsys.readouterr().out.split() == [HASH["bbb"], "imported"]
+    err = _usage_error(capsys, "runs", "export", str(tmp_path / "o"), "--skip", str(tmp_path / "nope.json"))
+    assert "--skip" in err and "nope.json" in err

@@ -72,3 +72,35 @@ def test_parts_of_two_exports_are_refused(tmp_path):
         import_runs([tmp_path / "a.tar.gz.000", tmp_path / "b.tar.gz.000"], root=tmp_path)
     with pytest.raises(ValueError, match="part_mb=0 is not valid"):
         export_runs(tmp_path, root=tmp_path, part_mb=0)
+
+
+def _names(parts):
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as t:
+        return sorted({n.split("/")[0] for n in t.getnames()})
+
+
+def test_export_skips_what_the_other_side_has_and_stays_under_max_mb(tmp_path):
+    """Each call of the GPU session brings back only what is new here, and no more than one call can carry."""
+    from resnet_lab.transfer import manifest
+
+    gpu, here = tmp_path / "gpu", tmp_path / "here"
+    make_run(gpu, "aaa", "done", 100)
+    make_run(gpu, "bbb", "running", 50, big=300_000)
+    make_run(gpu, "ccc", "done", 100)
+    make_run(here, "aaa", "done", 100)  # already here: stays out
+    make_run(here, "ccc", "running", 40)  # here but behind: goes
+    have = manifest(here)
+    assert have[HASH["ccc"]] == {"status": "running", "steps_done": 40}
+    parts = export_runs(tmp_path / "o1", root=gpu, checkpoints=True, skip=have)
+    assert _names(parts) == sorted([HASH["bbb"], HASH["ccc"]])
+    # room for the finished run only: it goes first, the big unfinished one waits for the next export
+    parts = export_runs(tmp_path / "o2", root=gpu, checkpoints=True, skip=have, max_mb=0.1)
+    assert _names(parts) == [HASH["ccc"]]
+    import_runs(parts, root=here)
+    parts = export_runs(tmp_path / "o3", root=gpu, checkpoints=True, skip=manifest(here), max_mb=1)
+    assert _names(parts) == [HASH["bbb"]]
+    for bad in (0, -1, float("nan"), "5"):
+        with pytest.raises(ValueError, match="max_mb="):
+            export_runs(tmp_path / "o4", root=gpu, max_mb=bad)
+    with pytest.raises(ValueError, match="manifest"):
+        export_runs(tmp_path / "o4", root=gpu, skip=["not", "a", "manifest"])
