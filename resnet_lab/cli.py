@@ -187,6 +187,11 @@ def cmd_report(a: argparse.Namespace) -> int:
     except ValueError as e:
         usage_error(e)
     print(table.to_string(index=False))
+    from .runs import results_dir
+
+    claims = results_dir() / a.preset / "claims.md"
+    if claims.exists():
+        print("\n" + claims.read_text())
     return int((table["status"] != "done").sum())
 
 

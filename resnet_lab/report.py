@@ -70,7 +70,11 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
             raise ValueError(f"unknown notebook(s) {bad}: use some of {names}")
         names = [n for n in names if n in only]
     with absolute_path_vars():
-        return pd.DataFrame([_build_one(name, preset, kernel, directory) for name in names])
+        status = pd.DataFrame([_build_one(name, preset, kernel, directory) for name in names])
+    from .claims import check
+
+    check(preset)  # results/<preset>/claims.csv and .md, from the tables just written
+    return status
 
 
 def _build_one(name: str, preset: str, kernel: str | None, directory: Path) -> dict[str, Any]:
