@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import ARCHS, PRESETS, SHORTCUTS, RunConfig
@@ -227,7 +228,7 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
         skip = None
         if a.skip is not None:
             try:
-                skip = json.loads(open(a.skip).read())
+                skip = json.loads(Path(a.skip).read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise ValueError(f"--skip {a.skip!r}: cannot read a manifest from it ({e})") from e
         parts = export_runs(a.dest, checkpoints=a.checkpoints, part_mb=a.part_mb, name=a.name, skip=skip,

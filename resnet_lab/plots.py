@@ -13,7 +13,8 @@ PALETTE = "colorblind"
 
 
 def t_interval(values) -> tuple[float, float]:
-    """Mean ± the Student-t 95% half-width: the interval the tables print (`analysis.ci95`).
+    """Mean ± the Student-t 95% half-width: the interval the tables print (`analysis.ci95`), and the
+    one every errorbar over seeds draws.
 
     seaborn's ("ci", 95) is a bootstrap, several times narrower than this with 2-3 seeds, so a
     figure would promise more certainty than its table.
@@ -23,9 +24,6 @@ def t_interval(values) -> tuple[float, float]:
     v = pd.to_numeric(pd.Series(values), errors="coerce").dropna()
     mean, half = float(v.mean()), ci95(v)
     return mean - half, mean + half
-
-
-CI95 = t_interval  # what every errorbar over seeds uses
 
 
 def set_style() -> None:
@@ -75,7 +73,7 @@ def degradation_figure(metrics: pd.DataFrame):
                     hue_order=sorted(long["depth"].unique(), key=int), style="curve",
                     style_order=["test", "train"], dashes={"test": "", "train": (4, 2)}, col="net",
                     col_order=[c for c in ("plain", "ResNet") if c in set(long["net"])], kind="line",
-                    errorbar=CI95, height=3.2, aspect=1.1, facet_kws={"sharey": True})
+                    errorbar=t_interval, height=3.2, aspect=1.1, facet_kws={"sharey": True})
     g.set_titles("{col_name}")
     return g.figure
 
@@ -86,7 +84,7 @@ def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = No
     long = _curves_long(metrics)
     order = sorted(long[hue].unique(), key=lambda v: (len(str(v)), str(v)))  # "20" before "110"
     g = sns.relplot(data=long, x="iterations", y="error (%)", hue=hue, hue_order=order, style="curve", style_order=["test", "train"],
-                    dashes={"test": "", "train": (4, 2)}, col=col, kind="line", errorbar=CI95, height=3.2,
+                    dashes={"test": "", "train": (4, 2)}, col=col, kind="line", errorbar=t_interval, height=3.2,
                     aspect=1.2)
     if title:
         g.figure.suptitle(title, y=1.02)
@@ -98,7 +96,7 @@ def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None):
     set_style()
     d = runs[runs["status"] == "done"].assign(**{"test error (%)": lambda x: 100 * x["final_test_err"].astype(float)})
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
-    sns.lineplot(data=d, x="depth", y="test error (%)", marker="o", errorbar=CI95, ax=ax, label="ours")
+    sns.lineplot(data=d, x="depth", y="test error (%)", marker="o", errorbar=t_interval, ax=ax, label="ours")
     if paper:
         ks = sorted(k for k in paper if k in set(d["depth"]))
         ax.plot(ks, [paper[k] for k in ks], "x", color="k", label="He et al. 2015")
@@ -116,7 +114,7 @@ def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue:
     d = runs[runs["status"] == "done"].assign(**{ylabel: lambda r: 100 * r[y].astype(float)})
     if hue:
         d[hue] = d[hue].astype(str)
-    g = sns.catplot(data=d, x=x, y=ylabel, hue=hue, order=order, kind="bar", errorbar=CI95, height=3.2,
+    g = sns.catplot(data=d, x=x, y=ylabel, hue=hue, order=order, kind="bar", errorbar=t_interval, height=3.2,
                     aspect=1.8, palette=PALETTE)
     return g.figure
 
@@ -124,7 +122,7 @@ def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue:
 def gates_figure(gates: pd.DataFrame):
     """Mean highway gate per block: how much of each block's output comes from its residual branch."""
     set_style()
-    g = sns.relplot(data=gates, x="block", y="mean_gate", hue="net", kind="line", marker="o", errorbar=CI95, height=3.0,
+    g = sns.relplot(data=gates, x="block", y="mean_gate", hue="net", kind="line", marker="o", errorbar=t_interval, height=3.0,
                     aspect=1.5)
     g.set_axis_labels("block", "mean gate T(x)")
     return g.figure
@@ -191,7 +189,7 @@ def paths_figure(paths: pd.DataFrame, gradient: pd.DataFrame, effective: pd.Data
     g = gradient.drop_duplicates(per_run)  # one total per run and length; the line is the mean over seeds
     sns.lineplot(data=gradient, x="k", y="grad_norm", hue="net", errorbar="sd", ax=axes[1], legend=False)
     axes[1].set(xlabel="path length", ylabel="gradient norm of one path", yscale="log")
-    sns.lineplot(data=g, x="k", y="total", hue="net", errorbar=CI95, ax=axes[2], legend=False)
+    sns.lineplot(data=g, x="k", y="total", hue="net", errorbar=t_interval, ax=axes[2], legend=False)
     colour = {net: sns.color_palette(PALETTE)[i % 10] for i, net in enumerate(pd.unique(g["net"]))}
     for e in effective.to_dict("records"):  # one span per run
         axes[2].axvspan(e["effective_from"], e["effective_to"], alpha=0.15, color=colour.get(e["net"], "0.5"))

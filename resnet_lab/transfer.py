@@ -25,7 +25,7 @@ import zlib
 from pathlib import Path
 
 from .config import RunConfig
-from .runs import RunLocked, _umask, atomic_write_bytes, lock_run, runs_dir
+from .runs import RunLocked, _umask, atomic_write_bytes, iter_runs, lock_run, runs_dir
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,14 @@ def _config_error(h: str, data: bytes) -> str | None:
 
 
 # -- export ------------------------------------------------------------------------------------------
+def _is_number(v: object) -> bool:
+    """A finite int or float (not a bool): what a size in MiB may be."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _check_part_mb(part_mb: float) -> int:
     """Part size in bytes; NaN, inf, tiny or oversized values are refused by name."""
-    ok = isinstance(part_mb, (int, float)) and not isinstance(part_mb, bool) and math.isfinite(part_mb)
-    if not ok or not MIN_PART_MB <= part_mb <= MAX_PART_MB:
+    if not _is_number(part_mb) or not MIN_PART_MB <= part_mb <= MAX_PART_MB:
         raise ValueError(f"part_mb={part_mb!r} is not valid: use a number of MiB from 1/1024 (1 KiB) "
                          f"to {MAX_PART_MB:g} (the device tool's file limit, with a margin)")
     return int(part_mb * 2**20)
@@ -148,11 +152,8 @@ def _run_folders(src: Path) -> list[Path]:
 
 def manifest(root: str | os.PathLike | None = None) -> dict[str, dict]:
     """{run hash: {status, steps_done}} of a store: what this machine already has, for `export_runs(skip=)`."""
-    out = {}
-    for run in _run_folders(runs_dir(root)):
-        s = _summary(run) or {}
-        out[run.name] = {"status": s.get("status"), "steps_done": s.get("steps_done")}
-    return out
+    return {run.name: {"status": (s or {}).get("status"), "steps_done": (s or {}).get("steps_done")}
+            for run, _, s in iter_runs(root)}
 
 
 def _check_manifest(skip: object) -> dict[str, dict]:
@@ -213,9 +214,7 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
     whole parts (and an incomplete set, which import names) rather than a cut one."""
     size = _check_part_mb(part_mb)
     name = _check_name(name)
-    ok = max_mb is None or (isinstance(max_mb, (int, float)) and not isinstance(max_mb, bool)
-                            and math.isfinite(max_mb) and max_mb > 0)
-    if not ok:
+    if max_mb is not None and not (_is_number(max_mb) and max_mb > 0):
         raise ValueError(f"max_mb={max_mb!r} is not valid: use a positive number of MiB, or None for no limit")
     data, left = _pack(runs_dir(root), checkpoints, _check_manifest(skip),
                        None if max_mb is None else int(max_mb * 2**20))
