@@ -11,8 +11,8 @@ from typing import Any, NoReturn
 
 from .config import ARCHS, PRESETS, SHORTCUTS, RunConfig
 
-# `train` flags that describe one net (--notebook takes the notebook's grid instead) and flags that only mean
-# something for several runs (--notebook); each is refused where it would be ignored.
+# `train` flags that describe one net (--notebook and --sweep take a grid instead) and flags that only mean
+# something for several runs (--notebook, --sweep); each is refused where it would be ignored.
 SINGLE_RUN_FLAGS = ("arch", "depth", "shortcut", "block_layers", "seed")
 NOTEBOOK_FLAGS = ("param", "pack", "group")
 TRAINING_FLAGS = ("time_budget", "pack", "group")  # --list trains nothing
@@ -59,15 +59,18 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 def _check_train_flags(a: argparse.Namespace) -> None:
     """Every flag of `train` acts or is refused by name: none is silently ignored."""
-    if a.notebook:
+    if a.notebook or a.sweep:
         given = _given(a, SINGLE_RUN_FLAGS) or (["--set"] if a.set else [])
         if given:
             seeds = f" (seeds too: -p 'seeds=[{a.seed}]')" if a.seed is not None else ""
-            usage_error(f"--notebook takes the notebook's grid; set it with -p NAME=VALUE{seeds}, "
+            how = "set it with -p NAME=VALUE" if a.notebook else "the grid file sets it"
+            usage_error(f"{'--notebook' if a.notebook else '--sweep'} takes a grid; {how}{seeds}, "
                         f"not {', '.join(given)}")
+        if a.param and not a.notebook:
+            usage_error("-p/--param sets a --notebook's parameters; a --sweep grid sets its own (edit the YAML)")
     elif _given(a, NOTEBOOK_FLAGS):
-        usage_error(f"{', '.join(_given(a, NOTEBOOK_FLAGS))} apply to several runs: use them with --notebook STEM, "
-                    f"or drop them to train one net")
+        usage_error(f"{', '.join(_given(a, NOTEBOOK_FLAGS))} apply to several runs: use them with --notebook STEM "
+                    f"or --sweep GRID, or drop them to train one net")
     if a.list and _given(a, TRAINING_FLAGS):
         usage_error(f"--list trains nothing: drop {', '.join(_given(a, TRAINING_FLAGS))}")
     if a.pack is not None and a.pack < 1:
@@ -83,7 +86,7 @@ def _default(value: Any, default: Any) -> Any:
 
 def cmd_train(a: argparse.Namespace) -> int:
     _check_train_flags(a)
-    if a.notebook:
+    if a.notebook or a.sweep:
         return _train_notebooks(a)
     from .config import make_config
 
@@ -91,7 +94,7 @@ def cmd_train(a: argparse.Namespace) -> int:
               block_layers=_default(a.block_layers, 2), seed=_default(a.seed, 0))
     kw.update(_overrides(a.set or []))
     try:
-        cfg = make_config(a.preset, **kw)
+        cfg = make_config(a.preset or "quick", **kw)
     except ValueError as e:
         usage_error(e)
     if a.list:
@@ -127,20 +130,35 @@ def _print_run(rec) -> None:
 
 
 def _train_notebooks(a: argparse.Namespace) -> int:
-    """Every run the named notebooks need, packed on the GPU, without Jupyter (the GPU machine has none)."""
+    """Every run the named notebooks and sweep grids need, packed on the GPU, without Jupyter (the GPU machine
+    has none). Grids first, in the order given, then notebooks; a run both need is trained once."""
     from . import experiments as ex
     from .data import DataError
     from .runs import RunDir
+    from .sweep import grid_configs, load_grid
 
-    params = {"preset": a.preset}
+    cfgs: list[RunConfig] = []
+    presets = set()
+    try:
+        for path in a.sweep or []:
+            grid = load_grid(path)
+            if a.preset is not None and a.preset != grid.preset:
+                raise ValueError(f"--preset {a.preset} but {path} sets preset {grid.preset}: drop --preset "
+                                 f"(a grid names its own) or edit the grid")
+            presets.add(grid.preset)
+            seen = {c.hash for c in cfgs}
+            cfgs += [c for c in grid_configs(grid) if c.hash not in seen]
+    except ValueError as e:
+        usage_error(e)
+    # notebooks take --preset, else the grids' one preset, else quick
+    params = {"preset": a.preset or (presets.pop() if len(presets) == 1 else "quick")}
     for pair in a.param or []:
         key, sep, val = pair.partition("=")
         if not sep:
             usage_error(f"-p {pair!r}: use NAME=VALUE")
         params[key] = _parse_value(None, val)
-    cfgs: list[RunConfig] = []
     try:
-        for nb in a.notebook:
+        for nb in a.notebook or []:
             declared = ex.notebook_defaults(nb) if nb in ex.NOTEBOOK_CONFIGS else {}  # unknown nb: configs_for says
             if nb in ex.NOTEBOOK_CONFIGS and set(params) - set(declared):
                 raise ValueError(f"{nb} has no parameter(s) {sorted(set(params) - set(declared))}: it takes "
@@ -272,25 +290,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one config, or every run of some notebooks (finished runs are kept)",
-                       description="Train one net with a preset's recipe, or with --notebook every run those "
-                                   "notebooks need (small nets packed on a GPU). A finished config is not retrained; "
+                       description="Train one net with a preset's recipe, or with --notebook/--sweep every run "
+                                   "those notebooks or grids need (small nets packed on a GPU). A finished config is not retrained; "
                                    "an interrupted one resumes.")
     t.add_argument("--arch", default=None, choices=ARCHS, help="default resnet")
     t.add_argument("--depth", type=int, default=None, help="6n+2 (9n+2 for bottlenecks); default 20")
     t.add_argument("--shortcut", default=None, choices=SHORTCUTS, help="default A")
     t.add_argument("--block-layers", type=int, default=None, choices=(1, 2, 3), help="default 2")
-    t.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    t.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default quick (a --sweep grid names its own)")
     t.add_argument("--seed", type=int, default=None, help="default 0; with --notebook use -p 'seeds=[...]'")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any RunConfig field")
     t.add_argument("--notebook", action="append", metavar="STEM",
                    help="train every run this notebook needs (repeatable), e.g. 02_depth")
+    t.add_argument("--sweep", action="append", metavar="GRID",
+                   help="train every run this sweep grid's points need (repeatable), e.g. sweeps/depth.yaml; "
+                        "no notebook is executed (the GPU machine has no Jupyter): `resnet-lab sweep` then finds "
+                        "them stored")
     t.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
                    help="with --notebook: a notebook parameter, JSON value, e.g. -p 'seeds=[0,1,2]'")
     t.add_argument("--pack", type=int, default=None,
-                   help="with --notebook: runs stepped together per GPU (default: 4 on CUDA, 1 on CPU)")
+                   help="with --notebook/--sweep: runs stepped together per GPU (default: 4 on CUDA, 1 on CPU)")
     t.add_argument("--group", action="store_true",
-                   help="with --notebook: train the seeds of one config as one grouped net (conv groups; "
+                   help="with --notebook/--sweep: train the seeds of one config as one grouped net (conv groups; "
                         "$RESNET_LAB_GROUP=1 does the same); off by default until the GPU bench shows it pays")
     t.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="stop with a checkpoint after S seconds; the next call resumes")

@@ -355,23 +355,16 @@ NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 def notebook_defaults(notebook: str) -> dict[str, Any]:
-    """The literals of a notebook's parameters cell, so sweeps and reports never restate them.
-
-    Read with `ast`, not papermill, so a machine without Jupyter (the GPU machine) can ask too.
-    """
-    import ast
+    """The literals of a notebook's parameters cell, so sweeps and reports never restate them."""
+    from .sweep import _default, notebook_parameters
 
     path = NOTEBOOKS_DIR / f"{notebook}.ipynb"
-    cells = [c for c in json.loads(path.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if len(cells) != 1:
-        raise ValueError(f"{path} has {len(cells)} cells tagged 'parameters': expected exactly one")
-    src = cells[0]["source"]
-    out: dict[str, Any] = {}
-    for node in ast.parse(src if isinstance(src, str) else "".join(src)).body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
-            out[node.target.id] = ast.literal_eval(node.value)
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            out[node.targets[0].id] = ast.literal_eval(node.value)
+    out = {}
+    for name, spec in notebook_parameters(path).items():
+        out[name] = _default(spec)
+        if out[name] is ...:
+            raise ValueError(f"{path}: parameter {name} = {spec['default']} is not a literal: a parameters cell "
+                             f"holds plain literals (derived values go in the next cell)")
     return out
 
 

@@ -1,8 +1,10 @@
 """Rebuild every notebook's tables and figures from the run store, training nothing.
 
-Each notebook is re-executed through papermill with `train_missing=False` and the parameters it was
-last executed with (read from `results/<preset>/executed/<notebook>.ipynb`, else its defaults), so
-the report is the notebooks' own code: missing runs are listed in the notebook, never trained.
+Each notebook is re-executed through papermill with `train_missing=False` and the parameters of the
+`report:` section of its grid in sweeps/ for this preset (the paper grids say which seeds and depths
+make the combined tables), else those it was last executed with (read from
+`results/<preset>/executed/<notebook>.ipynb`), else its defaults; so the report is the notebooks' own
+code: missing runs are listed in the notebook, never trained.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import pandas as pd
 from .config import PRESETS
 from .experiments import NOTEBOOKS_DIR
 from .runs import results_dir
-from .sweep import PATH_VARS, absolute_path_env
+from .sweep import PATH_VARS, absolute_path_env, report_parameters
 
 log = logging.getLogger(__name__)
 NOT_REPORTED = {"00_report"}  # the report notebook itself
@@ -69,22 +71,24 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
         if bad:
             raise ValueError(f"unknown notebook(s) {bad}: use some of {names}")
         names = [n for n in names if n in only]
+    wanted = report_parameters(preset)  # a bad grid stops the report before any notebook runs
     with absolute_path_vars():
-        status = pd.DataFrame([_build_one(name, preset, kernel, directory) for name in names])
+        status = pd.DataFrame([_build_one(name, preset, kernel, directory, wanted.get(name, {})) for name in names])
     from .claims import check
 
     check(preset)  # results/<preset>/claims.csv and .md, from the tables just written
     return status
 
 
-def _build_one(name: str, preset: str, kernel: str | None, directory: Path) -> dict[str, Any]:
+def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
+               wanted: dict[str, Any]) -> dict[str, Any]:
     """Re-execute one notebook into results/<preset>/executed/<name>.ipynb; its row of `build`'s table."""
     import papermill as pm
 
     out_dir = results_dir() / preset / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}.ipynb"
-    params = {**executed_parameters(out), "preset": preset}
+    params = {**executed_parameters(out), **wanted, "preset": preset}
     declared = pm.inspect_notebook(str(directory / f"{name}.ipynb"))
     if "train_missing" in declared:
         params["train_missing"] = False

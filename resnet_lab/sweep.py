@@ -7,6 +7,8 @@
       depths: [[8], [14]]
     fixed:                          # optional: passed unchanged to every point
       device: cpu
+    report:                         # optional: the parameters `resnet-lab report` executes it with for this
+      seeds: [0, 1]                 # preset, once the points' runs are stored (the combined table)
 
 Each point is one papermill execution, in its own process, written to
 `results/<preset>/executed/<notebook>-<point hash>.ipynb`. A point is done when the run store holds every
@@ -34,6 +36,7 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -41,11 +44,13 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 if TYPE_CHECKING:
     import pandas as pd
 
+    from .config import RunConfig
+
 # Only the standard library at module level: a point's process loads this file on its own (see
 # `_run_point_process`) and should spend its start-up on the kernel, not on torch or pandas.
 log = logging.getLogger(__name__)
 
-GRID_KEYS = ("notebook", "preset", "parameters", "fixed")
+GRID_KEYS = ("notebook", "preset", "parameters", "fixed", "report")
 BACKENDS = ("local", "ray")
 STATUSES = ("done", "skipped", "failed", "would-run", "interrupted")
 RESULT_COLUMNS = ["point", "status", "seconds", "output", "error"]
@@ -67,6 +72,11 @@ def notebooks_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "notebooks"
 
 
+def sweeps_dir() -> Path:
+    """The project's sweeps/ folder: its grids' `report:` sections are what `resnet-lab report` executes."""
+    return Path(__file__).resolve().parent.parent / "sweeps"
+
+
 # -- grids --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Grid:
@@ -78,6 +88,7 @@ class Grid:
     parameters: dict[str, list[Any]] = field(default_factory=dict)  # the product of these gives the points
     fixed: dict[str, Any] = field(default_factory=dict)  # passed unchanged to every point
     source: Path | None = None  # the YAML file it came from
+    report: dict[str, Any] = field(default_factory=dict)  # `resnet-lab report`'s parameters for this preset
 
 
 @dataclass(frozen=True)
@@ -180,10 +191,35 @@ def _resolve_notebook(value: Any, where: str) -> Path:
     return notebooks_dir() / f"{stem}.ipynb"
 
 
+def notebook_parameters(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The parameters cell as papermill's `inspect_notebook` describes it (name, default as source text,
+    inferred_type_name), read with `ast`: grids are validated and trained (`train --sweep`) on the GPU
+    machine too, which has no Jupyter."""
+    path = Path(path)
+    cells = [c for c in json.loads(path.read_text())["cells"]
+             if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path} has {len(cells)} cells tagged 'parameters': expected exactly one")
+    src = cells[0]["source"] if isinstance(cells[0]["source"], str) else "".join(cells[0]["source"])
+    out: dict[str, dict[str, Any]] = {}
+    for node in ast.parse(src).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            name, value, kind = node.target.id, node.value, ast.get_source_segment(src, node.annotation)
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name, value, kind = node.targets[0].id, node.value, "None"  # papermill's name for "not annotated"
+        else:
+            continue
+        try:
+            literal = ast.literal_eval(value)
+            default, kind = repr(literal), type(literal).__name__
+        except ValueError:  # not a literal: papermill keeps the source text; `_default` then reads `...`
+            default = ast.get_source_segment(src, value)
+        out[name] = {"name": name, "default": default, "inferred_type_name": kind}
+    return out
+
+
 def grid_from_dict(raw: Any, where: str = "grid") -> Grid:
     """Validate a parsed grid (see `load_grid`); `where` names it in error messages."""
-    from papermill import inspect_notebook
-
     from .config import PRESETS
 
     if not isinstance(raw, dict):
@@ -200,10 +236,10 @@ def grid_from_dict(raw: Any, where: str = "grid") -> Grid:
         what = "missing key 'preset'" if "preset" not in raw else f"preset {preset!r} is unknown"
         raise ValueError(f"{where}: {what}: use one of {sorted(PRESETS)}")
 
-    declared = inspect_notebook(str(nb_path))
+    declared = notebook_parameters(nb_path)
     names = sorted(declared)
     sections: dict[str, dict[str, Any]] = {}
-    for section in ("parameters", "fixed"):
+    for section in ("parameters", "fixed", "report"):
         got = raw.get(section)
         if got is None:
             got = {}
@@ -239,11 +275,14 @@ def grid_from_dict(raw: Any, where: str = "grid") -> Grid:
             seen.add(key)
             checked.append(v)
         parameters[name] = checked
-    for name, v in fixed.items():
-        fixed[name] = v = _check_value(f"{where}: fixed.{name}", v, declared[name])
-        if isinstance(v, list) and not v:
-            raise ValueError(f"{where}: fixed.{name} is an empty list: give at least one value")
-    return Grid(notebook=nb_path.stem, notebook_path=nb_path, preset=preset, parameters=parameters, fixed=fixed)
+    for section in ("fixed", "report"):
+        values = sections[section]
+        for name, v in values.items():
+            values[name] = v = _check_value(f"{where}: {section}.{name}", v, declared[name])
+            if isinstance(v, list) and not v:
+                raise ValueError(f"{where}: {section}.{name} is an empty list: give at least one value")
+    return Grid(notebook=nb_path.stem, notebook_path=nb_path, preset=preset, parameters=parameters, fixed=fixed,
+                report=sections["report"])
 
 
 def load_grid(path: str | os.PathLike) -> Grid:
@@ -268,7 +307,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
         detail = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem else _one_line(e)
         raise ValueError(f"{path}: malformed YAML: {detail}") from None
     grid = grid_from_dict(raw, where=str(path))
-    return Grid(grid.notebook, grid.notebook_path, grid.preset, grid.parameters, grid.fixed, source=path)
+    return dataclasses.replace(grid, source=path)
 
 
 def expand(grid: Grid) -> list[Point]:
@@ -286,6 +325,36 @@ def expand(grid: Grid) -> list[Point]:
         points.append(Point(grid.notebook, grid.notebook_path, params, h,
                             out_dir / f"{grid.notebook}-{h}.ipynb", label))
     return points
+
+
+def report_parameters(preset: str, directory: Path | None = None) -> dict[str, dict[str, Any]]:
+    """notebook -> the `report:` section of its grid in sweeps/ for this preset: the combined execution over
+    every point's runs (e.g. all seeds of Table 6), not one point's. Notebooks without one are left out."""
+    found: dict[str, Grid] = {}
+    for path in sorted((directory or sweeps_dir()).glob("*.yaml")):
+        grid = load_grid(path)
+        if grid.preset != preset or not grid.report:
+            continue
+        if grid.notebook in found:
+            raise ValueError(f"{found[grid.notebook].source} and {path} both give report parameters for "
+                             f"{grid.notebook} [{preset}]: keep one report: section per notebook and preset")
+        found[grid.notebook] = grid
+    return {name: dict(grid.report) for name, grid in found.items()}
+
+
+def grid_configs(grid: Grid) -> list[RunConfig]:
+    """Every RunConfig the grid's points train, each once, in point order: `train --sweep` trains them where
+    there is no Jupyter (the GPU machine), and the sweep run here then finds its points' runs stored."""
+    from .experiments import configs_for
+
+    seen: set[str] = set()
+    out = []
+    for point in expand(grid):
+        for cfg in configs_for(point.notebook, point.params):
+            if cfg.hash not in seen:
+                seen.add(cfg.hash)
+                out.append(cfg)
+    return out
 
 
 # -- done-ness ----------------------------------------------------------------------------------------

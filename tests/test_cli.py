@@ -71,6 +71,41 @@ def test_list_without_notebook_lists_the_one_run(no_training, capsys, tmp_path, 
     assert len(out) == 1 and "resnet-14" in out[0] and "seed 3" in out[0] and "missing" in out[0], out
 
 
+GRID = "notebook: 01_degradation\npreset: smoke\nparameters:\n  depths: [[8], [14]]\n"
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["-p", "seeds=[1]"], ["-p/--param", "grid"]),
+    (["--preset", "quick"], ["--preset quick", "preset smoke"]),
+    (["--depth", "20"], ["--sweep", "--depth"]),
+    (["--seed", "1"], ["--sweep", "--seed"]),
+])
+def test_sweep_flag_refuses_what_the_grid_sets(no_training, capsys, tmp_path, argv, needles):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(GRID)
+    err = _usage_error(capsys, "train", "--sweep", str(grid), *argv)
+    for n in needles:
+        assert n in err, err
+
+
+def test_sweep_flag_lists_every_runs_of_the_grid_once_and_notebooks_take_its_preset(no_training, capsys, tmp_path,
+                                                                                   monkeypatch):
+    ex = importlib.import_module("resnet_lab.experiments")
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    monkeypatch.setattr(ex, "with_dataset", lambda cfgs: [dataclasses.replace(c, dataset="test") for c in cfgs])
+    grid = tmp_path / "g.yaml"
+    grid.write_text(GRID)
+    assert cli.main(["train", "--sweep", str(grid), "--sweep", str(grid), "--notebook", "06_layer_responses",
+                     "-p", "depths=[8, 20]", "--list"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    names = [line.split()[1] for line in out]
+    # the grid's 4 runs, then 06's plain/resnet-20 (its -8 ones are the grid's), all with the grid's smoke recipe
+    assert names == ["plain-8", "resnet-8", "plain-14", "resnet-14", "plain-20", "resnet-20"], out
+    assert all(line.endswith("step 0/6") for line in out), out
+    assert _usage_error(capsys, "train", "--sweep", str(tmp_path / "nope.yaml"), "--list").count("does not exist")
+
+
 def test_runs_manifest_and_export_skip_from_the_command_line(tmp_path, monkeypatch, capsys):
     import json
 

@@ -44,6 +44,27 @@ def test_cli_help_and_bad_input():
 
 
 @needs_data
+def test_cli_trains_a_grids_runs_where_jupyter_is_missing(tmp_path):
+    """`train --sweep` on the GPU machine, which has neither papermill nor Jupyter: both made unimportable."""
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\nfor m in ('papermill', 'nbformat', 'nbclient', 'jupyter_client', 'ipykernel'):\n"
+        "    sys.modules[m] = None\n")
+    grid = tmp_path / "g.yaml"
+    grid.write_text("notebook: 01_degradation\npreset: smoke\nparameters:\n  depths: [[8]]\n  seeds: [[0], [1]]\n")
+    env = {**os.environ, "RESNET_LAB_RESULTS": str(tmp_path / "results"),
+           "PYTHONPATH": os.pathsep.join([str(block), str(ROOT)])}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "resnet_lab.cli", "train", "--sweep", str(grid), *a],
+                                    capture_output=True, text=True, env=env)
+    probe = subprocess.run([sys.executable, "-c", "import papermill"], capture_output=True, text=True, env=env)
+    assert probe.returncode != 0  # the block works
+    r = run("--quiet", "--pack", "2")
+    assert r.returncode == 0 and r.stdout.count(" done at step 6") == 4, r.stdout + r.stderr
+    assert run("--list").stdout.count(" done ") == 4
+
+
+@needs_data
 def test_cli_trains_a_notebooks_runs_without_jupyter(tmp_path):
     env = {**os.environ, "RESNET_LAB_RESULTS": str(tmp_path)}
     run = lambda *a: subprocess.run([sys.executable, "-m", "resnet_lab.cli", "train", "--notebook", "01_degradation",

@@ -67,3 +67,21 @@ def test_report_kernel_gets_absolute_data_and_results_paths(tmp_path, monkeypatc
     assert seen["output"] == str(tmp_path / "results" / "smoke" / "executed" / "01_degradation.ipynb")
     assert os.environ["RESNET_LAB_DATA"] == "../shared/data/cifar10-jpeg.tar.gz"
     assert os.environ["RESNET_LAB_RESULTS"] == "results"
+
+
+def test_report_executes_with_the_grids_report_parameters(tmp_path, monkeypatch):
+    """The paper grids' `report:` sections say which seeds and depths make the combined tables (Table 6 over
+    3 seeds, not the notebook's default one); a notebook without one keeps its last parameters."""
+    import papermill as pm
+
+    from resnet_lab import report
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    seen = {}
+    monkeypatch.setattr(pm, "execute_notebook",
+                        lambda src, out, parameters, **kw: seen.setdefault(Path(src).stem, parameters))
+    table = report.build("paper", only=["02_depth", "05_thousand_layers"], kernel="python3")
+    assert table["status"].tolist() == ["done", "done"]
+    assert seen["02_depth"] == {"preset": "paper", "depths": [20, 32, 44, 56, 110], "seeds": [0, 1, 2],
+                                "train_missing": False}
+    assert seen["05_thousand_layers"] == {"preset": "paper", "train_missing": False}

@@ -114,6 +114,10 @@ BAD_GRIDS = {
     "fraction inside a list of ints": (GOOD + "fixed:\n  depths: [8.5]\n", ["fixed.depths", "8.5", "int"]),
     "int given twice, once as a float": (GOOD + "parameters:\n  seeds: [[0], [0.0]]\n", ["parameters.seeds",
                                                                                      "[0.0]", "twice"]),
+    "undeclared report parameter": (GOOD + "report:\n  widths: [16]\n", ["report.widths", "depths", "seeds"]),
+    "report value of the wrong type": (GOOD + "report:\n  seeds: 0\n", ["report.seeds", "int", "list"]),
+    "preset in report": (GOOD + "report:\n  preset: quick\n", ["report.preset", "top-level"]),
+    "report not a mapping": (GOOD + "report: [1]\n", ["'report'", "list"]),
 }
 
 
@@ -146,6 +150,66 @@ def test_whole_floats_are_the_ints_they_write(tmp_path, monkeypatch):
     assert as_floats.parameters == {"depths": [[8], [14]]} and as_floats.fixed == {"seeds": [0]}
     assert all(type(v) is int for v in as_floats.parameters["depths"][0] + as_floats.fixed["seeds"])
     assert [p.hash for p in expand(as_floats)] == [p.hash for p in expand(as_ints)]
+
+
+def test_parameters_are_read_as_papermill_reads_them(tmp_path):
+    """Grids are checked with `ast` (the GPU machine has no papermill): same names, defaults and types."""
+    from papermill import inspect_notebook
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": KERNEL, "language": "python",
+                                                           "display_name": "Python 3"}})
+    nb.cells = [nbformat.v4.new_code_cell("a = 3  # int\nb: int = len('xy')\nc = [1, 2]\nd: str = 'x'\n",
+                                          metadata={"tags": ["parameters"]})]
+    odd = tmp_path / "odd.ipynb"
+    nbformat.write(nb, odd)
+    for path in [*sorted((ROOT / "notebooks").glob("*.ipynb")), odd]:
+        ours, theirs = sweep.notebook_parameters(path), inspect_notebook(str(path))
+        assert list(ours) == list(theirs), path
+        for name, spec in ours.items():
+            assert sweep._default(spec) == sweep._default(theirs[name]), (path, name)
+            assert sweep._expected_types(spec) == sweep._expected_types(theirs[name]), (path, name)
+    assert sweep.notebook_parameters(odd)["b"] == {"name": "b", "default": "len('xy')", "inferred_type_name": "int"}
+
+
+def test_grids_load_and_reject_bad_values_without_papermill(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "papermill", None)  # `import papermill` now fails, as on the GPU machine
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    for f in sorted((ROOT / "sweeps").glob("*.yaml")):
+        assert expand(load_grid(f))
+    with pytest.raises(ValueError, match=r"item 8\.5 .* holds int"):
+        load_grid(write(tmp_path, GOOD + "fixed:\n  depths: [8.5]\n"))
+
+
+def test_report_parameters_come_from_the_grids_report_sections(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    paper = sweep.report_parameters("paper")  # the committed grids
+    assert paper["02_depth"] == {"depths": [20, 32, 44, 56, 110], "seeds": [0, 1, 2]}
+    assert paper["01_degradation"]["seeds"] == [0, 1, 2] and "05_thousand_layers" not in paper
+    assert sweep.report_parameters("quick") == {}
+    grids = tmp_path / "grids"
+    grids.mkdir()
+    write(grids, GOOD + "parameters:\n  seeds: [[0], [1]]\nreport:\n  seeds: [0, 1]\n", "a.yaml")
+    write(grids, GOOD.replace("smoke", "quick") + "report:\n  seeds: [5]\n", "b.yaml")  # another preset
+    write(grids, GOOD + "parameters:\n  seeds: [[2]]\n", "c.yaml")  # no report: section
+    assert sweep.report_parameters("smoke", grids) == {"01_degradation": {"seeds": [0, 1]}}
+    write(grids, GOOD + "report:\n  seeds: [3]\n", "d.yaml")
+    with pytest.raises(ValueError, match=r"a\.yaml and .*d\.yaml both give report parameters for 01_degradation"):
+        sweep.report_parameters("smoke", grids)
+
+
+def test_grid_configs_are_every_points_runs_once_in_point_order(tmp_path, monkeypatch):
+    from resnet_lab.experiments import configs_for
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    grid = load_grid(ROOT / "sweeps" / "degradation.yaml")
+    cfgs = sweep.grid_configs(grid)
+    by_point = [c for p in expand(grid) for c in configs_for(p.notebook, p.params)]
+    assert [c.hash for c in cfgs] == [c.hash for c in by_point]  # no point shares a run here
+    assert len(cfgs) == 24 and {(c.arch, c.depth, c.seed) for c in cfgs} == {
+        (a, d, s) for a in ("plain", "resnet") for d in (20, 32, 44, 56) for s in (0, 1, 2)}
+    overlapping = load_grid(write(tmp_path, GOOD + "parameters:\n  depths: [[8], [8, 14]]\n"))
+    assert [(c.arch, c.depth) for c in sweep.grid_configs(overlapping)] == [
+        ("plain", 8), ("resnet", 8), ("plain", 14), ("resnet", 14)]
 
 
 # -- running --------------------------------------------------------------------------------------------
