@@ -92,8 +92,13 @@ def effective_paths(effective: pd.DataFrame | None) -> list[dict]:
 
 
 def _read(base: Path, notebook: str, name: str) -> pd.DataFrame | None:
+    """The table, or None where it is missing or holds no row (a notebook run before any of its nets were)."""
     p = base / notebook / f"{name}.csv"
-    return pd.read_csv(p) if p.exists() else None
+    try:
+        df = pd.read_csv(p)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return None
+    return df if len(df) else None
 
 
 CHECKS: list[tuple[Callable[[pd.DataFrame | None], list[dict]], str, str]] = [

@@ -120,15 +120,17 @@ def train_all(cfgs: Iterable[RunConfig], device: str | None = None, root: str | 
 
 def collect(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
             source: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[RunConfig]]:
-    """(runs, curves, missing) for these configs, read from the store: nothing is trained."""
+    """(runs, curves, missing) for these configs, read from the store: nothing is trained.
+
+    curves are those of finished (done or diverged) runs only, like the tables: a run imported half-way
+    through its schedule would pull a mean curve down where it stops.
+    """
     cfgs = with_dataset(cfgs, source)
     hashes = [c.hash for c in cfgs]
     runs = load_runs(root)
-    if runs.empty:
-        return runs, load_metrics(root), cfgs
     runs = runs[runs["hash"].isin(hashes)].reset_index(drop=True)
-    curves = load_metrics(root, hash=hashes) if not runs.empty else load_metrics(root).iloc[0:0]
     have = set(runs.loc[runs["status"].isin(["done", "diverged"]), "hash"])
+    curves = load_metrics(root, hash=sorted(have))  # [] reads no file and keeps the columns
     return runs, curves, [c for c in cfgs if c.hash not in have]
 
 
@@ -267,6 +269,9 @@ def response_configs(preset: str, depths: list[int], seeds: list[int]) -> list[R
     return degradation_configs(preset, depths, seeds)
 
 
+RESPONSE_COLUMNS = ["layer", "std", "channels", "rank", "arch", "depth", "seed", "net"]
+
+
 def responses(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_images: int = 10_000,
               root: str | os.PathLike | None = None) -> pd.DataFrame:
     """Layer-response std of every stored run's model on (up to max_images) test images."""
@@ -282,7 +287,7 @@ def responses(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_i
         df = layer_responses(model, eval_batches(*balanced_subset(data.test_x, data.test_y, max_images), 500))
         frames.append(df.assign(arch=cfg.arch, depth=cfg.depth, seed=cfg.seed,
                                 net=f"{'plain' if cfg.arch == 'plain' else 'ResNet'}-{cfg.depth}"))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESPONSE_COLUMNS)
 
 
 
@@ -292,6 +297,19 @@ def unravel_configs(preset: str, depth: int, seeds: list[int], arch: str = "resn
     check_grid("seeds", seeds, positive=True)
     check_grid("arch", [arch], allowed=("resnet", "preact"))
     return [make_config(preset, arch=a, depth=depth, seed=s) for a in (arch, "plain") for s in seeds]
+
+
+# The columns of each unravel_analysis table, so that a store with no finished run (a GPU session at a time)
+# still gives tables the notebook can show and save; a test holds them to what the analyses return.
+UNRAVEL_TAGS = ["net", "arch", "depth", "seed"]
+UNRAVEL_COLUMNS = {
+    "lesion": ["block", "stage", "changes_shape", "has_shortcut", "err", "base_err"],
+    "delete": ["k", "draw", "blocks", "err"],
+    "reorder": ["k", "draw", "pairs", "err"],
+    "paths": ["k", "paths", "share"],
+    "gradient": ["k", "sample", "blocks", "grad_norm", "mean_grad_norm", "paths", "total"],
+    "effective": ["blocks", "effective_from", "effective_to", "share_of_paths_%"],
+}
 
 
 def _spread(top: int, points: int = 10) -> list[int]:
@@ -335,8 +353,9 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
         lo, hi = U.effective_paths(grad, 0.9)
         effective.append({**tag, "blocks": m, "effective_from": lo, "effective_to": hi,
                           "share_of_paths_%": 100 * sum(math.comb(m, k) for k in range(lo, hi + 1)) / 2 ** m})
-    tables = {k: (pd.concat(v, ignore_index=True) if v else pd.DataFrame()) for k, v in out.items()}
-    tables["effective"] = pd.DataFrame(effective)
+    tables = {k: (pd.concat(v, ignore_index=True) if v else pd.DataFrame(columns=UNRAVEL_COLUMNS[k] + UNRAVEL_TAGS))
+              for k, v in out.items()}
+    tables["effective"] = pd.DataFrame(effective, columns=UNRAVEL_TAGS + UNRAVEL_COLUMNS["effective"])
     return tables
 
 

@@ -33,8 +33,21 @@ def set_style() -> None:
                          "axes.spines.top": False, "axes.spines.right": False})
 
 
+def no_data_figure(what: str):
+    """What a figure function returns when nothing is stored for it yet (the paper runs arrive a GPU session at
+    a time): a notebook still runs to the end and says so; `save` writes no file for it."""
+    set_style()
+    fig, ax = plt.subplots(figsize=(4.2, 1.0))
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"{what}: no finished runs stored yet", ha="center", va="center")
+    fig.no_data = True
+    return fig
+
+
 def save(fig, out_dir: str | os.PathLike, name: str) -> list[Path]:
-    """Save `fig` as PNG and PDF (300 dpi, tight) under out_dir; returns the paths."""
+    """Save `fig` as PNG and PDF (300 dpi, tight) under out_dir; returns the paths (none for a no-data figure)."""
+    if getattr(fig, "no_data", False):
+        return []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -65,6 +78,8 @@ def _curves_long(metrics: pd.DataFrame) -> pd.DataFrame:
 
 def degradation_figure(metrics: pd.DataFrame):
     """He et al. Fig. 6: training (dashed) and test (solid) error vs iterations; plain left, ResNet right."""
+    if metrics.empty:
+        return no_data_figure("degradation curves")
     set_style()
     long = _curves_long(metrics)
     long["net"] = long["arch"].map({"plain": "plain", "resnet": "ResNet"}).fillna(long["arch"])
@@ -80,6 +95,8 @@ def degradation_figure(metrics: pd.DataFrame):
 
 def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = None, title: str | None = None):
     """Training (dashed) and test (solid) error vs iterations, one line per `hue`."""
+    if metrics.empty:
+        return no_data_figure(title or "error curves")
     set_style()
     long = _curves_long(metrics)
     order = sorted(long[hue].unique(), key=lambda v: (len(str(v)), str(v)))  # "20" before "110"
@@ -93,8 +110,10 @@ def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = No
 
 def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None):
     """Test error vs depth, mean with a 95% CI band over seeds (Student t), the paper's numbers as crosses."""
-    set_style()
     d = runs[runs["status"] == "done"].assign(**{"test error (%)": lambda x: 100 * x["final_test_err"].astype(float)})
+    if d.empty:
+        return no_data_figure("test error vs depth")
+    set_style()
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
     sns.lineplot(data=d, x="depth", y="test error (%)", marker="o", errorbar=t_interval, ax=ax, label="ours")
     if paper:
@@ -110,8 +129,10 @@ def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None):
 def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue: str | None = "depth",
                 y: str = "final_test_err", ylabel: str = "test error (%)"):
     """Bars of final error per category (mean with a Student-t 95% CI over seeds)."""
-    set_style()
     d = runs[runs["status"] == "done"].assign(**{ylabel: lambda r: 100 * r[y].astype(float)})
+    if d.empty:
+        return no_data_figure(ylabel)
+    set_style()
     if hue:
         d[hue] = d[hue].astype(str)
     g = sns.catplot(data=d, x=x, y=ylabel, hue=hue, order=order, kind="bar", errorbar=t_interval, height=3.2,
@@ -121,6 +142,8 @@ def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue:
 
 def gates_figure(gates: pd.DataFrame):
     """Mean highway gate per block: how much of each block's output comes from its residual branch."""
+    if gates.empty:
+        return no_data_figure("highway gates")
     set_style()
     g = sns.relplot(data=gates, x="block", y="mean_gate", hue="net", kind="line", marker="o", errorbar=t_interval, height=3.0,
                     aspect=1.5)
@@ -130,6 +153,8 @@ def gates_figure(gates: pd.DataFrame):
 
 def responses_figure(resp: pd.DataFrame):
     """He et al. Fig. 7: std of each 3x3 layer's response, in layer order (top) and sorted (bottom)."""
+    if resp.empty:
+        return no_data_figure("layer responses")
     set_style()
     fig, axes = plt.subplots(2, 1, figsize=(6, 5.5))
     sns.lineplot(data=resp, x="layer", y="std", hue="net", marker=".", errorbar=None, ax=axes[0])
@@ -151,6 +176,8 @@ def imagenet_figure(table: pd.DataFrame):
 
 def lesion_figure(lesion: pd.DataFrame):
     """Veit et al. Fig. 3: test error after deleting each single block; dashed lines: no deletion."""
+    if lesion.empty:
+        return no_data_figure("single-block deletion")
     set_style()
     d = lesion.assign(**{"test error (%)": 100 * lesion["err"].astype(float)})
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -167,6 +194,8 @@ def lesion_figure(lesion: pd.DataFrame):
 def deletion_figure(delete: pd.DataFrame, reorder: pd.DataFrame):
     """Veit et al. Fig. 4: error vs number of deleted blocks, and vs number of swapped pairs (band: ±1 sd
     over the random draws, seeds pooled: how much the choice of blocks matters)."""
+    if delete.empty and reorder.empty:
+        return no_data_figure("deleting and reordering blocks")
     set_style()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
     for ax, df, label in ((axes[0], delete, "blocks deleted"), (axes[1], reorder, "pairs of blocks swapped")):
@@ -180,6 +209,8 @@ def deletion_figure(delete: pd.DataFrame, reorder: pd.DataFrame):
 
 def paths_figure(paths: pd.DataFrame, gradient: pd.DataFrame, effective: pd.DataFrame):
     """Veit et al. Fig. 6: path-length distribution, gradient per path, total gradient per length."""
+    if gradient.empty:
+        return no_data_figure("path lengths and their gradient")
     set_style()
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     p = paths.assign(share=paths["share"].astype(float))

@@ -205,9 +205,9 @@ def load_runs(root: str | os.PathLike | None = None, **where: Any) -> pd.DataFra
         if summ is None:
             row["status"] = "running"
         rows.append(row)
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return df
+    # an empty store still has the columns, so `runs[runs["status"] == "done"]` is simply empty
+    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["hash", *RunConfig.__dataclass_fields__,
+                                                               *SUMMARY_COLUMNS])
     for k, v in where.items():
         if k not in df.columns:
             raise KeyError(f"no column {k!r} in runs; columns are {sorted(df.columns)}")

@@ -1,0 +1,105 @@
+"""A store that holds none of a notebook's runs yet (the paper runs arrive one GPU session at a time): the
+notebooks and the report still run to the end, tables keep their columns, figures say so and write no file."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from resnet_lab import claims, experiments as ex, plots
+from resnet_lab.config import make_config
+from resnet_lab.runs import load_metrics, load_runs
+
+from .conftest import needs_data
+
+
+@pytest.fixture
+def empty_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    return tmp_path
+
+
+def test_an_empty_store_reads_as_tables_with_columns(empty_store):
+    runs = load_runs()
+    assert runs.empty and {"hash", "arch", "depth", "seed", "status", "final_test_err"} <= set(runs.columns)
+    assert runs[runs["status"] == "done"].empty  # what every analysis starts with
+    assert load_runs(preset="paper").empty  # a filter on an empty store names a real column
+    assert ex.depth_table(runs).empty and ex.degradation_table(runs).empty
+    assert load_metrics().empty
+
+
+def test_figures_of_nothing_say_so_and_save_no_file(empty_store):
+    runs, curves = load_runs(), load_metrics()
+    unravel = {k: pd.DataFrame(columns=cols + ex.UNRAVEL_TAGS) for k, cols in ex.UNRAVEL_COLUMNS.items()}
+    figures = [plots.degradation_figure(curves), plots.curves_figure(curves, hue="depth"),
+               plots.depth_figure(runs, ex.PAPER_TEST_ERR), plots.bars_figure(ex.with_variant(runs), x="variant"),
+               plots.gates_figure(pd.DataFrame(columns=["block", "mean_gate", "net"])),
+               plots.responses_figure(pd.DataFrame(columns=ex.RESPONSE_COLUMNS)),
+               plots.lesion_figure(unravel["lesion"]), plots.deletion_figure(unravel["delete"], unravel["reorder"]),
+               plots.paths_figure(unravel["paths"], unravel["gradient"], unravel["effective"])]
+    for i, fig in enumerate(figures):
+        assert fig.no_data, i
+        assert "no finished runs" in fig.axes[0].texts[0].get_text()
+        assert plots.save(fig, empty_store / "out", f"fig{i}") == []
+    assert not (empty_store / "out").exists()
+
+
+def test_claims_read_a_header_only_or_empty_table_as_not_run(empty_store):
+    base = empty_store / "paper" / "01_degradation"
+    base.mkdir(parents=True)
+    (base / "table.csv").write_text("arch,depth,runs,train_err_%,test_err_%\n")
+    table = claims.check("paper")
+    assert set(table["holds"]) == {"not run"}
+    (base / "table.csv").write_text("")
+    assert set(claims.check("paper")["holds"]) == {"not run"}
+
+
+@needs_data
+def test_unravel_tables_keep_their_columns_with_and_without_runs(empty_store, cifar):
+    """UNRAVEL_COLUMNS is what the analyses return: an empty store gives the same tables, without rows."""
+    kw = dict(draws=1, eval_images=20, grad_samples=1, grad_batch=4, device="cpu")
+    empty = ex.unravel_analysis(load_runs(), **kw)
+    ex.train_all(ex.with_dataset([make_config("smoke", arch=a, depth=8) for a in ("resnet", "plain")]),
+                 device="cpu", progress=False)
+    full = ex.unravel_analysis(load_runs(), **kw)
+    assert set(empty) == set(full) == set(ex.UNRAVEL_COLUMNS)
+    for name, df in full.items():
+        assert len(df) and empty[name].empty, name
+        assert list(empty[name].columns) == list(df.columns), name
+    resp = ex.responses(load_runs(), max_images=20)
+    assert len(resp) and list(resp.columns) == ex.RESPONSE_COLUMNS
+    assert list(ex.responses(load_runs().iloc[0:0]).columns) == ex.RESPONSE_COLUMNS
+
+
+@needs_data
+def test_report_of_notebooks_with_no_stored_run_completes(empty_store, cifar):
+    from resnet_lab import report
+
+    status = report.build("smoke", only=["02_depth", "04_unraveled_ensemble"], kernel="python3")
+    assert status["status"].tolist() == ["done", "done"], status["error"].tolist()
+    out = empty_store / "smoke"
+    assert not list(out.rglob("*.png"))  # no figure of nothing
+    assert pd.read_csv(out / "04_unraveled_ensemble" / "lesion.csv").columns.tolist()[:2] == ["block", "stage"]
+    assert set(pd.read_csv(out / "claims.csv")["holds"]) == {"not run"}
+
+
+def test_curves_are_those_of_finished_runs_only(empty_store, monkeypatch):
+    """A run imported half-way (status running) is in `runs` and `missing`, but its curve is not drawn."""
+    import dataclasses
+    import json
+
+    from resnet_lab.runs import METRIC_COLUMNS, runs_dir
+
+    monkeypatch.setattr(ex, "with_dataset", lambda cfgs, source=None: [dataclasses.replace(c, dataset="t")
+                                                                         for c in cfgs])
+    cfgs = ex.with_dataset([make_config("smoke", depth=8, seed=s) for s in (0, 1)])
+    for cfg, status in zip(cfgs, ("done", "running")):
+        d = runs_dir() / cfg.hash
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({**cfg.to_json(), "hash": cfg.hash}))
+        (d / "summary.json").write_text(json.dumps({"status": status}))
+        (d / "metrics.csv").write_text(",".join(METRIC_COLUMNS) + "\n" + ",".join(["1"] * len(METRIC_COLUMNS)) + "\n")
+    runs, curves, missing = ex.collect(cfgs)
+    assert len(runs) == 2 and [c.seed for c in missing] == [1]
+    assert curves["seed"].tolist() == [0]
+    runs, curves, missing = ex.collect(cfgs[1:])
+    assert curves.empty and "test_err" in curves.columns
