@@ -146,8 +146,7 @@ def _train_notebooks(a: argparse.Namespace) -> int:
                 raise ValueError(f"--preset {a.preset} but {path} sets preset {grid.preset}: drop --preset "
                                  f"(a grid names its own) or edit the grid")
             presets.add(grid.preset)
-            seen = {c.hash for c in cfgs}
-            cfgs += [c for c in grid_configs(grid) if c.hash not in seen]
+            cfgs += grid_configs(grid)
     except ValueError as e:
         usage_error(e)
     # notebooks take --preset, else the grids' one preset, else quick
@@ -163,9 +162,8 @@ def _train_notebooks(a: argparse.Namespace) -> int:
             if nb in ex.NOTEBOOK_CONFIGS and set(params) - set(declared):
                 raise ValueError(f"{nb} has no parameter(s) {sorted(set(params) - set(declared))}: it takes "
                                  f"{sorted(declared)}")
-            seen = {c.hash for c in cfgs}  # notebooks share runs (06 reuses 01's): train each once
-            cfgs += [c for c in ex.configs_for(nb, params) if c.hash not in seen]
-        cfgs = ex.with_dataset(cfgs)
+            cfgs += ex.configs_for(nb, params)
+        cfgs = ex.with_dataset(ex.unique_runs(cfgs))
         pack = a.pack if a.pack is not None else ex.pack_size(None if a.device == "auto" else a.device)
         group = a.group or ex.group_seeds()
     except DataError:

@@ -59,6 +59,15 @@ def dataset_id(source: str | os.PathLike | None = None) -> str:
     return load_cifar10(source).info.sha256[:16]  # folders and downloads: the cache knows
 
 
+def unique_runs(cfgs: Iterable[RunConfig]) -> list[RunConfig]:
+    """Each run once, where it first appears: grids and notebooks share runs (06 reuses 01's), and copies
+    may differ in speed-only fields (checkpointing), which the first one's caller chose."""
+    first: dict[str, RunConfig] = {}
+    for c in cfgs:
+        first.setdefault(c.hash, c)
+    return list(first.values())
+
+
 def with_dataset(cfgs: Iterable[RunConfig], source: str | os.PathLike | None = None) -> list[RunConfig]:
     ds = dataset_id(source)
     return [c if c.dataset else dataclasses.replace(c, dataset=ds) for c in cfgs]

@@ -21,7 +21,7 @@ import pandas as pd
 from .config import PRESETS
 from .experiments import NOTEBOOKS_DIR
 from .runs import results_dir
-from .sweep import PATH_VARS, absolute_path_env, report_parameters
+from .sweep import PATH_VARS, absolute_path_env, notebook_parameters, report_parameters
 
 log = logging.getLogger(__name__)
 NOT_REPORTED = {"00_report"}  # the report notebook itself
@@ -89,7 +89,7 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}.ipynb"
     params = {**executed_parameters(out), **wanted, "preset": preset}
-    declared = pm.inspect_notebook(str(directory / f"{name}.ipynb"))
+    declared = notebook_parameters(directory / f"{name}.ipynb")
     if "train_missing" in declared:
         params["train_missing"] = False
     params = {k: v for k, v in params.items() if k in declared}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -36,7 +37,6 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -345,16 +345,9 @@ def report_parameters(preset: str, directory: Path | None = None) -> dict[str, d
 def grid_configs(grid: Grid) -> list[RunConfig]:
     """Every RunConfig the grid's points train, each once, in point order: `train --sweep` trains them where
     there is no Jupyter (the GPU machine), and the sweep run here then finds its points' runs stored."""
-    from .experiments import configs_for
+    from .experiments import configs_for, unique_runs
 
-    seen: set[str] = set()
-    out = []
-    for point in expand(grid):
-        for cfg in configs_for(point.notebook, point.params):
-            if cfg.hash not in seen:
-                seen.add(cfg.hash)
-                out.append(cfg)
-    return out
+    return unique_runs(c for point in expand(grid) for c in configs_for(point.notebook, point.params))
 
 
 # -- done-ness ----------------------------------------------------------------------------------------
