@@ -129,16 +129,12 @@ def _print_run(rec) -> None:
           f"{', grouped' if s.get('grouped_runs') else ''})\n  {rec.path}")
 
 
-def _train_notebooks(a: argparse.Namespace) -> int:
-    """Every run the named notebooks and sweep grids need, packed on the GPU, without Jupyter (the GPU machine
-    has none). Grids first, in the order given, then notebooks; a run both need is trained once."""
-    from . import experiments as ex
-    from .data import DataError
-    from .runs import RunDir
-    from .sweep import grid_configs, load_grid
+def _grids_and_params(a: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
+    """The --sweep grids, checked, and the parameters every --notebook takes: -p pairs and a preset (--preset,
+    else the grids' one preset, else quick). Bad input exits 2 naming it."""
+    from .sweep import load_grid
 
-    cfgs: list[RunConfig] = []
-    presets = set()
+    grids, presets = [], set()
     try:
         for path in a.sweep or []:
             grid = load_grid(path)
@@ -146,22 +142,43 @@ def _train_notebooks(a: argparse.Namespace) -> int:
                 raise ValueError(f"--preset {a.preset} but {path} sets preset {grid.preset}: drop --preset "
                                  f"(a grid names its own) or edit the grid")
             presets.add(grid.preset)
-            cfgs += grid_configs(grid)
+            grids.append(grid)
     except ValueError as e:
         usage_error(e)
-    # notebooks take --preset, else the grids' one preset, else quick
     params = {"preset": a.preset or (presets.pop() if len(presets) == 1 else "quick")}
     for pair in a.param or []:
         key, sep, val = pair.partition("=")
         if not sep:
             usage_error(f"-p {pair!r}: use NAME=VALUE")
         params[key] = _parse_value(None, val)
+    return grids, params
+
+
+def _check_notebook(nb: str, params: dict[str, Any]) -> None:
+    """A --notebook stem the suite knows, given only parameters it declares (ValueError otherwise)."""
+    from . import experiments as ex
+
+    if nb not in ex.NOTEBOOK_CONFIGS:
+        raise ValueError(f"notebook {nb!r} is unknown: use one of {sorted(ex.NOTEBOOK_CONFIGS)}")
+    declared = ex.notebook_defaults(nb)
+    if set(params) - set(declared):
+        raise ValueError(f"{nb} has no parameter(s) {sorted(set(params) - set(declared))}: it takes "
+                         f"{sorted(declared)}")
+
+
+def _train_notebooks(a: argparse.Namespace) -> int:
+    """Every run the named notebooks and sweep grids need, packed on the GPU, without Jupyter (the GPU machine
+    has none). Grids first, in the order given, then notebooks; a run both need is trained once."""
+    from . import experiments as ex
+    from .data import DataError
+    from .runs import RunDir
+    from .sweep import grid_configs
+
+    grids, params = _grids_and_params(a)
     try:
+        cfgs = [c for grid in grids for c in grid_configs(grid)]
         for nb in a.notebook or []:
-            declared = ex.notebook_defaults(nb) if nb in ex.NOTEBOOK_CONFIGS else {}  # unknown nb: configs_for says
-            if nb in ex.NOTEBOOK_CONFIGS and set(params) - set(declared):
-                raise ValueError(f"{nb} has no parameter(s) {sorted(set(params) - set(declared))}: it takes "
-                                 f"{sorted(declared)}")
+            _check_notebook(nb, params)
             cfgs += ex.configs_for(nb, params)
         cfgs = ex.with_dataset(ex.unique_runs(cfgs))
         pack = a.pack if a.pack is not None else ex.pack_size(None if a.device == "auto" else a.device)
@@ -181,6 +198,43 @@ def _train_notebooks(a: argparse.Namespace) -> int:
         else:
             _print_run(rec)
     return min(100, sum(r is None or r.status != "done" for r in recs))  # an exit code wraps at 256
+
+
+def cmd_analyse(a: argparse.Namespace) -> int:
+    """Compute and cache, in each finished run's folder, the analyses the notebooks' executions for these grid
+    points or notebook parameters will read (04's lesions and gradients: hours on a CPU, minutes on a GPU)."""
+    from . import experiments as ex
+    from .data import DataError
+    from .sweep import expand
+
+    if not (a.notebook or a.sweep):
+        usage_error("name what to analyse: --sweep GRID (its points) or --notebook STEM [-p NAME=VALUE]")
+    if a.param and not a.notebook:
+        usage_error("-p/--param sets a --notebook's parameters; a --sweep grid sets its own (edit the YAML)")
+    grids, params = _grids_and_params(a)
+    targets = [(pt.notebook, pt.params, pt.label) for grid in grids for pt in expand(grid)]
+    try:
+        for nb in a.notebook or []:
+            _check_notebook(nb, params)
+            targets.append((nb, params, " ".join(f"{k}={json.dumps(v)}" for k, v in params.items())))
+    except ValueError as e:
+        usage_error(e)
+    todo = [t for t in targets if t[0] in ex.NOTEBOOK_ANALYSES]
+    if not todo:
+        usage_error(f"nothing to analyse in {sorted({t[0] for t in targets})}: only "
+                    f"{', '.join(sorted(ex.NOTEBOOK_ANALYSES))} cache(s) analyses (the others' are quick)")
+    not_done = 0
+    for nb, p, label in todo:
+        try:
+            done, missing = ex.analyse_notebook(nb, p, device=a.device)
+        except DataError:
+            raise
+        except ValueError as e:
+            usage_error(f"{nb} {label}: {e}")
+        not_done += len(missing)
+        print(f"{nb} {label}: analysed {len(done)} finished run(s): {', '.join(c.name for c in done) or '-'}"
+              + (f"; no finished model yet: {', '.join(c.name for c in missing)}" if missing else ""))
+    return min(100, not_done)
 
 
 def cmd_data_info(a: argparse.Namespace) -> int:
@@ -317,6 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--list", action="store_true", help="list the run(s) and their status, train nothing")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    an = sub.add_parser("analyse", help="compute and cache the stored runs' analyses a notebook reads (trains nothing)",
+                        description="For each point of a --sweep grid (or a --notebook's parameters), compute the "
+                                    "analyses of its finished runs and keep them in the run folders, where the "
+                                    "notebook, `report` and `runs export` find them: 04's lesions, deletions and "
+                                    "gradients take hours on a CPU and minutes on a GPU. Exit code: the number of "
+                                    "runs without a finished model yet (at most 100).")
+    an.add_argument("--sweep", action="append", metavar="GRID", help="analyse this grid's points (repeatable)")
+    an.add_argument("--notebook", action="append", metavar="STEM", help="analyse this notebook's runs (repeatable)")
+    an.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
+                    help="with --notebook: a notebook parameter, JSON value, e.g. -p depth=56")
+    an.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default quick (a --sweep grid names its own)")
+    an.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    an.set_defaults(func=cmd_analyse)
 
     d = sub.add_parser("data", help="dataset commands")
     dsub = d.add_subparsers(dest="data_command", required=True)

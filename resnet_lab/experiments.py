@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
@@ -327,45 +328,85 @@ def _spread(top: int, points: int = 10) -> list[int]:
     return sorted(set(list(range(0, top + 1, step)) + [top]))
 
 
+UNRAVEL_REVISION = 1  # bump when the analysis measures something else: tables cached by the old one are ignored
+
+
+def unravel_params(draws: int = 5, eval_images: int = 10_000, grad_samples: int = 10, grad_batch: int = 128,
+                   source: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What a cached unravel analysis depends on besides the model: its settings and the CIFAR-10 copy."""
+    if not isinstance(draws, int) or isinstance(draws, bool) or draws <= 0:
+        raise ValueError(f"draws={draws!r} is not valid: use a positive integer")
+    return dict(revision=UNRAVEL_REVISION, draws=draws, eval_images=eval_images, grad_samples=grad_samples,
+                grad_batch=grad_batch, dataset=dataset_id(source))
+
+
+def _unravel_run(model: torch.nn.Module, cfg: RunConfig, test: tuple[torch.Tensor, torch.Tensor],
+                 train: tuple[torch.Tensor, torch.Tensor], p: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """One run's tables: the lesion for every net; delete-k, reorder-k, paths, gradient and effective range
+    for residual ones."""
+    from . import unravel as U
+
+    x, y = test
+    net = f"{'plain' if cfg.arch == 'plain' else 'ResNet'}-{cfg.depth}"
+    tag = dict(net=net, arch=cfg.arch, depth=cfg.depth, seed=cfg.seed)
+    out = {"lesion": U.lesion_blocks(model, x, y).assign(**tag)}
+    if cfg.arch == "plain":
+        return out
+    m = len(model.blocks)
+    out["delete"] = U.delete_k(model, x, y, _spread(m), p["draws"], seed=cfg.seed).assign(**tag)
+    pairs = sum(len(g) // 2 for g in U.swappable_groups(model))
+    out["reorder"] = U.reorder_k(model, x, y, _spread(pairs), p["draws"], seed=cfg.seed).assign(**tag)
+    out["paths"] = U.path_length_distribution(m).assign(**tag)
+    # Veit et al.: a random training batch per measurement
+    grad = U.gradient_by_path_length(model, *train, list(range(m + 1)), p["grad_samples"], seed=cfg.seed,
+                                     batch=p["grad_batch"])
+    out["gradient"] = grad.assign(**tag)
+    lo, hi = U.effective_paths(grad, 0.9)
+    out["effective"] = pd.DataFrame([{**tag, "blocks": m, "effective_from": lo, "effective_to": hi,
+                                      "share_of_paths_%": 100 * sum(math.comb(m, k) for k in range(lo, hi + 1)) / 2 ** m}])
+    return out
+
+
 def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_000, grad_samples: int = 10,
                      grad_batch: int = 128, source: str | os.PathLike | None = None,
                      root: str | os.PathLike | None = None, device: str | None = None) -> dict[str, Any]:
     """Every table of the notebook, from the stored runs: lesion, delete-k, reorder-k, path lengths,
-    gradient by path length and the effective path range (per residual run; lesion for plain runs too)."""
-    from . import unravel as U
-    from .runs import RunDir
+    gradient by path length and the effective path range (per residual run; lesion for plain runs too).
 
-    if not isinstance(draws, int) or draws <= 0:
-        raise ValueError(f"draws={draws!r} is not valid: use a positive integer")
+    Each run's tables are cached in its folder (`RunDir.write_analysis`, keyed by these settings and the
+    dataset, tied to the sha256 of its model.pt): ResNet-110's take hours on a CPU and minutes on a GPU,
+    so `resnet-lab analyse` computes them where training ran and reports here read them back."""
+    from .runs import RunDir
+    from .train import device_name
+
+    p = unravel_params(draws, eval_images, grad_samples, grad_batch, source)
     dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
-    data = load_cifar10(source)
-    x, y = balanced_subset(data.test_x, data.test_y, eval_images)
-    xg, yg = data.train_x, data.train_y  # Veit et al.: a random training batch per measurement
-    out: dict[str, list[pd.DataFrame]] = {k: [] for k in ("lesion", "delete", "reorder", "paths", "gradient")}
-    effective = []
+    data = None
+    out: dict[str, list[pd.DataFrame]] = {k: [] for k in UNRAVEL_COLUMNS}
     for r in runs[runs["status"] == "done"].to_dict("records"):
-        cfg = RunConfig.from_json(r)
-        model = RunDir(cfg, root).load_model(dev)
-        net = f"{'plain' if cfg.arch == 'plain' else 'ResNet'}-{cfg.depth}"
-        tag = dict(net=net, arch=cfg.arch, depth=cfg.depth, seed=cfg.seed)
-        out["lesion"].append(U.lesion_blocks(model, x, y).assign(**tag))
-        if cfg.arch == "plain":
-            continue
-        m = len(model.blocks)
-        out["delete"].append(U.delete_k(model, x, y, _spread(m), draws, seed=cfg.seed).assign(**tag))
-        pairs = sum(len(g) // 2 for g in U.swappable_groups(model))
-        out["reorder"].append(U.reorder_k(model, x, y, _spread(pairs), draws, seed=cfg.seed).assign(**tag))
-        out["paths"].append(U.path_length_distribution(m).assign(**tag))
-        grad = U.gradient_by_path_length(model, xg, yg, list(range(m + 1)), grad_samples, seed=cfg.seed,
-                                         batch=grad_batch)
-        out["gradient"].append(grad.assign(**tag))
-        lo, hi = U.effective_paths(grad, 0.9)
-        effective.append({**tag, "blocks": m, "effective_from": lo, "effective_to": hi,
-                          "share_of_paths_%": 100 * sum(math.comb(m, k) for k in range(lo, hi + 1)) / 2 ** m})
-    tables = {k: (pd.concat(v, ignore_index=True) if v else pd.DataFrame(columns=UNRAVEL_COLUMNS[k] + UNRAVEL_TAGS))
-              for k, v in out.items()}
-    tables["effective"] = pd.DataFrame(effective, columns=UNRAVEL_TAGS + UNRAVEL_COLUMNS["effective"])
-    return tables
+        rd = RunDir(RunConfig.from_json(r), root)
+        tables = rd.read_analysis("unravel", p)
+        if tables is None:
+            if data is None:  # decoded only when some run is not cached
+                data = load_cifar10(source)
+                test = balanced_subset(data.test_x, data.test_y, eval_images)
+            model, sha = rd.load_model_and_sha256(dev)
+            t0 = time.perf_counter()
+            tables = _unravel_run(model, rd.cfg, test, (data.train_x, data.train_y), p)
+            seconds = round(time.perf_counter() - t0, 1)
+            tables = rd.write_analysis("unravel", p, tables, sha, device=device_name(torch.device(dev)),
+                                       seconds=seconds, torch=torch.__version__)
+            log.info("%s seed %d (run %s): unravel analysis computed in %.1f s", rd.cfg.name, rd.cfg.seed,
+                     rd.cfg.hash, seconds)
+            del model
+        else:
+            log.info("%s seed %d (run %s): unravel analysis read from its cache", rd.cfg.name, rd.cfg.seed,
+                     rd.cfg.hash)
+        for k, df in tables.items():
+            out[k].append(df)
+    return {k: (pd.concat(v, ignore_index=True) if v else
+                pd.DataFrame(columns=UNRAVEL_TAGS + UNRAVEL_COLUMNS[k] if k == "effective" else
+                             UNRAVEL_COLUMNS[k] + UNRAVEL_TAGS)) for k, v in out.items()}
 
 
 # -- which runs a notebook needs (sweeps and reports ask this without executing the notebook) ----------
@@ -403,6 +444,29 @@ def configs_for(notebook: str, params: dict[str, Any]) -> list[RunConfig]:
     fn, names = NOTEBOOK_CONFIGS[notebook]
     merged = {**notebook_defaults(notebook), **params}
     return fn(*[merged[n] for n in names])
+
+
+def _unravel_from_params(runs: pd.DataFrame, p: dict[str, Any], device: str | None) -> None:
+    unravel_analysis(runs, draws=p["draws"], eval_images=p["eval_images"], grad_samples=p["grad_samples"],
+                     device=device)  # as notebook 04 calls it, so that it finds what this caches
+
+
+# notebook -> what computes and caches its slow analyses from (its finished runs, its parameters, a device)
+NOTEBOOK_ANALYSES: dict[str, Any] = {"04_unraveled_ensemble": _unravel_from_params}
+
+
+def analyse_notebook(notebook: str, params: dict[str, Any], device: str | None = None
+                     ) -> tuple[list[RunConfig], list[RunConfig]]:
+    """Compute and cache the analyses a notebook's execution with these parameters reads, on its finished
+    runs; returns (the configs analysed, those not finished yet). Trains nothing."""
+    if notebook not in NOTEBOOK_ANALYSES:
+        raise ValueError(f"notebook {notebook!r} caches no analysis: use one of {sorted(NOTEBOOK_ANALYSES)}")
+    merged = {**notebook_defaults(notebook), **params}
+    cfgs = with_dataset(configs_for(notebook, merged))
+    runs, _, missing = collect(cfgs)
+    NOTEBOOK_ANALYSES[notebook](runs, merged, device)
+    done = set(runs.loc[runs["status"] == "done", "hash"])
+    return [c for c in cfgs if c.hash in done], [c for c in cfgs if c.hash not in done]
 
 
 def highway_gates(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_images: int = 2_000,

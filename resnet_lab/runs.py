@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import io
 import json
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import pandas as pd
 import torch
@@ -17,6 +21,10 @@ from .config import RunConfig
 PROJECT_RESULTS = Path(__file__).resolve().parent.parent / "results"
 METRIC_COLUMNS = ["step", "epoch", "lr", "train_loss", "train_err", "test_loss", "test_err", "seconds"]
 STATUSES = ("running", "done", "failed", "diverged")
+# a finished run's cached analysis: analysis-<kind>-<12 hex of its parameters>.json (RunDir.write_analysis)
+ANALYSIS_FILE = re.compile(r"analysis-[a-z]+-[0-9a-f]{12}\.json")
+
+log = logging.getLogger(__name__)
 
 
 def results_dir() -> Path:
@@ -160,13 +168,61 @@ class RunDir:
 
     def load_model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The trained model of a finished run (weights only; never unpickles code)."""
+        return self.load_model_and_sha256(device)[0]
+
+    def load_model_and_sha256(self, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, str]:
+        """The model and the sha256 of the very bytes it was loaded from (what a cached analysis names)."""
         from .models import model_from_config
 
-        if not self.model_file.exists():
-            raise FileNotFoundError(f"run {self.cfg.hash} ({self.cfg.name}) has no model.pt: train it first")
+        try:
+            data = self.model_file.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"run {self.cfg.hash} ({self.cfg.name}) has no model.pt: train it first") from None
         model = model_from_config(self.cfg)
-        model.load_state_dict(torch.load(self.model_file, map_location=device, weights_only=True))
-        return model.to(device).eval()
+        model.load_state_dict(torch.load(io.BytesIO(data), map_location=device, weights_only=True))
+        return model.to(device).eval(), hashlib.sha256(data).hexdigest()
+
+    # -- cached analyses: hours of lesions and gradients on a CPU, computed once (on the GPU) and reused ----
+    def analysis_file(self, kind: str, params: Mapping[str, Any]) -> Path:
+        """analysis-<kind>-<hash of params>.json in the run folder."""
+        if not re.fullmatch(r"[a-z]+", kind):
+            raise ValueError(f"analysis kind {kind!r} is not valid: use lowercase letters only")
+        blob = json.dumps({"kind": kind, **params}, sort_keys=True, default=str).encode()
+        return self.path / f"analysis-{kind}-{hashlib.sha256(blob).hexdigest()[:12]}.json"
+
+    def read_analysis(self, kind: str, params: Mapping[str, Any]) -> dict[str, pd.DataFrame] | None:
+        """The tables write_analysis stored for these parameters and this very model.pt, else None
+        (absent, unreadable, other parameters, or a model.pt that has changed since)."""
+        try:
+            rec = json.loads(self.analysis_file(kind, params).read_text())
+            model = hashlib.sha256(self.model_file.read_bytes()).hexdigest()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not isinstance(rec, dict) or rec.get("params") != _plain(params) or rec.get("model_sha256") != model \
+                or not isinstance(rec.get("tables"), dict):
+            return None
+        try:
+            return {name: pd.read_csv(io.StringIO(text)) for name, text in rec["tables"].items()}
+        except (TypeError, ValueError, pd.errors.ParserError) as e:
+            log.warning("cached analysis %s is unreadable (%s): computing it again", self.analysis_file(kind, params), e)
+            return None
+
+    def write_analysis(self, kind: str, params: Mapping[str, Any], tables: Mapping[str, pd.DataFrame],
+                       model_sha256: str, **meta: Any) -> dict[str, pd.DataFrame]:
+        """Store a finished run's analysis tables (atomically) and return them as read_analysis will: read
+        back from CSV text, so a fresh result and a cached one are the same frames."""
+        text = {name: df.to_csv(index=False) for name, df in tables.items()}
+        rec = {"kind": kind, "params": _plain(params), "model_sha256": model_sha256, **meta, "tables": text}
+        try:
+            atomic_write_json(self.analysis_file(kind, params), rec)
+        except OSError as e:  # a read-only store still gets its tables, computed again next time
+            log.warning("analysis of run %s not cached: %s", self.cfg.hash, e)
+        return {name: pd.read_csv(io.StringIO(t)) for name, t in text.items()}
+
+
+def _plain(params: Mapping[str, Any]) -> Any:
+    """params as they read back from JSON (tuples become lists), so a stored record compares equal."""
+    return json.loads(json.dumps(dict(params), sort_keys=True, default=str))
 
 
 # -- many runs ---------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 `export_runs` packs the run store into a gzipped tar split into parts no larger than a limit (the
 device tool brings back files of at most 16 MiB); checkpoints of unfinished runs go along only when
-asked, so a later GPU session can resume them. `import_runs` merges parts into a store, keeping
-whichever copy of each run is further along. An archive is read into memory and checked whole before
+asked, so a later GPU session can resume them, and finished runs bring their cached analyses
+(`analysis-*.json`: 04's lesions and gradients, hours to recompute on a CPU). `import_runs` merges
+parts into a store, keeping whichever copy of each run is further along. An archive is read into memory and checked whole before
 the store is touched: only regular files with the names export writes, each under a `<hash>/` folder
 whose config.json hashes to that name; nothing in it is ever extracted by tarfile itself.
 """
@@ -25,7 +26,7 @@ import zlib
 from pathlib import Path
 
 from .config import RunConfig
-from .runs import RunLocked, _umask, atomic_write_bytes, iter_runs, lock_run, runs_dir
+from .runs import ANALYSIS_FILE, RunLocked, _umask, atomic_write_bytes, iter_runs, lock_run, runs_dir
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,9 @@ def _run_files(run: Path, checkpoints: bool) -> dict[str, bytes] | None:
             log.warning("run %s not exported: its summary says finished but model.pt is missing", run.name)
             return None
         files["model.pt"] = model
+        for name in _analysis_names(run):
+            if (data := _read(run / name)) is not None:
+                files[name] = data
     metrics = _read(run / "metrics.csv")
     if metrics is not None:
         files["metrics.csv"] = metrics
@@ -143,6 +147,15 @@ def _run_files(run: Path, checkpoints: bool) -> dict[str, bytes] | None:
     return files
 
 
+def _analysis_names(run: Path) -> list[str]:
+    """The cached analyses in a run folder (regular files named like RunDir.analysis_file's)."""
+    try:
+        return sorted(p.name for p in run.iterdir() if ANALYSIS_FILE.fullmatch(p.name) and p.is_file()
+                      and not p.is_symlink())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def _run_folders(src: Path) -> list[Path]:
     """Real run folders: named by a hash, not hidden staging, not symlinks."""
     if not src.exists():
@@ -151,30 +164,40 @@ def _run_folders(src: Path) -> list[Path]:
 
 
 def manifest(root: str | os.PathLike | None = None) -> dict[str, dict]:
-    """{run hash: {status, steps_done}} of a store: what this machine already has, for `export_runs(skip=)`."""
-    return {run.name: {"status": (s or {}).get("status"), "steps_done": (s or {}).get("steps_done")}
-            for run, _, s in iter_runs(root)}
+    """{run hash: {status, steps_done, analyses}} of a store: what this machine already has, for
+    `export_runs(skip=)`."""
+    return {run.name: {"status": (s or {}).get("status"), "steps_done": (s or {}).get("steps_done"),
+                       "analyses": _analysis_names(run)} for run, _, s in iter_runs(root)}
+
+
+def _has_all(entry: dict, files: dict[str, bytes], progress: tuple[int, int]) -> bool:
+    """The receiving store has this run as far along and every cached analysis in `files` (a manifest
+    written before analyses travelled lists none, so such runs go again)."""
+    have = entry.get("analyses")
+    have = set(have) if isinstance(have, list) else set()
+    return _progress(entry) >= progress and {n for n in files if ANALYSIS_FILE.fullmatch(n)} <= have
 
 
 def _check_manifest(skip: object) -> dict[str, dict]:
     if skip is None:
         return {}
     if not isinstance(skip, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in skip.items()):
-        raise ValueError("a manifest is a JSON object {run hash: {status, steps_done}}, as `resnet-lab runs "
-                         "manifest` writes it")
+        raise ValueError("a manifest is a JSON object {run hash: {status, steps_done, analyses}}, as "
+                         "`resnet-lab runs manifest` writes it")
     return skip
 
 
 def _pack(src: Path, checkpoints: bool, skip: dict[str, dict], max_bytes: int | None) -> tuple[bytes, list[str]]:
     """The archive, and the runs left out because it was full. Runs the manifest `skip` has as far
-    along are not packed (import would keep that copy anyway); finished runs go first."""
+    along, with every cached analysis, are not packed (import would keep that copy anyway); finished
+    runs go first."""
     runs = []
     for run in _run_folders(src):
         files = _run_files(run, checkpoints)
         if files is None:
             continue
         progress = _progress(_parse_summary(files.get("summary.json")))
-        if run.name in skip and _progress(skip[run.name]) >= progress:
+        if run.name in skip and _has_all(skip[run.name], files, progress):
             continue
         runs.append((progress[0] != RANK["done"], run.name, files))
     buf = io.BytesIO()
@@ -260,12 +283,12 @@ def _ordered_parts(parts: list[str | os.PathLike]) -> list[Path]:
 
 def _member_target(m: tarfile.TarInfo) -> tuple[str, str]:
     """(run hash, file name) of an acceptable member; anything else is refused by name."""
-    allowed = f"regular files <12-hex hash>/{{{', '.join(ARCHIVE_FILES)}}}"
+    allowed = f"regular files <12-hex hash>/{{{', '.join(ARCHIVE_FILES)}, analysis-<kind>-<12 hex>.json}}"
     if not m.isreg():
         kind = "symlink" if m.issym() else "hard link" if m.islnk() else "folder" if m.isdir() else "special file"
         raise ValueError(f"archive member {m.name!r} is a {kind}: an export holds only {allowed}")
     h, sep, name = m.name.partition("/")
-    if not sep or not HASH.fullmatch(h) or name not in ARCHIVE_FILES:
+    if not sep or not HASH.fullmatch(h) or not (name in ARCHIVE_FILES or ANALYSIS_FILE.fullmatch(name)):
         raise ValueError(f"archive member {m.name!r} is not a run file: an export holds only {allowed}")
     return h, name
 
@@ -331,14 +354,27 @@ def _swap_in(dst: Path, h: str, files: dict[str, bytes]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _add_analyses(local: Path, files: dict[str, bytes]) -> int:
+    """Cached analyses the local copy of a finished run lacks (each names the model.pt it came from, and a
+    reader ignores one of another model, so adding one can never change a result)."""
+    if (_summary(local) or {}).get("status") not in FINISHED:
+        return 0
+    new = [n for n in files if ANALYSIS_FILE.fullmatch(n) and not (local / n).exists()]
+    for n in new:
+        atomic_write_bytes(local / n, files[n])
+    return len(new)
+
+
 def _merge_run(dst: Path, h: str, files: dict[str, bytes]) -> str:
-    """Take one run if the store lacks it or has it less far along; never wait for a busy run."""
+    """Take one run if the store lacks it or has it less far along (else only the cached analyses the local
+    copy lacks); never wait for a busy run."""
     local = dst / h
     try:
         with lock_run(local, wait=False):
             if (local / "config.json").exists() and \
                     _progress(_summary(local)) >= _progress(_parse_summary(files.get("summary.json"))):
-                return "kept local"
+                added = _add_analyses(local, files)
+                return f"kept local, {added} cached analysis file(s) added" if added else "kept local"
             _swap_in(dst, h, files)
             return "imported"
     except RunLocked:
@@ -349,8 +385,8 @@ def import_runs(parts: list[str | os.PathLike], root: str | os.PathLike | None =
     """Merge exported parts (all of one export, in any order) into the store: {run hash: what happened}.
 
     A run is taken when the store lacks it or has it less far along (failed < running at fewer steps
-    < running at more < done); a finished local run is never replaced, and a run whose lock a local
-    process holds is skipped. A damaged, incomplete or crafted archive raises ValueError before the
+    < running at more < done); a finished local run is never replaced (it only gains the cached analyses
+    it lacks), and a run whose lock a local process holds is skipped. A damaged, incomplete or crafted archive raises ValueError before the
     store is touched.
     """
     runs = _read_archive(_ordered_parts(parts))

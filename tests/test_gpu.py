@@ -100,3 +100,21 @@ def test_grouped_seeds_train_like_lone_runs(cifar, tmp_path):
     for a, g in zip(alone, grouped):
         assert g.status == "done" and g.summary["step_mode"] == "graph" and g.summary["grouped_runs"] == 2
         assert abs(g.summary["final_train_loss"] - a.summary["final_train_loss"]) < 0.1
+
+
+@needs_data
+def test_unravel_analysis_runs_on_the_gpu_and_is_cached_for_the_cpu(cifar, tmp_path, monkeypatch):
+    """What `resnet-lab analyse` does there: the tables computed on CUDA are read back here without a model."""
+    from resnet_lab import experiments as ex
+    from resnet_lab.runs import RunDir, load_runs
+    from resnet_lab.train import train
+
+    root = tmp_path / "runs"
+    for arch in ("resnet", "plain"):
+        train(make_config("smoke", arch=arch, depth=20), root=root, data=cifar, device="cuda")
+    kw = dict(draws=1, eval_images=500, grad_samples=2, grad_batch=128, root=root)
+    gpu = ex.unravel_analysis(load_runs(root), device="cuda", **kw)
+    assert len(gpu["lesion"]) == 18 and len(gpu["gradient"]) == 2 * 10 and len(gpu["effective"]) == 1
+    monkeypatch.setattr(RunDir, "load_model_and_sha256", lambda *a, **k: pytest.fail("cache not used"))
+    cpu = ex.unravel_analysis(load_runs(root), device="cpu", **kw)
+    assert all(cpu[k].equals(gpu[k]) for k in gpu)

@@ -38,8 +38,11 @@ def test_notebooks_are_committed_clean_with_one_parameters_cell():
 
 @needs_data
 @pytest.mark.parametrize("name", sorted(OUTPUTS))
-def test_notebook_runs_with_smoke_preset(name, tmp_path):
+def test_notebook_runs_with_smoke_preset(name, tmp_path, monkeypatch):
     import papermill as pm
+
+    from resnet_lab import experiments as ex
+    from resnet_lab.runs import RunDir
 
     out_nb = tmp_path / f"{name}.ipynb"
     pm.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(out_nb), parameters={"preset": "smoke", **OUTPUTS[name][0]},
@@ -47,3 +50,7 @@ def test_notebook_runs_with_smoke_preset(name, tmp_path):
     out = Path(os.environ["RESNET_LAB_RESULTS"]) / "smoke" / name
     for f in OUTPUTS[name][1]:
         assert (out / f).exists() and (out / f).stat().st_size > 0, f
+    if name in ex.NOTEBOOK_ANALYSES:  # the notebook cached its analyses where `resnet-lab analyse` looks for them
+        monkeypatch.setattr(RunDir, "load_model_and_sha256", lambda *a, **k: pytest.fail("analysis not cached"))
+        done, missing = ex.analyse_notebook(name, {"preset": "smoke", **OUTPUTS[name][0]})
+        assert done and not missing

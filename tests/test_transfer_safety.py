@@ -66,6 +66,10 @@ BAD_MEMBERS = {
     "absolute path": member(f"/tmp/{H}/config.json", b"{}"),
     "dot-dot": member(f"{H}/../{B.hash}/summary.json", b"{}"),
     "prev checkpoint": member(f"{H}/checkpoint.prev.pt", b"x"),
+    "analysis name not a hash": member(f"{H}/analysis-unravel-../../x.json", b"{}"),
+    "analysis kind not lowercase": member(f"{H}/analysis-Unravel-0123456789ab.json", b"{}"),
+    "analysis symlink": member(f"{H}/analysis-unravel-0123456789ab.json", type_=tarfile.SYMTYPE,
+                               link=f"../{B.hash}/summary.json"),
 }
 
 

@@ -1,0 +1,145 @@
+"""04's analyses are computed once per finished run and kept in its folder: a report of ResNet-110 reads them
+back instead of spending hours of CPU, `resnet-lab analyse` fills them where training ran, and exports carry
+them. A cached table must be exactly what a fresh computation returns, and never one of another model."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from resnet_lab import cli, experiments as ex
+from resnet_lab.config import make_config
+from resnet_lab.runs import RunDir, load_runs
+from resnet_lab.transfer import export_runs, import_runs, manifest
+
+from .conftest import needs_data
+
+KW = dict(draws=1, eval_images=40, grad_samples=1, grad_batch=4, device="cpu")
+
+
+@pytest.fixture
+def trained(tmp_path, monkeypatch, cifar):
+    """A smoke ResNet-8 and its plain twin, finished, in a fresh store."""
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    cfgs = ex.with_dataset([make_config("smoke", arch=a, depth=8) for a in ("resnet", "plain")])
+    ex.train_all(cfgs, device="cpu", progress=False)
+    return cfgs
+
+
+def _no_model(monkeypatch):
+    def refuse(self, device="cpu"):
+        raise AssertionError(f"model of {self.cfg.name} loaded: the cache was not used")
+
+    monkeypatch.setattr(RunDir, "load_model_and_sha256", refuse)
+
+
+def _cached(cfgs):
+    return sorted(p.name for c in cfgs for p in RunDir(c).path.glob("analysis-*.json"))
+
+
+@needs_data
+def test_a_cached_analysis_is_the_fresh_one_and_loads_no_model(trained, monkeypatch):
+    fresh = ex.unravel_analysis(load_runs(), **KW)
+    files = _cached(trained)
+    assert len(files) == 2  # one per run: the plain net's lesion too
+    rec = json.loads(RunDir(trained[0]).analysis_file("unravel", ex.unravel_params(1, 40, 1, 4)).read_text())
+    assert rec["device"].startswith("cpu") and rec["params"]["revision"] == ex.UNRAVEL_REVISION
+    assert set(rec["tables"]) == set(ex.UNRAVEL_COLUMNS)  # the residual run has every table
+    with monkeypatch.context() as m:
+        _no_model(m)
+        cached = ex.unravel_analysis(load_runs(), **KW)
+    assert set(cached) == set(fresh)
+    for name in fresh:
+        pd.testing.assert_frame_equal(cached[name], fresh[name], check_exact=True)
+    assert len(fresh["lesion"]) == 2 * len(fresh["lesion"][fresh["lesion"]["arch"] == "plain"])
+    # other settings are another analysis: computed, not read
+    _no_model(monkeypatch)
+    with pytest.raises(AssertionError, match="cache was not used"):
+        ex.unravel_analysis(load_runs(), **{**KW, "draws": 2})
+
+
+@needs_data
+def test_a_changed_model_or_a_damaged_cache_is_computed_again(trained):
+    ex.unravel_analysis(load_runs(), **KW)
+    rd = RunDir(trained[0])
+    f = rd.analysis_file("unravel", ex.unravel_params(1, 40, 1, 4))
+    rec = json.loads(f.read_text())
+    rec["tables"]["lesion"] = rec["tables"]["lesion"].replace("resnet", "forged")
+    f.write_text(json.dumps(rec))
+    assert (ex.unravel_analysis(load_runs(), **KW)["lesion"]["arch"] == "forged").any()  # same model: read back
+    state = torch.load(rd.model_file, weights_only=True)  # the run's weights change (e.g. trained again)
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, rd.model_file)
+    t = ex.unravel_analysis(load_runs(), **KW)
+    assert not (t["lesion"]["arch"] == "forged").any()
+    assert json.loads(f.read_text())["model_sha256"] == rd.load_model_and_sha256()[1]
+    f.write_text("{not json")
+    assert ex.unravel_analysis(load_runs(), **KW)["lesion"].equals(t["lesion"])
+    assert json.loads(f.read_text())["tables"]
+
+
+@needs_data
+def test_analyse_command_caches_what_the_notebook_reads(trained, tmp_path, monkeypatch, capsys):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("notebook: 04_unraveled_ensemble\npreset: smoke\n"
+                    "parameters:\n  depth: [8, 14]\n  draws: [1]\n  eval_images: [40]\n  grad_samples: [1]\n")
+    assert cli.main(["analyse", "--sweep", str(grid), "--device", "cpu"]) == 2  # resnet/plain-14: not trained
+    out = capsys.readouterr().out
+    assert "analysed 2 finished run(s): resnet-8, plain-8" in out and "no finished model yet: resnet-14, plain-14" in out
+    assert len(_cached(trained)) == 2
+    _no_model(monkeypatch)  # the notebook's own call (grad_batch and data as it passes them) finds the cache
+    nb = {**ex.notebook_defaults("04_unraveled_ensemble"), "draws": 1, "eval_images": 40, "grad_samples": 1}
+    runs, _, missing = ex.collect(ex.unravel_configs("smoke", 8, [0], "resnet"))
+    t = ex.unravel_analysis(runs, draws=nb["draws"], eval_images=nb["eval_images"], grad_samples=nb["grad_samples"],
+                            device=nb["device"])
+    assert not missing and set(t["lesion"]["net"]) == {"ResNet-8", "plain-8"}
+    assert cli.main(["analyse", "--notebook", "04_unraveled_ensemble", "--preset", "smoke", "-p", "depth=8",
+                     "-p", "draws=1", "-p", "eval_images=40", "-p", "grad_samples=1"]) == 0
+
+
+def test_analyse_refuses_what_it_cannot_do(capsys, tmp_path):
+    def usage(*argv):
+        with pytest.raises(SystemExit) as e:
+            cli.main(list(argv))
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    assert "--sweep GRID" in usage("analyse")
+    assert "04_unraveled_ensemble" in usage("analyse", "--notebook", "02_depth")
+    assert "unknown" in usage("analyse", "--notebook", "99_nope")
+    assert "no parameter(s) ['depths']" in usage("analyse", "--notebook", "04_unraveled_ensemble", "-p", "depths=[8]")
+    grid = tmp_path / "g.yaml"
+    grid.write_text("notebook: 04_unraveled_ensemble\npreset: smoke\nparameters:\n  depth: [8]\n")
+    assert "-p/--param" in usage("analyse", "--sweep", str(grid), "-p", "depth=8")
+    assert "--preset quick" in usage("analyse", "--sweep", str(grid), "--preset", "quick")
+
+
+def _copy_store(root, cfgs, source_root):
+    for c in cfgs:
+        shutil.copytree(RunDir(c, source_root).path, RunDir(c, root).path)
+
+
+@needs_data
+def test_exports_carry_cached_analyses_and_imports_add_them_to_finished_runs(trained, tmp_path):
+    gpu = tmp_path / "runs"
+    ex.unravel_analysis(load_runs(), **KW)
+    here = tmp_path / "here"
+    _copy_store(here, trained, gpu)
+    for c in trained:  # here: the same finished runs, trained and exported before the analysis existed
+        for f in RunDir(c, here).path.glob("analysis-*.json"):
+            f.unlink()
+    have = manifest(here)
+    assert all(v["analyses"] == [] for v in have.values())
+    parts = export_runs(tmp_path / "out", root=gpu, skip=have)  # finished here, but analyses are new: they go
+    result = import_runs(parts, root=here)
+    assert set(result.values()) == {"kept local, 1 cached analysis file(s) added"}
+    assert sorted(p.name for c in trained for p in RunDir(c, here).path.glob("analysis-*.json")) == _cached(trained)
+    assert {h: v["analyses"] for h, v in manifest(here).items()} == {h: v["analyses"] for h, v in manifest(gpu).items()}
+    assert import_runs(export_runs(tmp_path / "out2", root=gpu, skip=manifest(here)), root=here) == {}  # nothing new
+    # a run this store lacks comes whole, its analyses included
+    shutil.rmtree(RunDir(trained[0], here).path)
+    import_runs(export_runs(tmp_path / "out3", root=gpu), root=here)
+    assert len(list(RunDir(trained[0], here).path.glob("analysis-*.json"))) == 1
