@@ -16,6 +16,9 @@ from .config import ARCHS, PRESETS, SHORTCUTS, RunConfig
 SINGLE_RUN_FLAGS = ("arch", "depth", "shortcut", "block_layers", "seed")
 NOTEBOOK_FLAGS = ("param", "pack", "group")
 TRAINING_FLAGS = ("time_budget", "pack", "group")  # --list trains nothing
+# exit codes of every command: 0 all done, 1 some run/point/notebook failed or is missing (the output says
+# which), 2 bad input (argparse's), 130 interrupted; a count would read as 2 or 130 and wrap at 256
+EXIT_INCOMPLETE = 1
 
 
 def usage_error(message: object) -> NoReturn:
@@ -197,7 +200,7 @@ def _train_notebooks(a: argparse.Namespace) -> int:
             print(f"{c.name} seed {c.seed}: failed (see {RunDir(c).summary_file})")
         else:
             _print_run(rec)
-    return min(100, sum(r is None or r.status != "done" for r in recs))  # an exit code wraps at 256
+    return EXIT_INCOMPLETE if any(r is None or r.status != "done" for r in recs) else 0
 
 
 def cmd_analyse(a: argparse.Namespace) -> int:
@@ -234,7 +237,7 @@ def cmd_analyse(a: argparse.Namespace) -> int:
         not_done += len(missing)
         print(f"{nb} {label}: analysed {len(done)} finished run(s): {', '.join(c.name for c in done) or '-'}"
               + (f"; no finished model yet: {', '.join(c.name for c in missing)}" if missing else ""))
-    return min(100, not_done)
+    return EXIT_INCOMPLETE if not_done else 0
 
 
 def cmd_data_info(a: argparse.Namespace) -> int:
@@ -263,7 +266,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     claims = results_dir() / a.preset / "claims.md"
     if claims.exists():
         print("\n" + claims.read_text())
-    return int((table["status"] != "done").sum())
+    return EXIT_INCOMPLETE if (table["status"] != "done").any() else 0
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -376,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="For each point of a --sweep grid (or a --notebook's parameters), compute the "
                                     "analyses of its finished runs and keep them in the run folders, where the "
                                     "notebook, `report` and `runs export` find them: 04's lesions, deletions and "
-                                    "gradients take hours on a CPU and minutes on a GPU. Exit code: the number of "
-                                    "runs without a finished model yet (at most 100).")
+                                    "gradients take hours on a CPU and minutes on a GPU. Exit code 1 when some run has "
+                                    "no finished model yet (listed).")
     an.add_argument("--sweep", action="append", metavar="GRID", help="analyse this grid's points (repeatable)")
     an.add_argument("--notebook", action="append", metavar="STEM", help="analyse this notebook's runs (repeatable)")
     an.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",

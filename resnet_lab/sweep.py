@@ -778,9 +778,9 @@ def _print_table(table: pd.DataFrame) -> None:
 
 
 def _cmd_sweep(a: argparse.Namespace) -> int:
-    """`resnet-lab sweep`: print the table; the exit code is the number of failed points (at most 100),
+    """`resnet-lab sweep`: print the table; the exit code is 1 when some point failed (the table says which),
     2 for a bad grid or option (one line, as argparse does), 130 after Ctrl-C (the table so far is printed)."""
-    from .cli import usage_error
+    from .cli import EXIT_INCOMPLETE, usage_error
 
     try:
         grid = load_grid(a.grid)
@@ -795,7 +795,7 @@ def _cmd_sweep(a: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 130
     _print_table(table)
-    return min(100, int((table["status"] == "failed").sum()))
+    return EXIT_INCOMPLETE if (table["status"] == "failed").any() else 0
 
 
 def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -804,7 +804,7 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
         "sweep", help="execute a notebook over a YAML grid of parameters (done points are skipped)",
         description="Execute one papermill notebook per grid point into results/<preset>/executed/. "
                     "Points whose runs are stored and whose notebook ran clean are skipped; a failed point keeps "
-                    "its output notebook and the others go on. Exit code: number of failed points (max 100).")
+                    "its output notebook and the others go on. Exit code 1 when some point failed.")
     s.add_argument("grid", help="grid YAML (notebook, preset, parameters, fixed); see sweeps/")
     s.add_argument("--jobs", type=int, default=1, help="points at once; each gets cores/jobs threads (default 1)")
     s.add_argument("--backend", choices=BACKENDS, default="local", help="local process pool or a Ray cluster")

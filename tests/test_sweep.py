@@ -265,27 +265,30 @@ def test_failing_point_is_recorded_and_the_others_go_on(store, cifar, tmp_path):
     assert (rerun.drop(index="depths=[9]")["status"] == "skipped").all()
 
 
-def test_cli_exit_code_is_the_number_of_failed_points(tmp_path, monkeypatch, capsys):
-    """Every point fails fast here (the kernel is not registered), so the count is known without training."""
+def test_cli_exit_code_is_1_when_points_failed(tmp_path, monkeypatch, capsys):
+    """Every point fails fast here (the kernel is not registered): 1, not the count (2 would read as bad input)."""
     monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
     parser = argparse.ArgumentParser(prog="resnet-lab")
     sweep.add_sweep_parser(parser.add_subparsers(dest="command", required=True))
     grid = write(tmp_path, "notebook: 01_degradation\npreset: smoke\nparameters:\n  seeds: [[0], [1]]\n")
     args = parser.parse_args(["sweep", str(grid), "--jobs", "2", "--kernel", "no-such-kernel"])
-    assert args.func(args) == 2
+    assert args.func(args) == 1
     out = capsys.readouterr().out
     assert out.count("failed") == 2 and "kernel 'no-such-kernel' not found" in out
     assert "seeds=[0]" in out and "seeds=[1]" in out
 
 
-def test_cli_exit_code_is_capped_at_100(tmp_path, monkeypatch):
-    failed = pd.DataFrame({"point": [str(i) for i in range(150)], "status": "failed", "seconds": 0.0,
+def test_cli_exit_code_does_not_count_failures(tmp_path, monkeypatch):
+    """256 failures would wrap to 0 and 130 would read as Ctrl-C: any number of failures is 1."""
+    failed = pd.DataFrame({"point": [str(i) for i in range(256)], "status": "failed", "seconds": 0.0,
                            "output": "", "error": "boom"})
     monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: failed)
     parser = argparse.ArgumentParser()
     sweep.add_sweep_parser(parser.add_subparsers())
     args = parser.parse_args(["sweep", str(write(tmp_path, SMOKE_GRID)), "--dry-run"])
-    assert args.func(args) == 100
+    assert args.func(args) == 1
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: failed.assign(status="done"))
+    assert args.func(args) == 0
 
 
 @pytest.mark.parametrize("text", ["notebook: 99_nope\npreset: smoke\n", "notebook: 01_degradation\npreset: [smoke]\n",
