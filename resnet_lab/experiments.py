@@ -367,15 +367,27 @@ def _unravel_run(model: torch.nn.Module, cfg: RunConfig, test: tuple[torch.Tenso
     return out
 
 
+def _analyse_command(cfg: RunConfig, p: dict[str, Any]) -> str:
+    """The `resnet-lab analyse` call that caches this run's unravel analysis with these settings."""
+    arch = "" if cfg.arch in ("resnet", "plain") else f" -p arch={cfg.arch}"  # a plain run is every arch's twin
+    extra = "" if p["grad_batch"] == 128 else " (grad_batch " + str(p["grad_batch"]) + ": call unravel_analysis)"
+    return (f"resnet-lab analyse --notebook 04_unraveled_ensemble --preset {cfg.preset} -p depth={cfg.depth}{arch} "
+            f"-p 'seeds=[{cfg.seed}]' -p draws={p['draws']} -p eval_images={p['eval_images']} "
+            f"-p grad_samples={p['grad_samples']}{extra}")
+
+
 def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_000, grad_samples: int = 10,
                      grad_batch: int = 128, source: str | os.PathLike | None = None,
-                     root: str | os.PathLike | None = None, device: str | None = None) -> dict[str, Any]:
+                     root: str | os.PathLike | None = None, device: str | None = None,
+                     compute_missing: bool = True) -> dict[str, Any]:
     """Every table of the notebook, from the stored runs: lesion, delete-k, reorder-k, path lengths,
     gradient by path length and the effective path range (per residual run; lesion for plain runs too).
 
     Each run's tables are cached in its folder (`RunDir.write_analysis`, keyed by these settings and the
     dataset, tied to the sha256 of its model.pt): ResNet-110's take hours on a CPU and minutes on a GPU,
-    so `resnet-lab analyse` computes them where training ran and reports here read them back."""
+    so `resnet-lab analyse` computes them where training ran and reports here read them back.
+    compute_missing=False (what `report` asks): a run without a cached analysis is left out of the tables
+    with a warning that gives the command computing it."""
     from .runs import RunDir
     from .train import device_name
 
@@ -386,6 +398,10 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
     for r in runs[runs["status"] == "done"].to_dict("records"):
         rd = RunDir(RunConfig.from_json(r), root)
         tables = rd.read_analysis("unravel", p)
+        if tables is None and not compute_missing:
+            log.warning("%s seed %d (run %s) is left out: no cached unravel analysis for these settings. "
+                        "Compute it with: %s", rd.cfg.name, rd.cfg.seed, rd.cfg.hash, _analyse_command(rd.cfg, p))
+            continue
         if tables is None:
             if data is None:  # decoded only when some run is not cached
                 data = load_cifar10(source)

@@ -1,10 +1,12 @@
 """Rebuild every notebook's tables and figures from the run store, training nothing.
 
-Each notebook is re-executed through papermill with `train_missing=False` and the parameters of the
+Each notebook is re-executed through papermill with `train_missing=False` (and `analyse_missing=False`
+where it caches slow analyses: 04's take hours on a CPU) and the parameters of the
 `report:` section of its grid in sweeps/ for this preset (the paper grids say which seeds and depths
 make the combined tables), else those it was last executed with (read from
 `results/<preset>/executed/<notebook>.ipynb`), else its defaults; so the report is the notebooks' own
-code: missing runs are listed in the notebook, never trained.
+code: missing runs are listed in the notebook, never trained, and runs without a cached analysis are
+named with the `resnet-lab analyse` command that computes it.
 """
 from __future__ import annotations
 
@@ -90,8 +92,9 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
     out = out_dir / f"{name}.ipynb"
     params = {**executed_parameters(out), **wanted, "preset": preset}
     declared = notebook_parameters(directory / f"{name}.ipynb")
-    if "train_missing" in declared:
-        params["train_missing"] = False
+    for flag in ("train_missing", "analyse_missing"):
+        if flag in declared:
+            params[flag] = False
     params = {k: v for k, v in params.items() if k in declared}
     t0 = time.time()
     try:

@@ -4,6 +4,7 @@ them. A cached table must be exactly what a fresh computation returns, and never
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 
 import pandas as pd
@@ -17,7 +18,7 @@ from resnet_lab.transfer import export_runs, import_runs, manifest
 
 from .conftest import needs_data
 
-KW = dict(draws=1, eval_images=40, grad_samples=1, grad_batch=4, device="cpu")
+KW = dict(draws=1, eval_images=40, grad_samples=1, grad_batch=128, device="cpu")
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_a_cached_analysis_is_the_fresh_one_and_loads_no_model(trained, monkeypa
     fresh = ex.unravel_analysis(load_runs(), **KW)
     files = _cached(trained)
     assert len(files) == 2  # one per run: the plain net's lesion too
-    rec = json.loads(RunDir(trained[0]).analysis_file("unravel", ex.unravel_params(1, 40, 1, 4)).read_text())
+    rec = json.loads(RunDir(trained[0]).analysis_file("unravel", ex.unravel_params(1, 40, 1, 128)).read_text())
     assert rec["device"].startswith("cpu") and rec["params"]["revision"] == ex.UNRAVEL_REVISION
     assert set(rec["tables"]) == set(ex.UNRAVEL_COLUMNS)  # the residual run has every table
     with monkeypatch.context() as m:
@@ -65,7 +66,7 @@ def test_a_cached_analysis_is_the_fresh_one_and_loads_no_model(trained, monkeypa
 def test_a_changed_model_or_a_damaged_cache_is_computed_again(trained):
     ex.unravel_analysis(load_runs(), **KW)
     rd = RunDir(trained[0])
-    f = rd.analysis_file("unravel", ex.unravel_params(1, 40, 1, 4))
+    f = rd.analysis_file("unravel", ex.unravel_params(1, 40, 1, 128))
     rec = json.loads(f.read_text())
     rec["tables"]["lesion"] = rec["tables"]["lesion"].replace("resnet", "forged")
     f.write_text(json.dumps(rec))
@@ -79,6 +80,22 @@ def test_a_changed_model_or_a_damaged_cache_is_computed_again(trained):
     f.write_text("{not json")
     assert ex.unravel_analysis(load_runs(), **KW)["lesion"].equals(t["lesion"])
     assert json.loads(f.read_text())["tables"]
+
+
+@needs_data
+def test_without_compute_missing_uncached_runs_are_left_out_and_named_with_the_command(trained, caplog):
+    """What `report` asks: no hours of CPU behind the reader's back; the warning says what to run instead."""
+    t = ex.unravel_analysis(load_runs(), **KW, compute_missing=False)
+    assert all(df.empty for df in t.values()) and list(t["lesion"].columns) == list(
+        ex.UNRAVEL_COLUMNS["lesion"] + ex.UNRAVEL_TAGS)
+    warned = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(warned) == 2 and all("resnet-lab analyse --notebook 04_unraveled_ensemble --preset smoke -p depth=8 "
+                                    "-p 'seeds=[0]' -p draws=1 -p eval_images=40 -p grad_samples=1" in w for w in warned)
+    assert _cached(trained) == []
+    command = shlex.split(warned[0].split("Compute it with: ")[1])
+    assert cli.main(command[1:] + ["--device", "cpu"]) == 0  # the command it gives caches what it reads
+    t = ex.unravel_analysis(load_runs(), **KW, compute_missing=False)
+    assert len(t["effective"]) == 1 and set(t["lesion"]["arch"]) == {"resnet", "plain"}
 
 
 @needs_data
