@@ -45,7 +45,8 @@ def test_cli_help_and_bad_input():
 
 @needs_data
 def test_cli_trains_a_grids_runs_where_jupyter_is_missing(tmp_path):
-    """`train --sweep` on the GPU machine, which has neither papermill nor Jupyter: both made unimportable."""
+    """`train --sweep` and `analyse --sweep` on the GPU machine, which has neither papermill nor Jupyter: both
+    made unimportable."""
     block = tmp_path / "block"
     block.mkdir()
     (block / "sitecustomize.py").write_text(
@@ -62,6 +63,14 @@ def test_cli_trains_a_grids_runs_where_jupyter_is_missing(tmp_path):
     r = run("--quiet", "--pack", "2")
     assert r.returncode == 0 and r.stdout.count(" done at step 6") == 4, r.stdout + r.stderr
     assert run("--list").stdout.count(" done ") == 4
+    # then 04's analyses, as `resnet-lab analyse` computes them there after training
+    grid.write_text("notebook: 04_unraveled_ensemble\npreset: smoke\nparameters:\n  depth: [8]\n  draws: [1]\n"
+                    "  eval_images: [40]\n  grad_samples: [1]\n")
+    assert run("--quiet").returncode == 0
+    r = subprocess.run([sys.executable, "-m", "resnet_lab.cli", "analyse", "--sweep", str(grid)], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0 and "analysed 2 finished run(s): resnet-8, plain-8" in r.stdout, r.stdout + r.stderr
+    assert len(list((tmp_path / "results" / "runs").glob("*/analysis-unravel-*.json"))) == 2
 
 
 @needs_data
