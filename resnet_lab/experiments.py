@@ -370,7 +370,7 @@ def _unravel_run(model: torch.nn.Module, cfg: RunConfig, test: tuple[torch.Tenso
 def _analyse_command(cfg: RunConfig, p: dict[str, Any]) -> str:
     """The `resnet-lab analyse` call that caches this run's unravel analysis with these settings."""
     arch = "" if cfg.arch in ("resnet", "plain") else f" -p arch={cfg.arch}"  # a plain run is every arch's twin
-    extra = "" if p["grad_batch"] == 128 else " (grad_batch " + str(p["grad_batch"]) + ": call unravel_analysis)"
+    extra = "" if p["grad_batch"] == 128 else f" (and grad_batch={p['grad_batch']}, which only unravel_analysis takes)"
     return (f"resnet-lab analyse --notebook 04_unraveled_ensemble --preset {cfg.preset} -p depth={cfg.depth}{arch} "
             f"-p 'seeds=[{cfg.seed}]' -p draws={p['draws']} -p eval_images={p['eval_images']} "
             f"-p grad_samples={p['grad_samples']}{extra}")
