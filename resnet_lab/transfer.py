@@ -187,8 +187,9 @@ def _check_manifest(skip: object) -> dict[str, dict]:
     return skip
 
 
-def _pack(src: Path, checkpoints: bool, skip: dict[str, dict], max_bytes: int | None) -> tuple[bytes, list[str]]:
-    """The archive, and the runs left out because it was full. Runs the manifest `skip` has as far
+def _pack(src: Path, checkpoints: bool, skip: dict[str, dict], max_bytes: int | None
+          ) -> tuple[bytes, list[str], list[str]]:
+    """The archive, the runs left out because it was full, and those no archive of max_bytes can hold. Runs the manifest `skip` has as far
     along, with every cached analysis, are not packed (import would keep that copy anyway); finished
     runs go first."""
     runs = []
@@ -201,19 +202,19 @@ def _pack(src: Path, checkpoints: bool, skip: dict[str, dict], max_bytes: int | 
             continue
         runs.append((progress[0] != RANK["done"], run.name, files))
     buf = io.BytesIO()
-    now, used, left = int(time.time()), 0, []
+    now, used, left, too_big = int(time.time()), 0, [], []
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for _, h, files in sorted(runs):
             size = sum(len(d) + 1024 for d in files.values())  # tar header and padding: an upper bound of its share
             if max_bytes is not None and used + size > max_bytes:
-                left.append(h)
+                (too_big if size > max_bytes else left).append(h)
                 continue
             used += size
             for name, data in sorted(files.items()):
                 info = tarfile.TarInfo(f"{h}/{name}")
                 info.size, info.mtime, info.mode = len(data), now, 0o644
                 tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue(), left
+    return buf.getvalue(), left, too_big
 
 
 def _remove_old_parts(dest: Path, name: str) -> None:
@@ -233,16 +234,22 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
     skip: a `manifest()` of the machine the parts go to; runs it has as far along stay out, so each
     export carries only what is new there. max_mb: stop adding runs before the archive could pass this
     size (the device tool brings back 64 MiB a call); the runs left out are logged, and the next export
-    with an updated manifest takes them. Each part is written atomically, so a killed export leaves
+    with an updated manifest takes them (a run bigger than max_mb on its own is logged as such: it needs
+    an export without the limit, brought back part by part). Each part is written atomically, so a killed export leaves
     whole parts (and an incomplete set, which import names) rather than a cut one."""
     size = _check_part_mb(part_mb)
     name = _check_name(name)
     if max_mb is not None and not (_is_number(max_mb) and max_mb > 0):
         raise ValueError(f"max_mb={max_mb!r} is not valid: use a positive number of MiB, or None for no limit")
-    data, left = _pack(runs_dir(root), checkpoints, _check_manifest(skip),
-                       None if max_mb is None else int(max_mb * 2**20))
+    data, left, too_big = _pack(runs_dir(root), checkpoints, _check_manifest(skip),
+                                None if max_mb is None else int(max_mb * 2**20))
     if left:
         log.warning("%d run(s) left for the next export (over %g MiB): %s", len(left), max_mb, ", ".join(left))
+    for h in too_big:  # waiting would not help: no export under this limit can ever hold it
+        log.warning("run %s alone is over %g MiB (ResNet-1202's weights are 78 MB, its checkpoint twice that), "
+                    "so no export under --max-mb holds it: export it without --max-mb into a folder on that "
+                    "machine and bring the parts back a few per call; import takes them once all are here",
+                    h, max_mb)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     _remove_old_parts(dest, name)

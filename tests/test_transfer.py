@@ -104,3 +104,19 @@ def test_export_skips_what_the_other_side_has_and_stays_under_max_mb(tmp_path):
             export_runs(tmp_path / "o4", root=gpu, max_mb=bad)
     with pytest.raises(ValueError, match="manifest"):
         export_runs(tmp_path / "o4", root=gpu, skip=["not", "a", "manifest"])
+
+
+def test_a_run_bigger_than_max_mb_is_named_as_never_fitting(tmp_path, caplog):
+    """ResNet-1202's 78 MB of weights pass no 60 MiB export: the warning says so, and how to bring it back."""
+    gpu = tmp_path / "gpu"
+    make_run(gpu, "aaa", "done", 100)
+    make_run(gpu, "bbb", "running", 50, big=300_000)  # alone over 0.1 MiB
+    parts = export_runs(tmp_path / "o", root=gpu, checkpoints=True, max_mb=0.1)
+    assert _names(parts) == [HASH["aaa"]]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert f"run {HASH['bbb']} alone is over 0.1 MiB" in warned and "without --max-mb" in warned
+    assert "left for the next export" not in warned  # waiting for a later export would never help
+    whole = export_runs(tmp_path / "all", root=gpu, checkpoints=True, part_mb=0.1)  # parts, brought back a few a call
+    here = tmp_path / "here"
+    assert import_runs(whole, root=here)[HASH["bbb"]] == "imported"
+    assert (here / HASH["bbb"] / "checkpoint.pt").stat().st_size == 300_000
