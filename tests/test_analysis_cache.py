@@ -160,3 +160,35 @@ def test_exports_carry_cached_analyses_and_imports_add_them_to_finished_runs(tra
     shutil.rmtree(RunDir(trained[0], here).path)
     import_runs(export_runs(tmp_path / "out3", root=gpu), root=here)
     assert len(list(RunDir(trained[0], here).path.glob("analysis-*.json"))) == 1
+
+
+@needs_data
+def test_the_gpu_session_path_train_analyse_export_import_report(tmp_path, monkeypatch, cifar):
+    """The path paper results take: train and analyse there, export what is new, import here, and the notebook
+    executed as `report` executes it (nothing trained, no analysis computed) shows every net's lesions."""
+    import papermill as pm
+
+    from .conftest import ROOT
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("notebook: 04_unraveled_ensemble\npreset: smoke\n"
+                    "parameters:\n  depth: [8]\n  draws: [1]\n  eval_images: [40]\n  grad_samples: [1]\n")
+    gpu, here = tmp_path / "gpu", tmp_path / "here"
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(gpu))
+    assert cli.main(["train", "--sweep", str(grid), "--quiet", "--device", "cpu"]) == 0
+    assert cli.main(["analyse", "--sweep", str(grid), "--device", "cpu"]) == 0
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(here))
+    assert cli.main(["runs", "manifest", str(tmp_path / "have.json")]) == 0
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(gpu))
+    assert cli.main(["runs", "export", str(tmp_path / "out"), "--skip", str(tmp_path / "have.json"),
+                     "--max-mb", "60"]) == 0
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(here))
+    assert cli.main(["runs", "import", *map(str, sorted((tmp_path / "out").iterdir()))]) == 0
+    out_nb = tmp_path / "04.ipynb"
+    pm.execute_notebook(str(ROOT / "notebooks" / "04_unraveled_ensemble.ipynb"), str(out_nb), kernel_name="python3",
+                        parameters=dict(preset="smoke", depth=8, draws=1, eval_images=40, grad_samples=1,
+                                        train_missing=False, analyse_missing=False),
+                        cwd=str(ROOT / "notebooks"), progress_bar=False)
+    assert "left out" not in out_nb.read_text()
+    lesion = pd.read_csv(here / "smoke" / "04_unraveled_ensemble" / "lesion.csv")
+    assert set(lesion["net"]) == {"ResNet-8", "plain-8"}
