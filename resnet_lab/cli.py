@@ -1,4 +1,4 @@
-"""`resnet-lab` command line: train | data info (| sweep | report | bench as they land)."""
+"""`resnet-lab` command line: train, analyse, sweep, report, bench, runs (export | manifest | import), data info."""
 from __future__ import annotations
 
 import argparse
