@@ -69,8 +69,6 @@ def _check_train_flags(a: argparse.Namespace) -> None:
             how = "set it with -p NAME=VALUE" if a.notebook else "the grid file sets it"
             usage_error(f"{'--notebook' if a.notebook else '--sweep'} takes a grid; {how}{seeds}, "
                         f"not {', '.join(given)}")
-        if a.param and not a.notebook:
-            usage_error("-p/--param sets a --notebook's parameters; a --sweep grid sets its own (edit the YAML)")
     elif _given(a, NOTEBOOK_FLAGS):
         usage_error(f"{', '.join(_given(a, NOTEBOOK_FLAGS))} apply to several runs: use them with --notebook STEM "
                     f"or --sweep GRID, or drop them to train one net")
@@ -137,6 +135,8 @@ def _grids_and_params(a: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]
     else the grids' one preset, else quick). Bad input exits 2 naming it."""
     from .sweep import load_grid
 
+    if a.param and not a.notebook:
+        usage_error("-p/--param sets a --notebook's parameters; a --sweep grid sets its own (edit the YAML)")
     grids, presets = [], set()
     try:
         for path in a.sweep or []:
@@ -208,18 +208,16 @@ def cmd_analyse(a: argparse.Namespace) -> int:
     points or notebook parameters will read (04's lesions and gradients: hours on a CPU, minutes on a GPU)."""
     from . import experiments as ex
     from .data import DataError
-    from .sweep import expand
+    from .sweep import expand, params_label
 
     if not (a.notebook or a.sweep):
         usage_error("name what to analyse: --sweep GRID (its points) or --notebook STEM [-p NAME=VALUE]")
-    if a.param and not a.notebook:
-        usage_error("-p/--param sets a --notebook's parameters; a --sweep grid sets its own (edit the YAML)")
     grids, params = _grids_and_params(a)
     targets = [(pt.notebook, pt.params, pt.label) for grid in grids for pt in expand(grid)]
     try:
         for nb in a.notebook or []:
             _check_notebook(nb, params)
-            targets.append((nb, params, " ".join(f"{k}={json.dumps(v)}" for k, v in params.items())))
+            targets.append((nb, params, params_label(params)))
     except ValueError as e:
         usage_error(e)
     todo = [t for t in targets if t[0] in ex.NOTEBOOK_ANALYSES]
@@ -385,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--notebook", action="append", metavar="STEM", help="analyse this notebook's runs (repeatable)")
     an.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
                     help="with --notebook: a notebook parameter, JSON value, e.g. -p depth=56")
-    an.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default quick (a --sweep grid names its own)")
+    an.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                    help="default quick (a --sweep grid names its own)")
     an.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     an.set_defaults(func=cmd_analyse)
 

@@ -279,6 +279,11 @@ def response_configs(preset: str, depths: list[int], seeds: list[int]) -> list[R
     return degradation_configs(preset, depths, seeds)
 
 
+def net_label(cfg: RunConfig) -> str:
+    """plain-56 or ResNet-56 (pre-activation nets too): the `net` column of the response and unravel tables."""
+    return f"{'plain' if cfg.arch == 'plain' else 'ResNet'}-{cfg.depth}"
+
+
 RESPONSE_COLUMNS = ["layer", "std", "channels", "rank", "arch", "depth", "seed", "net"]
 
 
@@ -295,8 +300,7 @@ def responses(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_i
         cfg = RunConfig.from_json(r)
         model = RunDir(cfg, root).load_model()
         df = layer_responses(model, eval_batches(*balanced_subset(data.test_x, data.test_y, max_images), 500))
-        frames.append(df.assign(arch=cfg.arch, depth=cfg.depth, seed=cfg.seed,
-                                net=f"{'plain' if cfg.arch == 'plain' else 'ResNet'}-{cfg.depth}"))
+        frames.append(df.assign(arch=cfg.arch, depth=cfg.depth, seed=cfg.seed, net=net_label(cfg)))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESPONSE_COLUMNS)
 
 
@@ -347,8 +351,7 @@ def _unravel_run(model: torch.nn.Module, cfg: RunConfig, test: tuple[torch.Tenso
     from . import unravel as U
 
     x, y = test
-    net = f"{'plain' if cfg.arch == 'plain' else 'ResNet'}-{cfg.depth}"
-    tag = dict(net=net, arch=cfg.arch, depth=cfg.depth, seed=cfg.seed)
+    tag = dict(net=net_label(cfg), arch=cfg.arch, depth=cfg.depth, seed=cfg.seed)
     out = {"lesion": U.lesion_blocks(model, x, y).assign(**tag)}
     if cfg.arch == "plain":
         return out
@@ -362,8 +365,9 @@ def _unravel_run(model: torch.nn.Module, cfg: RunConfig, test: tuple[torch.Tenso
                                      batch=p["grad_batch"])
     out["gradient"] = grad.assign(**tag)
     lo, hi = U.effective_paths(grad, 0.9)
+    share = 100 * sum(math.comb(m, k) for k in range(lo, hi + 1)) / 2 ** m
     out["effective"] = pd.DataFrame([{**tag, "blocks": m, "effective_from": lo, "effective_to": hi,
-                                      "share_of_paths_%": 100 * sum(math.comb(m, k) for k in range(lo, hi + 1)) / 2 ** m}])
+                                      "share_of_paths_%": share}])
     return out
 
 

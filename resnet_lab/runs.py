@@ -193,8 +193,9 @@ class RunDir:
     def read_analysis(self, kind: str, params: Mapping[str, Any]) -> dict[str, pd.DataFrame] | None:
         """The tables write_analysis stored for these parameters and this very model.pt, else None
         (absent, unreadable, other parameters, or a model.pt that has changed since)."""
+        f = self.analysis_file(kind, params)
         try:
-            rec = json.loads(self.analysis_file(kind, params).read_text())
+            rec = json.loads(f.read_text())
             model = hashlib.sha256(self.model_file.read_bytes()).hexdigest()
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
@@ -204,7 +205,7 @@ class RunDir:
         try:
             return {name: pd.read_csv(io.StringIO(text)) for name, text in rec["tables"].items()}
         except (TypeError, ValueError, pd.errors.ParserError) as e:
-            log.warning("cached analysis %s is unreadable (%s): computing it again", self.analysis_file(kind, params), e)
+            log.warning("cached analysis %s is unreadable (%s): computing it again", f, e)
             return None
 
     def write_analysis(self, kind: str, params: Mapping[str, Any], tables: Mapping[str, pd.DataFrame],

@@ -310,6 +310,11 @@ def load_grid(path: str | os.PathLike) -> Grid:
     return dataclasses.replace(grid, source=path)
 
 
+def params_label(params: Mapping[str, Any]) -> str:
+    """`name=value ...` with JSON values: how a point (or a notebook's parameters) is named in output."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in params.items())
+
+
 def expand(grid: Grid) -> list[Point]:
     """The grid's points in a fixed order (the cartesian product of the parameter lists)."""
     from .runs import results_dir
@@ -321,7 +326,7 @@ def expand(grid: Grid) -> list[Point]:
         varied = dict(zip(names, combo))
         params = {"preset": grid.preset, **grid.fixed, **varied}
         h = params_hash(params)
-        label = " ".join(f"{k}={json.dumps(v)}" for k, v in varied.items()) or h
+        label = params_label(varied) or h
         points.append(Point(grid.notebook, grid.notebook_path, params, h,
                             out_dir / f"{grid.notebook}-{h}.ipynb", label))
     return points

@@ -4,9 +4,10 @@
 device tool brings back files of at most 16 MiB); checkpoints of unfinished runs go along only when
 asked, so a later GPU session can resume them, and finished runs bring their cached analyses
 (`analysis-*.json`: 04's lesions and gradients, hours to recompute on a CPU). `import_runs` merges
-parts into a store, keeping whichever copy of each run is further along. An archive is read into memory and checked whole before
-the store is touched: only regular files with the names export writes, each under a `<hash>/` folder
-whose config.json hashes to that name; nothing in it is ever extracted by tarfile itself.
+parts into a store, keeping whichever copy of each run is further along. An archive is read into
+memory and checked whole before the store is touched: only regular files with the names export
+writes, each under a `<hash>/` folder whose config.json hashes to that name; nothing in it is ever
+extracted by tarfile itself.
 """
 from __future__ import annotations
 
@@ -189,9 +190,9 @@ def _check_manifest(skip: object) -> dict[str, dict]:
 
 def _pack(src: Path, checkpoints: bool, skip: dict[str, dict], max_bytes: int | None
           ) -> tuple[bytes, list[str], list[str]]:
-    """The archive, the runs left out because it was full, and those no archive of max_bytes can hold. Runs the manifest `skip` has as far
-    along, with every cached analysis, are not packed (import would keep that copy anyway); finished
-    runs go first."""
+    """The archive, the runs left out because it was full, and those no archive of max_bytes can hold.
+    Runs the manifest `skip` has as far along, with every cached analysis, are not packed (import
+    would keep that copy anyway); finished runs go first."""
     runs = []
     for run in _run_folders(src):
         files = _run_files(run, checkpoints)
@@ -234,9 +235,10 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
     skip: a `manifest()` of the machine the parts go to; runs it has as far along stay out, so each
     export carries only what is new there. max_mb: stop adding runs before the archive could pass this
     size (the device tool brings back 64 MiB a call); the runs left out are logged, and the next export
-    with an updated manifest takes them (a run bigger than max_mb on its own is logged as such: it needs
-    an export without the limit, brought back part by part). Each part is written atomically, so a killed export leaves
-    whole parts (and an incomplete set, which import names) rather than a cut one."""
+    with an updated manifest takes them (a run bigger than max_mb on its own is logged as such: it
+    needs an export without the limit, brought back part by part). Each part is written atomically,
+    so a killed export leaves whole parts (and an incomplete set, which import names) rather than a
+    cut one."""
     size = _check_part_mb(part_mb)
     name = _check_name(name)
     if max_mb is not None and not (_is_number(max_mb) and max_mb > 0):
@@ -361,10 +363,10 @@ def _swap_in(dst: Path, h: str, files: dict[str, bytes]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _add_analyses(local: Path, files: dict[str, bytes]) -> int:
+def _add_analyses(local: Path, summary: dict | None, files: dict[str, bytes]) -> int:
     """Cached analyses the local copy of a finished run lacks (each names the model.pt it came from, and a
     reader ignores one of another model, so adding one can never change a result)."""
-    if (_summary(local) or {}).get("status") not in FINISHED:
+    if (summary or {}).get("status") not in FINISHED:
         return 0
     new = [n for n in files if ANALYSIS_FILE.fullmatch(n) and not (local / n).exists()]
     for n in new:
@@ -378,9 +380,10 @@ def _merge_run(dst: Path, h: str, files: dict[str, bytes]) -> str:
     local = dst / h
     try:
         with lock_run(local, wait=False):
+            mine = _summary(local)
             if (local / "config.json").exists() and \
-                    _progress(_summary(local)) >= _progress(_parse_summary(files.get("summary.json"))):
-                added = _add_analyses(local, files)
+                    _progress(mine) >= _progress(_parse_summary(files.get("summary.json"))):
+                added = _add_analyses(local, mine, files)
                 return f"kept local, {added} cached analysis file(s) added" if added else "kept local"
             _swap_in(dst, h, files)
             return "imported"
@@ -393,8 +396,8 @@ def import_runs(parts: list[str | os.PathLike], root: str | os.PathLike | None =
 
     A run is taken when the store lacks it or has it less far along (failed < running at fewer steps
     < running at more < done); a finished local run is never replaced (it only gains the cached analyses
-    it lacks), and a run whose lock a local process holds is skipped. A damaged, incomplete or crafted archive raises ValueError before the
-    store is touched.
+    it lacks), and a run whose lock a local process holds is skipped. A damaged, incomplete or crafted
+    archive raises ValueError before the store is touched.
     """
     runs = _read_archive(_ordered_parts(parts))
     dst = runs_dir(root)
