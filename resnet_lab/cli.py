@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -14,11 +15,12 @@ from .config import ARCHS, PRESETS, SHORTCUTS, RunConfig
 # `train` flags that describe one net (--notebook and --sweep take a grid instead) and flags that only mean
 # something for several runs (--notebook, --sweep); each is refused where it would be ignored.
 SINGLE_RUN_FLAGS = ("arch", "depth", "shortcut", "block_layers", "seed")
-NOTEBOOK_FLAGS = ("param", "pack", "group")
+NOTEBOOK_FLAGS = ("param", "pack", "group", "skip")
 TRAINING_FLAGS = ("time_budget", "pack", "group")  # --list trains nothing
 # exit codes of every command: 0 all done, 1 some run/point/notebook failed or is missing (the output says
 # which), 2 bad input (argparse's), 130 interrupted; a count would read as 2 or 130 and wrap at 256
 EXIT_INCOMPLETE = 1
+EXIT_BROKEN_PIPE = 141  # the shell's code for a tool ended by SIGPIPE: its reader went away
 
 
 def usage_error(message: object) -> NoReturn:
@@ -111,20 +113,26 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0 if rec.status == "done" else 1
 
 
-def _list_runs(cfgs: list[RunConfig]) -> None:
-    """One line per config: hash, name, seed, stored status (missing when never started) and steps done."""
+def _list_runs(cfgs: list[RunConfig], elsewhere: dict[str, dict] | None = None, where: str = "") -> None:
+    """One line per config: hash, name, seed, stored status (missing when never started) and steps done; a run
+    `elsewhere` (finished in a --skip manifest) shows that store's status."""
     from .runs import RunDir
 
     for c in cfgs:
-        s = RunDir(c).summary() or {}
+        s = (elsewhere or {}).get(c.hash) or RunDir(c).summary() or {}
+        note = f"  (in {where}: not trained here)" if c.hash in (elsewhere or {}) else ""
         print(f"{c.hash}  {c.name:24s} seed {c.seed}  {s.get('status', 'missing'):8s} step {s.get('steps_done', 0)}"
-              f"/{c.iterations}")
+              f"/{c.iterations}{note}")
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"  # a run stopped early has no final error yet, not 0%
 
 
 def _print_run(rec) -> None:
     s, cfg = rec.summary, rec.config
     print(f"{cfg.name} seed {cfg.seed} [{cfg.preset}] {s.get('status')} at step {s.get('steps_done')}: "
-          f"train err {100 * (s.get('final_train_err') or 0):.2f}%  test err {100 * (s.get('final_test_err') or 0):.2f}%  "
+          f"train err {_pct(s.get('final_train_err'))}  test err {_pct(s.get('final_test_err'))}  "
           f"params {s.get('params'):,}  {s.get('wall_seconds', 0):.1f}s on {s.get('device')} "
           f"({s.get('step_mode', '?')} step, {s.get('packed_runs', 1)} packed"
           f"{', grouped' if s.get('grouped_runs') else ''})\n  {rec.path}")
@@ -176,8 +184,10 @@ def _train_notebooks(a: argparse.Namespace) -> int:
     from .data import DataError
     from .runs import RunDir
     from .sweep import grid_configs
+    from .transfer import finished_in
 
     grids, params = _grids_and_params(a)
+    skip = _manifest(a.skip) or {}  # bad input is refused before the dataset is read
     try:
         cfgs = [c for grid in grids for c in grid_configs(grid)]
         for nb in a.notebook or []:
@@ -190,16 +200,25 @@ def _train_notebooks(a: argparse.Namespace) -> int:
         raise  # the machine's dataset, not the command line: main says it (exit 1)
     except ValueError as e:
         usage_error(e)
+    elsewhere = {c.hash: skip[c.hash] for c in cfgs if finished_in(skip.get(c.hash))}
     if a.list:
-        _list_runs(cfgs)
+        _list_runs(cfgs, elsewhere, a.skip)
         return 0
+    for c in cfgs:
+        if c.hash in elsewhere:
+            print(f"{c.name} seed {c.seed}: {elsewhere[c.hash]['status']} in {a.skip} (not trained here)")
+    cfgs = [c for c in cfgs if c.hash not in elsewhere]
     recs = ex.train_all(cfgs, device=a.device, pack=pack, group=group, progress=not a.quiet,
-                        time_budget_s=a.time_budget)
+                        time_budget_s=a.time_budget) if cfgs else []
     for c, rec in zip(cfgs, recs):
-        if rec is None:
-            print(f"{c.name} seed {c.seed}: failed (see {RunDir(c).summary_file})")
-        else:
+        if rec is not None:
             _print_run(rec)
+        elif (RunDir(c).summary() or {}).get("status") == "failed":
+            print(f"{c.name} seed {c.seed}: failed (see {RunDir(c).summary_file})")
+        elif a.time_budget is not None:  # never started: the budget was spent on the runs before it
+            print(f"{c.name} seed {c.seed}: not started, --time-budget {a.time_budget:g} s spent (run again to go on)")
+        else:
+            print(f"{c.name} seed {c.seed}: failed (see the log above)")
     return EXIT_INCOMPLETE if any(r is None or r.status != "done" for r in recs) else 0
 
 
@@ -295,20 +314,27 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def cmd_runs_export(a: argparse.Namespace) -> int:
     from .transfer import export_runs
 
+    skip = _manifest(a.skip)
     try:
-        skip = None
-        if a.skip is not None:
-            try:
-                skip = json.loads(Path(a.skip).read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"--skip {a.skip!r}: cannot read a manifest from it ({e})") from e
         parts = export_runs(a.dest, checkpoints=a.checkpoints, part_mb=a.part_mb, name=a.name, skip=skip,
-                            max_mb=a.max_mb)
+                            max_mb=a.max_mb, unfinished=a.unfinished)
     except ValueError as e:
         usage_error(e)
     for p in parts:
         print(p, f"{p.stat().st_size / 2**20:.1f} MiB")
     return 0
+
+
+def _manifest(path: str | None) -> dict[str, dict] | None:
+    """The --skip manifest, or None; an unreadable one is a usage error naming the file."""
+    from .transfer import read_manifest
+
+    if path is None:
+        return None
+    try:
+        return read_manifest(path)
+    except ValueError as e:
+        usage_error(f"--skip {e}")
 
 
 def cmd_runs_manifest(a: argparse.Namespace) -> int:
@@ -367,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--group", action="store_true",
                    help="with --notebook/--sweep: train the seeds of one config as one grouped net (conv groups; "
                         "$RESNET_LAB_GROUP=1 does the same); off by default until the GPU bench shows it pays")
+    t.add_argument("--skip", default=None, metavar="MANIFEST",
+                   help="with --notebook/--sweep: leave out runs this manifest (`runs manifest` on another machine) "
+                        "has finished, so that a fresh GPU machine trains only what is still missing")
     t.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="stop with a checkpoint after S seconds; the next call resumes")
     t.add_argument("--list", action="store_true", help="list the run(s) and their status, train nothing")
@@ -426,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "receiving machine) has as far along")
     ex.add_argument("--max-mb", type=float, help="add runs only while the archive stays under this many MiB; "
                     "the rest waits for the next export (finished runs go first)")
+    ex.add_argument("--unfinished", action="store_true", help="only runs not finished yet: with --checkpoints, what "
+                    "a fresh machine needs to resume them (`train --skip MANIFEST` there leaves out the finished ones)")
     ex.set_defaults(func=cmd_runs_export)
     mf = rsub.add_parser("manifest", help="which runs this store has, how far along (JSON), for export --skip")
     mf.add_argument("out", nargs="?", help="file to write (default: stdout)")
@@ -442,13 +473,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
     from .data import DataError
 
     try:
-        return args.func(args)
-    except DataError as e:  # no dataset, a damaged archive: one line, not a traceback
-        raise SystemExit(f"error: {e}")
+        try:
+            args = build_parser().parse_args(argv)
+            return args.func(args)
+        except DataError as e:  # no dataset, a damaged archive: one line, not a traceback
+            raise SystemExit(f"error: {e}")
+        finally:
+            sys.stdout.flush()  # a reader gone away (`| head`) shows here, not at exit as a traceback
+    except BrokenPipeError:  # stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit's own flush would fail again
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

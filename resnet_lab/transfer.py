@@ -179,6 +179,19 @@ def _has_all(entry: dict, files: dict[str, bytes], progress: tuple[int, int]) ->
     return _progress(entry) >= progress and {n for n in files if ANALYSIS_FILE.fullmatch(n)} <= have
 
 
+def read_manifest(path: str | os.PathLike) -> dict[str, dict]:
+    """A manifest file as `runs manifest` writes it; ValueError naming the file otherwise."""
+    try:
+        return _check_manifest(json.loads(Path(path).read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise ValueError(f"{str(path)!r}: cannot read a manifest from it ({e})") from e
+
+
+def finished_in(entry: object) -> bool:
+    """A manifest entry of a finished run (done or diverged): training it again would redo it."""
+    return isinstance(entry, dict) and entry.get("status") in FINISHED
+
+
 def _check_manifest(skip: object) -> dict[str, dict]:
     if skip is None:
         return {}
@@ -188,17 +201,19 @@ def _check_manifest(skip: object) -> dict[str, dict]:
     return skip
 
 
-def _pack(src: Path, checkpoints: bool, skip: dict[str, dict], max_bytes: int | None
+def _pack(src: Path, checkpoints: bool, skip: dict[str, dict], max_bytes: int | None, unfinished: bool = False
           ) -> tuple[bytes, list[str], list[str]]:
     """The archive, the runs left out because it was full, and those no archive of max_bytes can hold.
     Runs the manifest `skip` has as far along, with every cached analysis, are not packed (import
-    would keep that copy anyway); finished runs go first."""
+    would keep that copy anyway); finished runs go first, or are left out when `unfinished`."""
     runs = []
     for run in _run_folders(src):
         files = _run_files(run, checkpoints)
         if files is None:
             continue
         progress = _progress(_parse_summary(files.get("summary.json")))
+        if unfinished and progress[0] == RANK["done"]:
+            continue
         if run.name in skip and _has_all(skip[run.name], files, progress):
             continue
         runs.append((progress[0] != RANK["done"], run.name, files))
@@ -228,9 +243,12 @@ def _remove_old_parts(dest: Path, name: str) -> None:
 
 def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, checkpoints: bool = False,
                 part_mb: float = 15.0, name: str = "runs", skip: dict[str, dict] | None = None,
-                max_mb: float | None = None) -> list[Path]:
+                max_mb: float | None = None, unfinished: bool = False) -> list[Path]:
     """Write `<dest>/<name>.tar.gz.000`, `.001`, ...: every run folder of the store, without
     checkpoints unless `checkpoints` (then only unfinished runs' newest one). Returns the parts.
+
+    unfinished: only runs not finished yet; with `checkpoints`, what a fresh machine needs to resume
+    them (a GPU machine starts bare each session; it learns of the finished runs from a manifest).
 
     skip: a `manifest()` of the machine the parts go to; runs it has as far along stay out, so each
     export carries only what is new there. max_mb: stop adding runs before the archive could pass this
@@ -244,7 +262,7 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
     if max_mb is not None and not (_is_number(max_mb) and max_mb > 0):
         raise ValueError(f"max_mb={max_mb!r} is not valid: use a positive number of MiB, or None for no limit")
     data, left, too_big = _pack(runs_dir(root), checkpoints, _check_manifest(skip),
-                                None if max_mb is None else int(max_mb * 2**20))
+                                None if max_mb is None else int(max_mb * 2**20), unfinished)
     if left:
         log.warning("%d run(s) left for the next export (over %g MiB): %s", len(left), max_mb, ", ".join(left))
     for h in too_big:  # waiting would not help: no export under this limit can ever hold it

@@ -127,3 +127,31 @@ def test_runs_manifest_and_export_skip_from_the_command_line(tmp_path, monkeypat
     assert capsys.readouterr().out.split() == [HASH["bbb"], "imported"]
     err = _usage_error(capsys, "runs", "export", str(tmp_path / "o"), "--skip", str(tmp_path / "nope.json"))
     assert "--skip" in err and "nope.json" in err
+
+
+def test_train_sweep_tells_runs_the_time_budget_never_reached_from_failed_ones(capsys, tmp_path, monkeypatch):
+    """After `--time-budget`, a run never started reads 'not started', a failed one 'failed', and a run stopped
+    early shows no final error (not 0.00%); the exit code is 1 (not all done)."""
+    from resnet_lab.runs import RunDir, atomic_write_json
+    from resnet_lab.train import RunRecord
+
+    ex = importlib.import_module("resnet_lab.experiments")
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    monkeypatch.setattr(ex, "with_dataset", lambda cfgs: [dataclasses.replace(c, dataset="test") for c in cfgs])
+
+    def train_all(cfgs, time_budget_s=None, **kw):  # what train_many gives when the budget ran out during run 1
+        assert time_budget_s == 5 and len(cfgs) == 4
+        RunDir(cfgs[1]).path.mkdir(parents=True)
+        atomic_write_json(RunDir(cfgs[1]).summary_file, {"status": "failed", "error": "RuntimeError: boom"})
+        running = {"status": "running", "steps_done": 3, "final_train_err": None, "final_test_err": None,
+                   "params": 1000, "wall_seconds": 5.0, "device": "cpu"}
+        return [RunRecord(cfgs[0], RunDir(cfgs[0]).path, running, None), None, None, None]
+
+    monkeypatch.setattr(ex, "train_all", train_all)
+    grid = tmp_path / "g.yaml"
+    grid.write_text(GRID)
+    assert cli.main(["train", "--sweep", str(grid), "--time-budget", "5", "--quiet", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert "running at step 3: train err -  test err -" in out[0], out
+    assert out[2].startswith("resnet-8 seed 0: failed (see ") and "summary.json" in out[2], out
+    assert [line.split(": ", 1)[1] for line in out[3:]] == ["not started, --time-budget 5 s spent (run again to go on)"] * 2

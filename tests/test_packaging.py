@@ -43,6 +43,19 @@ def test_cli_help_and_bad_input():
     assert r.returncode != 0 and "lerning_rate" in r.stderr
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`resnet-lab ... | head`: when the reader has gone, exit with SIGPIPE's shell code 141 and no traceback."""
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)  # nobody will read: the first write fails with EPIPE
+    try:
+        r = subprocess.run([sys.executable, "-m", "resnet_lab.cli", "sweep", str(ROOT / "sweeps" / "smoke_example.yaml"),
+                            "--dry-run"], stdout=w_fd, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                           env={**os.environ, "RESNET_LAB_RESULTS": str(tmp_path)})
+    finally:
+        os.close(w_fd)
+    assert r.returncode == 141 and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
 @needs_data
 def test_cli_trains_a_grids_runs_where_jupyter_is_missing(tmp_path):
     """`train --sweep` and `analyse --sweep` on the GPU machine, which has neither papermill nor Jupyter: both
