@@ -50,7 +50,7 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     try:
         r = subprocess.run([sys.executable, "-m", "resnet_lab.cli", "sweep", str(ROOT / "sweeps" / "smoke_example.yaml"),
                             "--dry-run"], stdout=w_fd, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                           env={**os.environ, "RESNET_LAB_RESULTS": str(tmp_path)})
+                           env={**os.environ, "RESNET_LAB_RESULTS": str(tmp_path), "PYTHONPATH": str(ROOT)})
     finally:
         os.close(w_fd)
     assert r.returncode == 141 and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
