@@ -253,7 +253,7 @@ def cmd_analyse(a: argparse.Namespace) -> int:
             usage_error(f"{nb} {label}: {e}")
         not_done += len(missing)
         print(f"{nb} {label}: analysed {len(done)} finished run(s): {', '.join(c.name for c in done) or '-'}"
-              + (f"; no finished model yet: {', '.join(c.name for c in missing)}" if missing else ""))
+              + (f"; no finished model in this store: {', '.join(c.name for c in missing)}" if missing else ""))
     return EXIT_INCOMPLETE if not_done else 0
 
 
@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "analyses of its finished runs and keep them in the run folders, where the "
                                     "notebook, `report` and `runs export` find them: 04's lesions, deletions and "
                                     "gradients take hours on a CPU and minutes on a GPU. Exit code 1 when some run has "
-                                    "no finished model yet (listed).")
+                                    "no finished model in this store (listed).")
     an.add_argument("--sweep", action="append", metavar="GRID", help="analyse this grid's points (repeatable)")
     an.add_argument("--notebook", action="append", metavar="STEM", help="analyse this notebook's runs (repeatable)")
     an.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",

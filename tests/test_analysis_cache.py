@@ -105,7 +105,7 @@ def test_analyse_command_caches_what_the_notebook_reads(trained, tmp_path, monke
                     "parameters:\n  depth: [8, 14]\n  draws: [1]\n  eval_images: [40]\n  grad_samples: [1]\n")
     assert cli.main(["analyse", "--sweep", str(grid), "--device", "cpu"]) == 1  # resnet/plain-14: not trained
     out = capsys.readouterr().out
-    assert "analysed 2 finished run(s): resnet-8, plain-8" in out and "no finished model yet: resnet-14, plain-14" in out
+    assert "analysed 2 finished run(s): resnet-8, plain-8" in out and "no finished model in this store: resnet-14, plain-14" in out
     assert len(_cached(trained)) == 2
     _no_model(monkeypatch)  # the notebook's own call (grad_batch and data as it passes them) finds the cache
     nb = {**ex.notebook_defaults("04_unraveled_ensemble"), "draws": 1, "eval_images": 40, "grad_samples": 1}
