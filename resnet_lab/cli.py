@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import ARCHS, PRESETS, SHORTCUTS, RunConfig

@@ -709,7 +709,6 @@ def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool =
     whose nodes need this checkout at the same path and a shared results dir ($RESNET_LAB_RESULTS is passed on).
     kernel_name: the Jupyter kernel papermill starts (the project registers "resnet-lab").
     """
-    import pandas as pd
     from tqdm.auto import tqdm
 
     if backend not in BACKENDS:
