@@ -482,7 +482,7 @@ def analyse_notebook(notebook: str, params: dict[str, Any], device: str | None =
         raise ValueError(f"notebook {notebook!r} caches no analysis: use one of {sorted(NOTEBOOK_ANALYSES)}")
     merged = {**notebook_defaults(notebook), **params}
     cfgs = with_dataset(configs_for(notebook, merged))
-    runs, _, missing = collect(cfgs)
+    runs = collect(cfgs)[0]
     NOTEBOOK_ANALYSES[notebook](runs, merged, device)
     done = set(runs.loc[runs["status"] == "done", "hash"])
     return [c for c in cfgs if c.hash in done], [c for c in cfgs if c.hash not in done]
