@@ -124,16 +124,23 @@ def _timed(steppers: list, loaders: list, streams: list, device: torch.device, s
 
 def ours_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int,
                       seconds: float, warmup: int = 3, activation_checkpointing: int = 0, fast: bool = True
-                      ) -> tuple[float, float, int | None, str, str | None]:
-    """(images/s, seconds per step, peak CUDA bytes or None, step mode, why not graph) of our step."""
+                      ) -> tuple[float, float, dict[str, float | None], str, str | None]:
+    """(images/s, seconds per step, peak memory in MiB, step mode, why not graph) of our step."""
     if device.type == "cuda":
         gc.collect()  # the previous measurement's model and optimizer form a cycle: free them before the peak resets
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model, st, ld = _ours(depth, x, y, device, batch_size, 0, fast, activation_checkpointing)
     dt, n = _timed([st], [ld], [None], device, seconds, warmup)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return n * batch_size / dt, dt / n, peak, st.mode, st.reason
+    return n * batch_size / dt, dt / n, peak_mb(device), st.mode, st.reason
+
+
+def peak_mb(device: torch.device) -> dict[str, float | None]:
+    """Peak CUDA memory in MiB: allocated (tensors) and reserved (what the device must have: the
+    caching allocator's blocks, including a captured graph's private pool); None on a CPU."""
+    cuda = device.type == "cuda"
+    return {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+            "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if cuda else None}
 
 
 def eval_seconds(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, images: int = 10_000) -> float:
@@ -232,15 +239,14 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
         ev = eval_seconds(depth, ex, ey, dev)
         row = {"model": f"resnet-{depth}", "baseline_img_s": base, "ours_img_s": ours, "speedup": ours / base,
                "ours_mode": mode, "ours_step_ms": 1000 * step_s, "eval_10k_s": ev,
-               "paper_schedule_min": (64_000 * step_s + 64 * ev) / 60,
-               "peak_mem_mb": None if peak is None else peak / 2**20}
+               "paper_schedule_min": (64_000 * step_s + 64 * ev) / 60, **peak}
         if dev.type == "cuda":  # what the graph buys over our own eager step
             eager, *_ = ours_images_per_s(depth, x, y, dev, batch_size, seconds, fast=False)
             row.update(ours_eager_img_s=eager, graph_gain=ours / eager)
         if checkpointing:
             _, ck_step, ck_peak, *_ = ours_images_per_s(depth, x, y, dev, batch_size, seconds,
                                                         activation_checkpointing=1)
-            row.update(ckpt_step_ms=1000 * ck_step, ckpt_peak_mem_mb=None if ck_peak is None else ck_peak / 2**20)
+            row.update(ckpt_step_ms=1000 * ck_step, **{f"ckpt_{k}": v for k, v in ck_peak.items()})
         if reason and mode != "graph":
             row["ours_mode_reason"] = reason
         if profile:

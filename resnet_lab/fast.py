@@ -138,12 +138,18 @@ class Stepper:
             self.reason = reason
             return
         snap = self._snapshot()
+        stream = torch.cuda.current_stream(x.device) if x.device.type == "cuda" else None
         try:
             self._capture(x, y)
             self._restore(snap)
             self._self_check(x, y, snap)
+            for p, g in zip(self._params(), self._grads):  # .grad shows what the replays compute
+                p.grad = g
             self.mode, self.reason = "graph", None
         except Exception as e:  # anything at all: the eager step is always correct
+            if stream is not None:  # torch's graph context stays on its capture stream when ending it fails
+                torch.cuda.set_stream(stream)
+                torch.cuda.synchronize(x.device)
             self._graph = None
             self.reason = f"CUDA graph not used ({type(e).__name__}: {e})"
             log.warning("%s; training with the eager step", self.reason)
@@ -166,7 +172,7 @@ class Stepper:
         self.opt.zero_grad(set_to_none=True)  # backward inside the capture allocates .grad from the graph's pool
         with torch.cuda.graph(g):
             self._loss, self._wrong = self._body(self._x, self._y, cache=False)
-        self._graph = g
+        self._graph, self._grads = g, [p.grad for p in self._params()]
 
     def _snapshot(self) -> dict:
         """Weights, BN statistics and momentum buffers: capture's warm-up steps must leave no trace."""

@@ -23,6 +23,8 @@ def test_bench_on_cpu_writes_json(cifar, tmp_path):
     assert row["model"] == "resnet-8" and row["baseline_img_s"] > 0 and row["ours_img_s"] > 0
     assert abs(row["speedup"] - row["ours_img_s"] / row["baseline_img_s"]) < 1e-9
     assert "ckpt_step_ms" in row and saved["device_type"] == "cpu" and row["eval_10k_s"] > 0
+    mem = ("peak_mem_mb", "peak_reserved_mb", "ckpt_peak_mem_mb", "ckpt_peak_reserved_mb")
+    assert all(k in row and row[k] is None for k in mem)  # columns there, no CUDA memory to report
     assert row["ours_mode"] == "eager" and "CUDA device" in row["ours_mode_reason"]  # the fallback, said so
     assert row["paper_schedule_min"] == pytest.approx((64_000 * row["ours_step_ms"] / 1000 + 64 * row["eval_10k_s"]) / 60)
     one, two = saved["packed"]

@@ -95,7 +95,7 @@ def fake_capture(lr_scale=1.0, fail=False):
             step_body(self.model, self.opt, self._x, self._y, self.precision)
         if fail:
             raise RuntimeError("operation not permitted when stream is capturing")
-        self._graph = FakeGraph(self, lr_scale)
+        self._graph, self._grads = FakeGraph(self, lr_scale), [p.grad for p in self._params()]
     return capture
 
 

@@ -55,6 +55,27 @@ def test_graph_is_captured_and_trains_like_the_eager_step(arch, depth, kw):
     assert float((pa - pb).norm() / pb.norm()) < 1e-2
 
 
+def flat_grads(model):
+    return torch.cat([p.grad.detach().float().flatten() for p in model.parameters()])
+
+
+def test_grad_shows_each_replayed_step():
+    """After capture and its self-check, `.grad` is the graph's gradient, not the self-check's stale one."""
+    a, b = twins()
+    data = batches()
+    grads = []
+    opt, lr_t = make_optimizer(a, 0.1, 0.9, 1e-4)
+    st = Stepper(a, opt, lr_t, "auto")
+    for (x, y), lr in zip(data, LRS):
+        st(x, y, lr)
+        grads.append(flat_grads(a).clone())
+    assert st.mode == "graph", st.reason
+    assert all(not torch.equal(g, h) for g, h in zip(grads, grads[1:]))
+    run_steps(b, False, data)
+    last = flat_grads(b)
+    assert float((grads[-1] - last).norm() / last.norm()) < 0.5  # a stale first-step gradient is ~1.0 away
+
+
 @needs_data
 def test_packed_runs_on_streams_learn_what_lone_runs_learn(cifar, tmp_path):
     from resnet_lab.train import train, train_many
@@ -118,3 +139,29 @@ def test_unravel_analysis_runs_on_the_gpu_and_is_cached_for_the_cpu(cifar, tmp_p
     monkeypatch.setattr(RunDir, "load_model_and_sha256", lambda *a, **k: pytest.fail("cache not used"))
     cpu = ex.unravel_analysis(load_runs(root), device="cpu", **kw)
     assert all(cpu[k].equals(gpu[k]) for k in gpu)
+
+
+def test_failed_capture_falls_back_to_eager_on_the_callers_stream(monkeypatch):
+    """A capture that breaks (here: a sync inside it) must leave the caller's stream current.
+
+    Last in the file: a failed capture is the one thing here that could upset the process's CUDA state."""
+    import resnet_lab.fast as fast
+
+    real = fast.step_body
+
+    def body(*args, **kw):
+        if torch.cuda.is_current_stream_capturing():
+            torch.ones(1, device="cuda").item()  # a sync, not allowed while capturing: the capture fails
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fast, "step_body", body)
+    a, b = twins()
+    data = batches()
+    mine = torch.cuda.Stream()
+    mine.wait_stream(torch.cuda.current_stream())  # the nets and batches were made on the default stream
+    with torch.cuda.stream(mine):
+        st, la = run_steps(a, True, data)
+        assert torch.cuda.current_stream() == mine
+    assert st.mode == "eager" and "CUDA graph not used" in st.reason
+    _, lb = run_steps(b, False, data)
+    assert la == pytest.approx(lb, rel=2e-2)
