@@ -232,52 +232,90 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
     ex, ey = balanced_subset(data.test_x, data.test_y, min(images, len(data.test_y)), seed=0)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    rows, profiles = [], {}
+    rows: list[dict[str, Any]] = []
+    packed: list[dict[str, Any]] = []
+    profiles: dict[str, str] = {}
+    result = {"device": device_name(dev), "device_type": dev.type, "torch": torch.__version__,
+              "machine": platform.machine(), "batch_size": batch_size, "seconds_per_measurement": seconds,
+              "num_workers": num_workers, "images": images, "rows": rows, "packed": packed, "complete": False}
+    out = out or results_dir() / "bench"
+    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")  # "cpu-x86-64-2-threads", "nvidia-h100-..."
+    paths = [out / f"{slug}.json", out / f"{slug}.md"] + ([out / f"{slug}-profile.txt"] if profile else [])
+
+    def save() -> None:  # after every row: a call cut off by its time limit keeps what it measured
+        atomic_write_json(paths[0], result)
+        atomic_write_text(paths[1], markdown(result))
+        if profile:
+            atomic_write_text(paths[2], "\n\n".join(profiles.values()))
+
     for depth in models:
-        base = baseline_images_per_s(depth, x, y, dev, batch_size, seconds, num_workers)
-        ours, step_s, peak, mode, reason = ours_images_per_s(depth, x, y, dev, batch_size, seconds)
-        ev = eval_seconds(depth, ex, ey, dev)
-        row = {"model": f"resnet-{depth}", "baseline_img_s": base, "ours_img_s": ours, "speedup": ours / base,
-               "ours_mode": mode, "ours_step_ms": 1000 * step_s, "eval_10k_s": ev,
-               "paper_schedule_min": (64_000 * step_s + 64 * ev) / 60, **peak}
+        row: dict[str, Any] = {"model": f"resnet-{depth}"}
+        rows.append(row)
+        base = _attempt(row, "baseline", dev, lambda: baseline_images_per_s(depth, x, y, dev, batch_size, seconds,
+                                                                            num_workers))
+        got = _attempt(row, "ours", dev, lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds))
+        ev = _attempt(row, "eval", dev, lambda: eval_seconds(depth, ex, ey, dev))
+        ours, step_s, peak, mode, reason = got or (None, None, dict.fromkeys(("peak_mem_mb", "peak_reserved_mb")),
+                                                   None, None)
+        row.update(baseline_img_s=base, ours_img_s=ours, speedup=_ratio(ours, base), ours_mode=mode,
+                   ours_step_ms=None if step_s is None else 1000 * step_s, eval_10k_s=ev,
+                   paper_schedule_min=None if step_s is None or ev is None else (64_000 * step_s + 64 * ev) / 60,
+                   **peak)
         if dev.type == "cuda":  # what the graph buys over our own eager step
-            eager, *_ = ours_images_per_s(depth, x, y, dev, batch_size, seconds, fast=False)
-            row.update(ours_eager_img_s=eager, graph_gain=ours / eager)
+            eager = _attempt(row, "eager", dev, lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds,
+                                                                          fast=False)[0])
+            row.update(ours_eager_img_s=eager, graph_gain=_ratio(ours, eager))
         if checkpointing:
-            _, ck_step, ck_peak, *_ = ours_images_per_s(depth, x, y, dev, batch_size, seconds,
-                                                        activation_checkpointing=1)
-            row.update(ckpt_step_ms=1000 * ck_step, **{f"ckpt_{k}": v for k, v in ck_peak.items()})
+            ck = _attempt(row, "ckpt", dev, lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds,
+                                                                      activation_checkpointing=1))
+            ck_peak = ck[2] if ck else dict.fromkeys(peak)
+            row.update(ckpt_step_ms=None if ck is None else 1000 * ck[1],
+                       **{f"ckpt_{k}": v for k, v in ck_peak.items()})
         if reason and mode != "graph":
             row["ours_mode_reason"] = reason
         if profile:
-            text, busy = profile_ours(depth, x, y, dev, batch_size)
-            row["gpu_busy"] = busy
-            profiles[f"resnet-{depth}"] = text
-        rows.append(row)
+            prof = _attempt(row, "profile", dev, lambda: profile_ours(depth, x, y, dev, batch_size))
+            row["gpu_busy"] = prof[1] if prof else None
+            if prof:
+                profiles[f"resnet-{depth}"] = prof[0]
+        row.update({k: row.pop(k) for k in [k for k in row if k.endswith("_error")]})  # errors last
         log.info("%s", row)
-    packed = []
+        save()
     for n in packs or []:
-        agg, modes = packed_images_per_s(pack_depth, n, x, y, dev, batch_size, seconds)
-        g_agg, g_mode = grouped_images_per_s(pack_depth, n, x, y, dev, batch_size, seconds)
-        packed.append({"model": f"resnet-{pack_depth}", "runs": n, "aggregate_img_s": agg, "modes": ",".join(modes),
-                       "grouped_img_s": g_agg, "grouped_mode": g_mode})
-    for r in packed:  # both ways of packing against one run alone
-        one = packed[0]["aggregate_img_s"] if packed[0]["runs"] == 1 else None
-        r["vs_one"] = r["aggregate_img_s"] / one if one else None
-        r["grouped_vs_one"] = r["grouped_img_s"] / one if one else None
-        log.info("%s", r)
-    result = {"device": device_name(dev), "device_type": dev.type, "torch": torch.__version__,
-              "machine": platform.machine(), "batch_size": batch_size, "seconds_per_measurement": seconds,
-              "num_workers": num_workers, "images": images, "rows": rows, "packed": packed}
-    out = out or results_dir() / "bench"
-    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")  # "cpu-x86-64-2-threads", "nvidia-h100-..."
-    atomic_write_json(out / f"{slug}.json", result)
-    atomic_write_text(out / f"{slug}.md", markdown(result))
-    result["paths"] = [str(out / f"{slug}.json"), str(out / f"{slug}.md")]
-    if profiles:
-        atomic_write_text(out / f"{slug}-profile.txt", "\n\n".join(profiles.values()))
-        result["paths"].append(str(out / f"{slug}-profile.txt"))
-    return result
+        entry: dict[str, Any] = {"model": f"resnet-{pack_depth}", "runs": n}
+        packed.append(entry)
+        agg = _attempt(entry, "packed", dev, lambda: packed_images_per_s(pack_depth, n, x, y, dev, batch_size, seconds))
+        grp = _attempt(entry, "grouped", dev, lambda: grouped_images_per_s(pack_depth, n, x, y, dev, batch_size,
+                                                                          seconds))
+        entry.update(aggregate_img_s=agg[0] if agg else None, modes=",".join(agg[1]) if agg else None,
+                     grouped_img_s=grp[0] if grp else None, grouped_mode=grp[1] if grp else None)
+        one = packed[0]["aggregate_img_s"] if packed[0]["runs"] == 1 else None  # both ways against one run alone
+        entry.update(vs_one=_ratio(entry["aggregate_img_s"], one), grouped_vs_one=_ratio(entry["grouped_img_s"], one))
+        entry.update({k: entry.pop(k) for k in [k for k in entry if k.endswith("_error")]})
+        log.info("%s", entry)
+        save()
+    result["complete"] = True
+    save()
+    return {**result, "paths": [str(p) for p in paths]}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _attempt(row: dict[str, Any], what: str, device: torch.device, fn):
+    """fn(), or None with `<what>_error` in the row: one failed measurement (say, the fp32 baseline of a
+    1202-layer net out of memory) must not cost the other numbers of a scarce GPU call."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - whatever it is, the table says it and the bench goes on
+        msg = str(e).strip().splitlines()
+        row[f"{what}_error"] = f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+    log.warning("%s: %s failed: %s", row["model"], what, row[f"{what}_error"])
+    gc.collect()  # the failed measurement's tensors, now that its traceback is gone
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return None
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import ARCHS, PRESETS, SHORTCUTS, RunConfig
@@ -302,10 +303,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
         on_cuda = a.device.startswith("cuda") or (a.device == "auto" and torch.cuda.is_available())
         packs = [1, 2, 4, 8] if on_cuda else []
     res = run_bench(models, a.device, a.seconds, a.batch_size, a.num_workers, checkpointing=a.checkpointing,
-                    packs=packs, profile=a.profile)
+                    packs=packs, profile=a.profile, out=Path(a.out) if a.out else None)
     print(markdown(res))
     print("written:", *res["paths"])
-    return 0
+    failed = [f"{r['model']}{' x' + str(r['runs']) if 'runs' in r else ''} {k[:-len('_error')]}: {v}"
+              for r in res["rows"] + res["packed"] for k, v in r.items() if k.endswith("_error")]
+    for f in failed:
+        print("failed:", f, file=sys.stderr)
+    return EXIT_INCOMPLETE if failed else 0
 
 
 def cmd_runs_export(a: argparse.Namespace) -> int:
@@ -437,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--checkpointing", action="store_true", help="also time activation checkpointing")
     b.add_argument("--profile", action="store_true",
                    help="also profile 20 of our steps per model: top ops and GPU-busy share (<device>-profile.txt)")
+    b.add_argument("--out", help="folder for <device>.json/.md (default: results/bench under the results folder)")
     b.add_argument("--packs", default="auto", help="packed ResNet-20 run counts to time, e.g. 1,2,4,8 "
                    "(auto: 1,2,4,8 on CUDA, none on the CPU)")
     b.set_defaults(func=cmd_bench)

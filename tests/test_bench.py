@@ -1,4 +1,5 @@
 """The benchmark runs on the CPU with a tiny budget and writes its JSON; the fast step equals the reference."""
+import functools
 import json
 
 import pytest
@@ -56,3 +57,47 @@ def test_fast_step_equals_the_reference_step():
     assert torch.allclose(loss, ref.detach(), atol=1e-6) and int(wrong) == int((out.argmax(1) != y).sum())
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+@needs_data
+def test_a_failed_measurement_is_reported_and_the_bench_goes_on(cifar, tmp_path, monkeypatch, capsys):
+    import resnet_lab.bench as bench
+    from resnet_lab import cli
+
+    real = bench.baseline_images_per_s
+
+    def baseline(depth, *args, **kw):
+        if depth == 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines")
+        return real(depth, *args, **kw)
+
+    monkeypatch.setattr(bench, "baseline_images_per_s", baseline)
+    monkeypatch.setattr(bench, "run_bench", functools.partial(run_bench, data=cifar, images=256))
+    code = cli.main(["bench", "--device", "cpu", "--models", "8,14", "--seconds", "0.2", "--batch-size", "16",
+                     "--num-workers", "0", "--out", str(tmp_path / "b")])
+    assert code == 1 and "failed: resnet-8 baseline: OutOfMemoryError: CUDA out of memory" in capsys.readouterr().err
+    saved = json.loads(next((tmp_path / "b").glob("*.json")).read_text())
+    a, b = saved["rows"]
+    assert a["baseline_error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert a["baseline_img_s"] is None and a["speedup"] is None and a["ours_img_s"] > 0 and a["eval_10k_s"] > 0
+    header = next((tmp_path / "b").glob("*.md")).read_text().splitlines()[2]
+    assert header.endswith("| baseline_error |")  # errors after the numbers in the table
+    assert b["speedup"] > 0 and "baseline_error" not in b and saved["complete"]
+
+
+@needs_data
+def test_a_bench_cut_off_keeps_the_rows_it_finished(cifar, tmp_path, monkeypatch):
+    import resnet_lab.bench as bench
+
+    def eval_seconds(depth, *args, **kw):
+        if depth == 14:
+            raise KeyboardInterrupt  # what a call's time limit does, near enough: not a measurement's failure
+        return 1.0
+
+    monkeypatch.setattr(bench, "eval_seconds", eval_seconds)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench([8, 14], device="cpu", seconds=0.2, batch_size=16, num_workers=0, images=256, out=tmp_path,
+                  data=cifar)
+    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [r["model"] for r in saved["rows"]] == ["resnet-8"] and saved["complete"] is False
+    assert saved["rows"][0]["eval_10k_s"] == 1.0 and "| resnet-8 |" in next(tmp_path.glob("*.md")).read_text()
