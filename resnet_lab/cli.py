@@ -319,7 +319,7 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
     skip = _manifest(a.skip)
     try:
         parts = export_runs(a.dest, checkpoints=a.checkpoints, part_mb=a.part_mb, name=a.name, skip=skip,
-                            max_mb=a.max_mb, unfinished=a.unfinished)
+                            max_mb=a.max_mb, unfinished=a.unfinished, sent=a.sent)
     except ValueError as e:
         usage_error(e)
     for p in parts:
@@ -460,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the rest waits for the next export (finished runs go first)")
     ex.add_argument("--unfinished", action="store_true", help="only runs not finished yet: with --checkpoints, what "
                     "a fresh machine needs to resume them (`train --skip MANIFEST` there leaves out the finished ones)")
+    ex.add_argument("--sent", metavar="LEDGER", help="this machine's record of its exports (created if missing): "
+                    "runs it has as far along stay out, and this export's runs are added to it; for calls back to "
+                    "back on one machine, whose --skip manifest is stale after the first")
     ex.set_defaults(func=cmd_runs_export)
     mf = rsub.add_parser("manifest", help="which runs this store has, how far along (JSON), for export --skip")
     mf.add_argument("out", nargs="?", help="file to write (default: stdout)")

@@ -27,7 +27,8 @@ import zlib
 from pathlib import Path
 
 from .config import RunConfig
-from .runs import ANALYSIS_FILE, RunLocked, _umask, atomic_write_bytes, iter_runs, lock_run, runs_dir
+from .runs import (ANALYSIS_FILE, RunLocked, _umask, atomic_write_bytes, atomic_write_json, iter_runs, lock_run,
+                   runs_dir)
 
 log = logging.getLogger(__name__)
 
@@ -201,11 +202,12 @@ def _check_manifest(skip: object) -> dict[str, dict]:
     return skip
 
 
-def _pack(src: Path, checkpoints: bool, skip: dict[str, dict], max_bytes: int | None, unfinished: bool = False
-          ) -> tuple[bytes, list[str], list[str]]:
-    """The archive, the runs left out because it was full, and those no archive of max_bytes can hold.
-    Runs the manifest `skip` has as far along, with every cached analysis, are not packed (import
-    would keep that copy anyway); finished runs go first, or are left out when `unfinished`."""
+def _pack(src: Path, checkpoints: bool, skips: list[dict[str, dict]], max_bytes: int | None,
+          unfinished: bool = False) -> tuple[bytes, list[str], list[str], dict[str, dict]]:
+    """The archive, the runs left out because it was full, those no archive of max_bytes can hold, and
+    the manifest entries of the runs packed. Runs one of the manifests `skips` has as far along, with
+    every cached analysis, are not packed (import would keep that copy anyway); finished runs go
+    first, or are left out when `unfinished`."""
     runs = []
     for run in _run_folders(src):
         files = _run_files(run, checkpoints)
@@ -214,11 +216,11 @@ def _pack(src: Path, checkpoints: bool, skip: dict[str, dict], max_bytes: int | 
         progress = _progress(_parse_summary(files.get("summary.json")))
         if unfinished and progress[0] == RANK["done"]:
             continue
-        if run.name in skip and _has_all(skip[run.name], files, progress):
+        if any(run.name in m and _has_all(m[run.name], files, progress) for m in skips):
             continue
         runs.append((progress[0] != RANK["done"], run.name, files))
     buf = io.BytesIO()
-    now, used, left, too_big = int(time.time()), 0, [], []
+    now, used, left, too_big, packed = int(time.time()), 0, [], [], {}
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for _, h, files in sorted(runs):
             size = sum(len(d) + 1024 for d in files.values())  # tar header and padding: an upper bound of its share
@@ -226,11 +228,14 @@ def _pack(src: Path, checkpoints: bool, skip: dict[str, dict], max_bytes: int | 
                 (too_big if size > max_bytes else left).append(h)
                 continue
             used += size
+            s = _parse_summary(files.get("summary.json")) or {}
+            packed[h] = {"status": s.get("status"), "steps_done": s.get("steps_done"),
+                         "analyses": sorted(n for n in files if ANALYSIS_FILE.fullmatch(n))}
             for name, data in sorted(files.items()):
                 info = tarfile.TarInfo(f"{h}/{name}")
                 info.size, info.mtime, info.mode = len(data), now, 0o644
                 tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue(), left, too_big
+    return buf.getvalue(), left, too_big, packed
 
 
 def _remove_old_parts(dest: Path, name: str) -> None:
@@ -243,7 +248,8 @@ def _remove_old_parts(dest: Path, name: str) -> None:
 
 def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, checkpoints: bool = False,
                 part_mb: float = 15.0, name: str = "runs", skip: dict[str, dict] | None = None,
-                max_mb: float | None = None, unfinished: bool = False) -> list[Path]:
+                max_mb: float | None = None, unfinished: bool = False,
+                sent: str | os.PathLike | None = None) -> list[Path]:
     """Write `<dest>/<name>.tar.gz.000`, `.001`, ...: every run folder of the store, without
     checkpoints unless `checkpoints` (then only unfinished runs' newest one). Returns the parts.
 
@@ -256,13 +262,19 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
     with an updated manifest takes them (a run bigger than max_mb on its own is logged as such: it
     needs an export without the limit, brought back part by part). Each part is written atomically,
     so a killed export leaves whole parts (and an incomplete set, which import names) rather than a
-    cut one."""
+    cut one.
+
+    sent: a ledger of this machine's exports, in manifest form: runs it has as far along stay out too,
+    and the runs of this export are added to it once the parts are written. Back-to-back calls on one
+    warm machine need it: their `skip` manifest, written here before the first call, is stale by the
+    second, which would otherwise send the first call's runs again (and, under max_mb, only those)."""
     size = _check_part_mb(part_mb)
+    ledger = read_manifest(sent) if sent is not None and Path(sent).exists() else {}
     name = _check_name(name)
     if max_mb is not None and not (_is_number(max_mb) and max_mb > 0):
         raise ValueError(f"max_mb={max_mb!r} is not valid: use a positive number of MiB, or None for no limit")
-    data, left, too_big = _pack(runs_dir(root), checkpoints, _check_manifest(skip),
-                                None if max_mb is None else int(max_mb * 2**20), unfinished)
+    data, left, too_big, packed = _pack(runs_dir(root), checkpoints, [_check_manifest(skip), ledger],
+                                        None if max_mb is None else int(max_mb * 2**20), unfinished)
     if left:
         log.warning("%d run(s) left for the next export (over %g MiB): %s", len(left), max_mb, ", ".join(left))
     for h in too_big:  # waiting would not help: no export under this limit can ever hold it
@@ -278,6 +290,8 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
         p = dest / f"{name}.tar.gz.{i // size:03d}"
         atomic_write_bytes(p, data[i:i + size])
         parts.append(p)
+    if sent is not None:
+        atomic_write_json(sent, {**ledger, **packed})
     return parts
 
 

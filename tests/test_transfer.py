@@ -106,6 +106,37 @@ def test_export_skips_what_the_other_side_has_and_stays_under_max_mb(tmp_path):
         export_runs(tmp_path / "o4", root=gpu, skip=["not", "a", "manifest"])
 
 
+def test_back_to_back_exports_on_one_machine_send_each_run_once(tmp_path, monkeypatch, capsys):
+    """Calls on one warm machine share a stale --skip manifest; the --sent ledger keeps them from sending
+    the first call's runs again (under --max-mb: from sending only those, every call)."""
+    from resnet_lab import cli
+    from resnet_lab.transfer import manifest
+
+    gpu, here, ledger = tmp_path / "gpu", tmp_path / "here", tmp_path / "state" / "sent.json"
+    make_run(gpu, "aaa", "done", 100)
+    make_run(gpu, "bbb", "done", 100)
+    have = manifest(here)  # written here before the first call: knows of neither
+    one_run = 0.02  # MiB: room for one finished run
+    first = export_runs(tmp_path / "o1", root=gpu, skip=have, max_mb=one_run, sent=ledger)
+    second = export_runs(tmp_path / "o2", root=gpu, skip=have, max_mb=one_run, sent=ledger)
+    assert _names(first) == [HASH["aaa"]] and _names(second) == [HASH["bbb"]]
+    assert _names(export_runs(tmp_path / "o3", root=gpu, skip=have, sent=ledger)) == []
+    make_run(gpu, "ccc", "running", 50, big=1000)
+    assert _names(export_runs(tmp_path / "o4", root=gpu, checkpoints=True, skip=have, sent=ledger)) == [HASH["ccc"]]
+    make_run(gpu, "ccc", "running", 80, big=1000)  # trained on after it was sent: goes again
+    assert _names(export_runs(tmp_path / "o5", root=gpu, checkpoints=True, skip=have, sent=ledger)) == [HASH["ccc"]]
+    assert json.loads(ledger.read_text())[HASH["ccc"]]["steps_done"] == 80
+    assert HASH["aaa"] in _names(export_runs(tmp_path / "o6", root=gpu, skip=have, max_mb=one_run))  # no ledger
+    for parts in (first, second):
+        import_runs(parts, root=here)
+    assert sorted(manifest(here)) == sorted([HASH["aaa"], HASH["bbb"]])
+    ledger.write_text("[1, 2]")  # damaged: refused, naming it, and no parts written
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(gpu.parent))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["runs", "export", str(tmp_path / "o7"), "--sent", str(ledger)])
+    assert e.value.code == 2 and str(ledger) in capsys.readouterr().err and not (tmp_path / "o7").exists()
+
+
 def test_a_run_bigger_than_max_mb_is_named_as_never_fitting(tmp_path, caplog):
     """ResNet-1202's 78 MB of weights pass no 60 MiB export: the warning says so, and how to bring it back."""
     gpu = tmp_path / "gpu"
