@@ -135,10 +135,10 @@ def ours_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torc
     return n * batch_size / dt, dt / n, peak_mb(device), st.mode, st.reason
 
 
-def peak_mb(device: torch.device) -> dict[str, float | None]:
+def peak_mb(device: torch.device | None) -> dict[str, float | None]:
     """Peak CUDA memory in MiB: allocated (tensors) and reserved (what the device must have: the
-    caching allocator's blocks, including a captured graph's private pool); None on a CPU."""
-    cuda = device.type == "cuda"
+    caching allocator's blocks, including a captured graph's private pool); None on a CPU or None device."""
+    cuda = device is not None and device.type == "cuda"
     return {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
             "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if cuda else None}
 
@@ -255,8 +255,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
                                                                             num_workers))
         got = _attempt(row, "ours", dev, lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds))
         ev = _attempt(row, "eval", dev, lambda: eval_seconds(depth, ex, ey, dev))
-        ours, step_s, peak, mode, reason = got or (None, None, dict.fromkeys(("peak_mem_mb", "peak_reserved_mb")),
-                                                   None, None)
+        ours, step_s, peak, mode, reason = got or (None, None, peak_mb(None), None, None)
         row.update(baseline_img_s=base, ours_img_s=ours, speedup=_ratio(ours, base), ours_mode=mode,
                    ours_step_ms=None if step_s is None else 1000 * step_s, eval_10k_s=ev,
                    paper_schedule_min=None if step_s is None or ev is None else (64_000 * step_s + 64 * ev) / 60,
@@ -268,7 +267,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
         if checkpointing:
             ck = _attempt(row, "ckpt", dev, lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds,
                                                                       activation_checkpointing=1))
-            ck_peak = ck[2] if ck else dict.fromkeys(peak)
+            ck_peak = ck[2] if ck else peak_mb(None)
             row.update(ckpt_step_ms=None if ck is None else 1000 * ck[1],
                        **{f"ckpt_{k}": v for k, v in ck_peak.items()})
         if reason and mode != "graph":
@@ -278,7 +277,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
             row["gpu_busy"] = prof[1] if prof else None
             if prof:
                 profiles[f"resnet-{depth}"] = prof[0]
-        row.update({k: row.pop(k) for k in [k for k in row if k.endswith("_error")]})  # errors last
+        _errors_last(row)
         log.info("%s", row)
         save()
     for n in packs or []:
@@ -291,7 +290,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
                      grouped_img_s=grp[0] if grp else None, grouped_mode=grp[1] if grp else None)
         one = packed[0]["aggregate_img_s"] if packed[0]["runs"] == 1 else None  # both ways against one run alone
         entry.update(vs_one=_ratio(entry["aggregate_img_s"], one), grouped_vs_one=_ratio(entry["grouped_img_s"], one))
-        entry.update({k: entry.pop(k) for k in [k for k in entry if k.endswith("_error")]})
+        _errors_last(entry)
         log.info("%s", entry)
         save()
     result["complete"] = True
@@ -301,6 +300,11 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+def _errors_last(row: dict[str, Any]) -> None:
+    """Move `<what>_error` keys after the numbers (the markdown's column order)."""
+    row.update({k: row.pop(k) for k in [k for k in row if k.endswith("_error")]})
 
 
 def _attempt(row: dict[str, Any], what: str, device: torch.device, fn):

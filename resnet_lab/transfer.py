@@ -168,8 +168,13 @@ def _run_folders(src: Path) -> list[Path]:
 def manifest(root: str | os.PathLike | None = None) -> dict[str, dict]:
     """{run hash: {status, steps_done, analyses}} of a store: what this machine already has, for
     `export_runs(skip=)`."""
-    return {run.name: {"status": (s or {}).get("status"), "steps_done": (s or {}).get("steps_done"),
-                       "analyses": _analysis_names(run)} for run, _, s in iter_runs(root)}
+    return {run.name: _entry(s, _analysis_names(run)) for run, _, s in iter_runs(root)}
+
+
+def _entry(summary: dict | None, analyses: list[str]) -> dict:
+    """One run's manifest entry: how far along it is and which cached analyses it has."""
+    s = summary or {}
+    return {"status": s.get("status"), "steps_done": s.get("steps_done"), "analyses": sorted(analyses)}
 
 
 def _has_all(entry: dict, files: dict[str, bytes], progress: tuple[int, int]) -> bool:
@@ -213,24 +218,23 @@ def _pack(src: Path, checkpoints: bool, skips: list[dict[str, dict]], max_bytes:
         files = _run_files(run, checkpoints)
         if files is None:
             continue
-        progress = _progress(_parse_summary(files.get("summary.json")))
+        summary = _parse_summary(files.get("summary.json"))
+        progress = _progress(summary)
         if unfinished and progress[0] == RANK["done"]:
             continue
         if any(run.name in m and _has_all(m[run.name], files, progress) for m in skips):
             continue
-        runs.append((progress[0] != RANK["done"], run.name, files))
+        runs.append((progress[0] != RANK["done"], run.name, files, summary))
     buf = io.BytesIO()
     now, used, left, too_big, packed = int(time.time()), 0, [], [], {}
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for _, h, files in sorted(runs):
+        for _, h, files, summary in sorted(runs, key=lambda r: r[:2]):
             size = sum(len(d) + 1024 for d in files.values())  # tar header and padding: an upper bound of its share
             if max_bytes is not None and used + size > max_bytes:
                 (too_big if size > max_bytes else left).append(h)
                 continue
             used += size
-            s = _parse_summary(files.get("summary.json")) or {}
-            packed[h] = {"status": s.get("status"), "steps_done": s.get("steps_done"),
-                         "analyses": sorted(n for n in files if ANALYSIS_FILE.fullmatch(n))}
+            packed[h] = _entry(summary, [n for n in files if ANALYSIS_FILE.fullmatch(n)])
             for name, data in sorted(files.items()):
                 info = tarfile.TarInfo(f"{h}/{name}")
                 info.size, info.mtime, info.mode = len(data), now, 0o644
