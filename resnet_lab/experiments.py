@@ -143,6 +143,31 @@ def collect(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
     return runs, curves, [c for c in cfgs if c.hash not in have]
 
 
+UNFINISHED_COLUMNS = ["name", "depth", "seed", "steps_done", "iterations", "done_%", "train_err_%", "test_err_%",
+                      "wall_min", "device"]
+
+
+def unfinished(runs: pd.DataFrame, root: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(table, curves) of the runs in `runs` that stopped part-way through their schedule, each curve's
+    `depth` a label saying where it stands. ResNet-1202's schedule can outlast a GPU lease, and its
+    checkpoint is too big to go on to the next one, so what it reached is shown for what it is: beside
+    the finished runs, never in their tables or means. Errors are those of its last evaluation."""
+    u = runs[(runs["status"] == "running") & (pd.to_numeric(runs["steps_done"], errors="coerce").fillna(0) > 0)]
+    if u.empty:
+        return pd.DataFrame(columns=UNFINISHED_COLUMNS), load_metrics(root, hash=[])
+    u = u.sort_values(["depth", "seed"])
+    steps, iters = u["steps_done"].astype(int), u["iterations"].astype(int)
+    table = pd.DataFrame({"name": u["name"], "depth": u["depth"], "seed": u["seed"], "steps_done": steps,
+                          "iterations": iters, "done_%": 100 * steps / iters,
+                          "train_err_%": 100 * pd.to_numeric(u["final_train_err"], errors="coerce"),
+                          "test_err_%": 100 * pd.to_numeric(u["final_test_err"], errors="coerce"),
+                          "wall_min": pd.to_numeric(u["wall_seconds"], errors="coerce") / 60,
+                          "device": u["device"]}).reset_index(drop=True)
+    label = {h: f"{d} (unfinished: {s:,} of {i:,} it.)" for h, d, s, i in zip(u["hash"], u["depth"], steps, iters)}
+    curves = load_metrics(root, hash=list(u["hash"]))
+    return table, curves.assign(depth=curves["hash"].map(label))
+
+
 def output_dir(preset: str, notebook: str) -> Path:
     """results/<preset>/<notebook>/, created."""
     d = results_dir() / preset / notebook
@@ -503,6 +528,12 @@ def highway_gates(runs: pd.DataFrame, source: str | os.PathLike | None = None, m
     frames = [gate_means(RunDir(RunConfig.from_json(r), root).load_model(), eval_batches(x, y, 500))
               .assign(net=f"highway-{r['depth']} seed {r['seed']}") for r in hw.to_dict("records")]
     return pd.concat(frames, ignore_index=True)
+
+
+def thousand_curves(curves: pd.DataFrame, unfinished_curves: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs' curves, `depth` as a label, and beside them those of `unfinished(...)`."""
+    frames = [f for f in (curves.assign(depth=curves["depth"].astype(str)), unfinished_curves) if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else curves
 
 
 def thousand_table(runs: pd.DataFrame) -> pd.DataFrame:

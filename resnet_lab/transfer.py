@@ -212,7 +212,9 @@ def _pack(src: Path, checkpoints: bool, skips: list[dict[str, dict]], max_bytes:
     """The archive, the runs left out because it was full, those no archive of max_bytes can hold, and
     the manifest entries of the runs packed. Runs one of the manifests `skips` has as far along, with
     every cached analysis, are not packed (import would keep that copy anyway); finished runs go
-    first, or are left out when `unfinished`."""
+    first, or are left out when `unfinished`. An unfinished run that its checkpoint alone puts over
+    max_bytes goes without it: its curve and summary so far, since no export under the limit could
+    ever carry that checkpoint (ResNet-1202's is 155 MB)."""
     runs = []
     for run in _run_folders(src):
         files = _run_files(run, checkpoints)
@@ -229,7 +231,13 @@ def _pack(src: Path, checkpoints: bool, skips: list[dict[str, dict]], max_bytes:
     now, used, left, too_big, packed = int(time.time()), 0, [], [], {}
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for _, h, files, summary in sorted(runs, key=lambda r: r[:2]):
-            size = sum(len(d) + 1024 for d in files.values())  # tar header and padding: an upper bound of its share
+            size = _tar_size(files)
+            if max_bytes is not None and size > max_bytes and CHECKPOINT in files:
+                files = {n: d for n, d in files.items() if n != CHECKPOINT}
+                size = _tar_size(files)
+                log.warning("run %s goes without its checkpoint, which alone is over %.3g MiB: its curve and summary "
+                            "so far travel, and it resumes only on the machine that has the checkpoint",
+                            h, max_bytes / 2**20)
             if max_bytes is not None and used + size > max_bytes:
                 (too_big if size > max_bytes else left).append(h)
                 continue
@@ -240,6 +248,11 @@ def _pack(src: Path, checkpoints: bool, skips: list[dict[str, dict]], max_bytes:
                 info.size, info.mtime, info.mode = len(data), now, 0o644
                 tar.addfile(info, io.BytesIO(data))
     return buf.getvalue(), left, too_big, packed
+
+
+def _tar_size(files: dict[str, bytes]) -> int:
+    """An upper bound of these files' share of an archive (tar header and padding included)."""
+    return sum(len(d) + 1024 for d in files.values())
 
 
 def _remove_old_parts(dest: Path, name: str) -> None:
@@ -263,10 +276,10 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
     skip: a `manifest()` of the machine the parts go to; runs it has as far along stay out, so each
     export carries only what is new there. max_mb: stop adding runs before the archive could pass this
     size (the device tool brings back 64 MiB a call); the runs left out are logged, and the next export
-    with an updated manifest takes them (a run bigger than max_mb on its own is logged as such: it
-    needs an export without the limit, brought back part by part). Each part is written atomically,
-    so a killed export leaves whole parts (and an incomplete set, which import names) rather than a
-    cut one.
+    with an updated manifest takes them (a finished run bigger than max_mb on its own is logged as such:
+    it needs an export without the limit, brought back part by part; an unfinished one goes without its
+    checkpoint). Each part is written atomically, so a killed export leaves whole parts (and an
+    incomplete set, which import names) rather than a cut one.
 
     sent: a ledger of this machine's exports, in manifest form: runs it has as far along stay out too,
     and the runs of this export are added to it once the parts are written. Back-to-back calls on one
@@ -282,7 +295,7 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
     if left:
         log.warning("%d run(s) left for the next export (over %g MiB): %s", len(left), max_mb, ", ".join(left))
     for h in too_big:  # waiting would not help: no export under this limit can ever hold it
-        log.warning("run %s alone is over %g MiB (ResNet-1202's weights are 78 MB, its checkpoint twice that), "
+        log.warning("run %s alone is over %g MiB (a finished ResNet-1202's weights are 78 MB), "
                     "so no export under --max-mb holds it: export it without --max-mb into a folder on that "
                     "machine and bring the parts back a few per call; import takes them once all are here",
                     h, max_mb)
@@ -410,15 +423,22 @@ def _add_analyses(local: Path, summary: dict | None, files: dict[str, bytes]) ->
     return len(new)
 
 
+def _brings_checkpoint(local: Path, files: dict[str, bytes]) -> bool:
+    """The incoming copy can resume and the local one, as far along, cannot (its progress came without its
+    checkpoint, which was over an export's --max-mb)."""
+    return CHECKPOINT in files and not any((local / n).exists() for n in (CHECKPOINT, "checkpoint.prev.pt"))
+
+
 def _merge_run(dst: Path, h: str, files: dict[str, bytes]) -> str:
-    """Take one run if the store lacks it or has it less far along (else only the cached analyses the local
-    copy lacks); never wait for a busy run."""
+    """Take one run if the store lacks it, has it less far along, or as far along but unable to resume
+    (else only the cached analyses the local copy lacks); never wait for a busy run."""
     local = dst / h
     try:
         with lock_run(local, wait=False):
             mine = _summary(local)
+            ours, theirs = _progress(mine), _progress(_parse_summary(files.get("summary.json")))
             if (local / "config.json").exists() and \
-                    _progress(mine) >= _progress(_parse_summary(files.get("summary.json"))):
+                    (ours > theirs or ours == theirs and not _brings_checkpoint(local, files)):
                 added = _add_analyses(local, mine, files)
                 return f"kept local, {added} cached analysis file(s) added" if added else "kept local"
             _swap_in(dst, h, files)
@@ -431,8 +451,9 @@ def import_runs(parts: list[str | os.PathLike], root: str | os.PathLike | None =
     """Merge exported parts (all of one export, in any order) into the store: {run hash: what happened}.
 
     A run is taken when the store lacks it or has it less far along (failed < running at fewer steps
-    < running at more < done); a finished local run is never replaced (it only gains the cached analyses
-    it lacks), and a run whose lock a local process holds is skipped. A damaged, incomplete or crafted
+    < running at more < done), or as far along with a checkpoint the local copy lacks; a finished local
+    run is never replaced (it only gains the cached analyses it lacks), and a run whose lock a local
+    process holds is skipped. A damaged, incomplete or crafted
     archive raises ValueError before the store is touched.
     """
     runs = _read_archive(_ordered_parts(parts))

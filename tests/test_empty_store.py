@@ -103,3 +103,42 @@ def test_curves_are_those_of_finished_runs_only(empty_store, monkeypatch):
     assert curves["seed"].tolist() == [0]
     runs, curves, missing = ex.collect(cfgs[1:])
     assert curves.empty and "test_err" in curves.columns
+
+
+def test_a_run_stopped_part_way_is_shown_apart_labelled_with_where_it_stands(empty_store, monkeypatch):
+    """ResNet-1202 stopped short of its schedule (a GPU lease ended; its checkpoint cannot travel): listed with
+    the iterations it reached, its curve drawn under a label that says so, never in the finished tables."""
+    import dataclasses
+    import json
+
+    from resnet_lab.runs import METRIC_COLUMNS, runs_dir
+
+    monkeypatch.setattr(ex, "with_dataset", lambda cfgs, source=None: [dataclasses.replace(c, dataset="t")
+                                                                         for c in cfgs])
+    cfgs = ex.with_dataset([make_config("smoke", depth=d, seed=s) for d, s in ((110, 0), (1202, 0), (1202, 1))])
+    for cfg, status, steps in zip(cfgs, ("done", "running", "running"), (8, 3, 0)):
+        d = runs_dir() / cfg.hash
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({**cfg.to_json(), "hash": cfg.hash}))
+        (d / "summary.json").write_text(json.dumps({"status": status, "steps_done": steps, "final_train_err": 0.5,
+                                                    "final_test_err": 0.25, "wall_seconds": 120.0, "device": "x",
+                                                    "params": 1, "flops": 1}))
+        rows = [",".join(str(v) for v in [s, s / 10, 0.1, 2.0, 0.5, 2.0, 0.25, s]) for s in range(1, steps + 1)]
+        (d / "metrics.csv").write_text("\n".join([",".join(METRIC_COLUMNS), *rows]) + "\n")
+    runs, curves, missing = ex.collect(cfgs)
+    assert [c.depth for c in missing] == [1202, 1202]
+    table, stopped_curves = ex.unfinished(runs)
+    it = cfgs[1].iterations
+    assert table[["depth", "seed", "steps_done", "iterations"]].values.tolist() == [[1202, 0, 3, it]]
+    assert table["done_%"].tolist() == [pytest.approx(300 / it)] and table["test_err_%"].tolist() == [25.0]
+    assert table["wall_min"].tolist() == [2.0] and list(table.columns) == ex.UNFINISHED_COLUMNS
+    label = f"1202 (unfinished: 3 of {it:,} it.)"
+    assert stopped_curves["depth"].unique().tolist() == [label] and stopped_curves["step"].tolist() == [1, 2, 3]
+    shown = ex.thousand_curves(curves, stopped_curves)
+    assert sorted(shown["depth"].unique()) == ["110", label] and len(shown) == 8 + 3
+    fig = plots.curves_figure(shown, hue="depth")
+    assert label in [t.get_text() for legend in fig.legends for t in legend.texts]
+    assert ex.thousand_table(runs)["depth"].tolist() == [110]  # the means are over finished runs only
+    none, no_curves = ex.unfinished(runs[runs["status"] == "done"])
+    assert none.empty and list(none.columns) == ex.UNFINISHED_COLUMNS
+    assert ex.thousand_curves(curves, no_curves)["depth"].unique().tolist() == ["110"]

@@ -17,7 +17,8 @@ OUTPUTS = {  # notebook -> (extra parameters, files it must write under results/
     "04_unraveled_ensemble": ({"depth": 20, "eval_images": 200, "grad_samples": 2, "draws": 2},
                               ["lesion.csv", "delete.csv", "reorder.csv", "gradient.csv", "effective.csv",
                                "lesion.png", "delete_reorder.png", "path_lengths.pdf"]),
-    "05_thousand_layers": ({"depths": [20, 1202], "checkpoint_segments": 2}, ["table.csv", "curves.png"]),
+    "05_thousand_layers": ({"depths": [20, 1202], "checkpoint_segments": 2},
+                           ["table.csv", "unfinished.csv", "curves.png"]),
     "06_layer_responses": ({"max_images": 300}, ["responses.csv", "responses.png", "responses.pdf"]),
     "07_imagenet_architectures": ({"depths": [18, 50], "batch_size": 1, "repeats": 1}, ["table.csv", "gmacs.png"]),
 }

@@ -85,7 +85,7 @@ def test_export_skips_what_the_other_side_has_and_stays_under_max_mb(tmp_path):
 
     gpu, here = tmp_path / "gpu", tmp_path / "here"
     make_run(gpu, "aaa", "done", 100)
-    make_run(gpu, "bbb", "running", 50, big=300_000)
+    make_run(gpu, "bbb", "running", 50, big=95_000)  # under 0.1 MiB alone, not beside ccc
     make_run(gpu, "ccc", "done", 100)
     make_run(here, "aaa", "done", 100)  # already here: stays out
     make_run(here, "ccc", "running", 40)  # here but behind: goes
@@ -138,16 +138,25 @@ def test_back_to_back_exports_on_one_machine_send_each_run_once(tmp_path, monkey
 
 
 def test_a_run_bigger_than_max_mb_is_named_as_never_fitting(tmp_path, caplog):
-    """ResNet-1202's 78 MB of weights pass no 60 MiB export: the warning says so, and how to bring it back."""
+    """A finished ResNet-1202's 78 MB of weights pass no 60 MiB export: the warning says so, and how to bring
+    it back. An unfinished one's checkpoint (155 MB) stays behind, and its curve and summary so far travel."""
     gpu = tmp_path / "gpu"
     make_run(gpu, "aaa", "done", 100)
-    make_run(gpu, "bbb", "running", 50, big=300_000)  # alone over 0.1 MiB
+    make_run(gpu, "bbb", "running", 50, big=300_000)  # its checkpoint alone is over 0.1 MiB
+    (make_run(gpu, "ccc", "done", 100) / "model.pt").write_bytes(os.urandom(300_000))  # finished, over it
     parts = export_runs(tmp_path / "o", root=gpu, checkpoints=True, max_mb=0.1)
-    assert _names(parts) == [HASH["aaa"]]
+    assert _names(parts) == sorted([HASH["aaa"], HASH["bbb"]])
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as t:
+        assert sorted(n.split("/")[1] for n in t.getnames() if n.startswith(HASH["bbb"])) == [
+            "config.json", "metrics.csv", "summary.json"]
     warned = " ".join(r.getMessage() for r in caplog.records)
-    assert f"run {HASH['bbb']} alone is over 0.1 MiB" in warned and "without --max-mb" in warned
+    assert f"run {HASH['ccc']} alone is over 0.1 MiB" in warned and "without --max-mb" in warned
+    assert f"run {HASH['bbb']} goes without its checkpoint" in warned
     assert "left for the next export" not in warned  # waiting for a later export would never help
-    whole = export_runs(tmp_path / "all", root=gpu, checkpoints=True, part_mb=0.1)  # parts, brought back a few a call
     here = tmp_path / "here"
-    assert import_runs(whole, root=here)[HASH["bbb"]] == "imported"
+    assert import_runs(parts, root=here)[HASH["bbb"]] == "imported"  # progress here, to be seen
+    assert json.loads((here / HASH["bbb"] / "summary.json").read_text())["steps_done"] == 50
+    whole = export_runs(tmp_path / "all", root=gpu, checkpoints=True, part_mb=0.1)  # parts, brought back a few a call
+    result = import_runs(whole, root=here)
+    assert result[HASH["ccc"]] == "imported" and (here / HASH["ccc"] / "model.pt").stat().st_size == 300_000
     assert (here / HASH["bbb"] / "checkpoint.pt").stat().st_size == 300_000
