@@ -145,6 +145,29 @@ def test_time_budget_stops_with_a_checkpoint_and_the_next_call_resumes(cifar, tm
     _same_curves(straight, resumed)
 
 
+def test_progress_without_a_checkpoint_starts_again_and_says_so(cifar, tmp_path, caplog):
+    """A run whose progress came without its checkpoint (ResNet-1202's is over an export's limit) cannot
+    resume: it starts at step 0, says so, and its metrics.csv never shows the earlier start's rows."""
+    import json
+    import shutil
+
+    from resnet_lab.train import train_many
+
+    cfg = tiny()
+    straight = train(cfg, root=tmp_path / "a", data=cifar, device="cpu")
+    moved = tmp_path / "b" / straight.path.relative_to(tmp_path / "a")
+    moved.mkdir(parents=True)
+    for f in ("config.json", "metrics.csv"):
+        shutil.copy(straight.path / f, moved / f)
+    (moved / "summary.json").write_text(json.dumps({"status": "running", "steps_done": 6}))
+    part = train(cfg, root=tmp_path / "b", data=cifar, device="cpu", time_budget_s=0)
+    assert part.status == "running" and part.summary["steps_done"] == 1
+    assert "says step 6 but there is no checkpoint" in caplog.text
+    assert part.metrics.empty  # no evaluation yet in this start: the old rows are gone, not shown as its own
+    resumed = train_many([cfg], root=tmp_path / "b", data=cifar, device="cpu")[0]
+    _same_curves(straight, resumed)
+
+
 def _close_curves(a, b):
     """Equal up to float rounding, which a few SGD steps on tiny batches amplify (running the same lone
     run on 1 thread instead of 2 moves these losses by up to 3e-3): a gross error (lr, weight decay,
