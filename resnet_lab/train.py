@@ -438,6 +438,12 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
             out[i] = _record(rd)
         else:
             todo.append(i)
+    slow = [cfgs[i] for i in todo if cfgs[i].preset == "paper"] if device.type == "cpu" else []
+    if slow:  # a researcher who set preset="paper" in a notebook on a laptop should know before the first step
+        log.warning("%d run(s) of the paper preset on the CPU (%s): %s iterations each, hours to days here; the "
+                    "paper preset is meant for a GPU (README: 'On the GPU machine'), the quick one shows the trends "
+                    "in minutes. Runs checkpoint as they go, so stopping now loses little.", len(slow),
+                    ", ".join(sorted({c.name for c in slow})), f"{max(c.iterations for c in slow):,}")
     if group:  # seeds of one config side by side, else in the order given (the sort is stable)
         keys = {i: group_key(cfgs[i]) or i for i in todo}
         first: dict = {}

@@ -168,6 +168,19 @@ def test_progress_without_a_checkpoint_starts_again_and_says_so(cifar, tmp_path,
     _same_curves(straight, resumed)
 
 
+def test_the_paper_preset_on_the_cpu_is_announced_before_it_starts(cifar, tmp_path, caplog):
+    """64k iterations take hours to days on a CPU: said before the first step, not found out from a progress bar."""
+    from resnet_lab.train import train_many
+
+    paper = [make_config("paper", depth=20, seed=s) for s in (0, 1)]
+    train_many(paper + [tiny()], root=tmp_path, data=cifar, device="cpu", time_budget_s=0)
+    warned = [r.getMessage() for r in caplog.records if "paper preset on the CPU" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("2 run(s)") and "resnet-20" in warned[0] and "64,000" in warned[0]
+    caplog.clear()
+    train_many([tiny()], root=tmp_path, data=cifar, device="cpu", time_budget_s=0)
+    assert "paper preset" not in caplog.text
+
+
 def _close_curves(a, b):
     """Equal up to float rounding, which a few SGD steps on tiny batches amplify (running the same lone
     run on 1 thread instead of 2 moves these losses by up to 3e-3): a gross error (lr, weight decay,
