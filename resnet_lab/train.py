@@ -152,10 +152,6 @@ def _resume(rd: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict | 
     return None
 
 
-def _is_positive(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-
-
 def _save_checkpoint(rd: RunDir, state: dict) -> None:
     if rd.checkpoint_file.exists():  # keep the previous good one until the new one is safely on disk
         os.replace(rd.checkpoint_file, rd.path / "checkpoint.prev.pt")
@@ -253,14 +249,13 @@ class _Run:
         self.start, self.rows, self.seconds = 0, [], 0.0
         self.warming_up = cfg.warmup_lr is not None
         self.warmup_end = None
-        before = rd.summary() or {}
         ckpt = _resume(rd, model, opt)
         acc = None
         if ckpt is None and rd.metrics_file.exists():  # starts at step 0: rows of an earlier start are stale
-            if _is_positive(before.get("steps_done")):
+            said = (rd.summary() or {}).get("steps_done")  # the earlier start's summary, not yet rewritten
+            if isinstance(said, int) and said > 0:
                 log.warning("%s: its summary says step %s but there is no checkpoint here to resume from (its "
-                            "progress travelled without one): it starts again at step 0", cfg.name,
-                            before["steps_done"])
+                            "progress travelled without one): it starts again at step 0", cfg.name, said)
             atomic_write_csv(pd.DataFrame(columns=METRIC_COLUMNS), rd.metrics_file)
         if ckpt is not None:
             self.start, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])

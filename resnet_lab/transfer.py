@@ -36,6 +36,7 @@ RANK = {None: 0, "failed": 1, "running": 2, "diverged": 3, "done": 3}
 FINISHED = ("done", "diverged")
 RUN_FILES = ("config.json", "summary.json", "metrics.csv", "model.pt")  # what every export carries
 CHECKPOINT = "checkpoint.pt"  # only with checkpoints=True, only for unfinished runs
+RESUMABLE = (CHECKPOINT, "checkpoint.prev.pt")  # a trainer's newest checkpoint, and the one before while it swaps
 ARCHIVE_FILES = RUN_FILES + (CHECKPOINT,)
 HASH = re.compile(r"[0-9a-f]{12}")
 EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -142,8 +143,7 @@ def _run_files(run: Path, checkpoints: bool) -> dict[str, bytes] | None:
     if metrics is not None:
         files["metrics.csv"] = metrics
     if checkpoints and not finished:
-        ckpt = _read(run / CHECKPOINT)
-        ckpt = ckpt if ckpt is not None else _read(run / "checkpoint.prev.pt")
+        ckpt = next((d for n in RESUMABLE if (d := _read(run / n)) is not None), None)
         if ckpt is not None:
             files[CHECKPOINT] = ckpt
     return files
@@ -426,7 +426,7 @@ def _add_analyses(local: Path, summary: dict | None, files: dict[str, bytes]) ->
 def _brings_checkpoint(local: Path, files: dict[str, bytes]) -> bool:
     """The incoming copy can resume and the local one, as far along, cannot (its progress came without its
     checkpoint, which was over an export's --max-mb)."""
-    return CHECKPOINT in files and not any((local / n).exists() for n in (CHECKPOINT, "checkpoint.prev.pt"))
+    return CHECKPOINT in files and not any((local / n).exists() for n in RESUMABLE)
 
 
 def _merge_run(dst: Path, h: str, files: dict[str, bytes]) -> str:
@@ -453,8 +453,8 @@ def import_runs(parts: list[str | os.PathLike], root: str | os.PathLike | None =
     A run is taken when the store lacks it or has it less far along (failed < running at fewer steps
     < running at more < done), or as far along with a checkpoint the local copy lacks; a finished local
     run is never replaced (it only gains the cached analyses it lacks), and a run whose lock a local
-    process holds is skipped. A damaged, incomplete or crafted
-    archive raises ValueError before the store is touched.
+    process holds is skipped. A damaged, incomplete or crafted archive raises ValueError before the
+    store is touched.
     """
     runs = _read_archive(_ordered_parts(parts))
     dst = runs_dir(root)
