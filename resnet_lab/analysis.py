@@ -71,7 +71,7 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
             "diverged": int((g["status"] == "diverged").sum()),
             # wall time per run; a packed run's clock also ran while its neighbours stepped
             "wall_min": ok["wall_seconds"].astype(float).mean() / 60 if "wall_seconds" in g else float("nan"),
-            "packed": int(g["packed_runs"].fillna(1).max()) if "packed_runs" in g else 1,
+            "packed": int(pd.to_numeric(g["packed_runs"], errors="coerce").fillna(1).max()) if "packed_runs" in g else 1,
             "device": ", ".join(sorted({str(d) for d in g.get("device", pd.Series(dtype=str)).dropna()})),
         })
     return pd.DataFrame(rows)
@@ -101,6 +101,9 @@ def _run_with_hooks(model: nn.Module, hooks, batches, max_images: int | None) ->
 # -- layer responses (He et al. 2015, Fig. 7) ------------------------------------------------------------
 def response_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     """The BN right after every 3x3 conv (stem and residual branches), in depth order; shortcut BNs excluded."""
+    if getattr(model, "arch", None) == "preact":  # its BNs sit before the next conv, not after this one
+        raise ValueError("arch='preact' is not supported by layer responses: use 'plain', 'resnet' or 'highway' "
+                         "(He et al. 2015 Fig. 7 measures post-activation nets)")
     layers: list[nn.BatchNorm2d] = []
     seqs = [model.stem] + [b.branch for b in model.blocks]
     for seq in seqs:
@@ -116,7 +119,7 @@ def layer_responses(model: nn.Module, batches, max_images: int | None = None) ->
 
     Per channel, the std over images and positions; then the mean over channels (the layer's response
     strength). Forward hooks only read; the model's outputs and parameters do not change.
-    Post-activation nets only: in pre-activation blocks BN comes before the conv.
+    Post-activation nets only: in pre-activation blocks BN comes before the conv (a preact net raises).
     """
     layers = response_layers(model)
     if not layers:
@@ -201,10 +204,11 @@ def time_model(model: nn.Module, batch_size: int, device: str | torch.device = "
 
 
 def gate_means(model: nn.Module, batches, max_images: int | None = None) -> pd.DataFrame:
-    """Mean highway gate value T(x) per block over the images (0 = shortcut only, 1 = branch only)."""
+    """Mean gate value g(x) per block over the images. highway: the branch's share (0 = shortcut only,
+    1 = branch only); gated: the shortcut is scaled by 1 - g (0 = a plain identity shortcut)."""
     gated = [(i, b) for i, b in enumerate(model.blocks) if getattr(b, "gate", None) is not None]
     if not gated:
-        raise ValueError("model has no gated (highway) blocks")
+        raise ValueError("model has no gated blocks (arch 'highway' or 'gated')")
     sums = {i: 0.0 for i, _ in gated}
     counts = {i: 0 for i, _ in gated}
 

@@ -238,7 +238,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "skip1": dict(block_layers=1),  # blocks of one 3x3 conv
     "skip3": dict(block_layers=3),  # blocks of three 3x3 convs
     "preact": dict(arch="preact"),  # BN-ReLU-conv, nothing after the addition (He et al. 2016)
-    "highway": dict(arch="highway"),  # gated shortcut T*F(x) + (1-T)*x, gate bias -2
+    "highway": dict(arch="highway"),  # exclusive gating T*F(x) + (1-T)*x, gate bias -2 (Srivastava et al. 2015)
+    "gated": dict(arch="gated"),  # shortcut-only gating F(x) + (1-g)*x, gate bias -6 (He et al. 2016, Table 1)
     "bottleneck": dict(bottleneck=True),  # 1x1-3x3-1x1 blocks, depth 9n+2
 }
 
@@ -247,7 +248,7 @@ def variant_of(row: dict[str, Any]) -> str:
     """Name the ablation variant of a stored run (inverse of VARIANTS)."""
     if row["arch"] == "plain":
         return "plain"
-    if row["arch"] in ("preact", "highway"):
+    if row["arch"] in ("preact", "highway", "gated"):
         return row["arch"]
     if row.get("bottleneck"):
         return "bottleneck"
@@ -469,12 +470,12 @@ NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 def notebook_defaults(notebook: str) -> dict[str, Any]:
     """The literals of a notebook's parameters cell, so sweeps and reports never restate them."""
-    from .sweep import _default, notebook_parameters
+    from .sweep import notebook_parameters, parameter_default
 
     path = NOTEBOOKS_DIR / f"{notebook}.ipynb"
     out = {}
     for name, spec in notebook_parameters(path).items():
-        out[name] = _default(spec)
+        out[name] = parameter_default(spec)
         if out[name] is ...:
             raise ValueError(f"{path}: parameter {name} = {spec['default']} is not a literal: a parameters cell "
                              f"holds plain literals (derived values go in the next cell)")
@@ -513,20 +514,23 @@ def analyse_notebook(notebook: str, params: dict[str, Any], device: str | None =
     return [c for c in cfgs if c.hash in done], [c for c in cfgs if c.hash not in done]
 
 
+GATED_ARCHS = ("highway", "gated")
+
+
 def highway_gates(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_images: int = 2_000,
                   root: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Mean gate per block of every finished highway run (empty when there are none)."""
+    """Mean gate per block of every finished highway or gated run (empty when there are none)."""
     from .analysis import gate_means
     from .data import eval_batches
     from .runs import RunDir
 
-    hw = runs[(runs["arch"] == "highway") & (runs["status"] == "done")] if not runs.empty else runs
+    hw = runs[runs["arch"].isin(GATED_ARCHS) & (runs["status"] == "done")] if not runs.empty else runs
     if hw.empty:
         return pd.DataFrame(columns=["block", "mean_gate", "net"])
     data = load_cifar10(source)
     x, y = balanced_subset(data.test_x, data.test_y, max_images)
     frames = [gate_means(RunDir(RunConfig.from_json(r), root).load_model(), eval_batches(x, y, 500))
-              .assign(net=f"highway-{r['depth']} seed {r['seed']}") for r in hw.to_dict("records")]
+              .assign(net=f"{r['arch']}-{r['depth']} seed {r['seed']}") for r in hw.to_dict("records")]
     return pd.concat(frames, ignore_index=True)
 
 

@@ -1,4 +1,4 @@
-"""The CIFAR ResNet family of He et al. (2015, 2016): plain / residual / pre-activation / highway.
+"""The CIFAR ResNet family of He et al. (2015, 2016): plain / residual / pre-activation / gated shortcuts.
 
 Every net is stem -> ordered list of blocks -> head, and `model.blocks` is that list, so the
 unraveled-ensemble analyses can delete, reorder or re-route blocks without knowing their kind.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ARCHS, SHORTCUTS, RunConfig, _check_choice, check_depth
+from .config import ARCHS, SHORTCUTS, RunConfig, _check_choice, check_depth, default_gate_bias
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -57,22 +57,27 @@ def make_shortcut(kind: str, cin: int, cout: int, stride: int, with_bn: bool = T
 
 
 class Block(nn.Module):
-    """One block: out = post(gate-mix(branch(x), shortcut(x))).
+    """One block: out = post(branch(x) + shortcut(x)), or gated: with g = sigmoid(gate(x)),
+    T*F(x) + (1-T)*s(x) (highway, "exclusive gating") or F(x) + (1-g)*s(x) (`shortcut_gate_only`,
+    He et al. 2016's "shortcut-only gating").
 
     `pre` (pre-activation nets only): BN-ReLU applied before the split, shared by branch and
     shortcut, for the first block after conv1 and for projection shortcuts (He et al. 2016, appendix).
 
     Flags the analyses set at test time (they never change parameters):
-      lesioned -- drop the residual branch, keep the shortcut (Veit et al.'s deletion); a
-                  post-activation block keeps its ReLU after the (now one-term) sum;
+      lesioned -- drop the residual branch, keep the shortcut (Veit et al.'s deletion; a gated
+                  block keeps its gate on the shortcut); a post-activation block keeps its ReLU
+                  after the (now one-term) sum;
       route    -- "branch" or "shortcut": let the gradient through only that side
                   (forward values unchanged), for gradient-by-path-length.
     """
 
     def __init__(self, branch: nn.Module, shortcut: nn.Module | None, post_relu: bool,
-                 gate: nn.Module | None = None, changes_shape: bool = False, pre: nn.Module | None = None):
+                 gate: nn.Module | None = None, changes_shape: bool = False, pre: nn.Module | None = None,
+                 shortcut_gate_only: bool = False):
         super().__init__()
         self.pre, self.branch, self.shortcut, self.gate = pre, branch, shortcut, gate
+        self.shortcut_gate_only = shortcut_gate_only
         self.post_relu, self.changes_shape = post_relu, changes_shape
         self.lesioned = False
         self.route: str | None = None
@@ -90,6 +95,8 @@ class Block(nn.Module):
                     raise ValueError("cannot delete a plain block that changes the shape")
                 return x
             s = self.shortcut(x)
+            if self.gate is not None:
+                s = (1 - torch.sigmoid(self.gate(x))) * s
             return F.relu(s) if self.post_relu else s
         f = self.branch(x)
         if self.shortcut is None:  # plain net: no addition
@@ -99,11 +106,11 @@ class Block(nn.Module):
             s = s.detach()
         elif self.route == "shortcut":
             f = f.detach()
-        if self.gate is not None:  # highway: T*F(x) + (1-T)*x
+        if self.gate is not None:  # highway: T*F(x) + (1-T)*x; shortcut-only: F(x) + (1-g)*x
             t = torch.sigmoid(self.gate(x))
             if self.route == "shortcut":
                 t = t.detach()
-            out = t * f + (1 - t) * s
+            out = (f if self.shortcut_gate_only else t * f) + (1 - t) * s
         else:
             out = f + s
         return F.relu(out) if self.post_relu else out
@@ -169,7 +176,7 @@ class CifarResNet(nn.Module):
     """stem (3x3 conv, 16 filters) -> blocks over three stages (16/32/64 filters on 32/16/8 maps) -> pool -> fc."""
 
     def __init__(self, arch: str = "resnet", depth: int = 20, shortcut: str = "A", block_layers: int = 2,
-                 bottleneck: bool = False, width: int = 16, gate_bias: float = -2.0, num_classes: int = 10,
+                 bottleneck: bool = False, width: int = 16, gate_bias: float | None = None, num_classes: int = 10,
                  activation_checkpointing: int = 0):
         super().__init__()
         _check_choice("arch", arch, ARCHS)
@@ -178,6 +185,7 @@ class CifarResNet(nn.Module):
         self.arch, self.depth = arch, depth
         self.activation_checkpointing = activation_checkpointing
         preact = arch == "preact"
+        gate_bias = default_gate_bias(arch) if gate_bias is None else gate_bias
         expansion = 4 if bottleneck else 1
         stem: list[nn.Module] = [conv3x3(3, width)]
         if not preact:
@@ -203,11 +211,12 @@ class CifarResNet(nn.Module):
                 else:
                     branch = _basic_branch(cin, cout, stride, block_layers, preact, shared_pre)
                 gate = None
-                if arch == "highway":
+                if arch in ("highway", "gated"):  # g(x) = sigmoid(1x1 conv(x) + b)
                     gate = nn.Conv2d(cin, cout, 1, stride=stride, bias=True)
                     nn.init.constant_(gate.bias, gate_bias)
                 pre = nn.Sequential(*_preact(cin)) if shared_pre else None
-                blocks.append(Block(branch, sc, post_relu=not preact, gate=gate, changes_shape=changes, pre=pre))
+                blocks.append(Block(branch, sc, post_relu=not preact, gate=gate, changes_shape=changes, pre=pre,
+                                    shortcut_gate_only=arch == "gated"))
                 cin = cout
         self.blocks = nn.ModuleList(blocks)
         head: list[nn.Module] = [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)] if preact else []
@@ -222,7 +231,7 @@ class CifarResNet(nn.Module):
                 bias = m.bias.detach().clone() if m.bias is not None else None
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if bias is not None:
-                    m.bias.data.copy_(bias)  # keep the highway gate bias
+                    m.bias.data.copy_(bias)  # keep the gate bias
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -245,7 +254,7 @@ class CifarResNet(nn.Module):
 
 
 def build_model(arch: str = "resnet", depth: int = 20, shortcut: str = "A", block_layers: int = 2,
-                bottleneck: bool = False, width: int = 16, gate_bias: float = -2.0,
+                bottleneck: bool = False, width: int = 16, gate_bias: float | None = None,
                 activation_checkpointing: int = 0) -> CifarResNet:
     """The paper's CIFAR-10 net of the given kind; bad values raise ValueError naming the valid ones."""
     return CifarResNet(arch, depth, shortcut, block_layers, bottleneck, width, gate_bias,

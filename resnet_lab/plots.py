@@ -141,13 +141,13 @@ def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue:
 
 
 def gates_figure(gates: pd.DataFrame):
-    """Mean highway gate per block: how much of each block's output comes from its residual branch."""
+    """Mean gate per block: a highway block's share of its residual branch; a gated block's shortcut x (1 - g)."""
     if gates.empty:
-        return no_data_figure("highway gates")
+        return no_data_figure("gates")
     set_style()
     g = sns.relplot(data=gates, x="block", y="mean_gate", hue="net", kind="line", marker="o", errorbar=t_interval, height=3.0,
                     aspect=1.5)
-    g.set_axis_labels("block", "mean gate T(x)")
+    g.set_axis_labels("block", "mean gate g(x)")
     return g.figure
 
 

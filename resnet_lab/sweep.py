@@ -117,7 +117,7 @@ def _type_name(v: Any) -> str:
     return type(v).__name__
 
 
-def _default(spec: Mapping[str, Any]) -> Any:
+def parameter_default(spec: Mapping[str, Any]) -> Any:
     """The notebook's default for a parameter as a Python value (`...` when it is not a literal)."""
     try:
         return ast.literal_eval(spec.get("default", ""))
@@ -127,7 +127,7 @@ def _default(spec: Mapping[str, Any]) -> Any:
 
 def _expected_types(spec: Mapping[str, Any]) -> tuple[tuple[type, ...], str] | None:
     """Python types a parameter accepts: those of its default in the notebook (None default: anything)."""
-    default = _default(spec)
+    default = parameter_default(spec)
     if default is None:
         return None
     name = type(default).__name__ if default is not ... else spec.get("inferred_type_name", "")
@@ -137,7 +137,7 @@ def _expected_types(spec: Mapping[str, Any]) -> tuple[tuple[type, ...], str] | N
 
 def _element_type(spec: Mapping[str, Any]) -> type | None:
     """The type of a list parameter's items, when its default is a non-empty list of one of int/str/bool."""
-    default = _default(spec)
+    default = parameter_default(spec)
     if not isinstance(default, (list, tuple)) or not default:
         return None
     kinds = {type(v) for v in default}
@@ -212,7 +212,7 @@ def notebook_parameters(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         try:
             literal = ast.literal_eval(value)
             default, kind = repr(literal), type(literal).__name__
-        except ValueError:  # not a literal: papermill keeps the source text; `_default` then reads `...`
+        except ValueError:  # not a literal: papermill keeps the source text; `parameter_default` then reads `...`
             default = ast.get_source_segment(src, value)
         out[name] = {"name": name, "default": default, "inferred_type_name": kind}
     return out

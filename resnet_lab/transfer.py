@@ -32,8 +32,8 @@ from .runs import (ANALYSIS_FILE, RunLocked, _umask, atomic_write_bytes, atomic_
 
 log = logging.getLogger(__name__)
 
-RANK = {None: 0, "failed": 1, "running": 2, "diverged": 3, "done": 3}
 FINISHED = ("done", "diverged")
+RANK = {None: 0, "failed": 1, "running": 2, **dict.fromkeys(FINISHED, 3)}  # how far along a run's status says it is
 RUN_FILES = ("config.json", "summary.json", "metrics.csv", "model.pt")  # what every export carries
 CHECKPOINT = "checkpoint.pt"  # only with checkpoints=True, only for unfinished runs
 RESUMABLE = (CHECKPOINT, "checkpoint.prev.pt")  # a trainer's newest checkpoint, and the one before while it swaps

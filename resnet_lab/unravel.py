@@ -279,7 +279,7 @@ def gradient_by_path_length(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     gated = [i for i, b in enumerate(blocks) if b.gate is not None]
     if gated:  # T(x) mixes both sides, so a path's gradient also flows through the gate: no single path
         raise ValueError(f"gradient_by_path_length needs ungated residual blocks (resnet, preact); "
-                         f"blocks {gated[:5]} are highway-gated")
+                         f"blocks {gated[:5]} are gated (highway or gated)")
     ks = _check_ks(ks, m, f"the number of blocks is {m}")
     _check_count("samples", samples)
     if batch is not None:

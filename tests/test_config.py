@@ -21,11 +21,12 @@ def test_paper_preset_is_the_papers_recipe():
 
 @pytest.mark.parametrize("kw, words", [
     (dict(depth=21), ["depth=21", "6n+2"]),
-    (dict(arch="dense"), ["arch='dense'", "plain", "resnet", "preact", "highway"]),
+    (dict(arch="dense"), ["arch='dense'", "plain", "resnet", "preact", "highway", "gated"]),
     (dict(shortcut="D"), ["shortcut='D'", "'A'", "'B'", "'C'"]),
     (dict(block_layers=3, depth=32), ["block_layers=3", "depths that work", "20"]),
     (dict(seed=-1), ["seed=-1"]),
     (dict(split="90-10"), ["split='90-10'", "45k5k"]),
+    (dict(arch="gated", gate_bias="-6"), ["gate_bias='-6'", "finite number", "gated -6"]),
 ])
 def test_bad_values_name_the_value_and_the_allowed_ones(kw, words):
     with pytest.raises(ValueError) as e:

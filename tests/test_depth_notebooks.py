@@ -65,3 +65,12 @@ def test_imagenet_counts_match_the_published_numbers():
 def test_grid_errors_come_before_any_training(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+def test_pre_activation_nets_are_refused_not_half_measured():
+    """A preact branch still has conv -> BN pairs (conv1 -> BN of the next unit): 9 of 19 layers matched silently."""
+    m = build_model("preact", 20).eval()
+    with pytest.raises(ValueError, match="arch='preact'.*'plain', 'resnet'"):
+        response_layers(m)
+    with pytest.raises(ValueError, match="arch='preact'"):
+        layer_responses(m, eval_batches(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), 2))

@@ -39,7 +39,7 @@ def batches(n=len(LRS), b=128):
 
 
 @pytest.mark.parametrize("arch, depth, kw", [
-    ("resnet", 20, {}), ("plain", 20, {}), ("preact", 20, {}), ("highway", 20, {}),
+    ("resnet", 20, {}), ("plain", 20, {}), ("preact", 20, {}), ("highway", 20, {}), ("gated", 20, {}),
     ("resnet", 20, {"shortcut": "C"}), ("resnet", 56, {"activation_checkpointing": 2}),
 ])
 def test_graph_is_captured_and_trains_like_the_eager_step(arch, depth, kw):

@@ -10,7 +10,7 @@ from resnet_lab.models import build_model
 N, B = 3, 4
 VARIANTS = [dict(arch="resnet"), dict(arch="plain"), dict(arch="resnet", shortcut="B"),
             dict(arch="resnet", shortcut="C"), dict(arch="preact"), dict(arch="highway"),
-            dict(arch="resnet", block_layers=1), dict(arch="resnet", depth=11, bottleneck=True)]
+            dict(arch="gated"), dict(arch="resnet", block_layers=1), dict(arch="resnet", depth=11, bottleneck=True)]
 
 
 def members(**kw):

@@ -11,7 +11,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 OUTPUTS = {  # notebook -> (extra parameters, files it must write under results/smoke/<notebook>/)
     "01_degradation": ({}, ["table.csv", "degradation.png", "degradation.pdf"]),
     "02_depth": ({"depths": [20, 32]}, ["table.csv", "test_error_vs_depth.png", "curves.pdf"]),
-    "03_shortcut_ablations": ({"depths": [20], "variants": ["plain", "A", "B", "skip3", "highway"]},
+    "03_shortcut_ablations": ({"depths": [20], "variants": ["plain", "A", "B", "skip3", "highway", "gated"]},
                               ["table.csv", "pivot_test_error.csv", "test_error_by_variant.png", "curves.png",
                                "highway_gates.png"]),
     "04_unraveled_ensemble": ({"depth": 20, "eval_images": 200, "grad_samples": 2, "draws": 2},

@@ -166,7 +166,7 @@ def test_parameters_are_read_as_papermill_reads_them(tmp_path):
         ours, theirs = sweep.notebook_parameters(path), inspect_notebook(str(path))
         assert list(ours) == list(theirs), path
         for name, spec in ours.items():
-            assert sweep._default(spec) == sweep._default(theirs[name]), (path, name)
+            assert sweep.parameter_default(spec) == sweep.parameter_default(theirs[name]), (path, name)
             assert sweep._expected_types(spec) == sweep._expected_types(theirs[name]), (path, name)
     assert sweep.notebook_parameters(odd)["b"] == {"name": "b", "default": "len('xy')", "inferred_type_name": "int"}
 

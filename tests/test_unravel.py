@@ -177,8 +177,10 @@ def test_gradient_samples_draw_their_own_batches_when_asked():
 
 def test_gated_blocks_have_no_single_paths_to_measure():
     x, y = data()
-    with pytest.raises(ValueError, match="highway-gated"):
+    with pytest.raises(ValueError, match="are gated"):
         gradient_by_path_length(tiny("highway", 8), x, y, ks=[1], samples=1)
+    with pytest.raises(ValueError, match="are gated"):
+        gradient_by_path_length(tiny("gated", 8), x, y, ks=[1], samples=1)
 
 
 def test_effective_paths_is_the_shortest_range_holding_the_mass():

@@ -1,9 +1,9 @@
-"""Shortcut ablations, bottlenecks, pre-activation and highway blocks (issue: shortcut ablations)."""
+"""Shortcut ablations, bottlenecks, pre-activation, highway and gated blocks (issue: shortcut ablations)."""
 import pytest
 import torch
 from torch import nn
 
-from resnet_lab.config import make_config
+from resnet_lab.config import RunConfig, make_config
 from resnet_lab.models import build_model, count_params
 
 
@@ -41,8 +41,8 @@ def test_bad_block_layers_names_depths_that_work():
         build_model("resnet", 20, block_layers=4)
 
 
-@pytest.mark.parametrize("arch", ["preact", "highway"])
-def test_preact_and_highway_shapes(arch):
+@pytest.mark.parametrize("arch", ["preact", "highway", "gated"])
+def test_preact_and_gated_shapes(arch):
     m = build_model(arch, 20)
     assert m(torch.randn(3, 3, 32, 32)).shape == (3, 10) and len(m.blocks) == 9
 
@@ -65,9 +65,51 @@ def test_closed_highway_gate_returns_the_input():
         assert not torch.allclose(open_gate(x), x)
 
 
+def twin_blocks(gate_bias, i=1):
+    """Block i of a gated net and of a resnet with the same branch and shortcut weights."""
+    torch.manual_seed(0)
+    gated = build_model("gated", 20, gate_bias=gate_bias).eval()
+    res = build_model("resnet", 20).eval()
+    res.load_state_dict({k: v for k, v in gated.state_dict().items() if ".gate." not in k})
+    return gated.blocks[i], res.blocks[i]
+
+
+@pytest.mark.parametrize("i", [1, 3])  # same shape, and a stage transition (option A zero-pad)
+def test_shortcut_only_gate_scales_the_shortcut_not_the_branch(i):
+    """He et al. 2016: F(x) + (1-g(x))*x. A closed gate (bias -40) is the plain ResNet block; an open one
+    (+40) drops the shortcut and keeps the whole branch (a highway block would keep T*F, not F)."""
+    x = torch.relu(torch.randn(2, 16, 32, 32))
+    closed, res = twin_blocks(-40.0, i)
+    opened, _ = twin_blocks(40.0, i)
+    with torch.no_grad():
+        assert torch.allclose(closed(x), res(x), atol=1e-5)
+        res.shortcut = None  # the branch alone, through the block's ReLU
+        assert torch.allclose(opened(x), res(x), atol=1e-5)
+
+
+def test_gated_starts_at_its_papers_bias_and_other_hashes_stay():
+    assert RunConfig(arch="gated").gate_bias == -6.0 and make_config("paper", arch="gated").gate_bias == -6.0
+    assert RunConfig(arch="highway").gate_bias == -2.0
+    assert RunConfig(arch="gated", gate_bias=0).gate_bias == 0.0  # asked for: kept (as a float)
+    assert build_model("gated", 20).blocks[0].gate.bias.detach().eq(-6).all()
+    # the field gained a per-arch default; runs stored before (gate_bias -2.0 in their config) keep their folder
+    for arch in ("resnet", "plain", "preact", "highway"):
+        assert RunConfig(arch=arch).hash == RunConfig(arch=arch, gate_bias=-2.0).hash
+    assert RunConfig().hash == "fcb22df1aed5"  # the default config's folder, as the code before the change named it
+    assert RunConfig.from_json({**RunConfig(arch="gated").to_json(), "gate_bias": float("nan")}).gate_bias == -6.0
+
+
+def test_a_lesioned_gated_block_keeps_its_gated_shortcut():
+    block, _ = twin_blocks(0.0)  # g = 0.5 at the start: the shortcut is halved
+    x = torch.relu(torch.randn(2, 16, 32, 32))
+    block.lesioned = True
+    with torch.no_grad():
+        assert torch.allclose(block(x), torch.relu((1 - torch.sigmoid(block.gate(x))) * x), atol=1e-6)
+
+
 @pytest.mark.parametrize("kw", [dict(arch="plain"), dict(shortcut="B"), dict(shortcut="C"), dict(block_layers=1),
                                 dict(block_layers=3), dict(arch="preact"), dict(arch="highway"),
-                                dict(bottleneck=True)])
+                                dict(arch="gated"), dict(bottleneck=True)])
 def test_every_variant_takes_a_finite_sgd_step(kw):
     torch.manual_seed(0)
     m = build_model(depth=20, **kw)
