@@ -304,9 +304,13 @@ def response_configs(preset: str, depths: list[int], seeds: list[int]) -> list[R
     return degradation_configs(preset, depths, seeds)
 
 
+NET_NAMES = {"plain": "plain", "resnet": "ResNet", "preact": "pre-act ResNet"}  # other archs: their own name
+
+
 def net_label(cfg: RunConfig) -> str:
-    """plain-56 or ResNet-56 (pre-activation nets too): the `net` column of the response and unravel tables."""
-    return f"{'plain' if cfg.arch == 'plain' else 'ResNet'}-{cfg.depth}"
+    """plain-56, ResNet-56, pre-act ResNet-110, highway-20: the `net` column of the response and unravel tables
+    (04's paper grid analyses post- and pre-activation nets of one depth, which must not share a label)."""
+    return f"{NET_NAMES.get(cfg.arch, cfg.arch)}-{cfg.depth}"
 
 
 RESPONSE_COLUMNS = ["layer", "std", "channels", "rank", "arch", "depth", "seed", "net"]

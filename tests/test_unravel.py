@@ -294,3 +294,12 @@ def test_plain_net_rejects_gradient_and_lesion_of_transition():
             pass
     with pytest.raises(ValueError, match=r"k=3 .*0\.\.1"):  # only block 0 is removable
         delete_k(model, x, y, ks=[3], draws=1)
+
+
+def test_post_and_pre_activation_nets_of_one_depth_get_their_own_labels():
+    """04's paper grid analyses resnet and preact at 110 layers: one label for both would merge their rows."""
+    from resnet_lab.config import make_config
+    from resnet_lab.experiments import net_label
+
+    labels = [net_label(make_config("quick", arch=a, depth=110)) for a in ("plain", "resnet", "preact", "gated")]
+    assert labels == ["plain-110", "ResNet-110", "pre-act ResNet-110", "gated-110"]
