@@ -355,7 +355,10 @@ def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
 def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = 4) -> torch.Tensor:
     """Pad-`pad` random crop (shift dx, dy in [-pad, pad]) and horizontal flip, all in one gather.
 
-    x: (B, C, H, W) any dtype; dx, dy: (B,) int64; flip: (B,) bool. Zero padding, as in the paper.
+    x: (B, C, H, W) any dtype; dx, dy: (B,) int64; flip: (B,) bool. Pads with 0, i.e. black on uint8 images,
+    as torchvision's RandomCrop(32, padding=4) does before Normalize (the usual PyTorch recipe and the bench's
+    baseline). The paper's inputs have the per-pixel mean subtracted, so zero padding there is the mean
+    colour: the border differs, not the crop and flip.
     """
     B, C, H, W = x.shape
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
