@@ -74,8 +74,9 @@ def _grouped_leaf(mods: list[nn.Module]) -> nn.Module | None:
             g.bias = nn.Parameter(_cat([k.bias for k in mods]))
         return g
     if isinstance(m, nn.BatchNorm2d):
+        ref = m.weight if m.affine else m.running_mean  # device and dtype (a float64 net stays float64)
         g = nn.BatchNorm2d(n * m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
-                           device=m.weight.device if m.affine else None)
+                           device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
         sds = [mod.state_dict() for mod in mods]
         sd = {k: _cat([d[k] for d in sds]) for k in ("weight", "bias", "running_mean", "running_var") if k in sds[0]}
         if m.track_running_stats:
