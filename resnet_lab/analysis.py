@@ -23,7 +23,7 @@ def count_macs(model: nn.Module, image_size: int = 32) -> int:
     return int(fc.get_total_flops() // 2)
 
 
-def _t975(dof: int) -> float:
+def t975(dof: int) -> float:
     """97.5% quantile of Student's t (table for small dof, normal beyond): no scipy needed."""
     table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
              10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
@@ -43,18 +43,21 @@ def ci95(values) -> float:
     n = len(v)
     if n < 2:
         return 0.0
-    return _t975(n - 1) * float(v.std(ddof=1)) / math.sqrt(n)
+    return t975(n - 1) * float(v.std(ddof=1)) / math.sqrt(n)
 
 
 def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Mean ± 95% CI over seeds of final train/test error (in %), with params and MACs, grouped by `by`.
 
+    Both errors carry their CI: the degradation claim is about training error, and a claim is only
+    as good as the seed noise of the difference it rests on (`claims.difference`).
+
     Diverged runs are counted (`diverged`) but not averaged: their last error is that of NaN
     logits, which says nothing about the net. `runs` counts the runs the means are over.
     """
     if runs.empty:
-        return pd.DataFrame(columns=by + ["runs", "params", "macs", "train_err_%", "test_err_%", "test_err_ci95",
-                                          "diverged", "wall_min", "packed", "device"])
+        return pd.DataFrame(columns=by + ["runs", "params", "macs", "train_err_%", "train_err_ci95", "test_err_%",
+                                          "test_err_ci95", "diverged", "wall_min", "packed", "device"])
     done = runs[runs["status"].isin(["done", "diverged"])]
     rows = []
     for key, g in done.groupby(by, sort=True, dropna=False):
@@ -66,6 +69,7 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
             "params": int(g["params"].iloc[0]),
             "macs": int(g["flops"].iloc[0]),
             "train_err_%": 100 * ok["final_train_err"].astype(float).mean(),
+            "train_err_ci95": 100 * ci95(ok["final_train_err"].astype(float)),
             "test_err_%": 100 * ok["final_test_err"].astype(float).mean(),
             "test_err_ci95": 100 * ci95(ok["final_test_err"].astype(float)),
             "diverged": int((g["status"] == "diverged").sum()),

@@ -3,14 +3,20 @@
 Read from `results/<preset>/<notebook>/*.csv` (what the notebooks wrote), so the verdicts follow the
 runs that happened, never a hard-coded expectation; a claim whose table is missing is `not run`.
 Each row says the criterion it applies, so a reader can disagree with the criterion, not guess it.
+A comparison of two means is judged against its seed noise: where the difference lies inside its
+95% confidence interval (Welch, from the tables' per-cell CI and run counts) the verdict is
+`within noise`, not a yes or NO that another seed could flip; with one run a side the noise is not
+estimated and the row says so.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
+from .analysis import t975
 from .runs import atomic_write_csv, atomic_write_text, results_dir
 
 LESION_COST_PTS = 1.0  # a residual block's deletion "costs little": under 1 point of test error
@@ -18,33 +24,89 @@ COLLAPSE_ERR = 0.5  # a plain net "collapses": its median single-block lesion er
 COLUMNS = ["notebook", "claim", "criterion", "ours", "holds"]
 
 
-def _row(notebook: str, claim: str, criterion: str, ours: str, holds: bool | None) -> dict:
-    return {"notebook": notebook, "claim": claim, "criterion": criterion, "ours": ours,
-            "holds": "not run" if holds is None else ("yes" if holds else "NO")}
+NOISE = "within noise"
 
 
-def _pair(table: pd.DataFrame, arch: str, shallow: int, deep: int, col: str) -> tuple[float, float] | None:
-    t = table[(table["arch"] == arch) & (table["runs"] > 0)].set_index("depth")[col]
-    return (float(t[shallow]), float(t[deep])) if shallow in t.index and deep in t.index else None
+def _row(notebook: str, claim: str, criterion: str, ours: str, holds: bool | str | None) -> dict:
+    verdict = "not run" if holds is None else holds if isinstance(holds, str) else ("yes" if holds else "NO")
+    return {"notebook": notebook, "claim": claim, "criterion": criterion, "ours": ours, "holds": verdict}
+
+
+def difference(a: pd.Series, b: pd.Series, col: str) -> tuple[float, float | None]:
+    """b - a of one column of two summary rows, with the 95% half-width of that difference.
+
+    Welch's interval, rebuilt from each row's mean, CI half-width (`<col>_ci95`, Student t over
+    `runs` seeds) and run count; None where a side has a single run or the table has no CI column.
+    """
+    d = float(b[col]) - float(a[col])
+    half_col = col.removesuffix("_%") + "_ci95"
+    if any(half_col not in r or pd.isna(r[half_col]) or int(r["runs"]) < 2 for r in (a, b)):
+        return d, None
+    se = [float(r[half_col]) / t975(int(r["runs"]) - 1) for r in (a, b)]  # std / sqrt(n) of each mean
+    var = se[0] ** 2 + se[1] ** 2
+    if var == 0:
+        return d, 0.0
+    dof = var ** 2 / sum(s ** 4 / (int(r["runs"]) - 1) for s, r in zip(se, (a, b)))  # Welch-Satterthwaite
+    return d, t975(max(1, math.floor(dof))) * math.sqrt(var)
+
+
+def verdict(diff: float, half: float | None, expect: str) -> str:
+    """`yes`, `NO` or `within noise` for a claim that b is `higher`, `lower` or `not higher` than a.
+
+    "not higher" fails only on a difference above its noise; without a noise estimate the means decide.
+    """
+    allowed = ("higher", "lower", "not higher")
+    if expect not in allowed:
+        raise ValueError(f"expect={expect!r} is not valid: use one of {', '.join(allowed)}")
+    h = 0.0 if half is None else half
+    if expect == "not higher":
+        return "NO" if diff > h else "yes"
+    sign = 1 if expect == "higher" else -1
+    if sign * diff > h:
+        return "yes"
+    return "NO" if half is None or sign * diff < -h else NOISE
+
+
+def compare_text(a: pd.Series, b: pd.Series, col: str, diff: float, half: float | None) -> str:
+    """'20: 2.00 ± 0.30%, 56: 4.00 ± 0.40%; 56 - 20: +2.00 ± 0.55 points' (the numbers a verdict rests on)."""
+    hc = col.removesuffix("_%") + "_ci95"
+    if half is None:
+        why = ("no CI column in the table" if hc not in a or hc not in b
+               else "one run on a side" if min(int(a["runs"]), int(b["runs"])) < 2 else "no CI value")
+        return (f"{int(a['depth'])}: {float(a[col]):.2f}%, {int(b['depth'])}: {float(b[col]):.2f}% "
+                f"(seed noise not estimated: {why})")
+    return (f"{int(a['depth'])}: {float(a[col]):.2f} ± {float(a[hc]):.2f}%, "
+            f"{int(b['depth'])}: {float(b[col]):.2f} ± {float(b[hc]):.2f}%; "
+            f"{int(b['depth'])} - {int(a['depth'])}: {diff:+.2f} ± {half:.2f} points")
+
+
+def _pair(table: pd.DataFrame, arch: str, shallow: int, deep: int) -> tuple[pd.Series, pd.Series] | None:
+    t = table[(table["arch"] == arch) & (table["runs"] > 0)].drop_duplicates("depth").set_index("depth", drop=False)
+    return (t.loc[shallow], t.loc[deep]) if shallow in t.index and deep in t.index else None
+
+
+def _compared(notebook: str, claim: str, what: str, table: pd.DataFrame | None, arch: str, col: str,
+              expect: str) -> dict:
+    crit = f"{what}, mean over seeds; a difference inside its 95% CI (Welch) is '{NOISE}'"
+    p = None if table is None else _pair(table, arch, 20, 56)
+    if p is None:
+        return _row(notebook, claim, crit, "", None)
+    diff, half = difference(*p, col)
+    return _row(notebook, claim, crit, compare_text(*p, col, diff, half), verdict(diff, half, expect))
 
 
 def degradation(table: pd.DataFrame | None) -> list[dict]:
     """He et al. Fig. 6: plain-56 trains worse than plain-20; ResNet-56 does not."""
-    out = []
-    for arch, claim, worse in (("plain", "plain-56 has higher training error than plain-20", True),
-                               ("resnet", "ResNet-56 has no higher training error than ResNet-20", False)):
-        p = None if table is None else _pair(table, arch, 20, 56, "train_err_%")
-        ours = "" if p is None else f"20: {p[0]:.2f}%, 56: {p[1]:.2f}%"
-        holds = None if p is None else (p[1] > p[0]) == worse
-        out.append(_row("01_degradation", claim, "final training error, mean over seeds", ours, holds))
-    return out
+    return [_compared("01_degradation", "plain-56 has higher training error than plain-20", "final training error",
+                      table, "plain", "train_err_%", "higher"),
+            _compared("01_degradation", "ResNet-56 has no higher training error than ResNet-20",
+                      "final training error", table, "resnet", "train_err_%", "not higher")]
 
 
 def depth(table: pd.DataFrame | None) -> list[dict]:
     """He et al. Table 6: the deeper ResNet-56 tests better than ResNet-20."""
-    p = None if table is None else _pair(table, "resnet", 20, 56, "test_err_%")
-    return [_row("02_depth", "ResNet-56 has lower test error than ResNet-20", "final test error, mean over seeds",
-                 "" if p is None else f"20: {p[0]:.2f}%, 56: {p[1]:.2f}%", None if p is None else p[1] < p[0])]
+    return [_compared("02_depth", "ResNet-56 has lower test error than ResNet-20", "final test error",
+                      table, "resnet", "test_err_%", "lower")]
 
 
 def lesions(lesion: pd.DataFrame | None) -> list[dict]:
@@ -123,7 +185,8 @@ def check(preset: str, root: str | Path | None = None) -> pd.DataFrame:
 
 def _markdown(table: pd.DataFrame, preset: str) -> str:
     lines = [f"# Claims checked on the `{preset}` runs", "",
-             "Computed by `resnet_lab.claims` from the tables in this folder; `NO` means our runs do not show it.",
+             "Computed by `resnet_lab.claims` from the tables in this folder; `NO` means our runs do not show it,",
+             f"`{NOISE}` that the difference is inside its 95% CI over seeds (another seed could flip it).",
              "", "| notebook | claim | criterion | ours | holds |", "|---|---|---|---|---|"]
     lines += [f"| {r.notebook} | {r.claim} | {r.criterion} | {r.ours} | {r.holds} |" for r in table.itertuples()]
     return "\n".join(lines) + "\n"

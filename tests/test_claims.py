@@ -1,5 +1,6 @@
 """The claims table: verdicts computed from the stored tables, with the criterion beside each."""
 import pandas as pd
+import pytest
 
 from resnet_lab import claims
 
@@ -37,7 +38,8 @@ def test_paper_shaped_results_hold_and_the_opposite_does_not(tmp_path):
     _write(base, "04_unraveled_ensemble", "effective", pd.DataFrame([dict(
         net="ResNet-110", arch="resnet", depth=110, seed=0, blocks=54, effective_from=20, effective_to=40)]))
     t = claims.check("paper", root=tmp_path)
-    assert t.loc[2, "holds"] == "NO" and t.loc[2, "ours"] == "20: 7.00%, 56: 8.80%"
+    assert t.loc[2, "holds"] == "NO"  # tables from before the CI columns: the means decide, and the row says so
+    assert t.loc[2, "ours"] == "20: 7.00%, 56: 8.80% (seed noise not estimated: no CI column in the table)"
     assert t.loc[5, "holds"] == "NO" and "20-40 of 54" in t.loc[5, "ours"]
 
 
@@ -46,3 +48,63 @@ def test_missing_tables_and_runs_are_not_run_rather_than_a_verdict(tmp_path):
     _write(base, "01_degradation", "table", _table([("plain", 20, 1, 2.0, 9.5), ("plain", 56, 0, None, None)]))
     t = claims.check("quick", root=tmp_path)
     assert set(t["holds"]) == {"not run"} and len(t) == 6
+
+
+def _ci_table(rows):
+    """Summary rows (arch, depth, runs, train %, train CI, test %, test CI), as `analysis.summarize` writes them."""
+    return pd.DataFrame(rows, columns=["arch", "depth", "runs", "train_err_%", "train_err_ci95", "test_err_%",
+                                       "test_err_ci95"])
+
+
+def test_difference_is_welchs_interval_of_the_raw_seeds():
+    from resnet_lab.analysis import summarize, t975
+
+    a, b = [0.085, 0.087, 0.086], [0.070, 0.072, 0.069, 0.075]
+    runs = pd.DataFrame([dict(arch="resnet", depth=d, status="done", params=1, flops=1, final_train_err=0.0,
+                              final_test_err=e) for d, errs in ((20, a), (56, b)) for e in errs])
+    t = summarize(runs, ["arch", "depth"]).set_index("depth", drop=False)
+    diff, half = claims.difference(t.loc[20], t.loc[56], "test_err_%")
+    va, vb = pd.Series(a).var() / 3, pd.Series(b).var() / 4  # squared standard errors, straight from the seeds
+    dof = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)
+    assert diff == pytest.approx(100 * (sum(b) / 4 - sum(a) / 3))
+    assert half == pytest.approx(100 * t975(int(dof)) * (va + vb) ** 0.5)
+    assert claims.verdict(diff, half, "lower") == "yes" and claims.verdict(diff, half, "higher") == "NO"
+    assert claims.verdict(-diff, half, "not higher") == "NO" and claims.verdict(diff / 10, half, "lower") == "within noise"
+
+
+def test_a_difference_inside_its_noise_is_neither_yes_nor_no(tmp_path):
+    base = tmp_path / "paper"
+    # plain: +0.3 points with CIs of ±0.5 each; ResNet-56 0.2 higher, also inside noise; depth: 56 better by 1.8 ± ~0.4
+    _write(base, "01_degradation", "table", _ci_table([
+        ("plain", 20, 3, 2.0, 0.5, 9.5, 0.3), ("plain", 56, 3, 2.3, 0.5, 9.9, 0.3),
+        ("resnet", 20, 3, 1.0, 0.4, 8.8, 0.3), ("resnet", 56, 3, 1.2, 0.4, 7.0, 0.3)]))
+    _write(base, "02_depth", "table", _ci_table([("resnet", 20, 3, 1.0, 0.4, 8.8, 0.3),
+                                                ("resnet", 56, 3, 1.2, 0.4, 7.0, 0.3)]))
+    t = claims.check("paper", root=tmp_path)
+    assert list(t["holds"][:3]) == ["within noise", "yes", "yes"], t.to_string()
+    assert t.loc[0, "ours"].startswith("20: 2.00 ± 0.50%, 56: 2.30 ± 0.50%; 56 - 20: +0.30 ± ")
+    assert "within noise" in (base / "claims.md").read_text()
+    # the same means from one seed each: the means decide, and the row says the noise is unknown
+    _write(base, "01_degradation", "table", _ci_table([
+        ("plain", 20, 1, 2.0, 0.0, 9.5, 0.0), ("plain", 56, 1, 2.3, 0.0, 9.9, 0.0),
+        ("resnet", 20, 1, 1.0, 0.0, 8.8, 0.0), ("resnet", 56, 1, 1.2, 0.0, 7.0, 0.0)]))
+    t = claims.check("paper", root=tmp_path)
+    assert list(t["holds"][:2]) == ["yes", "NO"]
+    assert t.loc[0, "ours"] == "20: 2.00%, 56: 2.30% (seed noise not estimated: one run on a side)"
+
+
+def test_verdict_names_a_bad_expectation():
+    with pytest.raises(ValueError, match=r"expect='above' is not valid: use one of higher, lower, not higher"):
+        claims.verdict(1.0, 0.5, "above")
+
+
+def test_the_degradation_notebooks_verdicts_are_the_claims_verdicts():
+    from resnet_lab.experiments import degradation_claims
+
+    t = _ci_table([("plain", 20, 3, 2.0, 0.2, 9.5, 0.3), ("plain", 32, 3, 2.1, 0.2, 9.5, 0.3),
+                   ("plain", 56, 3, 4.0, 0.2, 13.5, 0.3), ("resnet", 20, 3, 1.0, 0.4, 8.8, 0.3),
+                   ("resnet", 56, 3, 1.6, 0.4, 7.0, 0.3), ("resnet", 110, 0, None, None, None, None)])
+    d = degradation_claims(t).set_index("arch")
+    assert d.loc["plain", "deep"] == "56: 4.0%" and d.loc["plain", "holds here"] == "yes"
+    assert d.loc["resnet", "deep"] == "56: 1.6%"  # 110 has no finished run: not the deepest
+    assert d.loc["resnet", "holds here"] == "NO" and d.loc["resnet", "deep - shallow (95% CI)"].startswith("+0.60 ± ")
