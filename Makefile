@@ -52,6 +52,8 @@ reproduce: install
 	$(PAPERMILL) notebooks/05_thousand_layers.ipynb $(OUT)/05_thousand_layers.ipynb -p preset $(PRESET) $(ARGS_05)
 	$(PAPERMILL) notebooks/06_layer_responses.ipynb $(OUT)/06_layer_responses.ipynb -p preset $(PRESET) $(ARGS_06)
 	$(PAPERMILL) notebooks/07_imagenet_architectures.ipynb $(OUT)/07_imagenet_architectures.ipynb -p preset $(PRESET) $(ARGS_07)
+	$(BIN)/python -c 'from resnet_lab.claims import check; check("$(PRESET)")'
+	@cat results/$(PRESET)/claims.md
 	@echo "tables and figures under results/$(PRESET)/"
 
 # Tables and figures of every notebook rebuilt from results/runs/ without training.

@@ -102,7 +102,7 @@ class RunConfig:
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     # speed only (not hashed)
     activation_checkpointing: int = 0  # number of segments per stage; 0 = off
-    fast: bool = True  # CUDA graphs / compile where available; falls back to eager
+    fast: bool = True  # the step as a captured CUDA graph where available; falls back to eager
 
     def __post_init__(self) -> None:
         _check_choice("arch", self.arch, ARCHS)

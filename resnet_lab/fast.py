@@ -5,7 +5,9 @@ thousand small kernels (forward, backward, optimizer). Capturing forward + backw
 into one CUDA graph launches them all at once. The learning rate lives in a device tensor, so
 the schedule changes without re-capture. Whatever stops capture (a CPU device, an op that needs
 the host, a failed self-check) leaves the eager step in place, with the reason logged and kept in
-`Stepper.reason` (the run summary stores it).
+`Stepper.reason` (the run summary stores it). A capture that raises inside `torch.cuda.graph` also
+keeps every later step of the process eager (`graph_unavailable` says why). No `torch.compile`:
+one captured graph already removes the launch overhead it would, without compile time per net.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ from torch import nn
 from .data import normalize
 
 log = logging.getLogger(__name__)
+# Set when a capture raised inside `torch.cuda.graph`: an exception there can leave the caching
+# allocator believing a capture is still under way (fixed upstream after torch 2.11), so every later
+# step in this process stays eager rather than capture into a possibly shared, stale pool.
+_capture_failed: str | None = None
 
 MODES = ("eager", "graph")
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN/cuBLAS pick and cache their kernels)
@@ -105,6 +111,7 @@ class Stepper:
         self.reason: str | None = None if fast else "fast=False"
         self._want_graph, self._tried = fast, False
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._side: torch.cuda.Stream | None = None  # the capture stream, kept for the graph's lifetime
         self._lr: float | None = None
         self.check: dict | None = None  # graph-vs-eager numbers on the first batch
 
@@ -150,12 +157,14 @@ class Stepper:
             if stream is not None:  # torch's graph context stays on its capture stream when ending it fails
                 torch.cuda.set_stream(stream)
                 torch.cuda.synchronize(x.device)
-            self._graph = None
+            # drop the graph and everything allocated from its pool, so the pool can be freed
+            self._graph = self._grads = self._loss = self._wrong = self._x = self._y = self._side = None
             self.reason = f"CUDA graph not used ({type(e).__name__}: {e})"
             log.warning("%s; training with the eager step", self.reason)
             self._restore(snap)
             self.opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            with contextlib.suppress(RuntimeError):  # an allocator upset by the failed capture may assert here
+                torch.cuda.empty_cache()
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self._x, self._y = x.clone(), y.clone()
@@ -170,8 +179,15 @@ class Stepper:
         torch.cuda.empty_cache()  # the graph gets its own memory pool: hand back what the warm-up cached
         g = torch.cuda.CUDAGraph()
         self.opt.zero_grad(set_to_none=True)  # backward inside the capture allocates .grad from the graph's pool
-        with torch.cuda.graph(g):
-            self._loss, self._wrong = self._body(self._x, self._y, cache=False)
+        # Captured on this stepper's own stream, not torch's one shared capture stream: cuBLAS caches its
+        # workspace per stream, and graphs of packed runs replaying at once must not share one.
+        self._side = side
+        try:
+            with torch.cuda.graph(g, stream=side):
+                self._loss, self._wrong = self._body(self._x, self._y, cache=False)
+        except Exception as e:
+            _note_capture_failed(e)
+            raise
         self._graph, self._grads = g, [p.grad for p in self._params()]
 
     def _snapshot(self) -> dict:
@@ -218,10 +234,17 @@ class Stepper:
             raise RuntimeError(f"graph step disagrees with the eager step: {self.check}")
 
 
+def _note_capture_failed(e: BaseException) -> None:
+    global _capture_failed
+    _capture_failed = f"{type(e).__name__}: {e}"
+
+
 def graph_unavailable(device: torch.device) -> str | None:
     """Why a CUDA graph cannot be used on `device`, or None."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, got {device.type!r}"
+    if _capture_failed:
+        return f"an earlier CUDA graph capture in this process failed ({_capture_failed}); eager from then on"
     if not torch.cuda.is_available():
         return "torch.cuda.is_available() is False"
     return None

@@ -101,10 +101,26 @@ def _git_commit() -> str | None:
         return None
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The processor's model name (Linux), or None: short CPU runs differ in the last digits between
+    processors (other float kernels), so a run records which one it had."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def device_name(device: torch.device) -> str:
+    """'NVIDIA H100 80GB HBM3', or 'cpu (AMD EPYC, x86_64, 2 threads)'."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    model = cpu_model()
+    return f"cpu ({model + ', ' if model else ''}{platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def resolve_dataset(cfg: RunConfig, data: Cifar10) -> RunConfig:

@@ -123,6 +123,45 @@ def test_failed_capture_falls_back_to_eager_and_restores_the_state(graphs_availa
     assert_same_training(a, b, la, reference(b, data))
 
 
+def test_a_capture_that_raises_keeps_every_later_step_in_the_process_eager(graphs_available, monkeypatch):
+    """The real `_capture`, its CUDA calls stood in for on the CPU, with a capture that raises inside
+    `torch.cuda.graph`: the run falls back to eager, frees the graph's tensors, and from then on
+    `graph_unavailable` refuses CUDA graphs for the process (torch 2.11's allocator may not recover)."""
+    import contextlib
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class BrokenGraph:
+        def __init__(self, g, stream=None):
+            assert isinstance(stream, Stream)  # captured on the stepper's own stream
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fast, "_capture_failed", None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", BrokenGraph)
+    a, b = pair()
+    data = batches()
+    st, la = with_stepper(a, data)
+    assert st.mode == "eager" and "stream is capturing" in st.reason
+    assert st._graph is None and st._grads is None and st._x is None and st._side is None
+    assert_same_training(a, b, la, reference(b, data))
+    failed = fast._capture_failed
+    monkeypatch.undo()  # the real graph_unavailable and torch.cuda again (and the flag reset) ...
+    monkeypatch.setattr(fast, "_capture_failed", failed)  # ... but for the flag this capture set
+    why = fast.graph_unavailable(torch.device("cuda"))
+    assert why.startswith("an earlier CUDA graph capture in this process failed (RuntimeError: operation not")
+
+
 def test_self_check_rejects_a_graph_that_disagrees_with_the_eager_step(graphs_available, monkeypatch):
     monkeypatch.setattr(Stepper, "_capture", fake_capture(lr_scale=10.0))
     a, b = pair()

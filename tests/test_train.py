@@ -221,3 +221,21 @@ def test_seeds_far_apart_in_the_list_are_packed_together_when_grouping(cifar, tm
     cfgs = [tiny(seed=0), tiny(depth=14), tiny(seed=1)]
     out = train_many(cfgs, root=tmp_path, data=cifar, device="cpu", pack=2, group=True, stop_after=2)
     assert [r.summary.get("grouped_runs") for r in out] == [2, None, 2]
+
+
+def test_a_cpu_run_names_its_processor(tmp_path, monkeypatch):
+    """Short CPU runs differ between processors (other float kernels): the device column says which one."""
+    import platform
+
+    from resnet_lab.train import cpu_model, device_name
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD  EPYC 7B13\nflags\t: fpu\n")
+    assert cpu_model(str(info)) == "AMD EPYC 7B13"
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    assert cpu_model(str(tmp_path / "missing")) is None
+    mod = importlib.import_module("resnet_lab.train")  # the module: the package's `train` is the function
+    monkeypatch.setattr(mod, "cpu_model", lambda: None)
+    assert device_name(torch.device("cpu")) == f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    monkeypatch.setattr(mod, "cpu_model", lambda: "AMD EPYC 7B13")
+    assert device_name(torch.device("cpu")).startswith("cpu (AMD EPYC 7B13, ")
