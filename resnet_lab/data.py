@@ -229,21 +229,28 @@ def _validate(tx: np.ndarray, ty: np.ndarray, vx: np.ndarray, vy: np.ndarray, pa
 
 # -- public API -------------------------------------------------------------------------------
 def load_cifar10(source: str | os.PathLike | None = None, cache: bool = True) -> Cifar10:
-    """CIFAR-10 as uint8 tensors; decoded once per source, then read from a sha256-keyed cache."""
+    """CIFAR-10 as uint8 tensors; decoded once per source, then read from a sha256-keyed cache.
+
+    With no source anywhere (argument, $RESNET_LAB_DATA, data/), the one decoded copy in data/cache/
+    is used before a download is tried: after `make reproduce` (which found ../shared's copy) the CLI
+    works offline without the variable. The copy records its source's sha256, as every run does."""
     path = resolve_source(source)
     if path is None:
-        path = _download()
+        copies = sorted((data_dir() / "cache").glob(f"cifar10-*-v{CACHE_VERSION}.pt")) if cache else []
+        data = _read_cache(copies[0]) if len(copies) == 1 else None
+        if data is not None:
+            log.info("no CIFAR-10 source given: using the decoded copy of %s (sha256 %s) in %s",
+                     data.info.path, data.info.sha256[:16], copies[0])
+            return data
+        path = _download(copies)
     sha = _sha256(path)
     kind = "official" if (path.is_dir() and (path / "data_batch_1").exists()) or path.name.startswith("cifar-10-python") \
         else None
     cache_file = data_dir() / "cache" / f"cifar10-{sha[:16]}-v{CACHE_VERSION}.pt"
     if cache and cache_file.exists():
-        try:
-            d = torch.load(cache_file, weights_only=True)
-            info = DataInfo(**d["info"])
-            return Cifar10(d["train_x"], d["train_y"], d["test_x"], d["test_y"], info)
-        except Exception as e:  # a damaged cache is rebuilt, never trusted
-            log.warning("ignoring unreadable cache %s (%s); decoding again", cache_file, e)
+        data = _read_cache(cache_file)
+        if data is not None:
+            return data
     if kind is None:
         kind = _sniff(path)
     arrays = _load_official(path) if kind == "official" else _load_image_folder(path)
@@ -257,6 +264,16 @@ def load_cifar10(source: str | os.PathLike | None = None, cache: bool = True) ->
         atomic_save_torch({"train_x": tx, "train_y": ty, "test_x": vx, "test_y": vy, "info": info.to_json()},
                           cache_file)
     return Cifar10(tx, ty, vx, vy, info)
+
+
+def _read_cache(cache_file: Path) -> Cifar10 | None:
+    """A decoded copy, or None (logged) where it is unreadable: a damaged cache is rebuilt, never trusted."""
+    try:
+        d = torch.load(cache_file, weights_only=True)
+        return Cifar10(d["train_x"], d["train_y"], d["test_x"], d["test_y"], DataInfo(**d["info"]))
+    except Exception as e:
+        log.warning("ignoring unreadable cache %s (%s)", cache_file, e)
+        return None
 
 
 def _sniff(path: Path) -> str:
@@ -275,16 +292,18 @@ def _sniff(path: Path) -> str:
     raise DataError(f"archive {str(path)!r} holds neither CIFAR-10 batches nor images")
 
 
-def _download() -> Path:
-    """Fetch the official archive with torchvision (needs internet)."""
+def _download(cached: list[Path] = ()) -> Path:
+    """Fetch the official archive with torchvision (needs internet); `cached`: decoded copies to name if it fails."""
     from torchvision.datasets import CIFAR10
 
     d = data_dir()
     try:
         CIFAR10(str(d), train=True, download=True)
     except Exception as e:
+        held = (f"; {d / 'cache'} holds {len(cached)} decoded copies ({', '.join(p.name for p in cached)}), "
+                "too many to pick one" if len(cached) > 1 else "")
         raise DataError(
-            f"no CIFAR-10 copy found (argument, $RESNET_LAB_DATA, or {d}) and the download failed ({e}); "
+            f"no CIFAR-10 copy found (argument, $RESNET_LAB_DATA, or {d}) and the download failed ({e}){held}; "
             "set RESNET_LAB_DATA to cifar-10-python.tar.gz or an image-folder tarball"
         ) from e
     # torchvision keeps the archive beside the folder it unpacks, and `resolve_source` finds the archive

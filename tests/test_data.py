@@ -204,3 +204,36 @@ def test_balanced_subset_mixes_classes():
     xs, ys = D.balanced_subset(x, y, 50)
     assert ys.bincount(minlength=10).tolist() == [5] * 10 and torch.equal(y[xs], ys)
     assert torch.equal(D.balanced_subset(x, y, 50)[0], xs)  # fixed order
+
+
+def test_without_a_source_the_one_decoded_copy_is_used_offline(tmp_path, monkeypatch):
+    """After `make reproduce` the CLI works offline without RESNET_LAB_DATA; two copies are not guessed between."""
+    import torchvision.datasets
+
+    from resnet_lab.runs import atomic_save_torch
+
+    monkeypatch.setenv("RESNET_LAB_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("RESNET_LAB_DATA", raising=False)
+
+    class Offline:
+        def __init__(self, *a, **k):
+            raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+
+    def copy(sha):
+        info = D.DataInfo(kind="image-folder", path=f"/x/{sha}.tar.gz", sha256=sha * 64, official_pixels=False,
+                          n_train=2, n_test=1)
+        x = torch.full((2, 3, 32, 32), int(sha, 16), dtype=torch.uint8)
+        atomic_save_torch({"train_x": x, "train_y": torch.zeros(2, dtype=torch.int64), "test_x": x[:1],
+                           "test_y": torch.zeros(1, dtype=torch.int64), "info": info.to_json()},
+                          tmp_path / "cache" / f"cifar10-{sha * 16}-v{D.CACHE_VERSION}.pt")
+
+    with pytest.raises(D.DataError, match="download failed .*Name or service not known"):
+        load_cifar10()
+    copy("a")
+    got = load_cifar10()
+    assert got.info.sha256 == "a" * 64 and int(got.train_x[0, 0, 0, 0]) == 10
+    copy("b")
+    with pytest.raises(D.DataError, match=r"holds 2 decoded copies \(cifar10-a+-v\d+\.pt, cifar10-b+-v\d+\.pt\)"):
+        load_cifar10()
