@@ -38,11 +38,14 @@ def t975(dof: int) -> float:
 
 
 def ci95(values) -> float:
-    """Half-width of the 95% confidence interval of the mean (Student t; 0 for a single value)."""
+    """Half-width of the 95% confidence interval of the mean (Student t).
+
+    NaN for fewer than two values: one run says nothing about seed noise, and 0 would claim there is none.
+    """
     v = pd.to_numeric(pd.Series(values), errors="coerce").dropna()
     n = len(v)
     if n < 2:
-        return 0.0
+        return float("nan")
     return t975(n - 1) * float(v.std(ddof=1)) / math.sqrt(n)
 
 

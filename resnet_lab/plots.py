@@ -1,6 +1,7 @@
 """Paper-style figures: one style, one function per figure, each taking a DataFrame and returning the figure."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ def t_interval(values) -> tuple[float, float]:
 
     v = pd.to_numeric(pd.Series(values), errors="coerce").dropna()
     mean, half = float(v.mean()), ci95(v)
+    half = 0.0 if math.isnan(half) else half  # one seed: no bar (the table says "not estimated" with NaN)
     return mean - half, mean + half
 
 
@@ -45,7 +47,9 @@ def no_data_figure(what: str):
 
 
 def save(fig, out_dir: str | os.PathLike, name: str) -> list[Path]:
-    """Save `fig` as PNG and PDF (300 dpi, tight) under out_dir; returns the paths (none for a no-data figure)."""
+    """Save `fig` as PNG and PDF (300 dpi, tight) under out_dir; returns the paths (none for a no-data figure).
+
+    Same figure, same bytes: regenerating results leaves unchanged figures unchanged in git."""
     if getattr(fig, "no_data", False):
         return []
     out = Path(out_dir)
@@ -56,7 +60,9 @@ def save(fig, out_dir: str | os.PathLike, name: str) -> list[Path]:
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=f".{ext}")  # unique: sweep points run at once
         os.close(fd)
         try:
-            fig.savefig(tmp, bbox_inches="tight", dpi=300, format=ext)
+            # no creation date in the PDF: a regenerated figure that did not change stays byte-identical
+            meta = {"CreationDate": None} if ext == "pdf" else None
+            fig.savefig(tmp, bbox_inches="tight", dpi=300, format=ext, metadata=meta)
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

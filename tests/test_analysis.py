@@ -23,6 +23,13 @@ def test_diverged_runs_are_counted_not_averaged():
     assert row["test_err_ci95"] == pytest.approx(100 * ci95([0.08, 0.10]))
 
 
+def test_one_run_has_no_interval_rather_than_a_zero_one():
+    row = summarize(runs(["done"], [0.08]), ["arch", "depth"]).iloc[0]
+    assert row["runs"] == 1 and row["test_err_%"] == pytest.approx(8.0)
+    assert math.isnan(row["test_err_ci95"]) and math.isnan(row["train_err_ci95"])
+    assert ci95([0.08, 0.08]) == 0.0  # two equal seeds: an interval, of width 0
+
+
 def test_a_config_whose_every_seed_diverged_shows_no_error():
     row = summarize(runs(["diverged"], [0.9]), ["arch", "depth"]).iloc[0]
     assert row["runs"] == 0 and row["diverged"] == 1 and math.isnan(row["test_err_%"])
@@ -35,3 +42,20 @@ def test_figures_draw_the_tables_t_interval_not_a_bootstrap():
     assert (lo + hi) / 2 == pytest.approx(mean) and (hi - lo) / 2 == pytest.approx(ci95(v))
     assert (hi - lo) / 2 > 4.3 * 0.5  # t(2) = 4.30 times a standard error of at least 0.5 here
     assert t_interval([8.0]) == (8.0, 8.0)
+
+
+def test_a_figure_saved_twice_is_the_same_bytes(tmp_path):
+    """Regenerated results must not show every PDF as changed (matplotlib stamps a creation date by default)."""
+    import time
+
+    import matplotlib.pyplot as plt
+
+    from resnet_lab import plots
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    first = [p.read_bytes() for p in plots.save(fig, tmp_path / "a", "f")]
+    time.sleep(1.1)  # the PDF date has one-second resolution
+    second = [p.read_bytes() for p in plots.save(fig, tmp_path / "b", "f")]
+    plt.close(fig)
+    assert first == second and first[1].startswith(b"%PDF")
