@@ -32,6 +32,21 @@ def _row(notebook: str, claim: str, criterion: str, ours: str, holds: bool | str
     return {"notebook": notebook, "claim": claim, "criterion": criterion, "ours": ours, "holds": verdict}
 
 
+def _ci_col(col: str) -> str:
+    """'train_err_%' -> 'train_err_ci95': the column holding a mean's 95% half-width."""
+    return col.removesuffix("_%") + "_ci95"
+
+
+def _noise_unknown(a: pd.Series, b: pd.Series, col: str) -> str | None:
+    """Why the difference of two rows has no noise estimate, or None where it has one."""
+    hc = _ci_col(col)
+    if hc not in a or hc not in b:
+        return "no CI column in the table"
+    if min(int(a["runs"]), int(b["runs"])) < 2:
+        return "one run on a side"
+    return "no CI value" if pd.isna(a[hc]) or pd.isna(b[hc]) else None
+
+
 def difference(a: pd.Series, b: pd.Series, col: str) -> tuple[float, float | None]:
     """b - a of one column of two summary rows, with the 95% half-width of that difference.
 
@@ -39,10 +54,9 @@ def difference(a: pd.Series, b: pd.Series, col: str) -> tuple[float, float | Non
     `runs` seeds) and run count; None where a side has a single run or the table has no CI column.
     """
     d = float(b[col]) - float(a[col])
-    half_col = col.removesuffix("_%") + "_ci95"
-    if any(half_col not in r or pd.isna(r[half_col]) or int(r["runs"]) < 2 for r in (a, b)):
+    if _noise_unknown(a, b, col):
         return d, None
-    se = [float(r[half_col]) / t975(int(r["runs"]) - 1) for r in (a, b)]  # std / sqrt(n) of each mean
+    se = [float(r[_ci_col(col)]) / t975(int(r["runs"]) - 1) for r in (a, b)]  # std / sqrt(n) of each mean
     var = se[0] ** 2 + se[1] ** 2
     if var == 0:
         return d, 0.0
@@ -69,12 +83,10 @@ def verdict(diff: float, half: float | None, expect: str) -> str:
 
 def compare_text(a: pd.Series, b: pd.Series, col: str, diff: float, half: float | None) -> str:
     """'20: 2.00 ± 0.30%, 56: 4.00 ± 0.40%; 56 - 20: +2.00 ± 0.55 points' (the numbers a verdict rests on)."""
-    hc = col.removesuffix("_%") + "_ci95"
+    hc = _ci_col(col)
     if half is None:
-        why = ("no CI column in the table" if hc not in a or hc not in b
-               else "one run on a side" if min(int(a["runs"]), int(b["runs"])) < 2 else "no CI value")
         return (f"{int(a['depth'])}: {float(a[col]):.2f}%, {int(b['depth'])}: {float(b[col]):.2f}% "
-                f"(seed noise not estimated: {why})")
+                f"(seed noise not estimated: {_noise_unknown(a, b, col)})")
     return (f"{int(a['depth'])}: {float(a[col]):.2f} ± {float(a[hc]):.2f}%, "
             f"{int(b['depth'])}: {float(b[col]):.2f} ± {float(b[hc]):.2f}%; "
             f"{int(b['depth'])} - {int(a['depth'])}: {diff:+.2f} ± {half:.2f} points")

@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import tarfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -292,7 +293,7 @@ def _sniff(path: Path) -> str:
     raise DataError(f"archive {str(path)!r} holds neither CIFAR-10 batches nor images")
 
 
-def _download(cached: list[Path] = ()) -> Path:
+def _download(cached: Sequence[Path] = ()) -> Path:
     """Fetch the official archive with torchvision (needs internet); `cached`: decoded copies to name if it fails."""
     from torchvision.datasets import CIFAR10
 

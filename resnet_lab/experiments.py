@@ -207,10 +207,11 @@ def degradation_claims(table: pd.DataFrame) -> pd.DataFrame:
             continue
         lo, hi = t.iloc[0], t.iloc[-1]
         diff, half = difference(lo, hi, "train_err_%")
+        spread = " (noise not estimated)" if half is None else f" ± {half:.2f}"
         rows.append({"arch": arch, "paper says": says,
                      "shallow": f"{int(lo['depth'])}: {lo['train_err_%']:.1f}%",
                      "deep": f"{int(hi['depth'])}: {hi['train_err_%']:.1f}%",
-                     "deep - shallow (95% CI)": f"{diff:+.2f}" + (" (noise not estimated)" if half is None else f" ± {half:.2f}"),
+                     "deep - shallow (95% CI)": f"{diff:+.2f}{spread}",
                      "holds here": verdict(diff, half, expect)})
     return pd.DataFrame(rows)
 

@@ -167,6 +167,7 @@ class Stepper:
                 torch.cuda.empty_cache()
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        global _capture_failed
         self._x, self._y = x.clone(), y.clone()
         cur = torch.cuda.current_stream(x.device)
         side = torch.cuda.Stream(x.device)
@@ -186,7 +187,7 @@ class Stepper:
             with torch.cuda.graph(g, stream=side):
                 self._loss, self._wrong = self._body(self._x, self._y, cache=False)
         except Exception as e:
-            _note_capture_failed(e)
+            _capture_failed = f"{type(e).__name__}: {e}"
             raise
         self._graph, self._grads = g, [p.grad for p in self._params()]
 
@@ -232,11 +233,6 @@ class Stepper:
                       "update_rel_diff": upd_err}
         if not (loss_err <= CHECK_LOSS_RTOL and upd_err <= CHECK_UPDATE_RTOL):
             raise RuntimeError(f"graph step disagrees with the eager step: {self.check}")
-
-
-def _note_capture_failed(e: BaseException) -> None:
-    global _capture_failed
-    _capture_failed = f"{type(e).__name__}: {e}"
 
 
 def graph_unavailable(device: torch.device) -> str | None:
