@@ -426,7 +426,20 @@ class DeviceLoader:
         return augment(self.x[ix], dx[s], dy[s], fl[s]), self.y[ix]
 
 
-def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000):
-    """Un-augmented (images, labels) chunks, in order."""
+# Images per evaluation batch. A GPU wants large batches (fewer launches); a CPU wants batches whose
+# activations stay in its caches: measured on a 2-core EPYC, channels_last, a ResNet-56 evaluates
+# 1280 img/s at 64, 823 at 500 and 540-620 at 1000 (ResNet-110: 696 at 64, 422 at 500).
+EVAL_BATCH = {"cuda": 1000}
+CPU_EVAL_BATCH = 64
+
+
+def eval_batch_size(device: str | torch.device) -> int:
+    """The evaluation batch size for `device` (see EVAL_BATCH)."""
+    return EVAL_BATCH.get(torch.device(device).type, CPU_EVAL_BATCH)
+
+
+def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None):
+    """Un-augmented (images, labels) chunks, in order; batch_size None: `eval_batch_size(x.device)`."""
+    batch_size = eval_batch_size(x.device) if batch_size is None else batch_size
     for i in range(0, len(x), batch_size):
         yield x[i:i + batch_size], y[i:i + batch_size]

@@ -333,7 +333,7 @@ def responses(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_i
     for r in runs[runs["status"] == "done"].to_dict("records"):
         cfg = RunConfig.from_json(r)
         model = RunDir(cfg, root).load_model()
-        df = layer_responses(model, eval_batches(*balanced_subset(data.test_x, data.test_y, max_images), 500))
+        df = layer_responses(model, eval_batches(*balanced_subset(data.test_x, data.test_y, max_images)))
         frames.append(df.assign(arch=cfg.arch, depth=cfg.depth, seed=cfg.seed, net=net_label(cfg)))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESPONSE_COLUMNS)
 
@@ -538,7 +538,7 @@ def highway_gates(runs: pd.DataFrame, source: str | os.PathLike | None = None, m
         return pd.DataFrame(columns=["block", "mean_gate", "net"])
     data = load_cifar10(source)
     x, y = balanced_subset(data.test_x, data.test_y, max_images)
-    frames = [gate_means(RunDir(RunConfig.from_json(r), root).load_model(), eval_batches(x, y, 500))
+    frames = [gate_means(RunDir(RunConfig.from_json(r), root).load_model(), eval_batches(x, y))
               .assign(net=f"{r['arch']}-{r['depth']} seed {r['seed']}") for r in hw.to_dict("records")]
     return pd.concat(frames, ignore_index=True)
 

@@ -32,10 +32,11 @@ CHECK_LOSS_RTOL = 2e-2  # graph vs eager on the first batch: loss, bf16 toleranc
 CHECK_UPDATE_RTOL = 0.1  # ... and the parameter update, relative to its size
 
 
-def to_device(model: nn.Module, device: torch.device) -> nn.Module:
-    """The model on `device`, channels_last on CUDA (the layout bf16 convolutions are fastest in)."""
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+def to_device(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """The model on `device` in channels_last: the layout bf16 convolutions are fastest in on CUDA. On a
+    CPU (2-core EPYC, fp32) it evaluates a ResNet-56 1.2x faster, and trains within the noise of the
+    default layout; one layout everywhere keeps CPU and GPU checkpoints alike."""
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float
@@ -81,9 +82,7 @@ def step_body(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
     members > 1: `model` is a `GroupedNets` and x holds each member's batch in turn; loss and wrong
     count come back per member, shape (members,).
     """
-    xf = normalize(x)
-    if xf.device.type == "cuda":
-        xf = xf.contiguous(memory_format=torch.channels_last)
+    xf = normalize(x).contiguous(memory_format=torch.channels_last)  # the models' layout (to_device)
     with autocast(xf.device, precision, cache):
         out = model(xf)
     wrong = out.detach().argmax(1) != y

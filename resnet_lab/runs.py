@@ -172,6 +172,7 @@ class RunDir:
 
     def load_model_and_sha256(self, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, str]:
         """The model and the sha256 of the very bytes it was loaded from (what a cached analysis names)."""
+        from .fast import to_device
         from .models import model_from_config
 
         try:
@@ -180,7 +181,7 @@ class RunDir:
             raise FileNotFoundError(f"run {self.cfg.hash} ({self.cfg.name}) has no model.pt: train it first") from None
         model = model_from_config(self.cfg)
         model.load_state_dict(torch.load(io.BytesIO(data), map_location=device, weights_only=True))
-        return model.to(device).eval(), hashlib.sha256(data).hexdigest()
+        return to_device(model, device).eval(), hashlib.sha256(data).hexdigest()
 
     # -- cached analyses: hours of lesions and gradients on a CPU, computed once (on the GPU) and reused ----
     def analysis_file(self, kind: str, params: Mapping[str, Any]) -> Path:

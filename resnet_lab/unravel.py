@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import eval_batches, normalize
+from .data import eval_batch_size, eval_batches, normalize
 from .train import evaluate
 
 ROUTES = ("branch", "shortcut")
@@ -127,17 +127,20 @@ def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
         raise ValueError(f"need as many labels as images, at least one: got {len(x)} images, {len(y)} labels")
 
 
-def _error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    """Test error rate via `train.evaluate`, batches moved to the model's device, no autograd graph."""
-    if not _is_int(batch_size) or batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size!r} is not valid; allowed: integers >= 1")
+def _error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None) -> float:
+    """Test error rate via `train.evaluate`, batches moved to the model's device, no autograd graph.
+
+    batch_size None: the model's device's evaluation batch (`data.eval_batch_size`)."""
+    if batch_size is not None and (not _is_int(batch_size) or batch_size <= 0):
+        raise ValueError(f"batch_size={batch_size!r} is not valid; allowed: integers >= 1, or None")
     dev = next(model.parameters()).device
+    batch_size = eval_batch_size(dev) if batch_size is None else batch_size
     with modified_blocks(model), torch.no_grad():  # evaluate() resets every module to the top-level mode
         return evaluate(model, ((a.to(dev), b.to(dev)) for a, b in eval_batches(x, y, batch_size)))[1]
 
 
 # -- test-time deletion and reordering ----------------------------------------------------------
-def lesion_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> pd.DataFrame:
+def lesion_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> pd.DataFrame:
     """Test error with each single block's residual branch removed: does the net depend on any one block?
 
     Columns: block, stage, changes_shape, has_shortcut, err, base_err (the unlesioned error). For a
@@ -159,7 +162,7 @@ def lesion_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
 
 
 def delete_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[int], draws: int, seed: int = 0,
-             batch_size: int = 500) -> pd.DataFrame:
+             batch_size: int | None = None) -> pd.DataFrame:
     """Test error after lesioning k random blocks at once (`draws` draws per k): how smoothly error grows with k.
 
     Blocks are drawn from those that can be removed (every block of a residual net). Columns:
@@ -178,7 +181,7 @@ def delete_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[in
 
 
 def _draw_errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: list[int], draws: int, seed: int,
-                 batch_size: int, column: str, draw: Callable[[random.Random, int], tuple[Any, dict]]
+                 batch_size: int | None, column: str, draw: Callable[[random.Random, int], tuple[Any, dict]]
                  ) -> pd.DataFrame:
     """Test error of `draws` random modifications per k; draw(rng, k) -> (what was drawn, for the `column`
     column; `modified_blocks` arguments). k=0 is the unmodified error (draw is still called, so the
@@ -210,7 +213,7 @@ def swappable_groups(model: nn.Module) -> list[list[int]]:
 
 
 def reorder_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[int], draws: int, seed: int = 0,
-              batch_size: int = 500) -> pd.DataFrame:
+              batch_size: int | None = None) -> pd.DataFrame:
     """Test error after swapping k random disjoint pairs of same-shape blocks: how much block order matters.
 
     Pairs come from the same stage and never include a transition block; k is at most the number

@@ -237,3 +237,15 @@ def test_without_a_source_the_one_decoded_copy_is_used_offline(tmp_path, monkeyp
     copy("b")
     with pytest.raises(D.DataError, match=r"holds 2 decoded copies \(cifar10-a+-v\d+\.pt, cifar10-b+-v\d+\.pt\)"):
         load_cifar10()
+
+
+def test_evaluation_batches_are_small_on_a_cpu_and_large_on_a_gpu():
+    from resnet_lab.data import CPU_EVAL_BATCH, eval_batch_size, eval_batches
+
+    assert eval_batch_size("cuda") == 1000 and eval_batch_size(torch.device("cuda", 0)) == 1000
+    assert eval_batch_size("cpu") == CPU_EVAL_BATCH < 1000
+    x, y = torch.arange(150).view(150, 1), torch.arange(150)
+    chunks = list(eval_batches(x, y))  # x on the CPU: its batch size
+    assert [len(c[0]) for c in chunks] == [CPU_EVAL_BATCH] * (150 // CPU_EVAL_BATCH) + [150 % CPU_EVAL_BATCH]
+    assert torch.equal(torch.cat([c[1] for c in chunks]), y)  # in order, nothing dropped
+    assert [len(c[0]) for c in eval_batches(x, y, 100)] == [100, 50]

@@ -71,6 +71,19 @@ def test_on_cpu_the_eager_fallback_is_taken_and_learns_what_the_reference_learns
     assert st_off.mode == "eager" and st_off.reason == "fast=False"
 
 
+def test_to_device_lays_every_conv_out_channels_last_on_the_cpu_and_learns_the_same():
+    """channels_last is faster on the CPU too; it changes the layout, not what is learned."""
+    a, b = pair()
+    a = fast.to_device(a, torch.device("cpu"))
+    convs = [p for p in a.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                         for p in convs)
+    data = batches()
+    _, la = with_stepper(a, data)
+    assert_same_training(a, b, la, reference(b, data))  # b stays in the default layout
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in a.parameters() if p.dim() == 4)
+
+
 class FakeGraph:
     """Stands in for torch.cuda.CUDAGraph: replay runs the step on the captured static buffers."""
 

@@ -88,7 +88,9 @@ def test_load_runs_and_metrics(cifar, results):
     with pytest.raises(KeyError, match="no column 'colour'"):
         load_runs(results, colour="red")
     rd = RunDir(tiny(arch="plain", iterations=2, eval_every=2, dataset=cifar.info.sha256[:16]), results)
-    assert rd.load_model()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    model = rd.load_model()
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)  # analyses run in the fast layout
 
 
 def _same_curves(a, b):
@@ -239,3 +241,24 @@ def test_a_cpu_run_names_its_processor(tmp_path, monkeypatch):
     assert device_name(torch.device("cpu")) == f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     monkeypatch.setattr(mod, "cpu_model", lambda: "AMD EPYC 7B13")
     assert device_name(torch.device("cpu")).startswith("cpu (AMD EPYC 7B13, ")
+
+
+def test_progress_refreshes_rarely_where_stderr_is_not_a_terminal(cifar, tmp_path, monkeypatch):
+    """An executed notebook keeps every refresh of the bar: off a terminal it redraws every few seconds."""
+    import io
+
+    from resnet_lab.train import PROGRESS_EVERY_S, progress_interval
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress_interval(Tty()) == 0.1 and progress_interval(io.StringIO()) == PROGRESS_EVERY_S >= 1
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    monkeypatch.delenv("CI", raising=False)
+    rec = train(tiny(iterations=240, eval_every=120, batch_size=4, milestones=(180,)), tmp_path, device="cpu",
+                progress=True)
+    assert rec.status == "done" and "resnet-8" in err.getvalue()
+    # the first draw, one per evaluation (its numbers), the close; at 0.1 s this run drew 13 here
+    assert err.getvalue().count("\r") <= 6, err.getvalue()
