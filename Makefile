@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: install
 	$(BIN)/python -m pytest -q
 
-# The quick preset keeps `make reproduce` inside ~15 minutes on 2 CPU cores: smaller grids than the
+# The quick preset keeps `make reproduce` near 15 minutes on 2 CPU cores (1031 s on a 2-core EPYC): smaller grids than the
 # notebooks' defaults (which are the paper's). Notebooks share runs through the store (06 reuses 01's
 # nets, 05 compares the 1202-layer net with 01's ResNet-56 instead of training a 110).
 ifeq ($(PRESET),quick)
