@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TextIO
 
 import pandas as pd
 import torch
@@ -225,7 +225,7 @@ def _train_locked(cfg: RunConfig, rd: RunDir, device: torch.device, data: Cifar1
 PROGRESS_EVERY_S = 5.0
 
 
-def progress_interval(stream=None) -> float:
+def progress_interval(stream: TextIO | None = None) -> float:
     """tqdm's mininterval: its default on a terminal, PROGRESS_EVERY_S elsewhere."""
     stream = sys.stderr if stream is None else stream
     return 0.1 if getattr(stream, "isatty", lambda: False)() else PROGRESS_EVERY_S
