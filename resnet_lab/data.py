@@ -237,7 +237,8 @@ def load_cifar10(source: str | os.PathLike | None = None, cache: bool = True) ->
     works offline without the variable. The copy records its source's sha256, as every run does."""
     path = resolve_source(source)
     if path is None:
-        copies = sorted((data_dir() / "cache").glob(f"cifar10-*-v{CACHE_VERSION}.pt")) if cache else []
+        every = _cache_file("*")
+        copies = sorted(every.parent.glob(every.name)) if cache else []
         data = _read_cache(copies[0]) if len(copies) == 1 else None
         if data is not None:
             log.info("no CIFAR-10 source given: using the decoded copy of %s (sha256 %s) in %s",
@@ -247,7 +248,7 @@ def load_cifar10(source: str | os.PathLike | None = None, cache: bool = True) ->
     sha = _sha256(path)
     kind = "official" if (path.is_dir() and (path / "data_batch_1").exists()) or path.name.startswith("cifar-10-python") \
         else None
-    cache_file = data_dir() / "cache" / f"cifar10-{sha[:16]}-v{CACHE_VERSION}.pt"
+    cache_file = _cache_file(sha[:16])
     if cache and cache_file.exists():
         data = _read_cache(cache_file)
         if data is not None:
@@ -265,6 +266,11 @@ def load_cifar10(source: str | os.PathLike | None = None, cache: bool = True) ->
         atomic_save_torch({"train_x": tx, "train_y": ty, "test_x": vx, "test_y": vy, "info": info.to_json()},
                           cache_file)
     return Cifar10(tx, ty, vx, vy, info)
+
+
+def _cache_file(key: str) -> Path:
+    """data/cache/cifar10-<key>-v<CACHE_VERSION>.pt: key is the source's sha256[:16] ("*": a glob of all)."""
+    return data_dir() / "cache" / f"cifar10-{key}-v{CACHE_VERSION}.pt"
 
 
 def _read_cache(cache_file: Path) -> Cifar10 | None:
@@ -429,13 +435,13 @@ class DeviceLoader:
 # Images per evaluation batch. A GPU wants large batches (fewer launches); a CPU wants batches whose
 # activations stay in its caches: measured on a 2-core EPYC, channels_last, a ResNet-56 evaluates
 # 1280 img/s at 64, 823 at 500 and 540-620 at 1000 (ResNet-110: 696 at 64, 422 at 500).
-EVAL_BATCH = {"cuda": 1000}
+GPU_EVAL_BATCH = 1000
 CPU_EVAL_BATCH = 64
 
 
 def eval_batch_size(device: str | torch.device) -> int:
-    """The evaluation batch size for `device` (see EVAL_BATCH)."""
-    return EVAL_BATCH.get(torch.device(device).type, CPU_EVAL_BATCH)
+    """The evaluation batch size for `device`: GPU_EVAL_BATCH on CUDA, else CPU_EVAL_BATCH."""
+    return GPU_EVAL_BATCH if torch.device(device).type == "cuda" else CPU_EVAL_BATCH
 
 
 def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None):
