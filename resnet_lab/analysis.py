@@ -23,18 +23,46 @@ def count_macs(model: nn.Module, image_size: int = 32) -> int:
     return int(fc.get_total_flops() // 2)
 
 
-def t975(dof: int) -> float:
-    """97.5% quantile of Student's t (table for small dof, normal beyond): no scipy needed."""
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-             10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-    if dof in table:
-        return table[dof]
-    if dof > 30:
-        return 1.96 + 2.4 / dof  # within 0.3% of the exact quantile for dof > 30
-    lower = max(k for k in table if k < dof)
-    upper = min(k for k in table if k > dof)
-    w = (dof - lower) / (upper - lower)
-    return table[lower] * (1 - w) + table[upper] * w
+def _beta_cf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz), converging for x < (a+1)/(a+b+2)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),  # even step, then odd step
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _t_tail(t: float, dof: float) -> float:
+    """P(T > t) for Student's t with real `dof` > 0 and t >= 0: I_x(dof/2, 1/2) / 2 with x = dof/(dof+t^2)."""
+    a, b, x = dof / 2, 0.5, dof / (dof + t * t)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return 0.5 * front * _beta_cf(a, b, x) / a
+    return 0.5 * (1.0 - front * _beta_cf(b, a, 1.0 - x) / b)
+
+
+def t975(dof: float) -> float:
+    """97.5% quantile of Student's t for any real dof > 0 (Welch's are fractional); no scipy needed.
+
+    Bisection on the tail probability, to 1e-10: exact where a table would round the dof.
+    """
+    if not dof > 0:
+        raise ValueError(f"dof={dof!r} is not valid: use a number > 0")
+    lo, hi = 1.959, 13.0 if dof >= 1 else 1e6
+    while hi - lo > 1e-10 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_tail(mid, dof) > 0.025 else (lo, mid)
+    return (lo + hi) / 2
 
 
 def ci95(values) -> float:

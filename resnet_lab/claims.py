@@ -20,7 +20,11 @@ from .analysis import t975
 from .runs import atomic_write_csv, atomic_write_text, results_dir
 
 LESION_COST_PTS = 1.0  # a residual block's deletion "costs little": under 1 point of test error
-COLLAPSE_ERR = 0.5  # a plain net "collapses": its median single-block lesion error is above 50%
+# A plain net "collapses" when one block goes: its median single-block lesion error is near chance (90% on
+# CIFAR-10's 10 classes; Veit et al. Fig. 3) and well above the intact net's, so a net that never learned
+# cannot pass by its error alone.
+COLLAPSE_ERR = 0.8
+COLLAPSE_RISE_PTS = 10.0
 COLUMNS = ["notebook", "claim", "criterion", "ours", "holds"]
 
 
@@ -61,7 +65,7 @@ def difference(a: pd.Series, b: pd.Series, col: str) -> tuple[float, float | Non
     if var == 0:
         return d, 0.0
     dof = var ** 2 / sum(s ** 4 / (int(r["runs"]) - 1) for s, r in zip(se, (a, b)))  # Welch-Satterthwaite
-    return d, t975(max(1, math.floor(dof))) * math.sqrt(var)
+    return d, t975(dof) * math.sqrt(var)
 
 
 def verdict(diff: float, half: float | None, expect: str) -> str:
@@ -139,16 +143,18 @@ def lesions(lesion: pd.DataFrame | None) -> list[dict]:
                         f"worst: block {int(worst['block'])} +{cost.max():.2f} points; median +{cost.median():.2f}",
                         bool(cost.max() < LESION_COST_PTS)))
     plain = None if lesion is None else lesion[lesion["arch"] == "plain"]
+    crit = (f"median lesion error >= {100 * COLLAPSE_ERR:.0f}% (chance: 90%) and >= {COLLAPSE_RISE_PTS:g} points "
+            "above the intact net's")
     if plain is None or plain.empty:
-        out.append(_row("04_unraveled_ensemble", "a plain net collapses when one layer block is deleted",
-                        f"median lesion error > {100 * COLLAPSE_ERR:.0f}%", "", None))
-    else:
-        deepest = plain[plain["depth"] == plain["depth"].max()]
-        med = float(deepest["err"].astype(float).median())
-        out.append(_row("04_unraveled_ensemble", f"{deepest['net'].iloc[0]} collapses when one block is deleted",
-                        f"median lesion error > {100 * COLLAPSE_ERR:.0f}%",
-                        f"median {100 * med:.1f}% (intact {100 * float(deepest['base_err'].iloc[0]):.1f}%)",
-                        med > COLLAPSE_ERR))
+        out.append(_row("04_unraveled_ensemble", "a plain net collapses when one layer block is deleted", crit, "",
+                        None))
+        return out
+    deepest = plain[plain["depth"] == plain["depth"].max()]
+    for net, g in deepest.groupby("net", sort=True):
+        med, base = float(g["err"].astype(float).median()), float(g["base_err"].astype(float).iloc[0])
+        out.append(_row("04_unraveled_ensemble", f"{net} collapses when one block is deleted", crit,
+                        f"median {100 * med:.1f}% (intact {100 * base:.1f}%, +{100 * (med - base):.1f} points)",
+                        med >= COLLAPSE_ERR and 100 * (med - base) >= COLLAPSE_RISE_PTS))
     return out
 
 
@@ -159,10 +165,13 @@ def effective_paths(effective: pd.DataFrame | None) -> list[dict]:
     if effective is None or effective.empty:
         return [_row("04_unraveled_ensemble", claim, crit, "", None)]
     e = effective[effective["depth"] == effective["depth"].max()]
-    hi, m = int(e["effective_to"].max()), int(e["blocks"].iloc[0])
-    ranges = ", ".join(sorted({f"{int(a)}-{int(b)}" for a, b in zip(e["effective_from"], e["effective_to"])}))
-    return [_row("04_unraveled_ensemble", f"{claim} ({e['net'].iloc[0]})", crit,
-                 f"effective {ranges} of {m} blocks (m/2 = {m / 2:g})", hi < m / 2)]
+    rows = []
+    for net, g in e.groupby("net", sort=True):  # one verdict per net (ResNet-110 and pre-act-110, say)
+        hi, m = int(g["effective_to"].max()), int(g["blocks"].iloc[0])
+        ranges = ", ".join(sorted({f"{int(a)}-{int(b)}" for a, b in zip(g["effective_from"], g["effective_to"])}))
+        rows.append(_row("04_unraveled_ensemble", f"{claim} ({net})", crit,
+                         f"effective {ranges} of {m} blocks (m/2 = {m / 2:g})", hi < m / 2))
+    return rows
 
 
 def _read(base: Path, notebook: str, name: str) -> pd.DataFrame | None:

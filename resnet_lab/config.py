@@ -5,8 +5,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 ARCHS = ("plain", "resnet", "preact", "highway", "gated")
 # Gate bias at initialisation, sigmoid(b) = the gate's opening. highway (exclusive gating, T*F + (1-T)*x):
@@ -14,6 +15,7 @@ ARCHS = ("plain", "resnet", "preact", "highway", "gated")
 # al. 2016, Table 1): -6, the bias of their 6.91% (bias 0 gave 12.86%). Other archs keep -2, unused,
 # so that their hashes stay those of before the field had a per-arch default.
 GATE_BIAS = {"gated": -6.0}
+GATED_ARCHS = ("highway", "gated")
 DEFAULT_GATE_BIAS = -2.0
 SHORTCUTS = ("A", "B", "C")
 BLOCK_LAYERS = (1, 2, 3)
@@ -41,16 +43,22 @@ def valid_depths(block_layers: int = 2, bottleneck: bool = False, limit: int = 1
 def check_depth(depth: int, block_layers: int = 2, bottleneck: bool = False) -> int:
     """Return n (blocks' worth of layers per stage) or raise a ValueError naming the valid form."""
     if bottleneck:
+        if block_layers != 2:
+            raise ValueError(f"block_layers={block_layers!r} is not valid for bottleneck blocks, which have 3 layers "
+                             "by construction: leave block_layers=2")
         if not isinstance(depth, int) or depth < 11 or (depth - 2) % 9:
             raise ValueError(
                 f"depth={depth!r} is not valid for bottleneck blocks: use 9n+2 with n >= 1 (11, 20, 29, 56, 110, 164, ...)"
             )
         return (depth - 2) // 9
-    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"depth={depth!r} is not valid: use 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, 1202, ...)")
-    n = (depth - 2) // 6
     if block_layers not in BLOCK_LAYERS:
         raise ValueError(f"block_layers={block_layers!r} is not valid: use one of {list(BLOCK_LAYERS)}")
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        ok = ", ".join(str(d) for d in valid_depths(block_layers)[:8])
+        what = "" if block_layers == 2 else f" with {block_layers}-layer blocks"
+        rule = "6n+2 with n >= 1" + ("" if block_layers == 2 else f" and 2n divisible by {block_layers}")
+        raise ValueError(f"depth={depth!r} is not valid{what}: use {rule} ({ok}, ...)")
+    n = (depth - 2) // 6
     if (2 * n) % block_layers:
         ok = ", ".join(str(d) for d in valid_depths(block_layers)[:8])
         raise ValueError(
@@ -105,7 +113,16 @@ class RunConfig:
     fast: bool = True  # the step as a captured CUDA graph where available; falls back to eager
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy integers (from a DataFrame row) as plain ints
+            v = getattr(self, f.name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, (bool, int)):
+                object.__setattr__(self, f.name, int(v))
+        object.__setattr__(self, "milestones", tuple(
+            int(m) if isinstance(m, numbers.Integral) and not isinstance(m, bool) else m for m in self.milestones))
         _check_choice("arch", self.arch, ARCHS)
+        if self.arch not in GATED_ARCHS and self.gate_bias not in (None, DEFAULT_GATE_BIAS):
+            raise ValueError(f"gate_bias={self.gate_bias!r} means nothing for arch={self.arch!r} (no gate): "
+                             f"leave it None, or use arch in {list(GATED_ARCHS)}")
         if self.gate_bias is None:  # frozen: the default is filled in once, here, so the hash sees a number
             object.__setattr__(self, "gate_bias", default_gate_bias(self.arch))
         if isinstance(self.gate_bias, bool) or not isinstance(self.gate_bias, (int, float)) \
@@ -118,8 +135,6 @@ class RunConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         if self.arch == "plain" and self.shortcut != "A":
             raise ValueError(f"shortcut={self.shortcut!r} means nothing for arch='plain' (no shortcuts): leave it 'A'")
-        if self.bottleneck and self.block_layers != 2:
-            raise ValueError("bottleneck blocks have 3 layers by construction: leave block_layers=2")
         check_depth(self.depth, self.block_layers, self.bottleneck)
         for name in ("width", "iterations", "batch_size", "eval_every"):
             v = getattr(self, name)
@@ -131,10 +146,22 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
                 raise ValueError(f"{name}={v!r} is not valid: use None or an integer >= {least}")
-        if not (self.lr > 0):
-            raise ValueError(f"lr={self.lr!r} is not valid: use a positive number")
-        if list(self.milestones) != sorted(self.milestones):
-            raise ValueError(f"milestones={self.milestones!r} are not valid: use increasing iteration numbers")
+        def number(name: str, ok: Callable[[float], bool], rule: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise ValueError(f"{name}={v!r} is not valid: use {rule}")
+
+        number("lr", lambda v: v > 0, "a positive number")
+        if self.warmup_lr is not None:
+            number("warmup_lr", lambda v: v > 0, "a positive number, or None (no warm-up)")
+        number("warmup_err", lambda v: v > 0, "a positive fraction (the warm-up ends below this training error)")
+        number("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)")
+        number("weight_decay", lambda v: v >= 0, "a number >= 0")
+        ms = self.milestones
+        if any(not isinstance(m, int) or isinstance(m, bool) or m <= 0 for m in ms) \
+                or any(a >= b for a, b in zip(ms, ms[1:])):
+            raise ValueError(f"milestones={ms!r} are not valid: use strictly increasing positive iteration numbers "
+                             "(each divides the lr by 10)")
 
     # -- identity -----------------------------------------------------------------------
     def result_fields(self) -> dict[str, Any]:

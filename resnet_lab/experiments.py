@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from .analysis import summarize
-from .config import RunConfig, make_config
+from .config import GATED_ARCHS, RunConfig, make_config
 from .data import balanced_subset, load_cifar10, resolve_source
 from .runs import atomic_write_csv, load_metrics, load_runs, results_dir
 from .train import RunRecord, default_device, train_many
@@ -245,7 +245,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "preact": dict(arch="preact"),  # BN-ReLU-conv, nothing after the addition (He et al. 2016)
     "highway": dict(arch="highway"),  # exclusive gating T*F(x) + (1-T)*x, gate bias -2 (Srivastava et al. 2015)
     "gated": dict(arch="gated"),  # shortcut-only gating F(x) + (1-g)*x, gate bias -6 (He et al. 2016, Table 1)
-    "bottleneck": dict(bottleneck=True),  # 1x1-3x3-1x1 blocks, depth 9n+2
+    # 1x1-3x3-1x1 blocks, depth 9n+2, projections where the shape changes: the first block widens 16 to 64
+    # channels, where option A would pad 48 zero channels (He et al. 2016's ResNet-164 code projects there)
+    "bottleneck": dict(bottleneck=True, shortcut="B"),
 }
 
 
@@ -366,7 +368,9 @@ def _spread(top: int, points: int = 10) -> list[int]:
     return sorted(set(list(range(0, top + 1, step)) + [top]))
 
 
-UNRAVEL_REVISION = 1  # bump when the analysis measures something else: tables cached by the old one are ignored
+# Bumped when the analysis measures something else: tables cached by the old one are ignored.
+# 2: reorder pairs drawn uniformly over same-stage pairs, never a pre-act net's first block.
+UNRAVEL_REVISION = 2
 
 
 def unravel_params(draws: int = 5, eval_images: int = 10_000, grad_samples: int = 10, grad_batch: int = 128,
@@ -523,7 +527,6 @@ def analyse_notebook(notebook: str, params: dict[str, Any], device: str | None =
     return [c for c in cfgs if c.hash in done], [c for c in cfgs if c.hash not in done]
 
 
-GATED_ARCHS = ("highway", "gated")
 
 
 def highway_gates(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_images: int = 2_000,

@@ -63,14 +63,18 @@ def match_momentum_layout(opt: torch.optim.Optimizer) -> None:
                 opt.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
 
 
+def compute_dtype(device: torch.device, precision: str) -> str:
+    """What a run's `precision` means on this device: "bf16" (autocast) on CUDA for "auto", else "fp32"."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+
+
 def autocast(device: torch.device, precision: str, cache: bool = True):
     """bf16 autocast on CUDA ("auto") or when asked ("bf16"); nothing for fp32.
 
     cache=False inside graph capture: the autocast weight cache would hold casts of the capture-time
     weights, stale at every replay.
     """
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if compute_dtype(device, precision) != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ARCHS, SHORTCUTS, RunConfig, _check_choice, check_depth, default_gate_bias
+from .config import ARCHS, GATED_ARCHS, SHORTCUTS, RunConfig, _check_choice, check_depth, default_gate_bias
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -211,7 +211,7 @@ class CifarResNet(nn.Module):
                 else:
                     branch = _basic_branch(cin, cout, stride, block_layers, preact, shared_pre)
                 gate = None
-                if arch in ("highway", "gated"):  # g(x) = sigmoid(1x1 conv(x) + b)
+                if arch in GATED_ARCHS:  # g(x) = sigmoid(1x1 conv(x) + b)
                     gate = nn.Conv2d(cin, cout, 1, stride=stride, bias=True)
                     nn.init.constant_(gate.bias, gate_bias)
                 pre = nn.Sequential(*_preact(cin)) if shared_pre else None
@@ -225,7 +225,8 @@ class CifarResNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # He et al. 2015: Kaiming-normal convs; BN starts as the identity.
+        # He et al. 2015: Kaiming-normal convs; BN starts as the identity. The gates' 1x1 convs too, as He et
+        # al.'s code initialises every conv this way; so a gate starts at sigmoid(b) only on average, not exactly.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 bias = m.bias.detach().clone() if m.bias is not None else None

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data import Cifar10, DeviceLoader, eval_batches, load_cifar10, normalize, split_data
-from .fast import Stepper, autocast, make_optimizer, match_momentum_layout, step_body, to_device
+from .fast import Stepper, autocast, compute_dtype, make_optimizer, match_momentum_layout, step_body, to_device
 from .models import count_params, model_from_config
 from .runs import METRIC_COLUMNS, RunDir, atomic_save_torch, atomic_write_csv, atomic_write_json
 
@@ -295,6 +295,7 @@ class _Run:
         self.stepper = Stepper(model, opt, lr_t, cfg.precision, fast=cfg.fast)
         self.summary = {"status": "running", "name": cfg.name, "hash": cfg.hash, "params": count_params(model),
                         "flops": macs, "device": device_name(device), "torch": torch.__version__,
+                        "compute_dtype": compute_dtype(device, cfg.precision),  # "auto" differs by device
                         "dataset_sha256": data.info.sha256, "dataset_kind": data.info.kind,
                         "official_pixels": data.info.official_pixels, "git_commit": _git_commit(),
                         "steps_done": self.start, "warmup_end_step": self.warmup_end, "pid": os.getpid(),

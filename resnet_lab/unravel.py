@@ -203,11 +203,13 @@ def _draw_errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: list[in
 
 
 def swappable_groups(model: nn.Module) -> list[list[int]]:
-    """Per stage, the blocks that may trade places (same input and output shape: no transition blocks)."""
+    """Per stage, the blocks that may trade places: same input and output shape (no transition block),
+    and no pre-activation shared before the split (a pre-act net's first block holds the BN-ReLU of
+    conv1's output, which moved elsewhere would normalise another block's output with its statistics)."""
     blocks = blocks_of(model)
     groups: dict[int, list[int]] = {}
     for i, (b, stage) in enumerate(zip(blocks, block_stages(blocks))):
-        if not b.changes_shape:
+        if not b.changes_shape and getattr(b, "pre", None) is None:
             groups.setdefault(stage, []).append(i)
     return [g for g in groups.values() if len(g) >= 2]
 
@@ -216,9 +218,10 @@ def reorder_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[i
               batch_size: int | None = None) -> pd.DataFrame:
     """Test error after swapping k random disjoint pairs of same-shape blocks: how much block order matters.
 
-    Pairs come from the same stage and never include a transition block; k is at most the number
-    of disjoint such pairs (sum over stages of swappable blocks // 2). Columns: k, draw, pairs, err;
-    k=0 is the unmodified error.
+    Pairs come from the same stage and never include a transition block or a pre-act net's first
+    block (`swappable_groups`); each of the k pairs is drawn uniformly from the pairs of blocks not
+    yet swapped, so a bigger stage gets more of them. k is at most the number of disjoint such pairs
+    (sum over stages of swappable blocks // 2). Columns: k, draw, pairs, err; k=0 is the unmodified error.
     """
     _check_data(x, y)
     m = len(blocks_of(model))
@@ -227,11 +230,15 @@ def reorder_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[i
     ks = _check_ks(ks, limit, f"the number of disjoint same-stage pairs of non-transition blocks is {limit}")
 
     def draw(rng: random.Random, k: int) -> tuple[Any, dict]:
-        candidates = []  # random disjoint pairs within each stage; then k of them at random
-        for g in groups:
-            g = rng.sample(g, len(g))
-            candidates += [tuple(sorted(g[j:j + 2])) for j in range(0, len(g) - 1, 2)]
-        pairs = sorted(rng.sample(candidates, k))
+        free = [list(g) for g in groups]
+        pairs = []
+        for _ in range(k):  # each pair uniform over the same-stage pairs of blocks not swapped yet
+            a, b = rng.choice([(a, b) for g in free for j, a in enumerate(g) for b in g[j + 1:]])
+            pairs.append((a, b))
+            for g in free:
+                if a in g:
+                    g.remove(a), g.remove(b)
+        pairs.sort()
         order = list(range(m))
         for a, b in pairs:
             order[a], order[b] = order[b], order[a]

@@ -67,7 +67,7 @@ def test_difference_is_welchs_interval_of_the_raw_seeds():
     va, vb = pd.Series(a).var() / 3, pd.Series(b).var() / 4  # squared standard errors, straight from the seeds
     dof = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)
     assert diff == pytest.approx(100 * (sum(b) / 4 - sum(a) / 3))
-    assert half == pytest.approx(100 * t975(int(dof)) * (va + vb) ** 0.5)
+    assert half == pytest.approx(100 * t975(dof) * (va + vb) ** 0.5)  # at Welch's fractional dof, not rounded
     assert claims.verdict(diff, half, "lower") == "yes" and claims.verdict(diff, half, "higher") == "NO"
     assert claims.verdict(-diff, half, "not higher") == "NO" and claims.verdict(diff / 10, half, "lower") == "within noise"
 
@@ -91,6 +91,35 @@ def test_a_difference_inside_its_noise_is_neither_yes_nor_no(tmp_path):
     t = claims.check("paper", root=tmp_path)
     assert list(t["holds"][:2]) == ["yes", "NO"]
     assert t.loc[0, "ours"] == "20: 2.00%, 56: 2.30% (seed noise not estimated: one run on a side)"
+
+
+@pytest.mark.parametrize("dof, q", [  # scipy.stats.t.ppf(0.975, dof)
+    (1, 12.706204736174694), (1.5, 6.016663104427929), (2, 4.302652729749462), (2.5, 3.5746548420036817),
+    (2.853, 3.2772515916535347), (4.7, 2.62072607535317), (10, 2.228138851986274), (100, 1.9839715185235518),
+    (1000, 1.9623390808264083)])
+def test_t975_is_the_exact_quantile_at_any_dof(dof, q):
+    from resnet_lab.analysis import t975
+
+    assert t975(dof) == pytest.approx(q, rel=1e-9)
+
+
+def test_a_plain_net_collapses_only_near_chance_and_well_above_its_intact_error(tmp_path):
+    base = tmp_path / "paper"
+    lesion = (lesion_rows("plain-56", "plain", 56, 0.85, [0.86, 0.87, 0.86])  # never learned: no collapse to see
+              + lesion_rows("plain-56 B", "plain", 56, 0.12, [0.90, 0.89, 0.91])
+              + lesion_rows("plain-20", "plain", 20, 0.1, [0.2, 0.2, 0.2]))  # not the deepest: not judged
+    _write(base, "04_unraveled_ensemble", "lesion", pd.DataFrame(lesion))
+    _write(base, "04_unraveled_ensemble", "effective", pd.DataFrame([
+        dict(net=n, arch=a, depth=110, seed=0, blocks=54, effective_from=5, effective_to=hi)
+        for n, a, hi in (("ResNet-110", "resnet", 17), ("preact-110", "preact", 30))]))
+    t = claims.check("paper", root=tmp_path).set_index("claim")
+    assert t.loc["plain-56 collapses when one block is deleted", "holds"] == "NO"
+    assert t.loc["plain-56 collapses when one block is deleted", "ours"] == "median 86.0% (intact 85.0%, +1.0 points)"
+    assert t.loc["plain-56 B collapses when one block is deleted", "holds"] == "yes"
+    paths = t[t.index.str.startswith("the gradient comes from paths")]  # one verdict per net, each its own
+    assert dict(zip(paths.index, paths["holds"])) == {
+        "the gradient comes from paths much shorter than the net (ResNet-110)": "yes",
+        "the gradient comes from paths much shorter than the net (preact-110)": "NO"}
 
 
 def test_verdict_names_a_bad_expectation():

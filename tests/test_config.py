@@ -27,12 +27,37 @@ def test_paper_preset_is_the_papers_recipe():
     (dict(seed=-1), ["seed=-1"]),
     (dict(split="90-10"), ["split='90-10'", "45k5k"]),
     (dict(arch="gated", gate_bias="-6"), ["gate_bias='-6'", "finite number", "gated -6"]),
+    (dict(block_layers=3, depth=21), ["depth=21", "3-layer blocks", "20, 38, 56"]),  # only depths that work
+    (dict(gate_bias=-6.0), ["gate_bias=-6.0", "arch='resnet'", "'highway', 'gated'"]),  # no gate: no new folder
+    (dict(weight_decay=-1e-4), ["weight_decay=-0.0001", ">= 0"]),
+    (dict(momentum=1.5), ["momentum=1.5", "[0, 1)"]),
+    (dict(warmup_lr=0.0), ["warmup_lr=0.0", "positive", "None"]),
+    (dict(warmup_err=float("nan")), ["warmup_err=nan", "positive"]),
+    (dict(milestones=(300, 300)), ["milestones=(300, 300)", "strictly increasing"]),
+    (dict(milestones=(0,)), ["milestones=(0,)", "positive"]),
+    (dict(bottleneck=True, block_layers=3, depth=20), ["block_layers=3", "bottleneck", "block_layers=2"]),
 ])
 def test_bad_values_name_the_value_and_the_allowed_ones(kw, words):
     with pytest.raises(ValueError) as e:
         make_config("quick", **kw)
     for w in words:
         assert w in str(e.value)
+
+
+def test_numpy_integers_are_plain_ints():
+    """A config rebuilt from a DataFrame row (numpy integers) is the same config, with the same folder."""
+    import numpy as np
+
+    a = make_config("quick", depth=np.int64(56), seed=np.int64(2), milestones=(np.int64(400),))
+    b = make_config("quick", depth=56, seed=2, milestones=(400,))
+    assert a == b and a.hash == b.hash and type(a.depth) is int and type(a.milestones[0]) is int
+
+
+def test_bottleneck_model_rejects_other_block_layers():
+    from resnet_lab.models import build_model
+
+    with pytest.raises(ValueError, match="block_layers=3 is not valid for bottleneck"):
+        build_model(bottleneck=True, block_layers=3, depth=20)
 
 
 def test_unknown_preset_and_field():

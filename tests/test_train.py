@@ -28,7 +28,9 @@ def test_smoke_run_lowers_training_loss(cifar, results):
     assert rec.status == "done" and list(m["step"]) == [10, 20, 30, 40]
     assert m["train_loss"].iloc[-1] < m["train_loss"].iloc[0] - 0.1
     s = rec.summary
-    assert s["params"] == 75_290  # ResNet-8: 6n+2 with n=1, counted by hand and s["dataset_sha256"] == cifar.info.sha256 and s["official_pixels"] is False
+    assert s["params"] == 75_290  # ResNet-8: 6n+2 with n=1, counted by hand
+    assert s["dataset_sha256"] == cifar.info.sha256 and s["official_pixels"] is False
+    assert s["compute_dtype"] == "fp32"  # precision "auto" on the CPU
     assert (rec.path / "model.pt").exists() and not (rec.path / "checkpoint.pt").exists()
 
 

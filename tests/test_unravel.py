@@ -14,7 +14,8 @@ from resnet_lab.data import eval_batches, normalize
 from resnet_lab.models import build_model
 from resnet_lab.train import evaluate
 from resnet_lab.unravel import (blocks_of, delete_k, effective_paths, gradient_by_path_length, lesion_blocks,
-                                modified_blocks, path_length_distribution, reorder_k)
+                                modified_blocks, path_length_distribution, reorder_k,
+                                swappable_groups)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -130,12 +131,30 @@ def test_delete_and_reorder_match_manual_versions(arch):
             assert row["err"] == error(model, x, y)
     assert d.equals(delete_k(model, x, y, ks=[0, 2, 6], draws=3, seed=5))  # seeded
 
+
+def test_reorder_matches_a_manual_swap():
+    model = tiny("resnet", 14)  # 6 blocks; the only swappable pair is (0, 1)
+    x, y = data()
+    base = error(model, x, y)
     r = reorder_k(model, x, y, ks=[0, 1], draws=2)
     assert (r[r.k == 0]["err"] == base).all()
     assert list(r[r.k == 1]["pairs"]) == [((0, 1),), ((0, 1),)]
     swapped = copy.deepcopy(model)
     swapped.blocks = nn.ModuleList([swapped.blocks[i] for i in [1, 0, 2, 3, 4, 5]])
     assert (r[r.k == 1]["err"] == error(swapped, x, y)).all()
+
+
+def test_reorder_draws_pairs_uniformly_and_leaves_a_preact_nets_first_block():
+    res, pre = tiny("resnet", 20), tiny("preact", 20)  # 9 blocks, 3 and 6 change shape
+    assert swappable_groups(res) == [[0, 1, 2], [4, 5], [7, 8]]
+    assert swappable_groups(pre) == [[1, 2], [4, 5], [7, 8]]  # block 0 holds the BN-ReLU of conv1's output
+    x, y = data(2)
+    counts = reorder_k(res, x, y, ks=[1], draws=500, seed=3)["pairs"].value_counts()
+    # 5 same-stage pairs, 1/5 each: binomial(500, 0.2) is 100 ± 9 (a draw per stage first gave (4, 5) 1/3)
+    assert set(counts.index) == {((0, 1),), ((0, 2),), ((1, 2),), ((4, 5),), ((7, 8),)}
+    assert counts.between(70, 130).all(), counts
+    r = reorder_k(pre, x, y, ks=[3], draws=3)
+    assert list(r["pairs"]) == [((1, 2), (4, 5), (7, 8))] * 3
 
 
 # -- gradient by path length --------------------------------------------------------------------
@@ -224,7 +243,7 @@ ANALYSES = {
 @pytest.mark.parametrize("arch", ["resnet", "preact"])
 @pytest.mark.parametrize("name", list(ANALYSES))
 def test_analyses_leave_the_model_unchanged(name, arch):
-    model = tiny(arch, 14)
+    model = tiny(arch, 20)  # 9 blocks: a pre-act net has swappable pairs past its first block
     x, y = data()
     model.blocks[3].route = "branch"  # pre-existing flags and mixed modes must survive
     model.train()

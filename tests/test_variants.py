@@ -55,6 +55,17 @@ def test_bottleneck_depth_and_shapes():
         build_model("resnet", 32, bottleneck=True)
 
 
+def test_bottleneck_variant_projects_where_the_shape_changes():
+    """The first bottleneck block widens 16 -> 64 channels: a projection there, not 48 zero channels."""
+    from resnet_lab.experiments import ablation_configs
+    from resnet_lab.models import model_from_config
+
+    cfg, = ablation_configs("smoke", ["bottleneck"], [20], [0])
+    m = model_from_config(cfg)
+    convs = [[isinstance(x, torch.nn.Conv2d) for x in b.shortcut.modules()] for b in m.blocks]
+    assert [any(c) for c in convs] == [b.changes_shape for b in m.blocks] == [True, False, True, False, True, False]
+
+
 def test_closed_highway_gate_returns_the_input():
     m = build_model("highway", 20, gate_bias=-40.0).eval()
     block = m.blocks[1]  # same shape in and out
@@ -126,7 +137,7 @@ def test_every_variant_takes_a_finite_sgd_step(kw):
 def test_bad_variant_config_values():
     with pytest.raises(ValueError, match="shortcut='B' means nothing for arch='plain'"):
         make_config("smoke", arch="plain", shortcut="B")
-    with pytest.raises(ValueError, match="bottleneck blocks have 3 layers"):
+    with pytest.raises(ValueError, match="for bottleneck blocks, which have 3 layers"):
         make_config("smoke", bottleneck=True, block_layers=3)
 
 
