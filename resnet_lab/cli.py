@@ -120,10 +120,11 @@ def _list_runs(cfgs: list[RunConfig], elsewhere: dict[str, dict] | None = None, 
 
     elsewhere = elsewhere or {}
     for c in cfgs:
-        s = elsewhere.get(c.hash) or RunDir(c).summary() or {}
+        rd = RunDir(c)
+        s = elsewhere.get(c.hash) or rd.summary() or {}
+        status = s.get("status", "missing") if c.hash in elsewhere else rd.live_status() or "missing"
         note = f"  (in {where}: not trained here)" if c.hash in elsewhere else ""
-        print(f"{c.hash}  {c.name:24s} seed {c.seed}  {s.get('status', 'missing'):8s} step {s.get('steps_done', 0)}"
-              f"/{c.iterations}{note}")
+        print(f"{c.hash}  {c.name:24s} seed {c.seed}  {status:8s} step {s.get('steps_done', 0)}/{c.iterations}{note}")
 
 
 def _pct(v: float | None) -> str:

@@ -157,6 +157,18 @@ class RunDir:
         s = self.summary()
         return s.get("status") if s else None
 
+    def live_status(self) -> str | None:
+        """The stored status, but 'stopped' for a 'running' run that no process holds: a run cut short
+        (--time-budget, a kill) stays 'running' on disk and resumes from its checkpoint when asked again."""
+        status = self.status()
+        if status != "running":
+            return status
+        try:
+            with lock_run(self.path, wait=False):
+                return "stopped"
+        except RunLocked:
+            return "running"
+
     def metrics(self) -> pd.DataFrame:
         if not self.metrics_file.exists():
             return pd.DataFrame(columns=METRIC_COLUMNS)

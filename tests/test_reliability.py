@@ -55,6 +55,10 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(cifar, tmp_pa
     p.wait()
     killed = json.loads((run / "summary.json").read_text())
     assert killed["status"] == "running" and not (run / "model.pt").exists()
+    rd = R.RunDir(c, tmp_path / "killed")
+    assert rd.live_status() == "stopped"  # what `train --list` shows: nobody holds it, it resumes when asked
+    with R.lock_run(run):
+        assert rd.live_status() == "running"
     resumed = train(c, root=tmp_path / "killed", data=cifar, device="cpu")
     straight = train(c, root=tmp_path / "straight", data=cifar, device="cpu")
     assert resumed.status == "done" and len(resumed.metrics) == 100

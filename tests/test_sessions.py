@@ -50,7 +50,7 @@ def test_a_later_session_trains_only_what_is_missing_and_resumes_the_rest(tmp_pa
     assert cli.main(["train", "--sweep", str(grid), "--skip", str(have), "--list"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert listed[0].startswith(done.hash) and " done " in listed[0] and f"(in {have}: not trained here)" in listed[0]
-    assert listed[1].startswith(part.hash) and "running  step 3/6" in listed[1] and "not trained here" not in listed[1]
+    assert listed[1].startswith(part.hash) and "stopped  step 3/6" in listed[1] and "not trained here" not in listed[1]
     with caplog.at_level(logging.INFO, logger="resnet_lab.train"):
         assert cli.main(["train", "--sweep", str(grid), "--skip", str(have), "--quiet", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
