@@ -30,7 +30,7 @@ from .fast import Stepper, make_optimizer, to_device
 from .grouped import CatLoader, GroupedNets
 from .models import build_model
 from .runs import atomic_write_json, atomic_write_text, results_dir
-from .train import device_name, evaluate
+from .train import EVAL_PRECISION, device_name, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,10 @@ def eval_seconds(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.dev
     torch.manual_seed(0)
     model = to_device(build_model("resnet", depth), device)
     xd, yd = x.to(device), y.to(device)
-    evaluate(model, eval_batches(xd, yd), "auto")  # warm-up
+    evaluate(model, eval_batches(xd, yd), EVAL_PRECISION)  # warm-up
     _sync(device)
     t0 = time.perf_counter()
-    evaluate(model, eval_batches(xd, yd), "auto")
+    evaluate(model, eval_batches(xd, yd), EVAL_PRECISION)
     _sync(device)
     return (time.perf_counter() - t0) * images / len(y)
 

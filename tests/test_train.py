@@ -21,6 +21,20 @@ def tiny(**kw):
     return make_config("smoke", **base)
 
 
+def test_test_error_is_measured_in_fp32_whatever_the_training_precision(cifar, results):
+    """A bf16-trained run's recorded test loss is the fp32 evaluation of its weights, not a bf16 one."""
+    from resnet_lab.data import eval_batches, split_data
+    from resnet_lab.train import evaluate
+
+    rec = train(tiny(precision="bf16", iterations=2, eval_every=2), root=results, data=cifar, device="cpu")
+    assert rec.summary["compute_dtype"] == "bf16"
+    model = RunDir(rec.config, results).load_model("cpu")
+    _, _, x, y = split_data(cifar, "full", None, 64)  # the run's evaluation images
+    fp32, bf16 = (evaluate(model, eval_batches(x, y), p) for p in ("fp32", "bf16"))
+    assert fp32 != bf16  # the two precisions tell apart on this net
+    assert rec.metrics["test_loss"].iloc[-1] == pytest.approx(fp32[0], rel=1e-6)
+
+
 def test_smoke_run_lowers_training_loss(cifar, results):
     cfg = tiny(iterations=40, eval_every=10, milestones=(30,), lr=0.05, batch_size=32)
     rec = train(cfg, root=results, data=cifar, device="cpu")
