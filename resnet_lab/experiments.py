@@ -369,7 +369,8 @@ def _spread(top: int, points: int = 10) -> list[int]:
 
 
 # Bumped when the analysis measures something else: tables cached by the old one are ignored.
-# 2: reorder pairs drawn uniformly over same-stage pairs, never a pre-act net's first block.
+# 2: reorder pairs drawn uniformly over same-stage pairs, never a pre-act net's first block; deletions and
+# reorderings distinct per k (one stream per k), gradient paths distinct until every path of a length is measured.
 UNRAVEL_REVISION = 2
 
 

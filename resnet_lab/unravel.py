@@ -163,10 +163,11 @@ def lesion_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
 
 def delete_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[int], draws: int, seed: int = 0,
              batch_size: int | None = None) -> pd.DataFrame:
-    """Test error after lesioning k random blocks at once (`draws` draws per k): how smoothly error grows with k.
+    """Test error after lesioning k random blocks at once: how smoothly error grows with k.
 
-    Blocks are drawn from those that can be removed (every block of a residual net). Columns:
-    k, draw, blocks (the lesioned indices), err; k=0 is the unlesioned error.
+    `draws` distinct sets of k blocks per k (all C(n, k) where there are fewer), from the n blocks that
+    can be removed (every block of a residual net). Columns: k, draw, blocks (the lesioned indices),
+    err; k=0 is the unlesioned error.
     """
     _check_data(x, y)
     blocks = blocks_of(model)
@@ -177,22 +178,38 @@ def delete_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[in
         chosen = tuple(sorted(rng.sample(pool, k)))
         return chosen, {"lesion": chosen}
 
-    return _draw_errors(model, x, y, ks, draws, seed, batch_size, "blocks", draw)
+    return _draw_errors(model, x, y, ks, draws, seed, batch_size, "blocks", draw, lambda k: math.comb(len(pool), k))
+
+
+def _rng(seed: int, k: int) -> random.Random:
+    """One random stream per k: the draws for a k are the same whichever other ks are asked."""
+    return random.Random(seed * 1_000_003 + k)
+
+
+def _distinct(rng: random.Random, draw: Callable[[random.Random, int], tuple[Any, Any]], k: int,
+              seen: set) -> tuple[Any, Any]:
+    """draw(rng, k) again until it gives a label not in `seen` (the caller knows an unseen one exists)."""
+    while True:
+        label, change = draw(rng, k)
+        if label not in seen:
+            seen.add(label)
+            return label, change
 
 
 def _draw_errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: list[int], draws: int, seed: int,
-                 batch_size: int | None, column: str, draw: Callable[[random.Random, int], tuple[Any, dict]]
-                 ) -> pd.DataFrame:
-    """Test error of `draws` random modifications per k; draw(rng, k) -> (what was drawn, for the `column`
-    column; `modified_blocks` arguments). k=0 is the unmodified error (draw is still called, so the
-    random stream is the same whichever ks are asked)."""
+                 batch_size: int | None, column: str, draw: Callable[[random.Random, int], tuple[Any, dict]],
+                 count: Callable[[int], int]) -> pd.DataFrame:
+    """Test error of `draws` distinct random modifications per k, or of all count(k) of them where there are
+    fewer (the same modification twice is the same error: it would narrow the spread, not measure it);
+    draw(rng, k) -> (what was drawn, for the `column` column; `modified_blocks` arguments). k=0 is the
+    unmodified error, one row."""
     _check_count("draws", draws)
-    rng = random.Random(seed)
     base = _error(model, x, y, batch_size)
     rows = []
     for k in ks:
-        for d in range(draws):
-            label, change = draw(rng, k)
+        rng, seen = _rng(seed, k), set()
+        for d in range(min(draws, count(k))):
+            label, change = _distinct(rng, draw, k, seen)
             if k == 0:
                 err = base
             else:
@@ -219,9 +236,9 @@ def reorder_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[i
     """Test error after swapping k random disjoint pairs of same-shape blocks: how much block order matters.
 
     Pairs come from the same stage and never include a transition block or a pre-act net's first
-    block (`swappable_groups`); each of the k pairs is drawn uniformly from the pairs of blocks not
-    yet swapped, so a bigger stage gets more of them. k is at most the number of disjoint such pairs
-    (sum over stages of swappable blocks // 2). Columns: k, draw, pairs, err; k=0 is the unmodified error.
+    block (`swappable_groups`), drawn by `draw_pairs`; `draws` distinct sets of pairs per k, or all
+    of them where there are fewer. k is at most the number of disjoint such pairs (sum over stages of
+    swappable blocks // 2). Columns: k, draw, pairs, err; k=0 is the unmodified error.
     """
     _check_data(x, y)
     m = len(blocks_of(model))
@@ -230,21 +247,37 @@ def reorder_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[i
     ks = _check_ks(ks, limit, f"the number of disjoint same-stage pairs of non-transition blocks is {limit}")
 
     def draw(rng: random.Random, k: int) -> tuple[Any, dict]:
-        free = [list(g) for g in groups]
-        pairs = []
-        for _ in range(k):  # each pair uniform over the same-stage pairs of blocks not swapped yet
-            a, b = rng.choice([(a, b) for g in free for j, a in enumerate(g) for b in g[j + 1:]])
-            pairs.append((a, b))
-            for g in free:
-                if a in g:
-                    g.remove(a), g.remove(b)
-        pairs.sort()
+        pairs = draw_pairs(rng, groups, k)
         order = list(range(m))
         for a, b in pairs:
             order[a], order[b] = order[b], order[a]
-        return tuple(pairs), {"order": order}
+        return pairs, {"order": order}
 
-    return _draw_errors(model, x, y, ks, draws, seed, batch_size, "pairs", draw)
+    return _draw_errors(model, x, y, ks, draws, seed, batch_size, "pairs", draw, lambda k: _pairings(groups, k))
+
+
+def draw_pairs(rng: random.Random, groups: list[list[int]], k: int) -> tuple[tuple[int, int], ...]:
+    """k disjoint pairs, each uniform over the same-group pairs of blocks not paired yet (sorted)."""
+    free = [list(g) for g in groups]
+    pairs = []
+    for _ in range(k):
+        a, b = rng.choice([(a, b) for g in free for j, a in enumerate(g) for b in g[j + 1:]])
+        pairs.append((a, b))
+        for g in free:
+            if a in g:
+                g.remove(a), g.remove(b)
+    return tuple(sorted(pairs))
+
+
+def _pairings(groups: list[list[int]], k: int) -> int:
+    """How many sets of k disjoint pairs, each inside one group, there are."""
+    ways = [1]  # ways[j]: sets of j pairs over the groups so far
+    for g in groups:
+        # j pairs inside a group of n: choose their 2j blocks, then pair them up ((2j-1)!! ways)
+        inside = [math.comb(len(g), 2 * j) * math.prod(range(1, 2 * j, 2)) for j in range(len(g) // 2 + 1)]
+        ways = [sum(ways[i] * inside[j - i] for i in range(len(ways)) if 0 <= j - i < len(inside))
+                for j in range(len(ways) + len(inside) - 1)]
+    return ways[k] if k < len(ways) else 0
 
 
 # -- paths --------------------------------------------------------------------------------------
@@ -267,7 +300,8 @@ def gradient_by_path_length(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
                             seed: int = 0, batch: int | None = None) -> pd.DataFrame:
     """Input-gradient norm carried by single paths of length k, and by all C(m,k) of them: which lengths train the net.
 
-    Veit et al.'s scheme: for each k and sample, draw k of the m blocks; in the backward pass the
+    Veit et al.'s scheme: for each k and sample, draw k of the m blocks (a path not measured yet for
+    this k, until all C(m,k) have been; then round again on new batches); in the backward pass the
     gradient goes only through the residual branch of those k blocks and only through the
     shortcut of the others (`Block.route`; forward values are unchanged), so it follows exactly
     one path of length k. With the model in eval mode (BN on running statistics), compute the mean
@@ -296,13 +330,15 @@ def gradient_by_path_length(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         _check_count("batch", batch)
         if batch > len(y):
             raise ValueError(f"batch={batch!r} is not valid: use at most the {len(y)} images given, or None")
-    rng = random.Random(seed)
     dev = next(model.parameters()).device
     x, y = x.to(dev), y.to(dev)
     rows = []
     for k in ks:
+        rng, seen = _rng(seed, k), set()
         for s in range(samples):
-            chosen = set(rng.sample(range(m), k))
+            if len(seen) == math.comb(m, k):  # every path of this length measured: go round again (new batches)
+                seen.clear()
+            chosen, _ = _distinct(rng, lambda r, k: (tuple(sorted(r.sample(range(m), k))), None), k, seen)
             route = {i: "branch" if i in chosen else "shortcut" for i in range(m)}
             idx = None if batch is None else torch.tensor(rng.sample(range(len(y)), batch), device=dev)
             xn = normalize(x if idx is None else x[idx]).requires_grad_(True)
@@ -310,7 +346,7 @@ def gradient_by_path_length(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
                 model.eval()
                 loss = F.cross_entropy(model(xn).float(), y if idx is None else y[idx])
                 (g,) = torch.autograd.grad(loss, xn)
-            rows.append(dict(k=k, sample=s, blocks=tuple(sorted(chosen)), grad_norm=float(g.norm())))
+            rows.append(dict(k=k, sample=s, blocks=chosen, grad_norm=float(g.norm())))
     df = pd.DataFrame(rows)
     df["mean_grad_norm"] = df.groupby("k")["grad_norm"].transform("mean")
     df["paths"] = [float(math.comb(m, k)) for k in df["k"]]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 
 import pandas as pd
 import pytest
@@ -14,8 +15,8 @@ from resnet_lab.data import eval_batches, normalize
 from resnet_lab.models import build_model
 from resnet_lab.train import evaluate
 from resnet_lab.unravel import (blocks_of, delete_k, effective_paths, gradient_by_path_length, lesion_blocks,
-                                modified_blocks, path_length_distribution, reorder_k,
-                                swappable_groups)
+                                draw_pairs, modified_blocks, path_length_distribution,
+                                reorder_k, swappable_groups)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,7 +122,9 @@ def test_delete_and_reorder_match_manual_versions(arch):
     x, y = data()
     base = error(model, x, y)
     d = delete_k(model, x, y, ks=[0, 2, 6], draws=3, seed=5)
-    assert list(d.columns[:4]) == ["k", "draw", "blocks", "err"] and len(d) == 9
+    assert list(d.columns[:4]) == ["k", "draw", "blocks", "err"]
+    assert list(d["k"]) == [0, 2, 2, 2, 6]  # one way to delete none or all 6; 3 of the 15 pairs
+    assert d[d.k == 2]["blocks"].nunique() == 3  # distinct draws: a repeat would only narrow the spread
     assert (d[d.k == 0]["err"] == base).all()
     with modified_blocks(model, lesion=range(6)):
         assert (d[d.k == 6]["err"] == error(model, x, y)).all()
@@ -130,6 +133,10 @@ def test_delete_and_reorder_match_manual_versions(arch):
         with modified_blocks(model, lesion=row["blocks"]):
             assert row["err"] == error(model, x, y)
     assert d.equals(delete_k(model, x, y, ks=[0, 2, 6], draws=3, seed=5))  # seeded
+    only2 = delete_k(model, x, y, ks=[2], draws=3, seed=5)  # a k's draws do not depend on the other ks asked
+    assert list(only2["blocks"]) == list(d[d.k == 2]["blocks"])
+    every = delete_k(model, x, y, ks=[1, 5], draws=10)  # fewer ways than draws: each once
+    assert sorted(every[every.k == 1]["blocks"]) == [(i,) for i in range(6)] and (every.k == 5).sum() == 6
 
 
 def test_reorder_matches_a_manual_swap():
@@ -138,7 +145,7 @@ def test_reorder_matches_a_manual_swap():
     base = error(model, x, y)
     r = reorder_k(model, x, y, ks=[0, 1], draws=2)
     assert (r[r.k == 0]["err"] == base).all()
-    assert list(r[r.k == 1]["pairs"]) == [((0, 1),), ((0, 1),)]
+    assert list(r[r.k == 1]["pairs"]) == [((0, 1),)]  # the only pair there is, once
     swapped = copy.deepcopy(model)
     swapped.blocks = nn.ModuleList([swapped.blocks[i] for i in [1, 0, 2, 3, 4, 5]])
     assert (r[r.k == 1]["err"] == error(swapped, x, y)).all()
@@ -148,13 +155,15 @@ def test_reorder_draws_pairs_uniformly_and_leaves_a_preact_nets_first_block():
     res, pre = tiny("resnet", 20), tiny("preact", 20)  # 9 blocks, 3 and 6 change shape
     assert swappable_groups(res) == [[0, 1, 2], [4, 5], [7, 8]]
     assert swappable_groups(pre) == [[1, 2], [4, 5], [7, 8]]  # block 0 holds the BN-ReLU of conv1's output
-    x, y = data(2)
-    counts = reorder_k(res, x, y, ks=[1], draws=500, seed=3)["pairs"].value_counts()
+    rng = random.Random(3)
+    counts = pd.Series([draw_pairs(rng, swappable_groups(res), 1) for _ in range(500)]).value_counts()
     # 5 same-stage pairs, 1/5 each: binomial(500, 0.2) is 100 ± 9 (a draw per stage first gave (4, 5) 1/3)
     assert set(counts.index) == {((0, 1),), ((0, 2),), ((1, 2),), ((4, 5),), ((7, 8),)}
     assert counts.between(70, 130).all(), counts
-    r = reorder_k(pre, x, y, ks=[3], draws=3)
-    assert list(r["pairs"]) == [((1, 2), (4, 5), (7, 8))] * 3
+    x, y = data(2)
+    r = reorder_k(res, x, y, ks=[1, 2, 3], draws=100)  # every set of disjoint pairs once: 5, 3+3+1, 3
+    assert list(r.groupby("k").size()) == [5, 7, 3] and not r["pairs"].duplicated().any()
+    assert list(reorder_k(pre, x, y, ks=[3], draws=3)["pairs"]) == [((1, 2), (4, 5), (7, 8))]
 
 
 # -- gradient by path length --------------------------------------------------------------------
@@ -192,6 +201,15 @@ def test_gradient_samples_draw_their_own_batches_when_asked():
     assert all(any(n == pytest.approx(p, rel=1e-5) for p in possible) for n in norms)
     again = gradient_by_path_length(model, x, y, ks=[0], samples=6, seed=1, batch=3)
     assert again["grad_norm"].tolist() == norms  # the seed fixes the draws
+
+
+def test_gradient_samples_measure_distinct_paths_before_any_twice():
+    model = tiny("resnet", 20)  # 9 blocks: 9 paths of length 1, 36 of length 2
+    x, y = data()
+    df = gradient_by_path_length(model, x, y, ks=[1, 2], samples=11, batch=2)
+    one, two = df[df.k == 1]["blocks"].tolist(), df[df.k == 2]["blocks"].tolist()
+    assert sorted(set(one[:9])) == [(i,) for i in range(9)] and len(set(one[9:])) == 2  # all 9, then round again
+    assert len(set(two)) == 11
 
 
 def test_gated_blocks_have_no_single_paths_to_measure():
