@@ -209,7 +209,7 @@ def imagenet_table(depths: list[int] = (18, 34, 50, 101, 152)) -> pd.DataFrame:
         rows.append({"depth": d, "params_M": count_params(tv) / 1e6,
                      "GMACs (torchvision, stride on 3x3)": count_macs(tv, 224) / 1e9,
                      "GMACs (paper, stride on 1x1)": count_macs(paper, 224) / 1e9,
-                     "paper GMACs": IMAGENET_PAPER_GMACS[d]})
+                     "GMACs (He et al. Table 1, as reported)": IMAGENET_PAPER_GMACS[d]})
     return pd.DataFrame(rows)
 
 

@@ -175,6 +175,38 @@ def output_dir(preset: str, notebook: str) -> Path:
     return d
 
 
+TRAIN_IMAGES = {"full": 50_000, "45k5k": 45_000}
+EVAL_IMAGES = {"full": (10_000, "test"), "45k5k": (5_000, "validation")}
+
+
+def _epochs(e: float) -> str:
+    return f"{e:.2g} epoch{'' if e <= 1 else 's'}" if e < 10 else f"{e:.0f} epochs"
+
+
+def runs_note(runs: pd.DataFrame) -> str:
+    """One line naming what a figure's runs are (preset, each schedule, seeds, evaluation images), so a
+    figure read on its own, as a committed PNG, says whether it shows 0.4 epoch or the paper's 164."""
+    d = runs[runs["status"].isin(["done", "diverged"])] if "status" in runs else runs
+    if d.empty:
+        return ""
+    schedules: dict[tuple[int, int, int], set[str]] = {}
+    evals = set()
+    for r in d.to_dict("records"):
+        sub, ev = r.get("train_subset"), r.get("eval_subset")
+        n = TRAIN_IMAGES[r["split"]] if sub is None or pd.isna(sub) else int(sub)
+        schedules.setdefault((int(r["iterations"]), int(r["batch_size"]), n), set()).add(r["name"])
+        full, kind = EVAL_IMAGES[r["split"]]
+        evals.add(f"{full if ev is None or pd.isna(ev) else int(ev):,} {kind} images")
+    parts = []
+    for (it, bs, n), names in sorted(schedules.items(), reverse=True):
+        text = f"{it:,} iterations of batch {bs} ({_epochs(it * bs / n)})"
+        parts.append(text if len(schedules) == 1 else f"{', '.join(sorted(names))}: {text}")
+    seeds = sorted({int(v) for v in d["seed"]})
+    presets = ", ".join(sorted(set(d["preset"])))
+    return (f"{presets} preset: " + "; ".join(parts) + f"; seed{'s' if len(seeds) > 1 else ''} "
+            f"{', '.join(map(str, seeds))}; errors on {', '.join(sorted(evals))}")
+
+
 def save_table(df: pd.DataFrame, out_dir: str | os.PathLike, name: str) -> Path:
     p = Path(out_dir) / f"{name}.csv"
     atomic_write_csv(df, p)
@@ -341,6 +373,17 @@ def responses(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_i
 
 
 
+def response_summary(resp: pd.DataFrame) -> pd.DataFrame:
+    """Mean response std of each net, per seed and over seeds: the numbers Fig. 7's ordering is read from
+    (ResNet below plain of the same depth, deeper ResNets lower), seed by seed."""
+    if resp.empty:
+        return pd.DataFrame(columns=["net", "mean"])
+    t = resp.groupby(["arch", "depth", "net", "seed"])["std"].mean().unstack("seed")
+    t.columns = [f"seed {c}" for c in t.columns]
+    t["mean"] = t.mean(axis=1)
+    return t.reset_index().drop(columns=["arch", "depth"])
+
+
 # -- 04 unraveled ensemble (Veit et al. 2016) ------------------------------------------------------------
 def unravel_configs(preset: str, depth: int, seeds: list[int], arch: str = "resnet") -> list[RunConfig]:
     """The residual net under study and the plain net of the same depth (the baseline that collapses)."""
@@ -369,9 +412,9 @@ def _spread(top: int, points: int = 10) -> list[int]:
 
 
 # Bumped when the analysis measures something else: tables cached by the old one are ignored.
-# 2: reorder pairs drawn uniformly over same-stage pairs, never a pre-act net's first block; deletions and
+# 2: reorder pairs drawn uniformly over same-stage pairs, never a pre-act net's first block. 3: deletions and
 # reorderings distinct per k (one stream per k), gradient paths distinct until every path of a length is measured.
-UNRAVEL_REVISION = 2
+UNRAVEL_REVISION = 3
 
 
 def unravel_params(draws: int = 5, eval_images: int = 10_000, grad_samples: int = 10, grad_batch: int = 128,

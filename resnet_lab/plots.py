@@ -46,12 +46,45 @@ def no_data_figure(what: str):
     return fig
 
 
-def save(fig, out_dir: str | os.PathLike, name: str) -> list[Path]:
-    """Save `fig` as PNG and PDF (300 dpi, tight) under out_dir; returns the paths (none for a no-data figure).
+CI_BAND = "Student-t 95% CI over seeds (none with one seed)"
+CHANCE_ERR = 90.0  # % test error of guessing among CIFAR-10's 10 classes
+
+
+def note(fig, text: str):
+    """Add a line of small grey text under the figure: a PNG read on its own says which runs it draws
+    (`experiments.runs_note`) and what its bands are. Returns the figure."""
+    if not text or getattr(fig, "no_data", False):
+        return fig
+    lines = getattr(fig, "_note_lines", []) + [text]
+    fig._note_lines = lines
+    if getattr(fig, "_note_artist", None) is None:
+        fig._note_artist = fig.text(0.01, 0.0, "", ha="left", va="top", fontsize=7, color="0.35")
+    fig._note_artist.set_text("\n".join(lines))
+    _place_note(fig)
+    return fig
+
+
+def _place_note(fig) -> None:
+    """Put the note just under everything else drawn (tick labels and axis titles spill below the figure's
+    own edge, which `bbox_inches="tight"` then takes in)."""
+    art = getattr(fig, "_note_artist", None)
+    if art is None:
+        return
+    art.set_visible(False)
+    box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches, without the note
+    art.set_visible(True)
+    art.set_position((box.x0 / fig.get_figwidth(), box.y0 / fig.get_figheight() - 0.02))
+
+
+def save(fig, out_dir: str | os.PathLike, name: str, note_text: str = "") -> list[Path]:
+    """Save `fig` as PNG and PDF (300 dpi, tight) under out_dir, with `note_text` (what runs it shows) added
+    under it; returns the paths (none for a no-data figure).
 
     Same figure, same bytes: regenerating results leaves unchanged figures unchanged in git."""
     if getattr(fig, "no_data", False):
         return []
+    note(fig, note_text)
+    _place_note(fig)  # again: the figure may have changed since its notes were added
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -96,7 +129,8 @@ def degradation_figure(metrics: pd.DataFrame):
                     col_order=[c for c in ("plain", "ResNet") if c in set(long["net"])], kind="line",
                     errorbar=t_interval, height=3.2, aspect=1.1, facet_kws={"sharey": True})
     g.set_titles("{col_name}")
-    return g.figure
+    return note(g.figure, f"dashed: training error (running mean since the last evaluation), solid: test error; "
+                          f"bands: {CI_BAND}")
 
 
 def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = None, title: str | None = None):
@@ -111,7 +145,7 @@ def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = No
                     aspect=1.2)
     if title:
         g.figure.suptitle(title, y=1.02)
-    return g.figure
+    return note(g.figure, f"dashed: training error, solid: test error; bands: {CI_BAND}")
 
 
 def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None):
@@ -129,7 +163,7 @@ def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None):
     ax.set_xticks(sorted(set(d["depth"])), [str(k) for k in sorted(set(d["depth"]))])
     ax.minorticks_off()
     ax.legend(frameon=False)
-    return fig
+    return note(fig, f"band: {CI_BAND}")
 
 
 def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue: str | None = "depth",
@@ -143,7 +177,8 @@ def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue:
         d[hue] = d[hue].astype(str)
     g = sns.catplot(data=d, x=x, y=ylabel, hue=hue, order=order, kind="bar", errorbar=t_interval, height=3.2,
                     aspect=1.8, palette=PALETTE)
-    return g.figure
+    g.tick_params(axis="x", labelrotation=30)
+    return note(g.figure, f"bars: mean; whiskers: {CI_BAND}")
 
 
 def gates_figure(gates: pd.DataFrame):
@@ -154,47 +189,60 @@ def gates_figure(gates: pd.DataFrame):
     g = sns.relplot(data=gates, x="block", y="mean_gate", hue="net", kind="line", marker="o", errorbar=t_interval, height=3.0,
                     aspect=1.5)
     g.set_axis_labels("block", "mean gate g(x)")
-    return g.figure
+    return note(g.figure, f"band: {CI_BAND}")
 
 
 def responses_figure(resp: pd.DataFrame):
-    """He et al. Fig. 7: std of each 3x3 layer's response, in layer order (top) and sorted (bottom)."""
+    """He et al. Fig. 7: std of each 3x3 layer's response, in layer order (top) and sorted (bottom); colour by
+    depth, solid ResNet and dashed plain (the pair the figure compares), one line per seed (a t band over
+    2-3 seeds would run below zero)."""
     if resp.empty:
         return no_data_figure("layer responses")
     set_style()
+    d = resp.assign(net=resp["arch"].map({"plain": "plain", "resnet": "ResNet"}).fillna(resp["arch"]),
+                    depth=resp["depth"].astype(str))
+    kinds = [k for k in ("ResNet", "plain") if k in set(d["net"])] + sorted(set(d["net"]) - {"ResNet", "plain"})
+    kw = dict(hue="depth", hue_order=sorted(d["depth"].unique(), key=int), style="net", style_order=kinds,
+              dashes={k: "" if k != "plain" else (4, 2) for k in kinds}, units="seed", estimator=None, lw=1)
     fig, axes = plt.subplots(2, 1, figsize=(6, 5.5))
-    sns.lineplot(data=resp, x="layer", y="std", hue="net", marker=".", errorbar=None, ax=axes[0])
-    axes[0].set(xlabel="layer index (original)", ylabel="std")
-    sns.lineplot(data=resp, x="rank", y="std", hue="net", marker=".", errorbar=None, ax=axes[1], legend=False)
-    axes[1].set(xlabel="layer index (sorted by magnitude)", ylabel="std")
+    ylabel = "std of BN output\n(per channel, mean over channels)"
+    sns.lineplot(data=d, x="layer", y="std", ax=axes[0], **kw)
+    axes[0].set(xlabel="layer index (original)", ylabel=ylabel)
+    sns.lineplot(data=d, x="rank", y="std", ax=axes[1], legend=False, **kw)
+    axes[1].set(xlabel="layer index (sorted by magnitude)", ylabel=ylabel)
     fig.tight_layout()
-    return fig
+    return note(fig, "one line per seed")
 
 
 def imagenet_figure(table: pd.DataFrame):
     """GMACs per ImageNet ResNet: both stride placements and the paper's numbers."""
     set_style()
-    cols = [c for c in table.columns if c.startswith("GMACs") or c == "paper GMACs"]
+    cols = [c for c in table.columns if c.startswith("GMACs")]
     long = table.melt(id_vars="depth", value_vars=cols, var_name="count", value_name="GMACs")
     g = sns.catplot(data=long, x="depth", y="GMACs", hue="count", kind="bar", errorbar=None, height=3.2, aspect=1.8)
     return g.figure
 
 
 def lesion_figure(lesion: pd.DataFrame):
-    """Veit et al. Fig. 3: test error after deleting each single block; dashed lines: no deletion."""
+    """Veit et al. Fig. 3: test error after deleting each single block (mean over seeds); dashed lines: no
+    deletion; a gap where a plain net cannot lose a block (it changes the shape)."""
     if lesion.empty:
         return no_data_figure("single-block deletion")
     set_style()
     d = lesion.assign(**{"test error (%)": 100 * lesion["err"].astype(float)})
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    sns.lineplot(data=d, x="block", y="test error (%)", hue="net", marker="o", errorbar=None, ax=ax)
-    for i, (net, g) in enumerate(d.groupby("net", sort=False)):  # seaborn's hue order: first appearance
+    for i, (net, g) in enumerate(d.groupby("net", sort=False)):
+        colour = sns.color_palette(PALETTE)[i % 10]
+        per_block = g.groupby("block")["test error (%)"].mean()  # all-NaN blocks stay NaN: a gap in the line
+        ax.plot(per_block.index, per_block.to_numpy(), marker="o", color=colour, label=net)
         base = 100 * g.drop_duplicates("seed")["base_err"].astype(float).mean() if "seed" in g else 100 * g["base_err"].iloc[0]
-        ax.axhline(base, ls="--", lw=1, color=sns.color_palette(PALETTE)[i % 10])
+        ax.axhline(base, ls="--", lw=1, color=colour)
+    ax.axhline(CHANCE_ERR, ls=":", lw=1, color="0.4")
     for b in d.loc[d["changes_shape"].astype(bool), "block"].unique():
         ax.axvline(b, color="0.85", lw=3, zorder=0)
-    ax.set(xlabel="deleted block (grey: blocks that change the shape)", ylim=(0, 100))
-    return fig
+    ax.set(xlabel="deleted block (grey: blocks that change the shape)", ylabel="test error (%)", ylim=(0, 100))
+    ax.legend(frameon=False)
+    return note(fig, "dashed: the intact net; dotted: chance (90%); mean over seeds")
 
 
 def deletion_figure(delete: pd.DataFrame, reorder: pd.DataFrame):
@@ -210,7 +258,7 @@ def deletion_figure(delete: pd.DataFrame, reorder: pd.DataFrame):
         sns.lineplot(data=df.assign(err100=100 * df["err"]), x="k", y="err100", hue="net", marker="o",
                      errorbar="sd", ax=ax)
         ax.set(xlabel=label, ylabel="test error (%)")
-    return fig
+    return note(fig, "band: ±1 sd over the distinct random draws of each k (seeds pooled)")
 
 
 def paths_figure(paths: pd.DataFrame, gradient: pd.DataFrame, effective: pd.DataFrame):
@@ -225,11 +273,12 @@ def paths_figure(paths: pd.DataFrame, gradient: pd.DataFrame, effective: pd.Data
     per_run = [c for c in ("net", "seed", "k") if c in gradient]
     g = gradient.drop_duplicates(per_run)  # one total per run and length; the line is the mean over seeds
     sns.lineplot(data=gradient, x="k", y="grad_norm", hue="net", errorbar="sd", ax=axes[1], legend=False)
-    axes[1].set(xlabel="path length", ylabel="gradient norm of one path", yscale="log")
+    axes[1].set(xlabel="path length", ylabel="input-gradient norm of one path", yscale="log")
     sns.lineplot(data=g, x="k", y="total", hue="net", errorbar=t_interval, ax=axes[2], legend=False)
     colour = {net: sns.color_palette(PALETTE)[i % 10] for i, net in enumerate(pd.unique(g["net"]))}
     for e in effective.to_dict("records"):  # one span per run
         axes[2].axvspan(e["effective_from"], e["effective_to"], alpha=0.15, color=colour.get(e["net"], "0.5"))
-    axes[2].set(xlabel="path length (shaded: effective, 90% of the gradient)", ylabel="total gradient")
+    axes[2].set(xlabel="path length (shaded: effective, 90% of the gradient)",
+                ylabel="total gradient\n(mean norm × C(m, k) paths)")
     fig.tight_layout()
-    return fig
+    return note(fig, f"middle: mean ± 1 sd over the sampled paths of each length; right: band {CI_BAND}")

@@ -1,0 +1,52 @@
+"""Figures read on their own: each says which runs it draws and what its bands are; Fig. 7 and Veit's Fig. 3."""
+import math
+
+import pandas as pd
+import pytest
+
+from resnet_lab import experiments as ex, plots
+
+
+def _runs(**over):
+    base = dict(status="done", preset="quick", iterations=640, batch_size=32, train_subset=None, eval_subset=1000,
+                split="full", name="resnet-20", seed=0)
+    return {**base, **over}
+
+
+def test_runs_note_names_the_schedule_seeds_and_evaluation_images():
+    runs = pd.DataFrame([_runs(), _runs(seed=1), _runs(seed=2, status="running")])  # an unfinished run: not drawn
+    assert ex.runs_note(runs) == ("quick preset: 640 iterations of batch 32 (0.41 epoch); seeds 0, 1; "
+                                  "errors on 1,000 test images")
+    paper = pd.DataFrame([_runs(preset="paper", iterations=64_000, batch_size=128, eval_subset=None, name=n)
+                          for n in ("resnet-110", "plain-110")])
+    assert ex.runs_note(paper) == ("paper preset: 64,000 iterations of batch 128 (164 epochs); seed 0; "
+                                   "errors on 10,000 test images")
+    mixed = pd.DataFrame([_runs(name="resnet-56"), _runs(name="resnet-1202", iterations=6, batch_size=8,
+                                                          train_subset=512, eval_subset=100)])
+    assert ex.runs_note(mixed).startswith("quick preset: resnet-56: 640 iterations of batch 32 (0.41 epoch); "
+                                          "resnet-1202: 6 iterations of batch 8 (0.094 epoch)")
+    assert ex.runs_note(runs.iloc[:0]) == ""
+
+
+def test_saved_figure_carries_its_note_and_its_bands(tmp_path):
+    les = pd.DataFrame([dict(block=b, stage=0, changes_shape=b == 1, has_shortcut=a != "plain",
+                             err=math.nan if (a == "plain" and b == 1) else 0.5, base_err=0.4, net=f"{a}-8",
+                             arch=a, depth=8, seed=0) for a in ("plain", "resnet") for b in range(3)])
+    fig = plots.lesion_figure(les)
+    paths = plots.save(fig, tmp_path, "lesion", "quick preset: 6 iterations")
+    assert [p.name for p in paths] == ["lesion.png", "lesion.pdf"]
+    text = fig._note_artist.get_text()
+    assert "chance (90%)" in text and text.endswith("quick preset: 6 iterations")
+    plain = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "plain-8"][0]
+    assert math.isnan(plain.get_ydata()[1])  # a gap where a plain net cannot lose the block, not a line across
+    assert any(ln.get_ydata()[0] == plots.CHANCE_ERR for ln in fig.axes[0].get_lines())
+
+
+def test_layer_responses_draw_every_seed_and_summarise_them():
+    resp = pd.DataFrame([dict(layer=l, std=s * l, channels=16, rank=l, arch=a, depth=20, seed=s, net=f"{a}-20")
+                         for a in ("plain", "resnet") for s in (1, 2) for l in (1, 2)])
+    fig = plots.responses_figure(resp)
+    assert len(fig.axes[0].get_lines()) >= 4  # one line per net and seed
+    t = ex.response_summary(resp).set_index("net")
+    assert list(t.columns) == ["seed 1", "seed 2", "mean"]
+    assert t.loc["plain-20", "seed 2"] == pytest.approx(3.0) and t.loc["resnet-20", "mean"] == pytest.approx(2.25)
