@@ -7,12 +7,14 @@ import logging
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, TextIO
+from typing import Callable, Iterable, Iterator, TextIO
 
 import pandas as pd
 import torch
@@ -205,23 +207,58 @@ def train(cfg: RunConfig, root: str | os.PathLike | None = None, device: str | t
                                 f"{e.strerror or e}") from e
 
 
+@contextlib.contextmanager
+def _ctrl_c_after_step() -> Iterator[Callable[[], bool]]:
+    """Yields `interrupted()`: whether Ctrl-C came. The first Ctrl-C waits for the step under way to end, so the
+    trainer stops there as at a time budget, with a checkpoint that resumes exactly (a KeyboardInterrupt inside
+    a step would leave the weights a step ahead of the step count), then raises KeyboardInterrupt; a second one
+    interrupts at once, leaving the run as a kill would (its last checkpoint, status running). Only where
+    Python's own handler is in place, in the main thread (a notebook kernel's interrupt included)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+    pressed: list[bool] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+        log.warning("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)")
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _train_locked(cfg: RunConfig, rd: RunDir, device: torch.device, data: Cifar10, progress: bool | None,
                   stop_after: int | None, checkpoint_every_s: float, deadline: float | None = None) -> RunRecord:
     if device.type == "cpu":
         _set_cpu_threads()
-    try:
-        run = _Run(cfg, rd, device, data, progress, stop_after, checkpoint_every_s)
-    except BaseException as e:  # say so in the run's summary, as a packed run that cannot start does
-        _store_failure(rd, cfg, e)
-        raise
-    try:
-        while run.step():
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-        return run.finish()
-    except BaseException as e:
-        run.fail(e)
-        raise
+    with _ctrl_c_after_step() as interrupted:
+        try:
+            run = _Run(cfg, rd, device, data, progress, stop_after, checkpoint_every_s)
+        except KeyboardInterrupt:  # not a failure: the run resumes from where it was
+            raise
+        except BaseException as e:  # say so in the run's summary, as a packed run that cannot start does
+            _store_failure(rd, cfg, e)
+            raise
+        try:
+            while run.step():
+                if interrupted() or deadline is not None and time.monotonic() >= deadline:
+                    break
+            rec = run.finish()
+        except KeyboardInterrupt:  # a second Ctrl-C: left as a kill leaves it, resumable, not failed
+            run.bar.close()
+            raise
+        except BaseException as e:
+            run.fail(e)
+            raise
+    if interrupted() and rec.status == "running":  # stopped with a checkpoint: the caller stops too
+        raise KeyboardInterrupt
+    return rec
 
 
 # Seconds between progress-bar refreshes when stderr is not a terminal (a notebook, a log file). An
@@ -586,6 +623,7 @@ def _train_pack(cfgs: list[RunConfig], index: list[int], root, device: torch.dev
                 locks.enter_context(dirs[k].lock())
             except OSError as e:
                 raise ResultsWriteError(f"cannot lock run {cfgs[k].hash} under {dirs[k].path}: {e}") from e
+        interrupted = locks.enter_context(_ctrl_c_after_step())  # after the locks: waiting for one stays Ctrl-C-able
         streams: list[torch.cuda.Stream | None] = [None] * len(cfgs)
         if device.type == "cuda" and len(cfgs) > 1:
             shared: dict = {}  # runs that may be grouped share a stream
@@ -621,10 +659,12 @@ def _train_pack(cfgs: list[RunConfig], index: list[int], root, device: torch.dev
                         out[index[k]] = _finish(runs.pop(k))
                 if not any(k in runs for k in ks):
                     units.remove(unit)
-            if deadline is not None and time.monotonic() >= deadline:
+            if interrupted() or deadline is not None and time.monotonic() >= deadline:
                 break
-        for k, run in runs.items():  # stopped by the deadline: checkpoints, resumed by the next call
+        for k, run in runs.items():  # stopped by the deadline or Ctrl-C: checkpoints, resumed by the next call
             out[index[k]] = _finish(run)
+    if interrupted():  # no further pack starts
+        raise KeyboardInterrupt
     return out
 
 

@@ -160,3 +160,54 @@ def test_a_run_that_cannot_start_says_so_in_its_summary(cifar, tmp_path, monkeyp
         T.train(c, root=tmp_path, data=cifar, device="cpu")
     s = json.loads((R.RunDir(T.resolve_dataset(c, cifar), tmp_path).summary_file).read_text())
     assert s["status"] == "failed" and "no kernel" in s["error"]
+
+
+def _ctrl_c_at_step(monkeypatch, T, step: int, presses: int = 1) -> None:
+    """SIGINT this process `presses` times inside training step `step`, after its weights moved but before the
+    step is booked: where a KeyboardInterrupt raised at once would leave the weights a step ahead."""
+    real = T._Run.account
+
+    def account(self, *a, **k):
+        if self.step_no == step and not getattr(self, "_pressed", False):
+            self._pressed = True
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(T._Run, "account", account)
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(cifar, tmp_path, monkeypatch):
+    """Ctrl-C is a time budget running out, not a failure: the run keeps a checkpoint at a step boundary, stays
+    'running' on disk (`train --list` says stopped) and resumes to the uninterrupted result."""
+    import importlib
+
+    T = importlib.import_module("resnet_lab.train")
+    c = T.resolve_dataset(cfg(), cifar)
+    _ctrl_c_at_step(monkeypatch, T, 4)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(c, root=tmp_path / "a", data=cifar, device="cpu", progress=False)
+    rd = R.RunDir(c, tmp_path / "a")
+    assert rd.summary()["status"] == "running" and rd.summary()["steps_done"] == 5
+    assert rd.checkpoint_file.exists() and not rd.model_file.exists() and rd.live_status() == "stopped"
+    monkeypatch.undo()
+    resumed = T.train(c, root=tmp_path / "a", data=cifar, device="cpu")
+    straight = T.train(c, root=tmp_path / "b", data=cifar, device="cpu")
+    pd.testing.assert_frame_equal(resumed.metrics[COLS], straight.metrics[COLS], check_exact=True)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_a_packed_ctrl_c_starts_no_further_run(cifar, tmp_path, monkeypatch):
+    import importlib
+
+    T = importlib.import_module("resnet_lab.train")
+    c, d = (T.resolve_dataset(cfg(seed=s), cifar) for s in (0, 1))
+    _ctrl_c_at_step(monkeypatch, T, 4, presses=2)  # stops mid-step: left as a kill leaves it, never 'failed'
+    with pytest.raises(KeyboardInterrupt):
+        T.train(c, root=tmp_path, data=cifar, device="cpu", progress=False, checkpoint_every_s=0)
+    assert R.RunDir(c, tmp_path).summary()["status"] == "running"
+    monkeypatch.undo()
+    _ctrl_c_at_step(monkeypatch, T, 6)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_many([c, d], root=tmp_path, data=cifar, device="cpu", pack=1, progress=False)
+    assert R.RunDir(c, tmp_path).summary()["steps_done"] == 7 and R.RunDir(c, tmp_path).checkpoint_file.exists()
+    assert R.RunDir(d, tmp_path).summary() is None  # the next pack never started
