@@ -84,12 +84,17 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
 
 def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
                wanted: dict[str, Any]) -> dict[str, Any]:
-    """Re-execute one notebook into results/<preset>/executed/<name>.ipynb; its row of `build`'s table."""
+    """Re-execute one notebook into results/<preset>/executed/<name>.ipynb; its row of `build`'s table.
+
+    papermill writes its output as it goes, so it executes into a hidden file beside it that replaces the
+    executed notebook only once it ran clean: a failed (or interrupted) report keeps the last good one, and
+    the failed execution, whose error cell is the log, is kept as <name>.failed.ipynb."""
     import papermill as pm
 
     out_dir = results_dir() / preset / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{name}.ipynb"
+    out, failed = out_dir / f"{name}.ipynb", out_dir / f"{name}.failed.ipynb"
+    tmp = out_dir / f".{name}.executing-{os.getpid()}.ipynb"
     params = {**executed_parameters(out), **wanted, "preset": preset}
     declared = notebook_parameters(directory / f"{name}.ipynb")
     for flag in ("train_missing", "analyse_missing"):
@@ -98,14 +103,23 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
     params = {k: v for k, v in params.items() if k in declared}
     t0 = time.time()
     try:
-        pm.execute_notebook(str(directory / f"{name}.ipynb"), str(out), parameters=params, kernel_name=kernel,
+        pm.execute_notebook(str(directory / f"{name}.ipynb"), str(tmp), parameters=params, kernel_name=kernel,
                             cwd=str(directory), progress_bar=False)
-        status, error = "done", ""
-    except Exception as e:  # the output notebook keeps papermill's error cell: it is the log
+        os.replace(tmp, out)
+        failed.unlink(missing_ok=True)  # the log of an earlier failure no longer describes the notebook
+        status, error, written = "done", "", out
+    except Exception as e:  # the failed execution keeps papermill's error cell: it is the log
         status, error = "failed", str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        log.error("report of %s failed: %s", name, error)
-    return {"notebook": name, "status": status, "seconds": round(time.time() - t0, 1), "output": str(out),
-            "error": error}
+        written = failed if tmp.exists() else None
+        if written:
+            os.replace(tmp, failed)
+        kept = f"the last good execution is kept in {out}" if out.exists() else f"no earlier execution in {out}"
+        log.error("report of %s failed: %s (%s; %s)", name, error,
+                  f"this execution's log: {failed}" if written else "papermill wrote no output", kept)
+    finally:
+        tmp.unlink(missing_ok=True)  # an interrupted execution: the good one stays as it was
+    return {"notebook": name, "status": status, "seconds": round(time.time() - t0, 1),
+            "output": str(written or out), "error": error}
 
 
 def outputs(preset: str) -> pd.DataFrame:

@@ -57,14 +57,15 @@ def test_report_kernel_gets_absolute_data_and_results_paths(tmp_path, monkeypatc
     seen = {}
 
     def fake_execute(input_path, output_path, **kw):
-        seen.update({k: os.environ.get(k) for k in ("RESNET_LAB_DATA", "RESNET_LAB_RESULTS")}, output=output_path)
+        seen.update({k: os.environ.get(k) for k in ("RESNET_LAB_DATA", "RESNET_LAB_RESULTS")})
+        Path(output_path).write_text("{}")
 
     monkeypatch.setattr(pm, "execute_notebook", fake_execute)
     table = report.build("smoke", only=["01_degradation"], kernel="python3")
     assert table["status"].tolist() == ["done"]
     assert seen["RESNET_LAB_DATA"] == str(tmp_path / "../shared/data/cifar10-jpeg.tar.gz")
     assert seen["RESNET_LAB_RESULTS"] == str(tmp_path / "results")
-    assert seen["output"] == str(tmp_path / "results" / "smoke" / "executed" / "01_degradation.ipynb")
+    assert (tmp_path / "results" / "smoke" / "executed" / "01_degradation.ipynb").exists()
     assert os.environ["RESNET_LAB_DATA"] == "../shared/data/cifar10-jpeg.tar.gz"
     assert os.environ["RESNET_LAB_RESULTS"] == "results"
 
@@ -78,8 +79,11 @@ def test_report_executes_with_the_grids_report_parameters(tmp_path, monkeypatch)
 
     monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
     seen = {}
-    monkeypatch.setattr(pm, "execute_notebook",
-                        lambda src, out, parameters, **kw: seen.setdefault(Path(src).stem, parameters))
+    def fake_execute(src, out, parameters, **kw):
+        seen.setdefault(Path(src).stem, parameters)
+        Path(out).write_text("{}")
+
+    monkeypatch.setattr(pm, "execute_notebook", fake_execute)
     table = report.build("paper", only=["02_depth", "04_unraveled_ensemble", "05_thousand_layers"], kernel="python3")
     assert table["status"].tolist() == ["done", "done", "done"]
     assert seen["04_unraveled_ensemble"] == {"preset": "paper", "depth": 110, "arch": "resnet", "grad_samples": 100,
@@ -87,3 +91,32 @@ def test_report_executes_with_the_grids_report_parameters(tmp_path, monkeypatch)
     assert seen["02_depth"] == {"preset": "paper", "depths": [20, 32, 44, 56, 110], "seeds": [0, 1, 2],
                                 "train_missing": False}
     assert seen["05_thousand_layers"] == {"preset": "paper", "train_missing": False}
+
+
+def test_a_failed_report_keeps_the_last_good_execution(tmp_path, monkeypatch, caplog):
+    """papermill writes its output as it runs: a failed execution must not replace the last good one. It is kept
+    beside it as <name>.failed.ipynb (its error cell is the log) until a later execution runs clean."""
+    import papermill as pm
+
+    from resnet_lab import report
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    executed = tmp_path / "smoke" / "executed"
+    good, failed = executed / "01_degradation.ipynb", executed / "01_degradation.failed.ipynb"
+
+    def execute(text, error=None):
+        def fake(src, out, parameters, **kw):
+            Path(out).write_text(text)  # papermill saves the notebook as it goes, error cell included
+            if error:
+                raise RuntimeError(error)
+        monkeypatch.setattr(pm, "execute_notebook", fake)
+        return report.build("smoke", only=["01_degradation"], kernel="python3")
+
+    assert execute('{"run": 1}')["status"].tolist() == ["done"]
+    table = execute('{"run": 2, "error cell": true}', error="cell 3: ValueError: boom")
+    assert table["status"].tolist() == ["failed"] and table["output"].tolist() == [str(failed)]
+    assert good.read_text() == '{"run": 1}' and failed.read_text() == '{"run": 2, "error cell": true}'
+    assert str(failed) in caplog.text and str(good) in caplog.text
+    assert execute('{"run": 3}')["status"].tolist() == ["done"]
+    assert good.read_text() == '{"run": 3}' and not failed.exists()
+    assert sorted(p.name for p in executed.iterdir()) == ["01_degradation.ipynb"]  # no temporary file left
