@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections.abc
 import dataclasses
 import hashlib
 import itertools
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +65,10 @@ THREAD_VARS = ("RESNET_LAB_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 PATH_VARS = ("RESNET_LAB_DATA", "RESNET_LAB_DATA_DIR", "RESNET_LAB_RESULTS")
 STOP_GRACE_S = 10.0  # after Ctrl-C, how long running points get to shut their kernels down before SIGKILL
 _RESULT_MARK = "@@resnet-lab-sweep-result@@ "
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # what --device and a notebook's `device` parameter take
+# notebook parameters that count something (04's analysis settings): positive integers up to a bound (None: none);
+# a bad one would pass the grid's type check and fail (or run for minutes on nonsense) deep inside the notebook
+COUNT_PARAMS = {"draws": None, "grad_samples": None, "eval_images": 10_000}
 _TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
                                        "list": (list, tuple), "tuple": (list, tuple), "dict": (dict,)}
 
@@ -285,6 +291,30 @@ def grid_from_dict(raw: Any, where: str = "grid") -> Grid:
                 report=sections["report"])
 
 
+def _unique_keys_loader() -> type:
+    """yaml's SafeLoader, but a mapping that names a key twice is an error (safe_load keeps the last one
+    silently: `depths:` written twice would sweep only the second list)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges keys, and may override
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, collections.abc.Hashable):
+                    continue  # SafeLoader says so itself
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice (first on line {seen[key]}): keep one",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeys
+
+
 def load_grid(path: str | os.PathLike) -> Grid:
     """Read and validate a grid YAML before anything runs: every mistake is one ValueError line."""
     import yaml
@@ -301,7 +331,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
         raise ValueError(f"grid file {str(path)!r} cannot be read ({_one_line(e)}): "
                          f"give a readable YAML file") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_unique_keys_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
         detail = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem else _one_line(e)
@@ -352,7 +382,35 @@ def grid_configs(grid: Grid) -> list[RunConfig]:
     there is no Jupyter (the GPU machine), and the sweep run here then finds its points' runs stored."""
     from .experiments import configs_for, unique_runs
 
+    check_points(grid)
     return unique_runs(c for point in expand(grid) for c in configs_for(point.notebook, point.params))
+
+
+def check_params(params: Mapping[str, Any]) -> None:
+    """ValueError naming a value a notebook would take only to fail later: a device that is not
+    auto|cpu|cuda|cuda:N, or a count (COUNT_PARAMS) that is not a positive integer within its bound."""
+    device = params.get("device", "auto")
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise ValueError(f"device={device!r} is not valid: use auto, cpu, cuda or cuda:N")
+    for name, most in COUNT_PARAMS.items():
+        v = params.get(name, 1)
+        if not _is_a(v, int) or v <= 0 or (most is not None and v > most):
+            bound = f" up to {most:,} (the test set)" if most is not None else ""
+            raise ValueError(f"{name}={v!r} is not valid: use a positive integer{bound}")
+
+
+def check_points(grid: Grid) -> None:
+    """Check every point's parameters and build its run configs, as `train --sweep` does, before anything runs:
+    a value no config takes (depths [[7]], depth -8) then fails here, naming the point, not in the notebook."""
+    from .experiments import NOTEBOOK_CONFIGS, configs_for
+
+    for point in expand(grid):
+        try:
+            check_params(point.params)
+            if point.notebook in NOTEBOOK_CONFIGS:  # the others train nothing
+                configs_for(point.notebook, point.params)
+        except ValueError as e:
+            raise ValueError(f"{grid.source or 'grid'}: point {point.label}: {_one_line(e)}") from None
 
 
 # -- done-ness ----------------------------------------------------------------------------------------
@@ -722,6 +780,7 @@ def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool =
     if backend == "local" and gpus_per_task:
         log.warning("gpus_per_task=%s applies to backend='ray' only; local points share the visible GPUs",
                     gpus_per_task)
+    check_points(grid)  # a bad value fails now (exit 2), not in every point's notebook
 
     points = expand(grid)
     rows: dict[str, dict[str, Any]] = {}

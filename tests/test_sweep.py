@@ -118,6 +118,9 @@ BAD_GRIDS = {
     "report value of the wrong type": (GOOD + "report:\n  seeds: 0\n", ["report.seeds", "int", "list"]),
     "preset in report": (GOOD + "report:\n  preset: quick\n", ["report.preset", "top-level"]),
     "report not a mapping": (GOOD + "report: [1]\n", ["'report'", "list"]),
+    "key given twice": (GOOD + "parameters:\n  depths: [[8]]\n  seeds: [[0]]\n  depths: [[14]]\n",
+                        ["grid.yaml", "'depths' appears twice", "line 6", "line 4"]),
+    "top-level key given twice": (GOOD + "preset: quick\n", ["grid.yaml", "'preset' appears twice"]),
 }
 
 
@@ -240,7 +243,10 @@ def test_sweep_runs_points_in_parallel_then_skips_them(store, cifar, tmp_path):
 
 
 @needs_data
-def test_failing_point_is_recorded_and_the_others_go_on(store, cifar, tmp_path):
+def test_failing_point_is_recorded_and_the_others_go_on(store, cifar, tmp_path, monkeypatch):
+    # run_sweep refuses depth 9 up front (test_sweep_builds_every_points_configs_before_anything_runs); let it
+    # through here, as a point failing inside its notebook for any other reason (memory, a kernel) would
+    monkeypatch.setattr(sweep, "check_points", lambda grid: None)
     grid = load_grid(write(tmp_path, """
         notebook: 01_degradation
         preset: smoke
@@ -428,3 +434,27 @@ def test_ray_backend_runs_the_same_executions(tiny_grid, tmp_path, monkeypatch):
     assert list(table["status"]) == ["done", "done"], table.to_string()
     nb = json.loads(Path(table["output"][1]).read_text())
     assert nb["cells"][-1]["outputs"][0]["text"][0].startswith("2 ")  # x=2 reached the kernel
+
+
+@pytest.mark.parametrize("text, needles", [
+    (GOOD + "parameters:\n  depths: [[8], [7]]\n", ["depths=[7]", "depth=7", "6n+2"]),
+    ("notebook: 04_unraveled_ensemble\npreset: smoke\nparameters:\n  depth: [-8]\n", ["depth=-8"]),
+    ("notebook: 04_unraveled_ensemble\npreset: smoke\nfixed:\n  eval_images: -3\n", ["eval_images=-3"]),
+    (GOOD + "fixed:\n  device: gpu0\n", ["device='gpu0'", "cuda:N"]),
+])
+def test_sweep_builds_every_points_configs_before_anything_runs(tmp_path, capsys, monkeypatch, text, needles):
+    """A value the grid's type check passes but no run config takes fails up front with exit 2, --dry-run too,
+    as `train --sweep` refuses it, rather than at every point's third cell."""
+    from resnet_lab import cli
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
+    grid = write(tmp_path, text)
+    with pytest.raises(ValueError) as e:
+        run_sweep(load_grid(grid), dry_run=True)
+    assert str(grid) in str(e.value) and all(n in str(e.value) for n in needles), e.value
+    for argv in (["--dry-run"], []):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["sweep", str(grid), *argv])
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err.strip() and not out
+    assert not (tmp_path / "results").exists()
