@@ -20,7 +20,10 @@ TRAINING_FLAGS = ("time_budget", "pack", "group")  # --list trains nothing
 # exit codes of every command: 0 all done, 1 some run/point/notebook failed or is missing (the output says
 # which), 2 bad input (argparse's), 130 interrupted; a count would read as 2 or 130 and wrap at 256
 EXIT_INCOMPLETE = 1
+EXIT_INTERRUPTED = 130  # the shell's code for a tool ended by SIGINT (Ctrl-C)
 EXIT_BROKEN_PIPE = 141  # the shell's code for a tool ended by SIGPIPE: its reader went away
+# -p names that have a flag of their own: the flag is what the command reads, so a -p would be ignored
+PARAM_FLAGS = {"preset": "--preset", "device": "--device"}
 
 
 def usage_error(message: object) -> NoReturn:
@@ -49,6 +52,23 @@ def _parse_value(field: dataclasses.Field | None, text: str) -> Any:
     return v
 
 
+def _check_device(device: str, need: bool = True, what: str = "--device") -> str:
+    """The device, if it is auto|cpu|cuda|cuda:N and (when `need`: it will be used) this machine has it; else a
+    usage error naming `what` gave it (torch.device would raise deep inside, after a run folder was made)."""
+    from .sweep import DEVICE
+
+    if not DEVICE.fullmatch(device):
+        usage_error(f"{what} {device!r} is not valid: use auto, cpu, cuda or cuda:N")
+    if need and device.startswith("cuda"):
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(device.partition(":")[2] or 0) >= n:
+            usage_error(f"{what} {device}: this machine has no CUDA device: use cpu or auto" if n == 0 else
+                        f"{what} {device}: this machine has {n} CUDA device(s): use cuda:0 to cuda:{n - 1}")
+    return device
+
+
 def _overrides(pairs: list[str]) -> dict[str, Any]:
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     out = {}
@@ -56,6 +76,8 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, val = p.partition("=")
         if not sep:
             usage_error(f"--set {p!r}: use KEY=VALUE")
+        if key == "preset":
+            usage_error(f"--set preset=...: give the preset with --preset (one of {sorted(PRESETS)})")
         if key not in fields:
             usage_error(f"--set {key!r}: unknown field; allowed are {sorted(fields)}")
         out[key] = _parse_value(fields[key], val)
@@ -89,8 +111,18 @@ def _default(value: Any, default: Any) -> Any:
 
 def cmd_train(a: argparse.Namespace) -> int:
     _check_train_flags(a)
-    if a.notebook or a.sweep:
-        return _train_notebooks(a)
+    try:
+        if a.notebook or a.sweep:
+            return _train_notebooks(a)
+        return _train_one(a)
+    except KeyboardInterrupt:  # train stopped the runs under way at a step boundary, with a checkpoint
+        print("interrupted (Ctrl-C): a run under way stopped with a checkpoint; the same command resumes it",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _train_one(a: argparse.Namespace) -> int:
+    """`train` of one net (no --notebook/--sweep)."""
     from .config import make_config
 
     kw = dict(arch=_default(a.arch, "resnet"), depth=_default(a.depth, 20), shortcut=_default(a.shortcut, "A"),
@@ -100,6 +132,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg = make_config(a.preset or "quick", **kw)
     except ValueError as e:
         usage_error(e)
+    _check_device(a.device, need=not a.list)
     if a.list:
         from .experiments import with_dataset
 
@@ -163,8 +196,32 @@ def _grids_and_params(a: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]
         key, sep, val = pair.partition("=")
         if not sep:
             usage_error(f"-p {pair!r}: use NAME=VALUE")
+        if key in PARAM_FLAGS:
+            usage_error(f"-p {key}=...: give the {key} with {PARAM_FLAGS[key]}, which is what this command uses")
         params[key] = _parse_value(None, val)
     return grids, params
+
+
+def _device(a: argparse.Namespace, grids: list[Any], need: bool = True) -> str:
+    """The device to use: --device, or with --device auto the one device the --sweep grids set (`fixed:` or
+    swept `device:`), so a grid's device is honoured, never silently overridden. A grid device that differs
+    from an explicit --device, or grids that set several, are refused (each run is trained once)."""
+    named: dict[str, str] = {}  # device -> the grid that sets it
+    for g in grids:
+        values = [*g.parameters.get("device", []), *([g.fixed["device"]] if "device" in g.fixed else [])]
+        for v in values:
+            if v != "auto":
+                named.setdefault(v, str(g.source))
+    clash = {v: src for v, src in named.items() if v != a.device} if a.device != "auto" else {}
+    if clash or len(named) > 1:
+        sets = ", ".join(f"{src} sets device {v}" for v, src in (clash or named).items())
+        usage_error(f"{sets}{f' but --device is {a.device}' if clash else ''}: a --sweep grid's device is used when "
+                    f"--device is auto, and each run trains once on one device; give a --device the grids agree with "
+                    f"or edit the grid")
+    if a.device == "auto" and named:
+        device, src = next(iter(named.items()))
+        return _check_device(device, need, f"{src} sets device")
+    return _check_device(a.device, need)
 
 
 def _check_notebook(nb: str, params: dict[str, Any]) -> None:
@@ -189,6 +246,7 @@ def _train_notebooks(a: argparse.Namespace) -> int:
     from .transfer import finished_in
 
     grids, params = _grids_and_params(a)
+    device = _device(a, grids, need=not a.list)
     skip = _manifest(a.skip) or {}  # bad input is refused before the dataset is read
     try:
         cfgs = [c for grid in grids for c in grid_configs(grid)]
@@ -196,7 +254,7 @@ def _train_notebooks(a: argparse.Namespace) -> int:
             _check_notebook(nb, params)
             cfgs += ex.configs_for(nb, params)
         cfgs = ex.with_dataset(ex.unique_runs(cfgs))
-        pack = a.pack if a.pack is not None else ex.pack_size(None if a.device == "auto" else a.device)
+        pack = a.pack if a.pack is not None else ex.pack_size(None if device == "auto" else device)
         group = a.group or ex.group_seeds()
     except DataError:
         raise  # the machine's dataset, not the command line: main says it (exit 1)
@@ -210,7 +268,7 @@ def _train_notebooks(a: argparse.Namespace) -> int:
         if c.hash in elsewhere:
             print(f"{c.name} seed {c.seed}: {elsewhere[c.hash]['status']} in {a.skip} (not trained here)")
     cfgs = [c for c in cfgs if c.hash not in elsewhere]
-    recs = ex.train_all(cfgs, device=a.device, pack=pack, group=group, progress=not a.quiet,
+    recs = ex.train_all(cfgs, device=device, pack=pack, group=group, progress=not a.quiet,
                         time_budget_s=a.time_budget) if cfgs else []
     for c, rec in zip(cfgs, recs):
         if rec is not None:
@@ -229,16 +287,22 @@ def cmd_analyse(a: argparse.Namespace) -> int:
     points or notebook parameters will read (04's lesions and gradients: hours on a CPU, minutes on a GPU)."""
     from . import experiments as ex
     from .data import DataError
-    from .sweep import expand, params_label
+    from .sweep import check_params, expand, params_label
 
     if not (a.notebook or a.sweep):
         usage_error("name what to analyse: --sweep GRID (its points) or --notebook STEM [-p NAME=VALUE]")
     grids, params = _grids_and_params(a)
+    device = _device(a, grids)
     targets = [(pt.notebook, pt.params, pt.label) for grid in grids for pt in expand(grid)]
     try:
         for nb in a.notebook or []:
             _check_notebook(nb, params)
             targets.append((nb, params, params_label(params)))
+        for nb, p, label in targets:  # counts (draws, eval_images...) before anything loads: a bad one runs minutes
+            try:
+                check_params(p)
+            except ValueError as e:
+                raise ValueError(f"{nb} {label}: {e}") from None
     except ValueError as e:
         usage_error(e)
     todo = [t for t in targets if t[0] in ex.NOTEBOOK_ANALYSES]
@@ -248,7 +312,7 @@ def cmd_analyse(a: argparse.Namespace) -> int:
     not_done = 0
     for nb, p, label in todo:
         try:
-            done, missing = ex.analyse_notebook(nb, p, device=a.device)
+            done, missing = ex.analyse_notebook(nb, p, device=device)
         except DataError:
             raise
         except ValueError as e:
@@ -298,6 +362,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
             raise ValueError
     except ValueError:
         usage_error(f"--packs {a.packs!r}: use 'auto' or comma-separated run counts >= 1, e.g. 1,2,4,8")
+    _check_device(a.device)
     if packs is None:  # packing is about filling a GPU; on a CPU the cores are already busy
         import torch
 
@@ -323,8 +388,13 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
                             max_mb=a.max_mb, unfinished=a.unfinished, sent=a.sent)
     except ValueError as e:
         usage_error(e)
+    except OSError as e:  # the disk, not the input
+        raise SystemExit(f"error: {e}")
     for p in parts:
         print(p, f"{p.stat().st_size / 2**20:.1f} MiB")
+    if parts.never_fit:  # missing from this export and from every one under --max-mb (the warning says how)
+        print(f"not exported, over --max-mb {a.max_mb:g} on its own: {', '.join(parts.never_fit)}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     return 0
 
 
@@ -346,10 +416,16 @@ def cmd_runs_manifest(a: argparse.Namespace) -> int:
     text = json.dumps(manifest(), indent=1, sort_keys=True)
     if a.out is None:
         print(text)
-    else:
-        from .runs import atomic_write_text
+        return 0
+    from .runs import atomic_write_text
 
+    try:
         atomic_write_text(a.out, text + "\n")
+    except (IsADirectoryError, NotADirectoryError, FileExistsError):  # a folder, or a file in the path's way
+        usage_error(f"{a.out!r} cannot be a manifest file (a folder is there, or a file is in its path): "
+                    f"give a file name, e.g. .gpu-in/have.json")
+    except OSError as e:  # the disk, not the input
+        raise SystemExit(f"error: {e}")
     return 0
 
 
@@ -360,11 +436,11 @@ def cmd_runs_import(a: argparse.Namespace) -> int:
         done = import_runs(a.parts)
     except ValueError as e:
         usage_error(e)
-    except OSError as e:  # the disk, not the input
+    except OSError as e:  # the store's disk (an unreadable part is a ValueError: bad input)
         raise SystemExit(f"error: {e}")
     for h, what in done.items():
         print(h, what)
-    return 0
+    return EXIT_INCOMPLETE if any(what.startswith("skipped") for what in done.values()) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--block-layers", type=int, default=None, choices=(1, 2, 3), help="default 2")
     t.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default quick (a --sweep grid names its own)")
     t.add_argument("--seed", type=int, default=None, help="default 0; with --notebook use -p 'seeds=[...]'")
-    t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda | cuda:N (auto with --sweep: the grid's device, if it sets one)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any RunConfig field")
     t.add_argument("--notebook", action="append", metavar="STEM",
                    help="train every run this notebook needs (repeatable), e.g. 02_depth")
@@ -417,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --notebook: a notebook parameter, JSON value, e.g. -p depth=56")
     an.add_argument("--preset", default=None, choices=sorted(PRESETS),
                     help="default quick (a --sweep grid names its own)")
-    an.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    an.add_argument("--device", default="auto",
+                    help="auto | cpu | cuda | cuda:N (auto with --sweep: the grid's device, if it sets one)")
     an.set_defaults(func=cmd_analyse)
 
     d = sub.add_parser("data", help="dataset commands")
@@ -436,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="images/s of our loop vs the usual DataLoader loop, same process",
                        description="Writes results/bench/<device>.json and .md, and prints the table.")
     b.add_argument("--models", default="20,56", help="comma-separated depths (default 20,56)")
-    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     b.add_argument("--seconds", type=float, default=10.0, help="measuring time per loop and model")
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--num-workers", type=int, default=4, help="baseline DataLoader workers")
@@ -488,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
         except DataError as e:  # no dataset, a damaged archive: one line, not a traceback
             raise SystemExit(f"error: {e}")
+        except KeyboardInterrupt:  # Ctrl-C: quietly, with the shell's code (train and sweep say more)
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         finally:
             sys.stdout.flush()  # a reader gone away (`| head`) shows here, not at exit as a traceback
     except BrokenPipeError:  # stop quietly, as Unix tools do

@@ -237,14 +237,17 @@ def make_config(preset: str = "quick", **overrides: Any) -> RunConfig:
     """A `RunConfig` from a preset plus explicit overrides; unknown names fail loudly."""
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is not valid: use one of {sorted(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(RunConfig)}
+    known = {f.name for f in dataclasses.fields(RunConfig)} - {"preset"}  # the preset is the first argument
     bad = sorted(set(overrides) - known)
     if bad:
-        raise ValueError(f"unknown RunConfig field(s) {bad}: allowed are {sorted(known - {'preset'})}")
+        raise ValueError(f"unknown RunConfig field(s) {bad}: allowed are {sorted(known)}"
+                         + (" (the preset is make_config's first argument)" if "preset" in bad else ""))
     kw: dict[str, Any] = dict(PRESETS[preset])
     kw.update(overrides)
-    if "milestones" in kw:
-        kw["milestones"] = tuple(kw["milestones"])
+    if not isinstance(kw["milestones"], (list, tuple)):  # tuple(5) would raise a TypeError, tuple("5") split it
+        raise ValueError(f"milestones={kw['milestones']!r} is not valid: use a list of iteration numbers, "
+                         f"e.g. [32000, 48000] (each divides the lr by 10)")
+    kw["milestones"] = tuple(kw["milestones"])
     # The paper warms up its deepest nets (110, 1202) at lr 0.01 until training error < 80%.
     if preset != "smoke" and "warmup_lr" not in overrides and kw.get("depth", 20) >= 110:
         kw["warmup_lr"] = 0.01

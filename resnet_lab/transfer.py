@@ -33,7 +33,11 @@ from .runs import (ANALYSIS_FILE, RunLocked, _umask, atomic_write_bytes, atomic_
 log = logging.getLogger(__name__)
 
 FINISHED = ("done", "diverged")
-RANK = {None: 0, "failed": 1, "running": 2, **dict.fromkeys(FINISHED, 3)}  # how far along a run's status says it is
+# How far along a copy of a run is, before its steps: a finished copy beats every unfinished one, and an
+# unfinished one that can resume (it has a checkpoint; failed or running alike, both resume) beats one that
+# would start again at step 0 whatever its summary says.
+RANK = {None: 0, "failed": 1, "running": 2, **dict.fromkeys(FINISHED, 4)}
+RESUMES = 3
 RUN_FILES = ("config.json", "summary.json", "metrics.csv", "model.pt")  # what every export carries
 CHECKPOINT = "checkpoint.pt"  # only with checkpoints=True, only for unfinished runs
 RESUMABLE = (CHECKPOINT, "checkpoint.prev.pt")  # a trainer's newest checkpoint, and the one before while it swaps
@@ -44,13 +48,21 @@ PART_NUMBER = re.compile(r"[0-9]+")
 MIN_PART_MB, MAX_PART_MB = 1 / 1024, 15.0  # 1 KiB .. the device tool's file limit, with a margin
 
 
-def _progress(summary: dict | None) -> tuple[int, int]:
+def _progress(summary: dict | None, resumable: bool) -> tuple[int, int]:
+    """(rank, steps) of a copy of a run: what import and export compare (the greater is further along)."""
     s = summary if isinstance(summary, dict) else {}
     try:
         steps = int(s.get("steps_done") or 0)
     except (TypeError, ValueError):
         steps = 0
-    return RANK.get(s.get("status"), 0), steps
+    status = s.get("status")
+    rank = RANK.get(status, 0) if isinstance(status, str) else 0  # a crafted summary's list is no status
+    return (RESUMES if resumable and rank < RESUMES else rank), steps
+
+
+def _can_resume(folder: Path) -> bool:
+    """The run folder holds a checkpoint a trainer resumes from."""
+    return any((folder / n).is_file() for n in RESUMABLE)
 
 
 def _parse_summary(data: bytes | None) -> dict | None:
@@ -166,23 +178,26 @@ def _run_folders(src: Path) -> list[Path]:
 
 
 def manifest(root: str | os.PathLike | None = None) -> dict[str, dict]:
-    """{run hash: {status, steps_done, analyses}} of a store: what this machine already has, for
+    """{run hash: {status, steps_done, checkpoint, analyses}} of a store: what this machine already has, for
     `export_runs(skip=)`."""
-    return {run.name: _entry(s, _analysis_names(run)) for run, _, s in iter_runs(root)}
+    return {run.name: _entry(s, _analysis_names(run), _can_resume(run)) for run, _, s in iter_runs(root)}
 
 
-def _entry(summary: dict | None, analyses: list[str]) -> dict:
-    """One run's manifest entry: how far along it is and which cached analyses it has."""
+def _entry(summary: dict | None, analyses: list[str], checkpoint: bool) -> dict:
+    """One run's manifest entry: how far along it is, whether it can resume, which cached analyses it has."""
     s = summary or {}
-    return {"status": s.get("status"), "steps_done": s.get("steps_done"), "analyses": sorted(analyses)}
+    return {"status": s.get("status"), "steps_done": s.get("steps_done"), "checkpoint": checkpoint,
+            "analyses": sorted(analyses)}
 
 
 def _has_all(entry: dict, files: dict[str, bytes], progress: tuple[int, int]) -> bool:
     """The receiving store has this run as far along and every cached analysis in `files` (a manifest
-    written before analyses travelled lists none, so such runs go again)."""
+    written before analyses travelled lists none, so such runs go again; one written before checkpoints
+    were listed says none, so an unfinished run may go again, and import keeps the copy that resumes)."""
     have = entry.get("analyses")
     have = set(have) if isinstance(have, list) else set()
-    return _progress(entry) >= progress and {n for n in files if ANALYSIS_FILE.fullmatch(n)} <= have
+    theirs = _progress(entry, entry.get("checkpoint") is True)
+    return theirs >= progress and {n for n in files if ANALYSIS_FILE.fullmatch(n)} <= have
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, dict]:
@@ -214,35 +229,36 @@ def _pack(src: Path, checkpoints: bool, skips: list[dict[str, dict]], max_bytes:
     every cached analysis, are not packed (import would keep that copy anyway); finished runs go
     first, or are left out when `unfinished`. An unfinished run that its checkpoint alone puts over
     max_bytes goes without it: its curve and summary so far, since no export under the limit could
-    ever carry that checkpoint (ResNet-1202's is 155 MB)."""
+    ever carry that checkpoint (ResNet-1202's is 155 MB); the manifests are compared with what is sent."""
     runs = []
     for run in _run_folders(src):
         files = _run_files(run, checkpoints)
         if files is None:
             continue
         summary = _parse_summary(files.get("summary.json"))
-        progress = _progress(summary)
-        if unfinished and progress[0] == RANK["done"]:
+        if unfinished and (summary or {}).get("status") in FINISHED:
             continue
+        dropped = max_bytes is not None and _tar_size(files) > max_bytes and CHECKPOINT in files
+        if dropped:
+            files = {n: d for n, d in files.items() if n != CHECKPOINT}
+        progress = _progress(summary, CHECKPOINT in files)
         if any(run.name in m and _has_all(m[run.name], files, progress) for m in skips):
             continue
+        if dropped:
+            log.warning("run %s goes without its checkpoint, which alone is over %.3g MiB: its curve and summary "
+                        "so far travel, and it resumes only on the machine that has the checkpoint",
+                        run.name, max_bytes / 2**20)
         runs.append((progress[0] != RANK["done"], run.name, files, summary))
     buf = io.BytesIO()
     now, used, left, too_big, packed = int(time.time()), 0, [], [], {}
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for _, h, files, summary in sorted(runs, key=lambda r: r[:2]):
             size = _tar_size(files)
-            if max_bytes is not None and size > max_bytes and CHECKPOINT in files:
-                files = {n: d for n, d in files.items() if n != CHECKPOINT}
-                size = _tar_size(files)
-                log.warning("run %s goes without its checkpoint, which alone is over %.3g MiB: its curve and summary "
-                            "so far travel, and it resumes only on the machine that has the checkpoint",
-                            h, max_bytes / 2**20)
             if max_bytes is not None and used + size > max_bytes:
                 (too_big if size > max_bytes else left).append(h)
                 continue
             used += size
-            packed[h] = _entry(summary, [n for n in files if ANALYSIS_FILE.fullmatch(n)])
+            packed[h] = _entry(summary, [n for n in files if ANALYSIS_FILE.fullmatch(n)], CHECKPOINT in files)
             for name, data in sorted(files.items()):
                 info = tarfile.TarInfo(f"{h}/{name}")
                 info.size, info.mtime, info.mode = len(data), now, 0o644
@@ -263,10 +279,28 @@ def _remove_old_parts(dest: Path, name: str) -> None:
             p.unlink()
 
 
+class Parts(list):
+    """The part files an export wrote, in order; `never_fit` names the runs no export under its max_mb can
+    hold (logged, and `runs export` exits 1 on them: they are missing from every such export)."""
+
+    def __init__(self, paths: list[Path], never_fit: list[str]) -> None:
+        super().__init__(paths)
+        self.never_fit = never_fit
+
+
+def _check_dest(dest: Path) -> Path:
+    """The export's folder, made if missing; a path that is a file (or under one) is refused by name."""
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{str(dest)!r} is not a folder (a file is in the way): give a folder for the parts") from None
+    return dest
+
+
 def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, checkpoints: bool = False,
                 part_mb: float = 15.0, name: str = "runs", skip: dict[str, dict] | None = None,
                 max_mb: float | None = None, unfinished: bool = False,
-                sent: str | os.PathLike | None = None) -> list[Path]:
+                sent: str | os.PathLike | None = None) -> Parts:
     """Write `<dest>/<name>.tar.gz.000`, `.001`, ...: every run folder of the store, without
     checkpoints unless `checkpoints` (then only unfinished runs' newest one). Returns the parts.
 
@@ -290,6 +324,7 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
     name = _check_name(name)
     if max_mb is not None and not (_is_number(max_mb) and max_mb > 0):
         raise ValueError(f"max_mb={max_mb!r} is not valid: use a positive number of MiB, or None for no limit")
+    dest = _check_dest(Path(dest))
     data, left, too_big, packed = _pack(runs_dir(root), checkpoints, [_check_manifest(skip), ledger],
                                         None if max_mb is None else int(max_mb * 2**20), unfinished)
     if left:
@@ -299,8 +334,6 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
                     "so no export under --max-mb holds it: export it without --max-mb into a folder on that "
                     "machine and bring the parts back a few per call; import takes them once all are here",
                     h, max_mb)
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     _remove_old_parts(dest, name)
     parts = []
     for i in range(0, max(len(data), 1), size):
@@ -309,7 +342,7 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
         parts.append(p)
     if sent is not None:
         atomic_write_json(sent, {**ledger, **packed})
-    return parts
+    return Parts(parts, too_big)
 
 
 # -- import ------------------------------------------------------------------------------------------
@@ -372,11 +405,20 @@ def _read_archive(parts: list[Path]) -> dict[str, dict[str, bytes]]:
     """Every run of an export, checked whole; damage of any kind becomes a ValueError naming the parts."""
     names = ", ".join(p.name for p in parts)
     try:  # gzip checks the length and CRC at the end, which tarfile alone may never read
-        data = gzip.decompress(b"".join(p.read_bytes() for p in parts))
+        data = gzip.decompress(b"".join(_read_part(p) for p in parts))
         return _unpack(data)
     except (gzip.BadGzipFile, zlib.error, EOFError, tarfile.TarError) as e:
         raise ValueError(f"{names}: not a complete, readable export ({type(e).__name__}: {e}); "
                          f"pass every part of one export") from e
+
+
+def _read_part(path: Path) -> bytes:
+    """A part's bytes; one that is missing, a folder or unreadable is bad input (ValueError naming it)."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"part {str(path)!r} cannot be read ({e.strerror or e}): pass the files of one "
+                         f"export") from None
 
 
 def _remove_leftovers(dst: Path, h: str) -> None:
@@ -423,23 +465,20 @@ def _add_analyses(local: Path, summary: dict | None, files: dict[str, bytes]) ->
     return len(new)
 
 
-def _brings_checkpoint(local: Path, files: dict[str, bytes]) -> bool:
-    """The incoming copy can resume and the local one, as far along, cannot (its progress came without its
-    checkpoint, which was over an export's --max-mb)."""
-    return CHECKPOINT in files and not any((local / n).exists() for n in RESUMABLE)
-
-
 def _merge_run(dst: Path, h: str, files: dict[str, bytes]) -> str:
-    """Take one run if the store lacks it, has it less far along, or as far along but unable to resume
-    (else only the cached analyses the local copy lacks); never wait for a busy run."""
+    """Take one run if the store lacks it or has it less far along (`_progress`: a copy that can resume
+    beats one that cannot, whatever their steps); else only the cached analyses the local copy lacks.
+    Never wait for a busy run."""
     local = dst / h
     try:
         with lock_run(local, wait=False):
             mine = _summary(local)
-            ours, theirs = _progress(mine), _progress(_parse_summary(files.get("summary.json")))
-            if (local / "config.json").exists() and \
-                    (ours > theirs or ours == theirs and not _brings_checkpoint(local, files)):
+            ours = _progress(mine, _can_resume(local))
+            theirs = _progress(_parse_summary(files.get("summary.json")), CHECKPOINT in files)
+            if (local / "config.json").exists() and ours >= theirs:
                 added = _add_analyses(local, mine, files)
+                if ours[0] == RESUMES and theirs[1] > ours[1]:  # say what was passed over, and why
+                    return f"kept local: it resumes from its checkpoint, the copy at step {theirs[1]} has none"
                 return f"kept local, {added} cached analysis file(s) added" if added else "kept local"
             _swap_in(dst, h, files)
             return "imported"
@@ -450,11 +489,12 @@ def _merge_run(dst: Path, h: str, files: dict[str, bytes]) -> str:
 def import_runs(parts: list[str | os.PathLike], root: str | os.PathLike | None = None) -> dict[str, str]:
     """Merge exported parts (all of one export, in any order) into the store: {run hash: what happened}.
 
-    A run is taken when the store lacks it or has it less far along (failed < running at fewer steps
-    < running at more < done), or as far along with a checkpoint the local copy lacks; a finished local
-    run is never replaced (it only gains the cached analyses it lacks), and a run whose lock a local
-    process holds is skipped. A damaged, incomplete or crafted archive raises ValueError before the
-    store is touched.
+    A run is taken when the store lacks it or has it less far along: failed < running < unfinished with a
+    checkpoint (failed or running: it resumes) < done, then fewer steps < more. So a local copy that can
+    resume is never replaced by one that would start again at step 0 (an export over --max-mb drops
+    checkpoints), a finished local run is never replaced (it only gains the cached analyses it lacks),
+    and a run whose lock a local process holds is skipped. A damaged, incomplete, missing or crafted
+    archive raises ValueError before the store is touched.
     """
     runs = _read_archive(_ordered_parts(parts))
     dst = runs_dir(root)

@@ -155,3 +155,109 @@ def test_train_sweep_tells_runs_the_time_budget_never_reached_from_failed_ones(c
     assert "running at step 3: train err -  test err -" in out[0], out
     assert out[2].startswith("resnet-8 seed 0: failed (see ") and "summary.json" in out[2], out
     assert [line.split(": ", 1)[1] for line in out[3:]] == ["not started, --time-budget 5 s spent (run again to go on)"] * 2
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["train", "--preset", "smoke", "--device", "bogus"], ["--device 'bogus'", "auto, cpu, cuda or cuda:N"]),
+    (["bench", "--device", "bogus"], ["--device 'bogus'", "cuda:N"]),
+    (["analyse", "--notebook", "04_unraveled_ensemble", "--device", "gpu"], ["--device 'gpu'"]),
+    (["train", "--preset", "smoke", "--device", "cuda"], ["--device cuda", "no CUDA device"]),
+    (["train", "--preset", "smoke", "--set", "milestones=5"], ["milestones=5", "list of iteration numbers"]),
+    (["train", "--set", "preset=paper"], ["--set preset", "--preset", "paper"]),
+    (["train", "--notebook", "01_degradation", "-p", "preset=paper"], ["-p preset", "--preset"]),
+    (["train", "--notebook", "01_degradation", "-p", "device=cpu"], ["-p device", "--device"]),
+    (["analyse", "--notebook", "04_unraveled_ensemble", "-p", "device=cuda"], ["-p device", "--device"]),
+])
+def test_bad_devices_and_settings_are_one_line_errors(no_training, capsys, monkeypatch, tmp_path, argv, needles):
+    import torch
+
+    from resnet_lab import bench
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine has no GPU, whatever runs it
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("the bench ran"))
+    err = _usage_error(capsys, *argv)
+    assert all(n in err for n in needles), err
+    assert not (tmp_path / "runs").exists()  # nothing stored, not even a failed run
+
+
+@pytest.mark.parametrize("param, needle", [("eval_images=-3", "eval_images=-3"), ("eval_images=10001", "10,000"),
+                                           ("grad_samples=0", "grad_samples=0"), ("draws=-1", "draws=-1"),
+                                           ("draws=two", "draws='two'")])
+def test_analyse_refuses_bad_counts_before_loading_anything(no_training, capsys, monkeypatch, param, needle):
+    ex = importlib.import_module("resnet_lab.experiments")
+    monkeypatch.setattr(ex, "analyse_notebook", lambda *a, **k: pytest.fail("analysed"))
+    err = _usage_error(capsys, "analyse", "--notebook", "04_unraveled_ensemble", "-p", param)
+    assert needle in err and "positive integer" in err, err
+
+
+@pytest.mark.parametrize("fixed, argv, device", [("cpu", [], "cpu"), ("cpu", ["--device", "cpu"], "cpu"),
+                                                 ("auto", ["--device", "cpu"], "cpu"), (None, [], "auto")])
+def test_train_sweep_uses_the_grids_device(capsys, tmp_path, monkeypatch, fixed, argv, device):
+    """A grid's `fixed: device:` is honoured by train --sweep (with --device auto), as `sweep` honours it."""
+    ex = importlib.import_module("resnet_lab.experiments")
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    monkeypatch.setattr(ex, "with_dataset", lambda cfgs: [dataclasses.replace(c, dataset="test") for c in cfgs])
+    seen = []
+    monkeypatch.setattr(ex, "train_all", lambda cfgs, device=None, **kw: seen.append(device) or [])
+    grid = tmp_path / "g.yaml"
+    grid.write_text(GRID + (f"fixed:\n  device: {fixed}\n" if fixed else ""))
+    cli.main(["train", "--sweep", str(grid), "--quiet", *argv])
+    assert seen == [device]
+
+
+def test_train_sweep_refuses_a_device_the_grid_contradicts(no_training, capsys, tmp_path):
+    grid, other = tmp_path / "g.yaml", tmp_path / "h.yaml"
+    grid.write_text(GRID + "fixed:\n  device: cpu\n")
+    other.write_text(GRID + "fixed:\n  device: cuda\n")
+    err = _usage_error(capsys, "train", "--sweep", str(grid), "--device", "cuda:0", "--list")
+    assert f"{grid} sets device cpu but --device is cuda:0" in err and "auto" in err, err
+    err = _usage_error(capsys, "train", "--sweep", str(grid), "--sweep", str(other), "--list")
+    assert "sets device cpu" in err and "sets device cuda" in err, err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GRID + "fixed:\n  device: gpu0\n")
+    assert "sets device 'gpu0' is not valid" in _usage_error(capsys, "train", "--sweep", str(bad), "--list")
+
+
+def test_ctrl_c_during_train_exits_130_in_one_line(capsys, monkeypatch):
+    tr = importlib.import_module("resnet_lab.train")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "train", interrupted)
+    assert cli.main(["train", "--preset", "smoke", "--device", "cpu"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted") and "resumes" in err and "\n" not in err, err
+
+
+def test_runs_commands_refuse_bad_paths_and_count_what_they_left_out(tmp_path, monkeypatch, capsys):
+    """A path argument that is missing, a folder or a file in the way is bad input (2); a run left out (held by a
+    trainer, or over --max-mb on its own) is something not done (1), with the output naming it."""
+    import fcntl
+
+    from .test_transfer import HASH, make_run
+
+    store = tmp_path / "store"
+    make_run(store / "runs", "aaa", "done", 100)
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(store))
+    (tmp_path / "file").write_text("x")
+    assert "not a folder" in _usage_error(capsys, "runs", "export", str(tmp_path / "file"))
+    assert "cannot be a manifest file" in _usage_error(capsys, "runs", "manifest", str(tmp_path))
+    missing = tmp_path / "nope" / "runs.tar.gz.000"
+    assert str(missing) in _usage_error(capsys, "runs", "import", str(missing))
+    (tmp_path / "dir.tar.gz.000").mkdir()
+    assert "dir.tar.gz.000" in _usage_error(capsys, "runs", "import", str(tmp_path / "dir.tar.gz.000"))
+
+    assert cli.main(["runs", "export", str(tmp_path / "tiny"), "--max-mb", "0.0001"]) == 1
+    out, err = capsys.readouterr()
+    assert "over --max-mb 0.0001 on its own" in err and HASH["aaa"] in err
+    assert cli.main(["runs", "export", str(tmp_path / "out")]) == 0
+    parts = sorted(map(str, (tmp_path / "out").iterdir()))
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "here"))
+    local = make_run(tmp_path / "here" / "runs", "aaa", "running", 3)
+    with open(local / ".lock", "w") as f:  # a trainer holds it
+        fcntl.flock(f, fcntl.LOCK_EX)
+        assert cli.main(["runs", "import", *parts]) == 1
+    assert "skipped" in capsys.readouterr().out
+    assert cli.main(["runs", "import", *parts]) == 0

@@ -90,7 +90,7 @@ def test_export_skips_what_the_other_side_has_and_stays_under_max_mb(tmp_path):
     make_run(here, "aaa", "done", 100)  # already here: stays out
     make_run(here, "ccc", "running", 40)  # here but behind: goes
     have = manifest(here)
-    assert have[HASH["ccc"]] == {"status": "running", "steps_done": 40, "analyses": []}
+    assert have[HASH["ccc"]] == {"status": "running", "steps_done": 40, "checkpoint": True, "analyses": []}
     parts = export_runs(tmp_path / "o1", root=gpu, checkpoints=True, skip=have)
     assert _names(parts) == sorted([HASH["bbb"], HASH["ccc"]])
     # room for the finished run only: it goes first, the big unfinished one waits for the next export
@@ -160,3 +160,73 @@ def test_a_run_bigger_than_max_mb_is_named_as_never_fitting(tmp_path, caplog):
     result = import_runs(whole, root=here)
     assert result[HASH["ccc"]] == "imported" and (here / HASH["ccc"] / "model.pt").stat().st_size == 300_000
     assert (here / HASH["bbb"] / "checkpoint.pt").stat().st_size == 300_000
+
+def _no_checkpoint(run):
+    for n in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (run / n).unlink()
+    return run
+
+
+def _steps(run):
+    return json.loads((run / "summary.json").read_text())["steps_done"]
+
+
+@pytest.mark.parametrize("local, incoming, winner", [
+    # (status, steps, has a checkpoint) of each copy; a copy that resumes beats one that would start at step 0
+    (("running", 5, True), ("running", 227, False), "local"),
+    (("running", 227, False), ("running", 100, True), "incoming"),
+    (("failed", 50, True), ("running", 40, True), "local"),  # a failed run with a checkpoint resumes too
+    (("failed", 50, True), ("running", 60, True), "incoming"),
+    (("failed", 80, False), ("running", 60, False), "incoming"),  # neither resumes: status, then steps
+    (("running", 5, True), ("done", 6, False), "incoming"),  # finished beats any unfinished copy
+    (("done", 6, False), ("running", 5, True), "local"),
+])
+def test_import_keeps_the_copy_that_can_resume(tmp_path, local, incoming, winner):
+    gpu, here = tmp_path / "gpu", tmp_path / "here"
+    src = make_run(gpu, "aaa", *incoming[:2])
+    if not incoming[2]:
+        _no_checkpoint(src)
+    dst = make_run(here, "aaa", *local[:2])
+    if not local[2]:
+        _no_checkpoint(dst)
+    parts = export_runs(tmp_path / "out", root=gpu, checkpoints=True)
+    result = import_runs(parts, root=here)[HASH["aaa"]]
+    assert result.startswith("kept local" if winner == "local" else "imported"), result
+    kept = local if winner == "local" else incoming
+    assert _steps(dst) == kept[1]
+    assert (dst / "checkpoint.pt").exists() == (kept[2] and kept[0] != "done")
+    # the exporting side, told what this store has, agrees: it sends the run only where import would take it
+    parts = export_runs(tmp_path / "again", root=gpu, checkpoints=True, skip=manifest_of(tmp_path, here, local))
+    assert _names(parts) == ([HASH["aaa"]] if winner == "incoming" else [])
+
+
+def manifest_of(tmp_path, here, local):
+    """The receiving store's manifest as it was before the import (local's copy)."""
+    from resnet_lab.transfer import manifest
+
+    before = tmp_path / "before"
+    run = make_run(before, "aaa", *local[:2])
+    if not local[2]:
+        _no_checkpoint(run)
+    return manifest(before)
+
+
+def test_export_compares_what_it_sends_and_reads_old_manifests(tmp_path):
+    """A checkpoint left behind (no --checkpoints, or over --max-mb) makes the copy sent one that cannot
+    resume: a manifest whose copy resumes keeps it out. A manifest written before checkpoints were listed
+    says none: the run goes, and import keeps whichever copy resumes."""
+    from resnet_lab.transfer import manifest
+
+    gpu, here = tmp_path / "gpu", tmp_path / "here"
+    make_run(gpu, "aaa", "running", 227, big=300_000)
+    make_run(here, "aaa", "running", 5)
+    have = manifest(here)
+    assert have[HASH["aaa"]]["checkpoint"] is True
+    assert _names(export_runs(tmp_path / "o1", root=gpu, skip=have)) == []  # without checkpoints
+    assert _names(export_runs(tmp_path / "o2", root=gpu, checkpoints=True, skip=have, max_mb=0.1)) == []
+    assert _names(export_runs(tmp_path / "o3", root=gpu, checkpoints=True, skip=have)) == [HASH["aaa"]]
+    old = {h: {k: v for k, v in e.items() if k != "checkpoint"} for h, e in have.items()}
+    parts = export_runs(tmp_path / "o4", root=gpu, skip=old)
+    assert _names(parts) == [HASH["aaa"]]
+    assert import_runs(parts, root=here)[HASH["aaa"]].startswith("kept local: it resumes")
+    assert _steps(here / HASH["aaa"]) == 5 and (here / HASH["aaa"] / "checkpoint.pt").exists()
