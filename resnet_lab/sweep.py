@@ -767,7 +767,7 @@ def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool =
     whose nodes need this checkout at the same path and a shared results dir ($RESNET_LAB_RESULTS is passed on).
     kernel_name: the Jupyter kernel papermill starts (the project registers "resnet-lab").
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars, as in train.py
 
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not valid: use one of {list(BACKENDS)}")

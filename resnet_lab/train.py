@@ -343,7 +343,7 @@ class _Run:
                         "packed_runs": packed}
         atomic_write_json(rd.summary_file, self.summary)
 
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # text bars: tqdm.auto warns in a kernel without ipywidgets (papermill)
 
         quiet = progress is False or (progress is None and bool(os.environ.get("CI")))
         self.bar = tqdm(total=cfg.iterations, initial=self.start, desc=cfg.name, disable=quiet, leave=False,
