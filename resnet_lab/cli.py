@@ -116,7 +116,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             return _train_notebooks(a)
         return _train_one(a)
     except KeyboardInterrupt:  # train stopped the runs under way at a step boundary, with a checkpoint
-        print("interrupted (Ctrl-C): a run under way stopped with a checkpoint; the same command resumes it",
+        print("interrupted (Ctrl-C): the same command resumes each run from its last checkpoint",
               file=sys.stderr)
         return EXIT_INTERRUPTED
 
@@ -206,13 +206,14 @@ def _device(a: argparse.Namespace, grids: list[Any], need: bool = True) -> str:
     """The device to use: --device, or with --device auto the one device the --sweep grids set (`fixed:` or
     swept `device:`), so a grid's device is honoured, never silently overridden. A grid device that differs
     from an explicit --device, or grids that set several, are refused (each run is trained once)."""
+    same = lambda d: "cuda:0" if d == "cuda" else d  # one device, two spellings
     named: dict[str, str] = {}  # device -> the grid that sets it
     for g in grids:
         values = [*g.parameters.get("device", []), *([g.fixed["device"]] if "device" in g.fixed else [])]
         for v in values:
-            if v != "auto":
-                named.setdefault(v, str(g.source))
-    clash = {v: src for v, src in named.items() if v != a.device} if a.device != "auto" else {}
+            if v != "auto" and not any(same(v) == same(n) for n in named):
+                named[v] = str(g.source)
+    clash = {v: src for v, src in named.items() if same(v) != same(a.device)} if a.device != "auto" else {}
     if clash or len(named) > 1:
         sets = ", ".join(f"{src} sets device {v}" for v, src in (clash or named).items())
         usage_error(f"{sets}{f' but --device is {a.device}' if clash else ''}: a --sweep grid's device is used when "

@@ -183,10 +183,16 @@ def _epochs(e: float) -> str:
     return f"{e:.2g} epoch{'' if e <= 1 else 's'}" if e < 10 else f"{e:.0f} epochs"
 
 
-def runs_note(runs: pd.DataFrame) -> str:
+def runs_note(runs: pd.DataFrame, stopped: bool = False) -> str:
     """One line naming what a figure's runs are (preset, each schedule, seeds, evaluation images), so a
-    figure read on its own, as a committed PNG, says whether it shows 0.4 epoch or the paper's 164."""
-    d = runs[runs["status"].isin(["done", "diverged"])] if "status" in runs else runs
+    figure read on its own, as a committed PNG, says whether it shows 0.4 epoch or the paper's 164.
+    The finished runs, which the figures draw; `stopped`: also the runs stopped part-way that 05 draws."""
+    d = runs
+    if "status" in runs:
+        drawn = runs["status"].isin(["done", "diverged"])
+        if stopped:
+            drawn |= (runs["status"] == "running") & (pd.to_numeric(runs["steps_done"], errors="coerce") > 0)
+        d = runs[drawn]
     if d.empty:
         return ""
     schedules: dict[tuple[int, int, int], set[str]] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -55,36 +56,43 @@ def note(fig, text: str):
     (`experiments.runs_note`) and what its bands are. Returns the figure."""
     if not text or getattr(fig, "no_data", False):
         return fig
-    lines = getattr(fig, "_note_lines", []) + [text]
-    fig._note_lines = lines
-    if getattr(fig, "_note_artist", None) is None:
-        fig._note_artist = fig.text(0.01, 0.0, "", ha="left", va="top", fontsize=7, color="0.35")
-    fig._note_artist.set_text("\n".join(lines))
+    fig._note_lines = getattr(fig, "_note_lines", []) + [text]
     _place_note(fig)
     return fig
 
 
+NOTE_FONT_PT = 7
+NOTE_CHAR_IN = 0.55 * NOTE_FONT_PT / 72  # an average character's width at that size, inches
+
+
 def _place_note(fig) -> None:
-    """Put the note just under everything else drawn (tick labels and axis titles spill below the figure's
-    own edge, which `bbox_inches="tight"` then takes in)."""
+    """Put the notes just under everything else drawn (tick labels and axis titles spill below the figure's
+    own edge, which `bbox_inches="tight"` then takes in), wrapped to that width: a long line would widen
+    the saved image and carry a legend anchored to the figure's edge away from its axes."""
+    lines = getattr(fig, "_note_lines", []) + ([fig._save_note] if getattr(fig, "_save_note", "") else [])
     art = getattr(fig, "_note_artist", None)
-    if art is None:
+    if not lines:
         return
+    if art is None:
+        art = fig._note_artist = fig.text(0, 0, "", ha="left", va="top", fontsize=NOTE_FONT_PT, color="0.35")
     art.set_visible(False)
-    box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches, without the note
+    box = fig.get_tightbbox(fig._get_renderer())  # inches, without the note (any backend, not just Agg)
     art.set_visible(True)
+    width = max(40, int(box.width / NOTE_CHAR_IN))
+    art.set_text("\n".join(textwrap.fill(line, width) for line in lines))
     art.set_position((box.x0 / fig.get_figwidth(), box.y0 / fig.get_figheight() - 0.02))
 
 
 def save(fig, out_dir: str | os.PathLike, name: str, note_text: str = "") -> list[Path]:
-    """Save `fig` as PNG and PDF (300 dpi, tight) under out_dir, with `note_text` (what runs it shows) added
-    under it; returns the paths (none for a no-data figure).
+    """Save `fig` as PNG and PDF (300 dpi, tight) under out_dir, with `note_text` (what runs it shows) under
+    it; returns the paths (none for a no-data figure).
 
-    Same figure, same bytes: regenerating results leaves unchanged figures unchanged in git."""
+    Same figure, same bytes: regenerating results leaves unchanged figures unchanged in git (saving a figure
+    again replaces its note_text, it does not add a second one)."""
     if getattr(fig, "no_data", False):
         return []
-    note(fig, note_text)
-    _place_note(fig)  # again: the figure may have changed since its notes were added
+    fig._save_note = note_text
+    _place_note(fig)  # also: the figure may have changed since its notes were added
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -105,6 +105,7 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
     try:
         pm.execute_notebook(str(directory / f"{name}.ipynb"), str(tmp), parameters=params, kernel_name=kernel,
                             cwd=str(directory), progress_bar=False)
+        _record_output_path(tmp, out)
         os.replace(tmp, out)
         failed.unlink(missing_ok=True)  # the log of an earlier failure no longer describes the notebook
         status, error, written = "done", "", out
@@ -120,6 +121,17 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
         tmp.unlink(missing_ok=True)  # an interrupted execution: the good one stays as it was
     return {"notebook": name, "status": status, "seconds": round(time.time() - t0, 1),
             "output": str(written or out), "error": error}
+
+
+def _record_output_path(executed: Path, path: Path) -> None:
+    """papermill records the path it wrote in the notebook's metadata: make it the one the notebook is kept
+    under, not the temporary name it was executed into (which also changed with every run)."""
+    nb = json.loads(executed.read_text())
+    if not isinstance(nb, dict):
+        return
+    nb.setdefault("metadata", {}).setdefault("papermill", {})["output_path"] = str(path)
+    # nbformat's own layout, as papermill wrote it
+    executed.write_text(json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False, separators=(",", ": ")) + "\n")
 
 
 def outputs(preset: str) -> pd.DataFrame:

@@ -168,6 +168,8 @@ class RunDir:
                 return "stopped"
         except RunLocked:
             return "running"
+        except OSError:  # a store this user may only read: no lock to try, so say what is on disk
+            return status
 
     def metrics(self) -> pd.DataFrame:
         if not self.metrics_file.exists():

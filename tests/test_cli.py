@@ -219,6 +219,32 @@ def test_train_sweep_refuses_a_device_the_grid_contradicts(no_training, capsys, 
     assert "sets device 'gpu0' is not valid" in _usage_error(capsys, "train", "--sweep", str(bad), "--list")
 
 
+def test_cuda_and_cuda_0_are_one_device(capsys, tmp_path, monkeypatch):
+    ex = importlib.import_module("resnet_lab.experiments")
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    monkeypatch.setattr(ex, "with_dataset", lambda cfgs: [dataclasses.replace(c, dataset="test") for c in cfgs])
+    grid = tmp_path / "g.yaml"
+    grid.write_text(GRID + "fixed:\n  device: cuda\n")
+    assert cli.main(["train", "--sweep", str(grid), "--device", "cuda:0", "--list"]) == 0  # not a clash
+
+
+def test_list_on_a_store_it_cannot_lock_shows_the_stored_status(tmp_path, monkeypatch):
+    """`train --list` tries each unfinished run's lock to say running or stopped; a read-only store says what
+    is on disk instead of failing."""
+    from resnet_lab import runs as R
+    from resnet_lab.config import make_config
+
+    rd = R.RunDir(make_config("smoke", depth=8), tmp_path)
+    rd.path.mkdir(parents=True)
+    rd.summary_file.write_text('{"status": "running", "steps_done": 3}')
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(R, "lock_run", read_only)
+    assert rd.live_status() == "running"
+
+
 def test_ctrl_c_during_train_exits_130_in_one_line(capsys, monkeypatch):
     tr = importlib.import_module("resnet_lab.train")
 

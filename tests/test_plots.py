@@ -14,9 +14,11 @@ def _runs(**over):
 
 
 def test_runs_note_names_the_schedule_seeds_and_evaluation_images():
-    runs = pd.DataFrame([_runs(), _runs(seed=1), _runs(seed=2, status="running")])  # an unfinished run: not drawn
+    runs = pd.DataFrame([_runs(steps_done=640), _runs(seed=1, steps_done=640),
+                         _runs(seed=2, status="running", steps_done=80)])  # stopped part-way: 05 draws it
     assert ex.runs_note(runs) == ("quick preset: 640 iterations of batch 32 (0.41 epoch); seeds 0, 1; "
                                   "errors on 1,000 test images")
+    assert "seeds 0, 1, 2;" in ex.runs_note(runs, stopped=True)
     paper = pd.DataFrame([_runs(preset="paper", iterations=64_000, batch_size=128, eval_subset=None, name=n)
                           for n in ("resnet-110", "plain-110")])
     assert ex.runs_note(paper) == ("paper preset: 64,000 iterations of batch 128 (164 epochs); seed 0; "
@@ -35,8 +37,13 @@ def test_saved_figure_carries_its_note_and_its_bands(tmp_path):
     fig = plots.lesion_figure(les)
     paths = plots.save(fig, tmp_path, "lesion", "quick preset: 6 iterations")
     assert [p.name for p in paths] == ["lesion.png", "lesion.pdf"]
+    first = paths[0].read_bytes()
+    assert plots.save(fig, tmp_path, "lesion", "quick preset: 6 iterations")[0].read_bytes() == first  # once
     text = fig._note_artist.get_text()
     assert "chance (90%)" in text and text.endswith("quick preset: 6 iterations")
+    width = fig.get_tightbbox(fig._get_renderer()).width
+    plots.save(fig, tmp_path, "long", "quick preset: " + "resnet-56: 640 iterations of batch 32; " * 12)
+    assert fig.get_tightbbox(fig._get_renderer()).width == pytest.approx(width)  # wrapped, not wider
     plain = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "plain-8"][0]
     assert math.isnan(plain.get_ydata()[1])  # a gap where a plain net cannot lose the block, not a line across
     assert any(ln.get_ydata()[0] == plots.CHANCE_ERR for ln in fig.axes[0].get_lines())
@@ -46,7 +53,8 @@ def test_layer_responses_draw_every_seed_and_summarise_them():
     resp = pd.DataFrame([dict(layer=l, std=s * l, channels=16, rank=l, arch=a, depth=20, seed=s, net=f"{a}-20")
                          for a in ("plain", "resnet") for s in (1, 2) for l in (1, 2)])
     fig = plots.responses_figure(resp)
-    assert len(fig.axes[0].get_lines()) >= 4  # one line per net and seed
+    drawn = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata())]  # not the legend's empty handles
+    assert len(drawn) == 4  # one line per net and seed, not a mean per net
     t = ex.response_summary(resp).set_index("net")
     assert list(t.columns) == ["seed 1", "seed 2", "mean"]
     assert t.loc["plain-20", "seed 2"] == pytest.approx(3.0) and t.loc["resnet-20", "mean"] == pytest.approx(2.25)

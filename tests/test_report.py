@@ -30,6 +30,10 @@ def test_report_regenerates_figures_without_training(tmp_path, monkeypatch):
     assert fig.exists(), "the figure was not rebuilt"
     assert _snapshot(tmp_path / "runs") == before, "report touched the run store"
     assert report.executed_parameters(executed / "01_degradation.ipynb")["depths"] == [8]
+    import json  # the path papermill records is the kept notebook's, not the hidden one it executed into
+
+    meta = json.loads((executed / "01_degradation.ipynb").read_text())["metadata"]["papermill"]
+    assert meta["output_path"] == str(executed / "01_degradation.ipynb")
     assert set(report.outputs("smoke")["name"]) >= {"table", "degradation"}
 
 
@@ -96,6 +100,8 @@ def test_report_executes_with_the_grids_report_parameters(tmp_path, monkeypatch)
 def test_a_failed_report_keeps_the_last_good_execution(tmp_path, monkeypatch, caplog):
     """papermill writes its output as it runs: a failed execution must not replace the last good one. It is kept
     beside it as <name>.failed.ipynb (its error cell is the log) until a later execution runs clean."""
+    import json
+
     import papermill as pm
 
     from resnet_lab import report
@@ -115,8 +121,9 @@ def test_a_failed_report_keeps_the_last_good_execution(tmp_path, monkeypatch, ca
     assert execute('{"run": 1}')["status"].tolist() == ["done"]
     table = execute('{"run": 2, "error cell": true}', error="cell 3: ValueError: boom")
     assert table["status"].tolist() == ["failed"] and table["output"].tolist() == [str(failed)]
-    assert good.read_text() == '{"run": 1}' and failed.read_text() == '{"run": 2, "error cell": true}'
+    run = lambda p: json.loads(p.read_text())["run"]
+    assert run(good) == 1 and failed.read_text() == '{"run": 2, "error cell": true}'
     assert str(failed) in caplog.text and str(good) in caplog.text
     assert execute('{"run": 3}')["status"].tolist() == ["done"]
-    assert good.read_text() == '{"run": 3}' and not failed.exists()
+    assert run(good) == 3 and not failed.exists()
     assert sorted(p.name for p in executed.iterdir()) == ["01_degradation.ipynb"]  # no temporary file left
