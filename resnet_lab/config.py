@@ -53,19 +53,12 @@ def check_depth(depth: int, block_layers: int = 2, bottleneck: bool = False) -> 
         return (depth - 2) // 9
     if block_layers not in BLOCK_LAYERS:
         raise ValueError(f"block_layers={block_layers!r} is not valid: use one of {list(BLOCK_LAYERS)}")
-    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        ok = ", ".join(str(d) for d in valid_depths(block_layers)[:8])
-        what = "" if block_layers == 2 else f" with {block_layers}-layer blocks"
+    if not (isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0) or ((depth - 2) // 3) % block_layers:
+        ok = ", ".join(str(d) for d in valid_depths(block_layers)[:8])  # 2n = (depth - 2) / 3 layers per stage
+        what = "" if block_layers == 2 else f" with {block_layers}-layer blocks (block_layers={block_layers})"
         rule = "6n+2 with n >= 1" + ("" if block_layers == 2 else f" and 2n divisible by {block_layers}")
-        raise ValueError(f"depth={depth!r} is not valid{what}: use {rule} ({ok}, ...)")
-    n = (depth - 2) // 6
-    if (2 * n) % block_layers:
-        ok = ", ".join(str(d) for d in valid_depths(block_layers)[:8])
-        raise ValueError(
-            f"depth={depth} has 2n={2 * n} layers per stage, which block_layers={block_layers} does not divide; "
-            f"depths that work: {ok}, ..."
-        )
-    return n
+        raise ValueError(f"depth={depth!r} is not valid{what}: use {rule}; depths that work: {ok}, ...")
+    return (depth - 2) // 6
 
 
 def default_gate_bias(arch: str) -> float:

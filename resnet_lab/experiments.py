@@ -378,7 +378,6 @@ def responses(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_i
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESPONSE_COLUMNS)
 
 
-
 def response_summary(resp: pd.DataFrame) -> pd.DataFrame:
     """Mean response std of each net, per seed and over seeds: the numbers Fig. 7's ordering is read from
     (ResNet below plain of the same depth, deeper ResNets lower), seed by seed."""
@@ -575,8 +574,6 @@ def analyse_notebook(notebook: str, params: dict[str, Any], device: str | None =
     NOTEBOOK_ANALYSES[notebook](runs, merged, device)
     done = set(runs.loc[runs["status"] == "done", "hash"])
     return [c for c in cfgs if c.hash in done], [c for c in cfgs if c.hash not in done]
-
-
 
 
 def highway_gates(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_images: int = 2_000,

@@ -175,10 +175,15 @@ def delete_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[in
     ks = _check_ks(ks, len(pool), f"the number of removable blocks is {len(pool)}")
 
     def draw(rng: random.Random, k: int) -> tuple[Any, dict]:
-        chosen = tuple(sorted(rng.sample(pool, k)))
+        chosen = _subset(rng, pool, k)
         return chosen, {"lesion": chosen}
 
     return _draw_errors(model, x, y, ks, draws, seed, batch_size, "blocks", draw, lambda k: math.comb(len(pool), k))
+
+
+def _subset(rng: random.Random, pool: list[int], k: int) -> tuple[int, ...]:
+    """k of the pool's blocks at random, sorted: the label a draw is known by."""
+    return tuple(sorted(rng.sample(pool, k)))
 
 
 def _rng(seed: int, k: int) -> random.Random:
@@ -338,7 +343,7 @@ def gradient_by_path_length(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         for s in range(samples):
             if len(seen) == math.comb(m, k):  # every path of this length measured: go round again (new batches)
                 seen.clear()
-            chosen, _ = _distinct(rng, lambda r, k: (tuple(sorted(r.sample(range(m), k))), None), k, seen)
+            chosen, _ = _distinct(rng, lambda r, k: (_subset(r, list(range(m)), k), None), k, seen)
             route = {i: "branch" if i in chosen else "shortcut" for i in range(m)}
             idx = None if batch is None else torch.tensor(rng.sample(range(len(y)), batch), device=dev)
             xn = normalize(x if idx is None else x[idx]).requires_grad_(True)
