@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pandas as pd
 import torch
@@ -86,13 +87,15 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     Diverged runs are counted (`diverged`) but not averaged: their last error is that of NaN
     logits, which says nothing about the net. `runs` counts the runs the means are over.
     """
-    if runs.empty:
-        return pd.DataFrame(columns=by + ["runs", "params", "macs", "train_err_%", "train_err_ci95", "test_err_%",
-                                          "test_err_ci95", "diverged", "wall_min", "packed", "device"])
-    done = runs[runs["status"].isin(["done", "diverged"])]
+    columns = by + ["runs", "params", "macs", "train_err_%", "train_err_ci95", "test_err_%", "test_err_ci95",
+                    "diverged", "wall_min", "packed", "device"]
+    done = runs[runs["status"].isin(["done", "diverged"])] if not runs.empty else runs
+    if done.empty:  # no run finished yet (all stopped part-way, say): the table's columns, no rows
+        return pd.DataFrame(columns=columns)
     rows = []
     for key, g in done.groupby(by, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
+        _check_seeds_only(g, dict(zip(by, key)))
         ok = g[g["status"] == "done"]
         rows.append({
             **dict(zip(by, key)),
@@ -110,6 +113,26 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
             "device": ", ".join(sorted({str(d) for d in g.get("device", pd.Series(dtype=str)).dropna()})),
         })
     return pd.DataFrame(rows)
+
+
+# Config fields that may differ between the runs of one table row: the seed, and how a run was computed
+# (activation checkpointing recomputes the same forward; fast=False is the eager step the graph is checked
+# against), not what was trained.
+SEED_LIKE = ("seed", "activation_checkpointing", "fast")
+
+
+def _check_seeds_only(group: pd.DataFrame, key: dict[str, Any]) -> None:
+    """The runs of one row must be seeds of one config: averaging, say, option A with option C as if they
+    were seeds would give a mean and CI of nothing. (The notebooks select runs by config hash; a frame
+    from `load_runs(preset=...)` holds every variant.)"""
+    from .config import RunConfig
+
+    fields = [f for f in RunConfig.__dataclass_fields__ if f in group and f not in SEED_LIKE and f not in key]
+    differ = [f for f in fields if group[f].map(repr).nunique() > 1]
+    if differ:
+        values = {f: sorted(set(group[f].map(str))) for f in differ}
+        raise ValueError(f"the runs of row {key} differ in {values}: a row averages seeds of one config; "
+                         f"add {differ} to `by` or select the runs first")
 
 
 def _run_with_hooks(model: nn.Module, hooks, batches, max_images: int | None) -> None:

@@ -313,13 +313,14 @@ def cmd_analyse(a: argparse.Namespace) -> int:
     not_done = 0
     for nb, p, label in todo:
         try:
-            done, missing = ex.analyse_notebook(nb, p, device=device)
+            done, diverged, missing = ex.analyse_notebook(nb, p, device=device)
         except DataError:
             raise
         except ValueError as e:
             usage_error(f"{nb} {label}: {e}")
         not_done += len(missing)
         print(f"{nb} {label}: analysed {len(done)} finished run(s): {', '.join(c.name for c in done) or '-'}"
+              + (f"; diverged (its tables leave it out): {', '.join(c.name for c in diverged)}" if diverged else "")
               + (f"; no finished model in this store: {', '.join(c.name for c in missing)}" if missing else ""))
     return EXIT_INCOMPLETE if not_done else 0
 

@@ -20,6 +20,7 @@ DEFAULT_GATE_BIAS = -2.0
 SHORTCUTS = ("A", "B", "C")
 BLOCK_LAYERS = (1, 2, 3)
 SPLITS = ("full", "45k5k")
+SPLIT_IMAGES = {"full": (50_000, 10_000), "45k5k": (45_000, 5_000)}  # (training, evaluation) images of CIFAR-10
 PRECISIONS = ("auto", "fp32", "bf16")
 
 # Fields that change how fast a run goes or how much memory it takes, never what it learns:
@@ -135,10 +136,13 @@ class RunConfig:
                 raise ValueError(f"{name}={v!r} is not valid: use a positive integer")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} is not valid: use an integer >= 0")
-        for name, least in (("train_subset", self.batch_size), ("eval_subset", 1)):
+        for name, least, most in (("train_subset", self.batch_size, SPLIT_IMAGES[self.split][0]),
+                                  ("eval_subset", 1, SPLIT_IMAGES[self.split][1])):
+            # more than the split holds would silently be all of it, in a folder and note naming another size
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
-                raise ValueError(f"{name}={v!r} is not valid: use None or an integer >= {least}")
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not least <= v <= most):
+                raise ValueError(f"{name}={v!r} is not valid: use None (all {most:,} images of split "
+                                 f"{self.split!r}) or an integer from {least} to {most}")
         def number(name: str, ok: Callable[[float], bool], rule: str) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):

@@ -20,10 +20,10 @@ import pandas as pd
 import torch
 
 from .analysis import summarize
-from .config import GATED_ARCHS, RunConfig, make_config
+from .config import GATED_ARCHS, SPLIT_IMAGES, RunConfig, make_config
 from .data import balanced_subset, load_cifar10, resolve_source
 from .runs import atomic_write_csv, load_metrics, load_runs, results_dir
-from .train import RunRecord, default_device, train_many
+from .train import RunRecord, deadline_after, default_device, train_many
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,9 @@ def train_all(cfgs: Iterable[RunConfig], device: str | None = None, root: str | 
 
     A failure is logged and stored in its run folder; the others go on (its entry is None).
     group (default $RESNET_LAB_GROUP, off): seeds of one config train as one grouped net.
+    time_budget_s (in kw) is one budget for all of them, small nets and lone deep ones alike.
     """
+    deadline = deadline_after(kw.pop("time_budget_s", None))  # checked before the data loads
     dev = None if device in (None, "auto") else device
     data = load_cifar10(source)
     cfgs = list(cfgs)
@@ -117,7 +119,8 @@ def train_all(cfgs: Iterable[RunConfig], device: str | None = None, root: str | 
         if not ix:
             continue
         try:
-            recs = train_many([cfgs[i] for i in ix], root=root, device=dev, data=data, pack=p, group=group, **kw)
+            recs = train_many([cfgs[i] for i in ix], root=root, device=dev, data=data, pack=p, group=group,
+                              deadline=deadline, **kw)
         except Exception as e:  # e.g. the run store cannot be written: say so, the other group still goes
             log.error("training %d run(s) failed: %s", len(ix), e)
             recs = [None] * len(ix)
@@ -131,15 +134,17 @@ def collect(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
             source: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[RunConfig]]:
     """(runs, curves, missing) for these configs, read from the store: nothing is trained.
 
-    curves are those of finished (done or diverged) runs only, like the tables: a run imported half-way
-    through its schedule would pull a mean curve down where it stops.
+    curves are those of the runs the tables average (done) only: a run imported half-way through its
+    schedule would pull a mean curve down where it stops, and a diverged one (counted, not averaged, in
+    the tables; `runs_note` names it) up to chance. missing: configs with no finished (done or diverged)
+    run, which `train_all` would train.
     """
     cfgs = with_dataset(cfgs, source)
     hashes = [c.hash for c in cfgs]
     runs = load_runs(root)
     runs = runs[runs["hash"].isin(hashes)].reset_index(drop=True)
     have = set(runs.loc[runs["status"].isin(["done", "diverged"]), "hash"])
-    curves = load_metrics(root, hash=sorted(have))  # [] reads no file and keeps the columns
+    curves = load_metrics(root, hash=sorted(runs.loc[runs["status"] == "done", "hash"]))  # [] keeps the columns
     return runs, curves, [c for c in cfgs if c.hash not in have]
 
 
@@ -175,8 +180,8 @@ def output_dir(preset: str, notebook: str) -> Path:
     return d
 
 
-TRAIN_IMAGES = {"full": 50_000, "45k5k": 45_000}
-EVAL_IMAGES = {"full": (10_000, "test"), "45k5k": (5_000, "validation")}
+TRAIN_IMAGES = {split: n for split, (n, _) in SPLIT_IMAGES.items()}
+EVAL_IMAGES = {split: (n, "test" if split == "full" else "validation") for split, (_, n) in SPLIT_IMAGES.items()}
 
 
 def _epochs(e: float) -> str:
@@ -186,15 +191,22 @@ def _epochs(e: float) -> str:
 def runs_note(runs: pd.DataFrame, stopped: bool = False) -> str:
     """One line naming what a figure's runs are (preset, each schedule, seeds, evaluation images), so a
     figure read on its own, as a committed PNG, says whether it shows 0.4 epoch or the paper's 164.
-    The finished runs, which the figures draw; `stopped`: also the runs stopped part-way that 05 draws."""
-    d = runs
+    The finished runs, which the figures draw, and the diverged ones they leave out, by name; `stopped`:
+    also the runs stopped part-way that 05 draws."""
+    d, diverged = runs, runs.iloc[:0]
     if "status" in runs:
-        drawn = runs["status"].isin(["done", "diverged"])
+        drawn = runs["status"] == "done"
         if stopped:
             drawn |= (runs["status"] == "running") & (pd.to_numeric(runs["steps_done"], errors="coerce") > 0)
-        d = runs[drawn]
-    if d.empty:
+        d, diverged = runs[drawn], runs[runs["status"] == "diverged"]
+    if d.empty and diverged.empty:
         return ""
+    left_out = ""
+    if not diverged.empty:
+        names = [f"{n} seed {int(s)}" for n, s in sorted(zip(diverged["name"], diverged["seed"]))]
+        left_out = f"; diverged, not drawn: {', '.join(names)}"
+    if d.empty:
+        return left_out[2:]
     schedules: dict[tuple[int, int, int], set[str]] = {}
     evals = set()
     for r in d.to_dict("records"):
@@ -210,7 +222,7 @@ def runs_note(runs: pd.DataFrame, stopped: bool = False) -> str:
     seeds = sorted({int(v) for v in d["seed"]})
     presets = ", ".join(sorted(set(d["preset"])))
     return (f"{presets} preset: " + "; ".join(parts) + f"; seed{'s' if len(seeds) > 1 else ''} "
-            f"{', '.join(map(str, seeds))}; errors on {', '.join(sorted(evals))}")
+            f"{', '.join(map(str, seeds))}; errors on {', '.join(sorted(evals))}" + left_out)
 
 
 def save_table(df: pd.DataFrame, out_dir: str | os.PathLike, name: str) -> Path:
@@ -563,17 +575,19 @@ NOTEBOOK_ANALYSES: dict[str, Any] = {"04_unraveled_ensemble": _unravel_from_para
 
 
 def analyse_notebook(notebook: str, params: dict[str, Any], device: str | None = None
-                     ) -> tuple[list[RunConfig], list[RunConfig]]:
+                     ) -> tuple[list[RunConfig], list[RunConfig], list[RunConfig]]:
     """Compute and cache the analyses a notebook's execution with these parameters reads, on its finished
-    runs; returns (the configs analysed, those not finished yet). Trains nothing."""
+    runs; returns (the configs analysed, those that diverged: finished, never analysed, those not
+    finished yet). Trains nothing."""
     if notebook not in NOTEBOOK_ANALYSES:
         raise ValueError(f"notebook {notebook!r} caches no analysis: use one of {sorted(NOTEBOOK_ANALYSES)}")
     merged = {**notebook_defaults(notebook), **params}
     cfgs = with_dataset(configs_for(notebook, merged))
     runs = collect(cfgs)[0]
     NOTEBOOK_ANALYSES[notebook](runs, merged, device)
-    done = set(runs.loc[runs["status"] == "done", "hash"])
-    return [c for c in cfgs if c.hash in done], [c for c in cfgs if c.hash not in done]
+    status = dict(zip(runs["hash"], runs["status"]))
+    return ([c for c in cfgs if status.get(c.hash) == "done"], [c for c in cfgs if status.get(c.hash) == "diverged"],
+            [c for c in cfgs if status.get(c.hash) not in ("done", "diverged")])
 
 
 def highway_gates(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_images: int = 2_000,

@@ -85,11 +85,14 @@ def _place_note(fig) -> None:
 
 def save(fig, out_dir: str | os.PathLike, name: str, note_text: str = "") -> list[Path]:
     """Save `fig` as PNG and PDF (300 dpi, tight) under out_dir, with `note_text` (what runs it shows) under
-    it; returns the paths (none for a no-data figure).
+    it; returns the paths (none for a no-data figure, which removes the files an earlier save left: a
+    figure of runs no longer in the store must not sit beside a table that has none).
 
     Same figure, same bytes: regenerating results leaves unchanged figures unchanged in git (saving a figure
     again replaces its note_text, it does not add a second one)."""
     if getattr(fig, "no_data", False):
+        for ext in ("png", "pdf"):
+            (Path(out_dir) / f"{name}.{ext}").unlink(missing_ok=True)
         return []
     fig._save_note = note_text
     _place_note(fig)  # also: the figure may have changed since its notes were added

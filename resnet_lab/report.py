@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -88,11 +89,16 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
 
     papermill writes its output as it goes, so it executes into a hidden file beside it that replaces the
     executed notebook only once it ran clean: a failed (or interrupted) report keeps the last good one, and
-    the failed execution, whose error cell is the log, is kept as <name>.failed.ipynb."""
+    the failed execution, whose error cell is the log, is kept as <name>.failed.ipynb. The notebook's tables
+    and figures (results/<preset>/<name>/), which it writes as it goes, are put back as they were too: the
+    claims are read from them, and they must stay those of the executed notebook beside them."""
     import papermill as pm
 
     out_dir = results_dir() / preset / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
+    tables = results_dir() / preset / name
+    backup = _backup(tables)
+    ok = False
     out, failed = out_dir / f"{name}.ipynb", out_dir / f"{name}.failed.ipynb"
     tmp = out_dir / f".{name}.executing-{os.getpid()}.ipynb"
     params = {**executed_parameters(out), **wanted, "preset": preset}
@@ -108,7 +114,7 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
         _record_output_path(tmp, out)
         os.replace(tmp, out)
         failed.unlink(missing_ok=True)  # the log of an earlier failure no longer describes the notebook
-        status, error, written = "done", "", out
+        status, error, written, ok = "done", "", out, True
     except Exception as e:  # the failed execution keeps papermill's error cell: it is the log
         status, error = "failed", str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         written = failed if tmp.exists() else None
@@ -119,8 +125,32 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
                   f"this execution's log: {failed}" if written else "papermill wrote no output", kept)
     finally:
         tmp.unlink(missing_ok=True)  # an interrupted execution: the good one stays as it was
+        _settle(tables, backup, ok)
     return {"notebook": name, "status": status, "seconds": round(time.time() - t0, 1),
             "output": str(written or out), "error": error}
+
+
+def _backup(folder: Path) -> Path | None:
+    """A copy of a notebook's output folder beside it (hidden), or None when it has none yet."""
+    if not folder.is_dir():
+        return None
+    backup = folder.parent / f".{folder.name}.before-{os.getpid()}"
+    shutil.rmtree(backup, ignore_errors=True)  # left by a report killed outright
+    shutil.copytree(folder, backup)
+    return backup
+
+
+def _settle(folder: Path, backup: Path | None, ok: bool) -> None:
+    """After an execution: keep its outputs if it ran clean, else put the folder back as it was."""
+    if not ok:
+        aside = folder.parent / f".{folder.name}.failed-{os.getpid()}"
+        if folder.exists():
+            os.replace(folder, aside)
+        if backup is not None:
+            os.replace(backup, folder)
+        shutil.rmtree(aside, ignore_errors=True)
+    elif backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _record_output_path(executed: Path, path: Path) -> None:

@@ -148,10 +148,9 @@ class RunDir:
     model_file = property(lambda self: self.path / "model.pt")
 
     def summary(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.summary_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        """The stored summary, or None where there is none or it is unreadable (a half-written or damaged
+        file reads as a run that has not finished: it is never averaged, and training it resumes or redoes it)."""
+        return _read_json_dict(self.summary_file)
 
     def status(self) -> str | None:
         s = self.summary()
@@ -172,9 +171,8 @@ class RunDir:
             return status
 
     def metrics(self) -> pd.DataFrame:
-        if not self.metrics_file.exists():
-            return pd.DataFrame(columns=METRIC_COLUMNS)
-        return pd.read_csv(self.metrics_file)
+        """The evaluations so far (no rows where the file is missing, empty or unreadable)."""
+        return _read_metrics(self.metrics_file)
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
         """Exclusive lock on this run: a second process asking for the same config waits here."""
@@ -241,24 +239,47 @@ def _plain(params: Mapping[str, Any]) -> Any:
     return json.loads(json.dumps(dict(params), sort_keys=True, default=str))
 
 
+def _read_json_dict(path: Path) -> dict | None:
+    """A JSON object from `path`, or None where it is missing, unreadable or not an object."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):  # ValueError: bad JSON, and bytes that are not UTF-8
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _read_metrics(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        return pd.DataFrame(columns=METRIC_COLUMNS)
+    except (OSError, ValueError) as e:  # empty (a kill before the first row), damaged, not a file
+        log.warning("%s is unreadable (%s): its run has no curve", path, e)
+        return pd.DataFrame(columns=METRIC_COLUMNS)
+
+
 # -- many runs ---------------------------------------------------------------------------------------
 def iter_runs(root: str | os.PathLike | None = None) -> Iterator[tuple[Path, dict, dict | None]]:
-    """(folder, config, summary or None) of every run folder; hidden folders and stray files are skipped."""
+    """(folder, config, summary or None) of every run folder; hidden folders and stray files are skipped,
+    and so, with a warning, is a folder whose config is damaged: one bad folder must not stop every table
+    of the store. An unreadable summary reads as None (not finished)."""
     d = runs_dir(root)
     if not d.exists():
         return
     for p in sorted(d.iterdir()):
-        if p.name.startswith("."):  # `.<hash>.importing` / `.replaced`: an import's staging, not a run
+        if p.name.startswith(".") or not p.is_dir():  # `.<hash>.importing` / `.replaced`: an import's staging
             continue
-        try:
-            cfg = json.loads((p / "config.json").read_text())
-        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        if not (p / "config.json").exists():
             continue
+        cfg = _read_json_dict(p / "config.json")
         try:
-            summ = json.loads((p / "summary.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            summ = None
-        yield p, cfg, summ
+            if cfg is None:
+                raise ValueError("config.json is not a readable JSON object")
+            RunConfig.from_json(cfg)
+        except (TypeError, ValueError) as e:
+            log.warning("run folder %s skipped: %s", p, e)
+            continue
+        yield p, cfg, _read_json_dict(p / "summary.json")
 
 
 SUMMARY_COLUMNS = ["status", "final_train_err", "final_test_err", "final_train_loss", "final_test_loss",
@@ -294,9 +315,8 @@ def load_metrics(root: str | os.PathLike | None = None, **where: Any) -> pd.Data
     frames = []
     base = runs_dir(root)
     for r in runs.to_dict("records"):
-        f = base / r["hash"] / "metrics.csv"
-        if f.exists():
-            m = pd.read_csv(f)
+        m = _read_metrics(base / r["hash"] / "metrics.csv")
+        if not m.empty:
             for k in ("hash", "name", "arch", "depth", "block_layers", "shortcut", "bottleneck", "seed", "preset",
                       "status"):
                 m[k] = r[k]

@@ -287,6 +287,15 @@ def grid_from_dict(raw: Any, where: str = "grid") -> Grid:
             values[name] = v = _check_value(f"{where}: {section}.{name}", v, declared[name])
             if isinstance(v, list) and not v:
                 raise ValueError(f"{where}: {section}.{name} is an empty list: give at least one value")
+    if sections["report"]:  # `resnet-lab report` would find a bad value only inside the executed notebook
+        from .experiments import NOTEBOOK_CONFIGS, configs_for
+
+        try:
+            check_params(sections["report"])
+            if nb_path.stem in NOTEBOOK_CONFIGS:
+                configs_for(nb_path.stem, {**sections["report"], "preset": preset})
+        except ValueError as e:
+            raise ValueError(f"{where}: report: {_one_line(e)}") from None
     return Grid(notebook=nb_path.stem, notebook_path=nb_path, preset=preset, parameters=parameters, fixed=fixed,
                 report=sections["report"])
 
@@ -380,10 +389,11 @@ def report_parameters(preset: str, directory: Path | None = None) -> dict[str, d
 def grid_configs(grid: Grid) -> list[RunConfig]:
     """Every RunConfig the grid's points train, each once, in point order: `train --sweep` trains them where
     there is no Jupyter (the GPU machine), and the sweep run here then finds its points' runs stored."""
-    from .experiments import configs_for, unique_runs
+    from .experiments import NOTEBOOK_CONFIGS, configs_for, unique_runs
 
     check_points(grid)
-    return unique_runs(c for point in expand(grid) for c in configs_for(point.notebook, point.params))
+    return unique_runs(c for point in expand(grid) if point.notebook in NOTEBOOK_CONFIGS  # the others train nothing
+                       for c in configs_for(point.notebook, point.params))
 
 
 def check_params(params: Mapping[str, Any]) -> None:
@@ -732,17 +742,27 @@ def _run_ray(todo: list[Point], jobs: int, kernel_name: str, address: str | None
         started = True
     try:
         remote = ray.remote(_run_point_process).options(num_cpus=threads, num_gpus=gpus_per_task, max_retries=0)
-        refs = {remote.remote(_point_spec(p, kernel_name, threads)): p for p in todo}
-        pending = list(refs)
+        queue, refs, pending = list(todo), {}, []
+
+        def submit() -> None:  # at most `jobs` points in flight: Ray's CPU count alone would allow more
+            point = queue.pop(0)
+            ref = remote.remote(_point_spec(point, kernel_name, threads))
+            refs[ref] = point
+            pending.append(ref)
+
         try:
+            while queue and len(pending) < jobs:
+                submit()
             while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
+                ready, pending[:] = ray.wait(pending, num_returns=1)
                 for r in ready:
                     try:
                         res = ray.get(r)
                     except Exception as e:  # noqa: BLE001 - a lost worker or node fails this point only
                         res = {"ok": False, "error": f"{type(e).__name__}: {_one_line(e)}"[:2000], "seconds": 0.0}
                     on_result(refs[r], res)
+                    if queue:
+                        submit()
         except KeyboardInterrupt:  # not force=True: the task's KeyboardInterrupt kills its point's process
             for r in pending:
                 try:

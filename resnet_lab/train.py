@@ -190,7 +190,7 @@ def train(cfg: RunConfig, root: str | os.PathLike | None = None, device: str | t
     time_budget_s: leave with a checkpoint once this many seconds have passed, for runs longer than
     one sitting (the GPU machine's 10-minute calls); the next call resumes exactly.
     """
-    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
+    deadline = deadline_after(time_budget_s)
     device = torch.device(device) if device is not None else default_device()
     data = data if data is not None else load_cifar10()
     cfg = resolve_dataset(cfg, data)
@@ -473,10 +473,22 @@ class _Run:
         atomic_write_json(self.rd.summary_file, self.summary)
 
 
+def deadline_after(time_budget_s: float | None) -> float | None:
+    """The `time.monotonic()` at which a budget of this many seconds ends (None: no budget; 0: a run that
+    starts takes one step and leaves with a checkpoint)."""
+    if time_budget_s is None:
+        return None
+    if isinstance(time_budget_s, bool) or not isinstance(time_budget_s, (int, float)) or not time_budget_s >= 0:
+        raise ValueError(f"time_budget_s={time_budget_s!r} is not valid: use a number of seconds >= 0, or None "
+                         "(no limit)")
+    return time.monotonic() + time_budget_s
+
+
 def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
                device: str | torch.device | None = None, data: Cifar10 | None = None, pack: int = 1,
                progress: bool | None = None, stop_after: int | None = None, checkpoint_every_s: float = 120.0,
-               time_budget_s: float | None = None, group: bool = False) -> list[RunRecord | None]:
+               time_budget_s: float | None = None, group: bool = False, deadline: float | None = None
+               ) -> list[RunRecord | None]:
     """Train several configs, `pack` at a time in lockstep on one device (each on its own CUDA stream).
 
     Small nets leave most of a big GPU idle; packed, their kernels overlap. Runs already finished are
@@ -487,18 +499,28 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
     group: runs of one pack that differ only in seed train as one grouped net (`grouped.GroupedNets`,
     one set of kernels for all; equal to lone runs up to float rounding); seeds of a config are
     moved next to each other so they share a pack. A failure then fails the whole group.
+
+    deadline: a `time.monotonic()` to stop at, for a caller whose one budget spans several calls
+    (`experiments.train_all`); with time_budget_s too, the earlier of the two. A config given twice
+    trains once (a pack would otherwise wait for ever on its own lock); both entries get its record.
     """
     device = torch.device(device) if device is not None else default_device()
     data = data if data is not None else load_cifar10()
     if not isinstance(pack, int) or pack < 1:
         raise ValueError(f"pack={pack!r} is not valid: use an integer >= 1")
-    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
+    ends = [d for d in (deadline_after(time_budget_s), deadline) if d is not None]
+    deadline = min(ends) if ends else None
     if device.type == "cpu":
         _set_cpu_threads()
     cfgs = [resolve_dataset(c, data) for c in cfgs]
+    index_of: dict[str, int] = {}  # each run's first place in the list
+    for i, cfg in enumerate(cfgs):
+        index_of.setdefault(cfg.hash, i)
     out: dict[int, RunRecord | None] = {}
     todo = []
     for i, cfg in enumerate(cfgs):
+        if index_of[cfg.hash] != i:  # the same run again
+            continue
         rd = RunDir(cfg, root)
         if rd.status() in ("done", "diverged"):
             out[i] = _record(rd)
@@ -525,11 +547,13 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
                                    checkpoint_every_s, deadline, group))
         except Exception as e:  # e.g. a run folder cannot be locked: this pack is lost, the next ones go on
             log.error("runs %s failed: %s", ", ".join(cfgs[i].name for i in chunk), e)
-            out.update({i: None for i in chunk})
-    for i in set(range(len(cfgs))) - set(out):  # not started before the deadline
+            for i in chunk:  # but a member it finished and stored before the error is finished
+                rd = RunDir(cfgs[i], root)
+                out[i] = _record(rd) if rd.status() in ("done", "diverged") else None
+    for i in set(index_of.values()) - set(out):  # not started before the deadline
         rd = RunDir(cfgs[i], root)
         out[i] = _record(rd) if rd.summary() else None
-    return [out[i] for i in range(len(cfgs))]
+    return [out[index_of[c.hash]] for c in cfgs]
 
 
 def group_key(cfg: RunConfig) -> RunConfig | None:

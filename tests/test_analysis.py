@@ -59,3 +59,15 @@ def test_a_figure_saved_twice_is_the_same_bytes(tmp_path):
     second = [p.read_bytes() for p in plots.save(fig, tmp_path / "b", "f")]
     plt.close(fig)
     assert first == second and first[1].startswith(b"%PDF")
+
+
+def test_a_row_averages_seeds_of_one_config_only():
+    """`load_runs(preset=...)` holds every variant: pooling option A with option C as seeds would be a mean of
+    nothing. Seeds, and how a run was computed (checkpointing, the eager step), may differ."""
+    r = runs(["done"] * 4, [0.08, 0.10, 0.09, 0.12]).assign(seed=[0, 1, 2, 0], shortcut=["A", "A", "A", "C"],
+                                                            activation_checkpointing=[0, 2, 0, 0],
+                                                            fast=[True, False, True, True])
+    with pytest.raises(ValueError, match=r"differ in \{'shortcut': \['A', 'C'\]\}.*add \['shortcut'\] to `by`"):
+        summarize(r, ["arch", "depth"])
+    t = summarize(r, ["arch", "depth", "shortcut"])
+    assert t["runs"].tolist() == [3, 1]

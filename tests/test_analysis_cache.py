@@ -115,6 +115,13 @@ def test_analyse_command_caches_what_the_notebook_reads(trained, tmp_path, monke
     assert not missing and set(t["lesion"]["net"]) == {"ResNet-8", "plain-8"}
     assert cli.main(["analyse", "--notebook", "04_unraveled_ensemble", "--preset", "smoke", "-p", "depth=8",
                      "-p", "draws=1", "-p", "eval_images=40", "-p", "grad_samples=1"]) == 0
+    summary = RunDir(trained[1]).summary_file  # plain-8 diverged: finished, never analysed, not "to do"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "status": "diverged"}))
+    capsys.readouterr()
+    assert cli.main(["analyse", "--notebook", "04_unraveled_ensemble", "--preset", "smoke", "-p", "depth=8",
+                     "-p", "draws=1", "-p", "eval_images=40", "-p", "grad_samples=1"]) == 0
+    out = capsys.readouterr().out
+    assert "analysed 1 finished run(s): resnet-8; diverged (its tables leave it out): plain-8" in out, out
 
 
 def test_analyse_refuses_what_it_cannot_do(capsys, tmp_path):

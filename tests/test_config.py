@@ -36,6 +36,10 @@ def test_paper_preset_is_the_papers_recipe():
     (dict(milestones=(300, 300)), ["milestones=(300, 300)", "strictly increasing"]),
     (dict(milestones=(0,)), ["milestones=(0,)", "positive"]),
     (dict(bottleneck=True, block_layers=3, depth=20), ["block_layers=3", "bottleneck", "block_layers=2"]),
+    (dict(train_subset=60_000), ["train_subset=60000", "50,000 images of split 'full'", "from 32 to 50000"]),
+    (dict(split="45k5k", train_subset=50_000), ["train_subset=50000", "to 45000"]),
+    (dict(eval_subset=20_000), ["eval_subset=20000", "from 1 to 10000"]),
+    (dict(split="45k5k", eval_subset=8_000), ["eval_subset=8000", "5,000 images", "to 5000"]),
 ])
 def test_bad_values_name_the_value_and_the_allowed_ones(kw, words):
     with pytest.raises(ValueError) as e:

@@ -41,6 +41,11 @@ def test_figures_of_nothing_say_so_and_save_no_file(empty_store):
         assert "no finished runs" in fig.axes[0].texts[0].get_text()
         assert plots.save(fig, empty_store / "out", f"fig{i}") == []
     assert not (empty_store / "out").exists()
+    one = pd.DataFrame({"depth": [20], "status": ["done"], "final_test_err": [0.09]})
+    stale = plots.save(plots.depth_figure(one, ex.PAPER_TEST_ERR), empty_store / "out", "d")
+    assert [p.name for p in stale] == ["d.png", "d.pdf"]
+    assert plots.save(plots.depth_figure(runs, ex.PAPER_TEST_ERR), empty_store / "out", "d") == []
+    assert not any(p.exists() for p in stale)  # a figure of runs no longer in the store does not stay behind
 
 
 def test_claims_read_a_header_only_or_empty_table_as_not_run(empty_store):
@@ -103,6 +108,77 @@ def test_curves_are_those_of_finished_runs_only(empty_store, monkeypatch):
     assert curves["seed"].tolist() == [0]
     runs, curves, missing = ex.collect(cfgs[1:])
     assert curves.empty and "test_err" in curves.columns
+
+
+def _store(cfgs, statuses):
+    import json
+
+    from resnet_lab.runs import METRIC_COLUMNS, runs_dir
+
+    for cfg, status in zip(cfgs, statuses):
+        d = runs_dir() / cfg.hash
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({**cfg.to_json(), "hash": cfg.hash}))
+        (d / "summary.json").write_text(json.dumps({"status": status, "steps_done": 1, "final_train_err": 0.5,
+                                                    "final_test_err": 0.5, "params": 1, "flops": 1}))
+        (d / "metrics.csv").write_text(",".join(METRIC_COLUMNS) + "\n" + ",".join(["1"] * len(METRIC_COLUMNS)) + "\n")
+
+
+def test_a_diverged_run_is_left_out_of_the_curves_as_of_the_means_and_named(empty_store, monkeypatch):
+    """The tables count a diverged seed but do not average it; its curve (near chance) must not pull the
+    figure's mean either. It is not `missing` (training it again would diverge again), and the note says so."""
+    import dataclasses
+
+    monkeypatch.setattr(ex, "with_dataset", lambda cfgs, source=None: [dataclasses.replace(c, dataset="t")
+                                                                         for c in cfgs])
+    cfgs = ex.with_dataset([make_config("smoke", depth=8, seed=s) for s in (0, 1, 2)])
+    _store(cfgs, ("done", "diverged", "done"))
+    runs, curves, missing = ex.collect(cfgs)
+    assert not missing and sorted(curves["seed"]) == [0, 2]
+    note = ex.runs_note(runs)
+    assert "seeds 0, 2;" in note and note.endswith("; diverged, not drawn: resnet-8 seed 1"), note
+    assert ex.runs_note(runs[runs["seed"] == 1]) == "diverged, not drawn: resnet-8 seed 1"
+    row = ex.depth_table(runs).iloc[0]
+    assert row["runs"] == 2 and row["diverged"] == 1
+
+
+def test_runs_that_have_not_finished_give_tables_with_their_columns(empty_store, monkeypatch):
+    """ResNet-1202 back from a lease it outlasted, before any other run: 05 must still reach its list of
+    runs stopped part-way, and every table keeps its columns (with no rows)."""
+    import dataclasses
+
+    monkeypatch.setattr(ex, "with_dataset", lambda cfgs, source=None: [dataclasses.replace(c, dataset="t")
+                                                                         for c in cfgs])
+    cfgs = ex.with_dataset([make_config("smoke", arch=a, depth=d) for a in ("plain", "resnet") for d in (8, 14)])
+    _store(cfgs, ("running", "running", "failed", "running"))
+    runs = ex.collect(cfgs)[0]
+    for table in (ex.degradation_table(runs), ex.depth_table(runs), ex.thousand_table(runs), ex.ablation_table(runs)):
+        assert table.empty and {"runs", "train_err_%", "test_err_%"} <= set(table.columns)
+    assert len(ex.unfinished(runs)[0]) == 3
+    assert ex.degradation_claims(ex.degradation_table(runs)).empty
+
+
+def test_a_damaged_run_folder_is_skipped_not_fatal(empty_store, caplog):
+    """One bad folder (a disk error, a hand edit, a run from a newer version) must not stop every table."""
+    import json
+
+    from resnet_lab.runs import RunDir, load_metrics, runs_dir
+
+    cfgs = [make_config("smoke", depth=8, seed=s) for s in range(6)]
+    _store(cfgs, ["done"] * 6)
+    folders = [runs_dir() / c.hash for c in cfgs]
+    (folders[1] / "config.json").write_bytes(b"\x80\x81 not utf-8")
+    (folders[2] / "config.json").write_text("[]")
+    (folders[3] / "config.json").write_text(json.dumps({**cfgs[3].to_json(), "arch": "densenet"}))
+    (folders[4] / "summary.json").write_text('"done"')  # not an object: reads as unfinished
+    (folders[5] / "metrics.csv").write_text("")  # killed before its first row
+    (runs_dir() / "stray.txt").write_text("x")
+    runs = load_runs()
+    assert sorted(runs["seed"]) == [0, 4, 5] and runs.set_index("seed")["status"].to_dict() == {
+        0: "done", 4: "running", 5: "done"}
+    assert "densenet" in caplog.text and "not a readable JSON object" in caplog.text
+    assert sorted(load_metrics()["seed"]) == [0, 4]  # seed 5 has no curve
+    assert RunDir(cfgs[4]).summary() is None and RunDir(cfgs[5]).metrics().empty
 
 
 def test_a_run_stopped_part_way_is_shown_apart_labelled_with_where_it_stands(empty_store, monkeypatch):

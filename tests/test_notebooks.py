@@ -53,5 +53,5 @@ def test_notebook_runs_with_smoke_preset(name, tmp_path, monkeypatch):
         assert (out / f).exists() and (out / f).stat().st_size > 0, f
     if name in ex.NOTEBOOK_ANALYSES:  # the notebook cached its analyses where `resnet-lab analyse` looks for them
         monkeypatch.setattr(RunDir, "load_model_and_sha256", lambda *a, **k: pytest.fail("analysis not cached"))
-        done, missing = ex.analyse_notebook(name, {"preset": "smoke", **OUTPUTS[name][0]})
+        done, _, missing = ex.analyse_notebook(name, {"preset": "smoke", **OUTPUTS[name][0]})
         assert done and not missing

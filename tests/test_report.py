@@ -99,7 +99,9 @@ def test_report_executes_with_the_grids_report_parameters(tmp_path, monkeypatch)
 
 def test_a_failed_report_keeps_the_last_good_execution(tmp_path, monkeypatch, caplog):
     """papermill writes its output as it runs: a failed execution must not replace the last good one. It is kept
-    beside it as <name>.failed.ipynb (its error cell is the log) until a later execution runs clean."""
+    beside it as <name>.failed.ipynb (its error cell is the log) until a later execution runs clean. The tables
+    and figures the notebook wrote before it failed are put back as they were, so the claims read the last good
+    execution's tables."""
     import json
 
     import papermill as pm
@@ -107,23 +109,55 @@ def test_a_failed_report_keeps_the_last_good_execution(tmp_path, monkeypatch, ca
     from resnet_lab import report
 
     monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
-    executed = tmp_path / "smoke" / "executed"
+    executed, tables = tmp_path / "smoke" / "executed", tmp_path / "smoke" / "01_degradation"
     good, failed = executed / "01_degradation.ipynb", executed / "01_degradation.failed.ipynb"
 
     def execute(text, error=None):
         def fake(src, out, parameters, **kw):
             Path(out).write_text(text)  # papermill saves the notebook as it goes, error cell included
+            tables.mkdir(parents=True, exist_ok=True)  # and the notebook writes its tables as it goes
+            (tables / "table.csv").write_text(text)
+            (tables / f"only-in-{json.loads(text)['run']}.csv").write_text(text)
             if error:
-                raise RuntimeError(error)
+                raise error
         monkeypatch.setattr(pm, "execute_notebook", fake)
         return report.build("smoke", only=["01_degradation"], kernel="python3")
 
+    def table_files():
+        return sorted(p.name for p in tables.iterdir()), (tables / "table.csv").read_text()
+
     assert execute('{"run": 1}')["status"].tolist() == ["done"]
-    table = execute('{"run": 2, "error cell": true}', error="cell 3: ValueError: boom")
+    assert table_files() == (["only-in-1.csv", "table.csv"], '{"run": 1}')
+    table = execute('{"run": 2, "error cell": true}', error=RuntimeError("cell 3: ValueError: boom"))
     assert table["status"].tolist() == ["failed"] and table["output"].tolist() == [str(failed)]
     run = lambda p: json.loads(p.read_text())["run"]
     assert run(good) == 1 and failed.read_text() == '{"run": 2, "error cell": true}'
+    assert table_files() == (["only-in-1.csv", "table.csv"], '{"run": 1}')  # run 2's tables are gone
     assert str(failed) in caplog.text and str(good) in caplog.text
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C mid-notebook: the tables are put back too
+        execute('{"run": 4}', error=KeyboardInterrupt())
+    assert table_files() == (["only-in-1.csv", "table.csv"], '{"run": 1}')
     assert execute('{"run": 3}')["status"].tolist() == ["done"]
     assert run(good) == 3 and not failed.exists()
+    assert table_files() == (["only-in-1.csv", "only-in-3.csv", "table.csv"], '{"run": 3}')
     assert sorted(p.name for p in executed.iterdir()) == ["01_degradation.ipynb"]  # no temporary file left
+    assert sorted(p.name for p in (tmp_path / "smoke").iterdir()) == ["01_degradation", "claims.csv", "claims.md",
+                                                                      "executed"]  # no copy left beside them
+
+
+def test_a_failed_first_report_leaves_no_tables(tmp_path, monkeypatch):
+    """With no earlier execution, a failed one leaves no half-written tables for the claims to read."""
+    import papermill as pm
+
+    from resnet_lab import report
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    tables = tmp_path / "smoke" / "01_degradation"
+
+    def fake(src, out, parameters, **kw):
+        tables.mkdir(parents=True, exist_ok=True)
+        (tables / "table.csv").write_text("arch,depth\nplain,20\n")
+        raise RuntimeError("boom")
+    monkeypatch.setattr(pm, "execute_notebook", fake)
+    assert report.build("smoke", only=["01_degradation"], kernel="python3")["status"].tolist() == ["failed"]
+    assert not tables.exists()

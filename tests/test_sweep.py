@@ -118,6 +118,9 @@ BAD_GRIDS = {
     "report value of the wrong type": (GOOD + "report:\n  seeds: 0\n", ["report.seeds", "int", "list"]),
     "preset in report": (GOOD + "report:\n  preset: quick\n", ["report.preset", "top-level"]),
     "report not a mapping": (GOOD + "report: [1]\n", ["'report'", "list"]),
+    "report value no config takes": (GOOD + "report:\n  seeds: [-1]\n", ["grid.yaml: report:", "seeds", "-1",
+                                                                        ">= 0"]),
+    "report depth no net has": (GOOD + "report:\n  depths: [7]\n", ["grid.yaml: report:", "depth=7", "6n+2"]),
     "key given twice": (GOOD + "parameters:\n  depths: [[8]]\n  seeds: [[0]]\n  depths: [[14]]\n",
                         ["grid.yaml", "'depths' appears twice", "line 6", "line 4"]),
     "top-level key given twice": (GOOD + "preset: quick\n", ["grid.yaml", "'preset' appears twice"]),
@@ -213,6 +216,8 @@ def test_grid_configs_are_every_points_runs_once_in_point_order(tmp_path, monkey
     overlapping = load_grid(write(tmp_path, GOOD + "parameters:\n  depths: [[8], [8, 14]]\n"))
     assert [(c.arch, c.depth) for c in sweep.grid_configs(overlapping)] == [
         ("plain", 8), ("resnet", 8), ("plain", 14), ("resnet", 14)]
+    report = load_grid(write(tmp_path, "notebook: 00_report\npreset: smoke\n", "report.yaml"))
+    assert sweep.grid_configs(report) == []  # a notebook that trains nothing: nothing to train, not an error
 
 
 # -- running --------------------------------------------------------------------------------------------
@@ -424,6 +429,41 @@ def test_ray_backend_without_ray_says_how_to_install(tiny_grid, tmp_path, monkey
     with pytest.raises(RuntimeError, match=r"pip install 'resnet-lab\[ray\]'"):
         run_sweep(tiny_grid, backend="ray", kernel_name=KERNEL)
     assert not (tmp_path / "results").exists()
+
+
+def test_ray_backend_keeps_at_most_jobs_points_in_flight(monkeypatch):
+    """Ray schedules by CPU count: 16 cores with 2 per task (--jobs 6 on the GPU machine) would run 8 points at
+    once. The backend submits a point only when one of its `jobs` finishes; every point's result is reported."""
+    import types
+
+    in_flight, most, results = set(), [0], []
+    fake = types.ModuleType("ray")
+    fake.is_initialized = lambda: True
+
+    class Remote:
+        def options(self, **kw):
+            return self
+
+        def remote(self, spec):
+            ref = object()
+            in_flight.add(ref)
+            most[0] = max(most[0], len(in_flight))
+            return ref
+
+    fake.remote = lambda f: Remote()
+
+    def wait(pending, num_returns=1):
+        done = pending[0]
+        in_flight.discard(done)
+        return [done], pending[1:]
+
+    fake.wait, fake.get = wait, lambda ref: {"ok": True, "seconds": 0.0}
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(sweep, "_cores", lambda: list(range(16)))
+    monkeypatch.setattr(sweep, "_point_spec", lambda point, kernel, threads: point)
+    points = list(range(13))
+    sweep._run_ray(points, 6, "k", None, 0.0, lambda p, r: results.append(p))
+    assert most[0] == 6 and sorted(results) == points
 
 
 def test_ray_backend_runs_the_same_executions(tiny_grid, tmp_path, monkeypatch):

@@ -149,6 +149,21 @@ def test_a_failing_packed_run_does_not_stop_the_others(cifar, tmp_path, monkeypa
     assert s["status"] == "failed" and "illegal memory access" in s["error"]
 
 
+def test_a_pack_that_raises_after_storing_a_run_still_returns_that_run(cifar, tmp_path, monkeypatch):
+    """Say the last summary write of a pack hits a full disk: the runs it finished are on disk, and the caller
+    (which prints each run's status) must see them as finished, not as lost."""
+    T = importlib.import_module("resnet_lab.train")
+    real = T._train_pack
+
+    def pack(*a, **k):
+        real(*a, **k)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T, "_train_pack", pack)
+    out = T.train_many([tiny()], root=tmp_path, data=cifar, device="cpu")
+    assert out[0] is not None and out[0].status == "done"
+
+
 def test_time_budget_stops_with_a_checkpoint_and_the_next_call_resumes(cifar, tmp_path):
     from resnet_lab.train import train_many
 
@@ -161,6 +176,53 @@ def test_time_budget_stops_with_a_checkpoint_and_the_next_call_resumes(cifar, tm
     resumed = train_many([cfg], root=tmp_path / "b", data=cifar, device="cpu")[0]
     assert resumed.status == "done"
     _same_curves(straight, resumed)
+    for bad in (-1, float("nan"), "60", True):  # the CLI refuses these; the Python API says so too
+        with pytest.raises(ValueError, match=r"time_budget_s=.* is not valid: use a number of seconds >= 0"):
+            train(tiny(seed=9), root=tmp_path / "c", data=cifar, device="cpu", time_budget_s=bad)
+        with pytest.raises(ValueError, match=r"time_budget_s=.* is not valid"):
+            train_many([tiny(seed=9)], root=tmp_path / "c", data=cifar, device="cpu", time_budget_s=bad)
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").rglob("summary.json"))
+
+
+def test_a_config_given_twice_trains_once(cifar, tmp_path):
+    """Twice in one pack, a config would wait for ever on its own lock (a grid may list a depth twice)."""
+    import threading
+
+    from resnet_lab.train import train_many
+
+    a, b = tiny(), tiny(arch="plain")
+    out = []
+    t = threading.Thread(target=lambda: out.append(train_many([a, b, a], root=tmp_path, data=cifar, device="cpu",
+                                                              pack=3)), daemon=True)
+    t.start()
+    t.join(300)
+    assert not t.is_alive(), "train_many waits on its own lock"
+    recs = out[0]
+    assert [r.status for r in recs] == ["done"] * 3 and recs[0].path == recs[2].path
+    assert recs[0].summary["packed_runs"] == 2
+
+
+def test_one_time_budget_spans_small_and_lone_deep_nets(monkeypatch):
+    """train_all trains nets deeper than LONE_DEPTH in a call of their own: both calls share one deadline, or
+    `--time-budget 540` on ResNet-110 + ResNet-1202 would run 1080 s and outlast a 10-minute GPU call."""
+    import time
+
+    from resnet_lab import experiments as ex
+
+    seen = []
+    monkeypatch.setattr(ex, "load_cifar10", lambda source=None: None)
+
+    def fake(cfgs, deadline=None, **kw):
+        seen.append((sorted(c.depth for c in cfgs), deadline, kw.get("time_budget_s")))
+        time.sleep(0.05)
+        return [None] * len(cfgs)
+    monkeypatch.setattr(ex, "train_many", fake)
+    t0 = time.monotonic()
+    ex.train_all([make_config("paper", depth=d) for d in (110, 1202)], device="cpu", time_budget_s=540)
+    assert [s[0] for s in seen] == [[110], [1202]] and seen[0][1] == seen[1][1]
+    assert t0 + 540 <= seen[0][1] <= time.monotonic() + 540 and seen[0][2] is None
+    with pytest.raises(ValueError, match="time_budget_s=-5 is not valid"):
+        ex.train_all([make_config("paper", depth=110)], device="cpu", time_budget_s=-5)
 
 
 def test_progress_without_a_checkpoint_starts_again_and_says_so(cifar, tmp_path, caplog):
