@@ -151,7 +151,9 @@ def lesions(lesion: pd.DataFrame | None) -> list[dict]:
         return out
     deepest = plain[plain["depth"] == plain["depth"].max()]
     for net, g in deepest.groupby("net", sort=True):
-        med, base = float(g["err"].astype(float).median()), float(g["base_err"].astype(float).iloc[0])
+        # every seed's intact error, averaged (the lesion figure's dashed line): the median pools all seeds' rows
+        intact = g.drop_duplicates("seed")["base_err"] if "seed" in g else g["base_err"].iloc[:1]
+        med, base = float(g["err"].astype(float).median()), float(intact.astype(float).mean())
         out.append(_row("04_unraveled_ensemble", f"{net} collapses when one block is deleted", crit,
                         f"median {100 * med:.1f}% (intact {100 * base:.1f}%, +{100 * (med - base):.1f} points)",
                         med >= COLLAPSE_ERR and 100 * (med - base) >= COLLAPSE_RISE_PTS))

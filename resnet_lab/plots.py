@@ -269,6 +269,9 @@ def deletion_figure(delete: pd.DataFrame, reorder: pd.DataFrame):
         sns.lineplot(data=df.assign(err100=100 * df["err"]), x="k", y="err100", hue="net", marker="o",
                      errorbar="sd", ax=ax)
         ax.set(xlabel=label, ylabel="test error (%)")
+    if not delete.empty and (delete["depth"] == 110).any():  # the paper's reading point, for a 110-layer net
+        axes[0].plot([10], [20], "x", color="k", label="Veit et al. 2016 (≈)")
+        axes[0].legend(frameon=False)
     return note(fig, "band: ±1 sd over the distinct random draws of each k (seeds pooled)")
 
 

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import pandas as pd
 import torch
@@ -143,7 +143,10 @@ def _record(rd: RunDir) -> RunRecord:
 
 
 _CHECKPOINT_KEYS = ("model", "optimizer", "step", "seconds", "warming_up", "warmup_end", "torch_rng",
-                    "accumulators")
+                    "accumulators")  # and "sittings", absent from checkpoints written before it was kept
+# What a run's summary says of each sitting (a process that trained it from one step to another), with its
+# steps, step mode and seconds.
+SITTING_FIELDS = ("device", "compute_dtype", "torch", "packed_runs", "grouped_runs")
 
 
 def _resume(rd: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict | None:
@@ -315,9 +318,10 @@ class _Run:
         self.model = model
         opt, lr_t = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.opt = opt
-        self.start, self.rows, self.seconds = 0, [], 0.0
+        self.start, self.rows, self.seconds, self.sittings = 0, [], 0.0, []
         self.warming_up = cfg.warmup_lr is not None
         self.warmup_end = None
+        earlier = rd.summary() or {}  # the last sitting's summary, before this one rewrites it
         ckpt = _resume(rd, model, opt)
         acc = None
         if ckpt is None and rd.metrics_file.exists():  # starts at step 0: rows of an earlier start are stale
@@ -329,13 +333,20 @@ class _Run:
         if ckpt is not None:
             self.start, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])
             self.warming_up, self.warmup_end = bool(ckpt["warming_up"]), ckpt["warmup_end"]
-            self.rows = [r for r in rd.metrics().to_dict("records") if r["step"] <= self.start]  # drop rows past it
+            stored = rd.metrics().to_dict("records")
+            self.rows = [r for r in stored if r["step"] <= self.start]  # drop rows past it
+            if len(self.rows) < len(stored):  # evaluations of a sitting killed after them: not this run's curve
+                atomic_write_csv(pd.DataFrame(self.rows, columns=METRIC_COLUMNS), rd.metrics_file)
+            self.sittings = [dict(x) for x in ckpt.get("sittings") or []]
+            if not self.sittings and self.start > 0:  # a checkpoint from before sittings were recorded
+                self.sittings = [{"from_step": 0, "to_step": self.start,
+                                  **{k: earlier.get(k) for k in SITTING_FIELDS}}]
             torch.set_rng_state(ckpt["torch_rng"])
             acc = ckpt["accumulators"]
             log.info("resuming %s at step %d", cfg.name, self.start)
         self.stepper = Stepper(model, opt, lr_t, cfg.precision, fast=cfg.fast)
         self.summary = {"status": "running", "name": cfg.name, "hash": cfg.hash, "params": count_params(model),
-                        "flops": macs, "device": device_name(device), "torch": torch.__version__,
+                        "flops": macs, "device": device_name(device), "torch": str(torch.__version__),
                         "compute_dtype": compute_dtype(device, cfg.precision),  # "auto" differs by device
                         "dataset_sha256": data.info.sha256, "dataset_kind": data.info.kind,
                         "official_pixels": data.info.official_pixels, "git_commit": _git_commit(),
@@ -394,7 +405,7 @@ class _Run:
                     self.warming_up, self.warmup_end = False, step + 1
                 self.win_wrong.zero_()
                 self.win_seen = 0
-            if cfg.milestones and step + 1 == cfg.milestones[0]:  # the recipe has no answer for this: say it
+            if self.warming_up and cfg.milestones and step + 1 == cfg.milestones[0]:  # no answer in the recipe: say it
                 log.warning("%s is still warming up (lr %g, training error >= %g) at the first milestone, "
                             "step %d; its summary will say warmup_end_step=None", cfg.name, cfg.warmup_lr,
                             cfg.warmup_err, step + 1)
@@ -427,6 +438,15 @@ class _Run:
         if self.group is not None:
             self.group.pull(self)
 
+    def all_sittings(self, step: int) -> list[dict[str, Any]]:
+        """Every sitting of this run up to `step`, this one last: where and how each stretch of steps ran
+        (a paper run may start on a GPU and end elsewhere; the summary's top-level fields are this sitting's)."""
+        plain = lambda v: str(v) if isinstance(v, str) else v  # noqa: E731 - torch.__version__ is a str subclass,
+        # which a weights_only load refuses
+        now = {"from_step": self.start, "to_step": step, **{k: plain(self.summary.get(k)) for k in SITTING_FIELDS},
+               "step_mode": self.stepper.mode, "seconds": round(time.time() - self.t0, 3)}
+        return self.sittings + ([now] if step > self.start else [])
+
     def _checkpoint(self, step: int, seconds: float) -> None:
         self.pull()
         acc = {"loss": self.loss_acc.detach().cpu(), "wrong": self.wrong_acc.detach().cpu(), "seen": self.seen,
@@ -435,7 +455,7 @@ class _Run:
         _save_checkpoint(self.rd, {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                                    "step": step, "seconds": seconds, "warming_up": self.warming_up,
                                    "warmup_end": self.warmup_end, "torch_rng": torch.get_rng_state(),
-                                   "accumulators": acc})
+                                   "accumulators": acc, "sittings": self.all_sittings(step)})
 
     def finish(self) -> RunRecord:
         """Store the outcome: model and final summary when done, a checkpoint when stopped early."""
@@ -455,7 +475,12 @@ class _Run:
             atomic_save_torch(model_cpu, rd.model_file)
         last = self.rows[-1] if self.rows else {}
         st = self.stepper
-        self.summary.update(status=status, steps_done=done_steps, wall_seconds=seconds,
+        sittings = self.all_sittings(self.step_no)
+        for k in ("device", "compute_dtype"):  # a run trained on two devices says so where tables read it
+            seen = list(dict.fromkeys(str(x[k]) for x in sittings if x.get(k) is not None))
+            if len(seen) > 1:
+                self.summary[k] = " + ".join(seen)
+        self.summary.update(status=status, steps_done=done_steps, wall_seconds=seconds, sittings=sittings,
                             warmup_end_step=self.warmup_end, step_mode=st.mode, step_mode_reason=st.reason,
                             graph_check=st.check, final_train_err=last.get("train_err"),
                             final_test_err=last.get("test_err"), final_train_loss=last.get("train_loss"),
@@ -465,10 +490,12 @@ class _Run:
             for f in (rd.checkpoint_file, rd.path / "checkpoint.prev.pt"):
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
+        self.group = None  # run <-> group is a cycle: without this, a grouped pack's GPU memory waits for gc
         return _record(rd)
 
     def fail(self, e: BaseException) -> None:
         self.bar.close()
+        self.group = None
         self.summary.update(status="failed", error=f"{type(e).__name__}: {e}")
         atomic_write_json(self.rd.summary_file, self.summary)
 

@@ -116,6 +116,13 @@ def test_a_plain_net_collapses_only_near_chance_and_well_above_its_intact_error(
     assert t.loc["plain-56 collapses when one block is deleted", "holds"] == "NO"
     assert t.loc["plain-56 collapses when one block is deleted", "ours"] == "median 86.0% (intact 85.0%, +1.0 points)"
     assert t.loc["plain-56 B collapses when one block is deleted", "holds"] == "yes"
+    # three seeds, intact 80/60/60%, every deletion 86%: the rise is over the seeds' mean intact error
+    seeds = [r | {"seed": s, "base_err": b} for s, b in ((0, 0.8), (1, 0.6), (2, 0.6))
+             for r in lesion_rows("plain-56", "plain", 56, 0.0, [0.86, 0.86, 0.86])]
+    _write(base, "04_unraveled_ensemble", "lesion", pd.DataFrame(seeds))
+    t = claims.check("paper", root=tmp_path).set_index("claim")
+    assert t.loc["plain-56 collapses when one block is deleted", "ours"] == "median 86.0% (intact 66.7%, +19.3 points)"
+    assert t.loc["plain-56 collapses when one block is deleted", "holds"] == "yes"
     paths = t[t.index.str.startswith("the gradient comes from paths")]  # one verdict per net, each its own
     assert dict(zip(paths.index, paths["holds"])) == {
         "the gradient comes from paths much shorter than the net (ResNet-110)": "yes",

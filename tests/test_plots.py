@@ -58,3 +58,18 @@ def test_layer_responses_draw_every_seed_and_summarise_them():
     t = ex.response_summary(resp).set_index("net")
     assert list(t.columns) == ["seed 1", "seed 2", "mean"]
     assert t.loc["plain-20", "seed 2"] == pytest.approx(3.0) and t.loc["resnet-20", "mean"] == pytest.approx(2.25)
+
+
+def test_delete_k_curve_has_the_papers_k_and_the_figure_marks_its_reading():
+    """Veit et al. read ResNet-110's delete-k curve at k = 10 (about 20% error): our k include 10 wherever the net
+    has 10 blocks, and the figure of a 110-layer net marks the paper's point (not that of a 20-layer one)."""
+    assert ex.delete_ks(54) == [0, 6, 10, 12, 18, 24, 30, 36, 42, 48, 54]
+    assert ex.delete_ks(9) == list(range(10)) and 10 not in ex.delete_ks(9)
+
+    def labels(depth):
+        delete = pd.DataFrame([dict(k=k, draw=0, blocks="", err=0.1 + k / 100, net=f"ResNet-{depth}", arch="resnet",
+                                    depth=depth, seed=0) for k in (0, 10)])
+        fig = plots.deletion_figure(delete, delete.iloc[:0])
+        return [line.get_label() for line in fig.axes[0].lines]
+
+    assert "Veit et al. 2016 (≈)" in labels(110) and "Veit et al. 2016 (≈)" not in labels(20)

@@ -340,3 +340,57 @@ def test_progress_refreshes_rarely_where_stderr_is_not_a_terminal(cifar, tmp_pat
     assert rec.status == "done" and "resnet-8" in err.getvalue()
     # the first draw, one per evaluation (its numbers), the close; at 0.1 s this run drew 13 here
     assert err.getvalue().count("\r") <= 6, err.getvalue()
+
+
+def test_a_resume_drops_the_rows_of_a_sitting_killed_after_its_last_checkpoint(cifar, tmp_path):
+    """Killed after evaluating step 6 but before checkpointing it, then resumed from step 4 and stopped at 5: the
+    stored curve must end at 4 (the step-6 point was of steps this run will redo), on disk, not only in memory."""
+    cfg = tiny()
+    part = train(cfg, root=tmp_path, data=cifar, device="cpu", stop_after=4)
+    rows = pd.read_csv(part.path / "metrics.csv")
+    stale = rows.iloc[-1:].assign(step=6, test_err=0.5)
+    pd.concat([rows, stale]).to_csv(part.path / "metrics.csv", index=False)
+    again = train(cfg, root=tmp_path, data=cifar, device="cpu", stop_after=5)
+    assert again.summary["steps_done"] == 5 and pd.read_csv(again.path / "metrics.csv")["step"].tolist() == [2, 4]
+
+
+def test_the_summary_lists_every_sitting_and_names_both_devices(cifar, tmp_path, monkeypatch):
+    """A run trained grouped on one device and finished alone on another: the top-level fields are not only the
+    last sitting's; `sittings` says where and how each stretch of steps ran, and resume reads it back."""
+    T = importlib.import_module("resnet_lab.train")
+    cfgs = [tiny(), tiny(seed=1)]
+    real = T.device_name
+    monkeypatch.setattr(T, "device_name", lambda d: "Fake GPU")
+    T.train_many(cfgs, root=tmp_path, data=cifar, device="cpu", pack=2, group=True, stop_after=4)
+    monkeypatch.setattr(T, "device_name", real)
+    rec = T.train(cfgs[0], root=tmp_path, data=cifar, device="cpu")
+    s = rec.summary
+    assert s["status"] == "done" and s["device"] == f"Fake GPU + {real(torch.device('cpu'))}"
+    assert [(x["from_step"], x["to_step"], x["device"], x["grouped_runs"], x["packed_runs"]) for x in s["sittings"]] \
+        == [(0, 4, "Fake GPU", 2, 2), (4, 8, real(torch.device("cpu")), None, 1)]
+    assert all(x["step_mode"] == "eager" and x["compute_dtype"] == "fp32" and x["seconds"] >= 0 for x in s["sittings"])
+    assert s["compute_dtype"] == "fp32"  # one dtype throughout: no join
+
+
+def test_a_grouped_pack_is_freed_when_it_ends(cifar, tmp_path, monkeypatch):
+    """Runs and their group point at each other; a cycle waits for the garbage collector, and with it the pack's
+    GPU memory (models, graph pool, a device copy of the data per run). Finished runs let go of their group."""
+    import gc
+    import weakref
+
+    T = importlib.import_module("resnet_lab.train")
+    refs = []
+    real = T._Group.__init__
+
+    def init(self, runs):
+        real(self, runs)
+        refs.append(weakref.ref(self.model))
+    monkeypatch.setattr(T._Group, "__init__", init)
+    gc.collect()
+    gc.disable()
+    try:
+        out = T.train_many([tiny(), tiny(seed=1)], root=tmp_path, data=cifar, device="cpu", pack=2, group=True)
+        assert [r.status for r in out] == ["done", "done"] and len(refs) == 1
+        assert refs[0]() is None, "the grouped net outlived its pack"
+    finally:
+        gc.enable()
