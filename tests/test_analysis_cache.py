@@ -199,3 +199,30 @@ def test_the_gpu_session_path_train_analyse_export_import_report(tmp_path, monke
     assert "left out" not in out_nb.read_text()
     lesion = pd.read_csv(here / "smoke" / "04_unraveled_ensemble" / "lesion.csv")
     assert set(lesion["net"]) == {"ResNet-8", "plain-8"}
+
+
+@needs_data
+def test_layer_responses_are_cached_per_run_and_recomputed_for_another_model(trained, monkeypatch):
+    """06 passes every test image through every net; a report reads that back from the run folder instead, and a
+    model.pt that changed (or other settings) computes it again."""
+    from resnet_lab.analysis import layer_responses
+    from resnet_lab.data import balanced_subset, eval_batches, load_cifar10
+
+    runs = load_runs()
+    fresh = ex.responses(runs, max_images=40)
+    model = RunDir(trained[0]).load_model()
+    data = load_cifar10()
+    direct = layer_responses(model, eval_batches(*balanced_subset(data.test_x, data.test_y, 40)))
+    mine = fresh[fresh["arch"] == "resnet"].reset_index(drop=True)
+    assert mine["std"].tolist() == pytest.approx(direct["std"].tolist(), rel=1e-12)
+    with monkeypatch.context() as m:
+        _no_model(m)
+        cached = ex.responses(runs, max_images=40)
+    pd.testing.assert_frame_equal(fresh, cached)
+    assert sum(p.name.startswith("analysis-responses-") for c in trained for p in RunDir(c).path.iterdir()) == 2
+    assert len(ex.responses(runs, max_images=20)) == len(fresh)  # other settings: computed, not the 40-image table
+    path = RunDir(trained[0]).model_file
+    state = torch.load(path, weights_only=True)
+    torch.save({k: v * 2 if v.is_floating_point() else v for k, v in state.items()}, path)
+    again = ex.responses(runs, max_images=40)
+    assert again[again["arch"] == "resnet"]["std"].tolist() != mine["std"].tolist()
