@@ -116,9 +116,21 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 
 
 # Config fields that may differ between the runs of one table row: the seed, and how a run was computed
-# (activation checkpointing recomputes the same forward; fast=False is the eager step the graph is checked
-# against), not what was trained.
+# (config.NON_RESULT_FIELDS: activation checkpointing recomputes the same forward; fast=False is the eager
+# step the graph is checked against), not what was trained.
 SEED_LIKE = ("seed", "activation_checkpointing", "fast")
+
+
+def _plain_value(v: Any) -> Any:
+    """A config value as one Python value, however the frame holds it: NaN and None alike, numpy scalars as
+    Python ones, lists and tuples (milestones) as tuples."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_plain_value(x) for x in v)
+    if hasattr(v, "item") and not isinstance(v, str):  # numpy scalar
+        v = v.item()
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return v
 
 
 def _check_seeds_only(group: pd.DataFrame, key: dict[str, Any]) -> None:
@@ -128,9 +140,10 @@ def _check_seeds_only(group: pd.DataFrame, key: dict[str, Any]) -> None:
     from .config import RunConfig
 
     fields = [f for f in RunConfig.__dataclass_fields__ if f in group and f not in SEED_LIKE and f not in key]
-    differ = [f for f in fields if group[f].map(repr).nunique() > 1]
+    values = {f: set(map(_plain_value, group[f])) for f in fields}  # 8 == 8.0 == np.int64(8): one value
+    differ = [f for f in fields if len(values[f]) > 1]
     if differ:
-        values = {f: sorted(set(group[f].map(str))) for f in differ}
+        values = {f: sorted(map(str, values[f])) for f in differ}
         raise ValueError(f"the runs of row {key} differ in {values}: a row averages seeds of one config; "
                          f"add {differ} to `by` or select the runs first")
 

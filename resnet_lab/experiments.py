@@ -458,7 +458,8 @@ def delete_ks(blocks: int) -> list[int]:
 # Bumped when the analysis measures something else: tables cached by the old one are ignored.
 # 2: reorder pairs drawn uniformly over same-stage pairs, never a pre-act net's first block. 3: deletions and
 # reorderings distinct per k (one stream per k), gradient paths distinct until every path of a length is measured.
-UNRAVEL_REVISION = 3
+# 4: delete-k also at Veit et al.'s k = 10 (nets of 10 blocks or more; other k unchanged, each has its stream).
+UNRAVEL_REVISION = 4
 
 
 def unravel_params(draws: int = 5, eval_images: int = 10_000, grad_samples: int = 10, grad_batch: int = 128,

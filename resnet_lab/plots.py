@@ -271,7 +271,7 @@ def deletion_figure(delete: pd.DataFrame, reorder: pd.DataFrame):
         ax.set(xlabel=label, ylabel="test error (%)")
     if not delete.empty and (delete["depth"] == 110).any():  # the paper's reading point, for a 110-layer net
         axes[0].plot([10], [20], "x", color="k", label="Veit et al. 2016 (≈)")
-        axes[0].legend(frameon=False)
+        axes[0].legend(title="net", frameon=False)
     return note(fig, "band: ±1 sd over the distinct random draws of each k (seeds pooled)")
 
 

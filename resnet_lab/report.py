@@ -97,7 +97,12 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
     out_dir = results_dir() / preset / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = results_dir() / preset / name
-    backup = _backup(tables)
+    try:
+        backup, guarded = _backup(tables), True
+    except OSError as e:  # a full disk, say: the notebook still runs, unguarded
+        backup, guarded = None, False
+        log.warning("could not copy %s aside (%s): if this execution fails, its tables stay as it leaves them",
+                    tables, e)
     ok = False
     out, failed = out_dir / f"{name}.ipynb", out_dir / f"{name}.failed.ipynb"
     tmp = out_dir / f".{name}.executing-{os.getpid()}.ipynb"
@@ -113,8 +118,9 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
                             cwd=str(directory), progress_bar=False)
         _record_output_path(tmp, out)
         os.replace(tmp, out)
+        ok = True  # from here on its tables are those of the executed notebook
         failed.unlink(missing_ok=True)  # the log of an earlier failure no longer describes the notebook
-        status, error, written, ok = "done", "", out, True
+        status, error, written = "done", "", out
     except Exception as e:  # the failed execution keeps papermill's error cell: it is the log
         status, error = "failed", str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         written = failed if tmp.exists() else None
@@ -125,18 +131,57 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
                   f"this execution's log: {failed}" if written else "papermill wrote no output", kept)
     finally:
         tmp.unlink(missing_ok=True)  # an interrupted execution: the good one stays as it was
-        _settle(tables, backup, ok)
+        if guarded:
+            try:
+                _settle(tables, backup, ok)
+            except OSError as e:  # the notebook's own outcome is what the report row says; this is logged
+                log.error("could not put %s back as it was (%s); the earlier tables are in %s", tables, e, backup)
     return {"notebook": name, "status": status, "seconds": round(time.time() - t0, 1),
             "output": str(written or out), "error": error}
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _leftovers(folder: Path, kind: str) -> list[Path]:
+    """`.<name>.<kind>-<pid>` folders beside `folder` whose report process is gone (killed outright)."""
+    out = []
+    for p in folder.parent.glob(f".{folder.name}.{kind}-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            out.append(p)
+    return out
+
+
 def _backup(folder: Path) -> Path | None:
-    """A copy of a notebook's output folder beside it (hidden), or None when it has none yet."""
+    """A copy of a notebook's output folder beside it (hidden), or None when it has none yet.
+
+    A copy left by a report killed outright (`kill -9`, a lost machine) holds the last good tables, which that
+    report never put back: they are restored first."""
+    for old in _leftovers(folder, "before"):
+        log.warning("%s: a report was killed while executing this notebook; its last good tables are put back",
+                    folder)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(old, folder)
+    for old in _leftovers(folder, "failed"):
+        shutil.rmtree(old, ignore_errors=True)
     if not folder.is_dir():
         return None
     backup = folder.parent / f".{folder.name}.before-{os.getpid()}"
-    shutil.rmtree(backup, ignore_errors=True)  # left by a report killed outright
-    shutil.copytree(folder, backup)
+    shutil.rmtree(backup, ignore_errors=True)
+    try:
+        shutil.copytree(folder, backup)
+    except BaseException:
+        shutil.rmtree(backup, ignore_errors=True)
+        raise
     return backup
 
 
@@ -168,5 +213,6 @@ def outputs(preset: str) -> pd.DataFrame:
     """Every table and figure under results/<preset>/, one row each (notebook, kind, path)."""
     base = results_dir() / preset
     rows = [{"notebook": p.parent.name, "kind": p.suffix[1:], "name": p.stem, "path": str(p)}
-            for p in sorted(base.glob("*/*")) if p.suffix in (".csv", ".png") and p.parent.name != "executed"]
+            for p in sorted(base.glob("*/*"))
+            if p.suffix in (".csv", ".png") and p.parent.name != "executed" and not p.parent.name.startswith(".")]
     return pd.DataFrame(rows, columns=["notebook", "kind", "name", "path"])

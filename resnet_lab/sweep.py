@@ -782,8 +782,9 @@ def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool =
     status: done (executed now), skipped (done before), failed (error kept in the output notebook),
     would-run (dry run). A failure never stops the other points. Ctrl-C does: queued points are cancelled,
     running ones stopped, and SweepInterrupted (a KeyboardInterrupt) carries the table, the rest 'interrupted'.
-    jobs: points at once; each point's process gets cores // jobs threads (locally: pinned to its own
-    cores; with Ray: that many num_cpus per task, plus gpus_per_task of a GPU). address: a Ray cluster,
+    jobs: points at once (on a Ray cluster too: across all its nodes); each point's process gets
+    cores // jobs threads (locally: pinned to its own cores; with Ray: that many num_cpus per task, plus
+    gpus_per_task of a GPU). address: a Ray cluster,
     whose nodes need this checkout at the same path and a shared results dir ($RESNET_LAB_RESULTS is passed on).
     kernel_name: the Jupyter kernel papermill starts (the project registers "resnet-lab").
     """

@@ -338,9 +338,10 @@ class _Run:
             if len(self.rows) < len(stored):  # evaluations of a sitting killed after them: not this run's curve
                 atomic_write_csv(pd.DataFrame(self.rows, columns=METRIC_COLUMNS), rd.metrics_file)
             self.sittings = [dict(x) for x in ckpt.get("sittings") or []]
-            if not self.sittings and self.start > 0:  # a checkpoint from before sittings were recorded
-                self.sittings = [{"from_step": 0, "to_step": self.start,
-                                  **{k: earlier.get(k) for k in SITTING_FIELDS}}]
+            if not self.sittings and self.start > 0:  # a checkpoint from before sittings were recorded: one
+                # sitting (or more, as the summary before this one cannot tell), as that summary describes it
+                self.sittings = [{"from_step": 0, "to_step": self.start, **{k: earlier.get(k) for k in SITTING_FIELDS},
+                                  "step_mode": earlier.get("step_mode"), "seconds": round(self.seconds, 3)}]
             torch.set_rng_state(ckpt["torch_rng"])
             acc = ckpt["accumulators"]
             log.info("resuming %s at step %d", cfg.name, self.start)

@@ -71,3 +71,11 @@ def test_a_row_averages_seeds_of_one_config_only():
         summarize(r, ["arch", "depth"])
     t = summarize(r, ["arch", "depth", "shortcut"])
     assert t["runs"].tolist() == [3, 1]
+    # one value however the frame holds it: None and NaN, numpy and Python numbers, tuples and lists
+    import numpy as np
+
+    same = runs(["done"] * 4, [0.08, 0.10, 0.09, 0.12]).assign(
+        seed=[0, 1, 2, 3], warmup_lr=[None, float("nan"), None, float("nan")],
+        gate_bias=pd.Series([np.float64(-2.0), -2.0, -2, np.int64(-2)], dtype=object),
+        milestones=pd.Series([(4,), [4], (np.int64(4),), [np.int64(4)]], dtype=object))
+    assert summarize(same, ["arch", "depth"])["runs"].tolist() == [4]

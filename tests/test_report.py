@@ -161,3 +161,42 @@ def test_a_failed_first_report_leaves_no_tables(tmp_path, monkeypatch):
     monkeypatch.setattr(pm, "execute_notebook", fake)
     assert report.build("smoke", only=["01_degradation"], kernel="python3")["status"].tolist() == ["failed"]
     assert not tables.exists()
+
+
+def test_a_report_killed_outright_has_its_last_good_tables_put_back_by_the_next(tmp_path, monkeypatch, caplog):
+    """`kill -9` mid-notebook leaves the copy it made beside the folder, and the folder half-written: the next report
+    restores the copy before it starts (here it then fails, so the restored tables stay). A copy that cannot be made
+    (a full disk) does not stop the notebook; hidden folders are never listed as outputs."""
+    import shutil
+
+    import papermill as pm
+
+    from resnet_lab import report
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    smoke = tmp_path / "smoke"
+    tables, dead = smoke / "01_degradation", smoke / f".01_degradation.before-{2**22 + 7}"  # above any pid_max
+    for folder, text in ((tables, "half-written"), (dead, "last good")):
+        folder.mkdir(parents=True)
+        (folder / "table.csv").write_text(text)
+    (smoke / f".01_degradation.failed-{2**22 + 7}").mkdir()
+
+    def fail(src, out, parameters, **kw):
+        assert (tables / "table.csv").read_text() == "last good"  # restored before the notebook runs
+        (tables / "table.csv").write_text("from a failed run")
+        raise RuntimeError("boom")
+    monkeypatch.setattr(pm, "execute_notebook", fail)
+    assert report.build("smoke", only=["01_degradation"], kernel="python3")["status"].tolist() == ["failed"]
+    assert (tables / "table.csv").read_text() == "last good" and "was killed while executing" in caplog.text
+    assert sorted(p.name for p in smoke.iterdir()) == ["01_degradation", "claims.csv", "claims.md", "executed"]
+    (smoke / ".02_depth.before-1").mkdir()
+    (smoke / ".02_depth.before-1" / "table.csv").write_text("x")
+    assert report.outputs("smoke")["notebook"].tolist() == ["01_degradation"]
+
+    def ok(src, out, parameters, **kw):
+        Path(out).write_text("{}")
+        (tables / "table.csv").write_text("new")
+    monkeypatch.setattr(pm, "execute_notebook", ok)
+    monkeypatch.setattr(shutil, "copytree", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    assert report.build("smoke", only=["01_degradation"], kernel="python3")["status"].tolist() == ["done"]
+    assert (tables / "table.csv").read_text() == "new" and "could not copy" in caplog.text

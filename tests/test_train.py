@@ -394,3 +394,27 @@ def test_a_grouped_pack_is_freed_when_it_ends(cifar, tmp_path, monkeypatch):
         assert refs[0]() is None, "the grouped net outlived its pack"
     finally:
         gc.enable()
+
+
+def test_a_checkpoint_from_before_sittings_resumes_with_one_sitting_from_its_summary(cifar, tmp_path):
+    T = importlib.import_module("resnet_lab.train")
+    part = train(tiny(), root=tmp_path, data=cifar, device="cpu", stop_after=4)
+    ckpt = torch.load(part.path / "checkpoint.pt", weights_only=True)
+    del ckpt["sittings"]
+    torch.save(ckpt, part.path / "checkpoint.pt")
+    rec = train(tiny(), root=tmp_path, data=cifar, device="cpu")
+    first, second = rec.summary["sittings"]
+    assert (first["from_step"], first["to_step"], second["from_step"], second["to_step"]) == (0, 4, 4, 8)
+    assert first["step_mode"] == "eager" and first["seconds"] == round(float(ckpt["seconds"]), 3)
+    assert first["device"] == T.device_name(torch.device("cpu"))
+
+
+def test_the_warmup_warning_is_for_a_warmup_still_on_at_the_first_milestone(cifar, tmp_path, caplog):
+    """The first check (step 20) ends this warm-up: nothing to warn of at a milestone at step 20. One that never
+    ends (threshold 0.01) is warned of there."""
+    ends = train(tiny(iterations=24, eval_every=4, warmup_lr=0.01, warmup_err=1.01, milestones=(20,)),
+                 root=tmp_path, data=cifar, device="cpu")
+    assert ends.summary["warmup_end_step"] == 20 and "still warming up" not in caplog.text
+    never = train(tiny(iterations=24, eval_every=4, warmup_lr=0.01, warmup_err=0.01, milestones=(20,)),
+                  root=tmp_path, data=cifar, device="cpu")
+    assert never.summary["warmup_end_step"] is None and "still warming up" in caplog.text
