@@ -103,7 +103,8 @@ def _ours(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, ba
 
 def _timed(steppers: list, loaders: list, streams: list, device: torch.device, seconds: float, warmup: int = 3
            ) -> tuple[float, int]:
-    """Lockstep steps of one or more runs (each on its stream) until `seconds` pass: (elapsed, steps each)."""
+    """Lockstep steps of one or more runs (each on its stream) until `seconds` pass: (elapsed, steps each).
+    CUDA's peak memory is reset after the warm-up: the peak is training's, not the capture's transient."""
     def one_round(step: int) -> None:
         for st, ld, s in zip(steppers, loaders, streams):
             with torch.cuda.stream(s) if s is not None else contextlib.nullcontext():
@@ -112,6 +113,8 @@ def _timed(steppers: list, loaders: list, streams: list, device: torch.device, s
     for step in range(warmup):  # includes graph capture
         one_round(step)
     _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0, n = time.perf_counter(), 0
     while True:
         one_round(warmup + n)
@@ -189,11 +192,13 @@ def profile_ours(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.dev
     is missed (launch-bound: busy fraction far below 1; kernel-bound: close to it)."""
     from torch.profiler import ProfilerActivity, profile
 
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts):  # the profiler set up before the graph is captured: replaying a graph
+        pass                        # captured first under a profiler can fail (pytorch#75504)
     _, st, ld = _ours(depth, x, y, device, batch_size, 0, fast=True)
     for step in range(5):  # capture and warm-up outside the profile
         st(*ld.batch(step), 0.1)
     _sync(device)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
         for step in range(5, 5 + steps):
@@ -214,14 +219,23 @@ def profile_ours(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.dev
     return head + "\n" + ka.table(sort_by=sort, row_limit=25), busy
 
 
+CKPT_SEGMENTS = 2  # what sweeps/thousand_layers.yaml trains ResNet-1202 with (checkpoint_segments)
+DEEP = 200  # nets deeper than this train alone (experiments.LONE_DEPTH): measured after the packs
+PROFILE_STEPS = {True: 3, False: 20}  # deep nets: a 1202-layer step is ~17k kernels, 20 of them take long to profile
+
+
 def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, batch_size: int = 128,
               num_workers: int = 4, images: int = 50_000, checkpointing: bool = False, out: Path | None = None,
-              data=None, packs: list[int] | None = None, pack_depth: int = 20, profile: bool = False
-              ) -> dict[str, Any]:
+              data=None, packs: list[int] | None = None, pack_depth: int = 20, profile: bool = False,
+              ckpt_min_depth: int = DEEP + 1) -> dict[str, Any]:
     """Benchmark each depth: baseline vs ours (graph and eager), checkpointing, packed runs; JSON + markdown.
 
     images: training images both loops draw from; all 50k by default, so the baseline's DataLoader
     starts a new epoch (and refills its workers' queue) every 390 steps, as in real training.
+    Order, for a call that a time limit may cut: the nets up to DEEP layers, the packed runs, the deeper
+    nets, then the profiles (a profiler leaves CUPTI attached, which would slow every later timing); the
+    files are rewritten after every measurement. checkpointing: timed with CKPT_SEGMENTS segments for nets
+    of ckpt_min_depth layers or more (the shallower ones fit without it).
     """
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if data is None:
@@ -235,64 +249,97 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
     rows: list[dict[str, Any]] = []
     packed: list[dict[str, Any]] = []
     profiles: dict[str, str] = {}
-    result = {"device": device_name(dev), "device_type": dev.type, "torch": torch.__version__,
-              "machine": platform.machine(), "batch_size": batch_size, "seconds_per_measurement": seconds,
+    result = {"device": device_name(dev), "device_type": dev.type, "torch": str(torch.__version__),
+              "machine": platform.machine(), "kernel": platform.release(),  # 4.4.0: gVisor's, syscalls are slower
+              "batch_size": batch_size, "seconds_per_measurement": seconds,
               "num_workers": num_workers, "images": images, "rows": rows, "packed": packed, "complete": False}
     out = out or results_dir() / "bench"
     slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")  # "cpu-x86-64-2-threads", "nvidia-h100-..."
     paths = [out / f"{slug}.json", out / f"{slug}.md"] + ([out / f"{slug}-profile.txt"] if profile else [])
 
-    def save() -> None:  # after every row: a call cut off by its time limit keeps what it measured
+    def save() -> None:  # after every measurement: a call cut off by its time limit keeps what it measured
         atomic_write_json(paths[0], result)
         atomic_write_text(paths[1], markdown(result))
         if profile:
             atomic_write_text(paths[2], "\n\n".join(profiles.values()))
 
-    for depth in models:
+    def attempt(row: dict[str, Any], what: str, fn):
+        return _attempt(row, what, dev, fn)
+
+    def fresh_peak() -> None:
+        if dev.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+
+    def model_row(depth: int) -> None:
         row: dict[str, Any] = {"model": f"resnet-{depth}"}
         rows.append(row)
-        base = _attempt(row, "baseline", dev, lambda: baseline_images_per_s(depth, x, y, dev, batch_size, seconds,
-                                                                            num_workers))
-        got = _attempt(row, "ours", dev, lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds))
-        ev = _attempt(row, "eval", dev, lambda: eval_seconds(depth, ex, ey, dev))
+
+        def baseline() -> tuple[float, dict[str, float | None]]:
+            fresh_peak()
+            return baseline_images_per_s(depth, x, y, dev, batch_size, seconds, num_workers), peak_mb(dev)
+
+        base = attempt(row, "baseline", baseline)
+        row.update(baseline_img_s=base[0] if base else None,  # its 64k iterations, training steps only
+                   baseline_train_min=64_000 * batch_size / base[0] / 60 if base else None)
+        save()
+        got = attempt(row, "ours", lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds))
         ours, step_s, peak, mode, reason = got or (None, None, peak_mb(None), None, None)
-        row.update(baseline_img_s=base, ours_img_s=ours, speedup=_ratio(ours, base), ours_mode=mode,
-                   ours_step_ms=None if step_s is None else 1000 * step_s, eval_10k_s=ev,
-                   paper_schedule_min=None if step_s is None or ev is None else (64_000 * step_s + 64 * ev) / 60,
-                   **peak)
+        row.update(ours_img_s=ours, speedup=_ratio(ours, row["baseline_img_s"]), ours_mode=mode,
+                   ours_step_ms=None if step_s is None else 1000 * step_s)
+        save()
+        ev = attempt(row, "eval", lambda: eval_seconds(depth, ex, ey, dev))
+        row.update(eval_10k_s=ev, paper_schedule_min=None if step_s is None or ev is None
+                   else (64_000 * step_s + 64 * ev) / 60, **peak,
+                   **{f"baseline_{k}": v for k, v in (base[1] if base else peak_mb(None)).items()})
+        save()
         if dev.type == "cuda":  # what the graph buys over our own eager step
-            eager = _attempt(row, "eager", dev, lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds,
-                                                                          fast=False)[0])
+            eager = attempt(row, "eager", lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds,
+                                                                    fast=False)[0])
             row.update(ours_eager_img_s=eager, graph_gain=_ratio(ours, eager))
-        if checkpointing:
-            ck = _attempt(row, "ckpt", dev, lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds,
-                                                                      activation_checkpointing=1))
-            ck_peak = ck[2] if ck else peak_mb(None)
-            row.update(ckpt_step_ms=None if ck is None else 1000 * ck[1],
-                       **{f"ckpt_{k}": v for k, v in ck_peak.items()})
+            save()
+        if checkpointing and depth >= ckpt_min_depth:
+            ck = attempt(row, "ckpt", lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds,
+                                                                activation_checkpointing=CKPT_SEGMENTS))
+            row.update(ckpt_segments=CKPT_SEGMENTS, ckpt_step_ms=None if ck is None else 1000 * ck[1],
+                       ckpt_schedule_min=None if ck is None or ev is None else (64_000 * ck[1] + 64 * ev) / 60,
+                       **{f"ckpt_{k}": v for k, v in (ck[2] if ck else peak_mb(None)).items()})
         if reason and mode != "graph":
             row["ours_mode_reason"] = reason
-        if profile:
-            prof = _attempt(row, "profile", dev, lambda: profile_ours(depth, x, y, dev, batch_size))
-            row["gpu_busy"] = prof[1] if prof else None
-            if prof:
-                profiles[f"resnet-{depth}"] = prof[0]
         _errors_last(row)
         log.info("%s", row)
         save()
-    for n in packs or []:
+
+    def pack_row(n: int) -> None:
         entry: dict[str, Any] = {"model": f"resnet-{pack_depth}", "runs": n}
         packed.append(entry)
-        agg = _attempt(entry, "packed", dev, lambda: packed_images_per_s(pack_depth, n, x, y, dev, batch_size, seconds))
-        grp = _attempt(entry, "grouped", dev, lambda: grouped_images_per_s(pack_depth, n, x, y, dev, batch_size,
-                                                                          seconds))
-        entry.update(aggregate_img_s=agg[0] if agg else None, modes=",".join(agg[1]) if agg else None,
-                     grouped_img_s=grp[0] if grp else None, grouped_mode=grp[1] if grp else None)
+        agg = attempt(entry, "packed", lambda: packed_images_per_s(pack_depth, n, x, y, dev, batch_size, seconds))
+        entry.update(aggregate_img_s=agg[0] if agg else None, modes=",".join(agg[1]) if agg else None)
+        save()
+        grp = attempt(entry, "grouped", lambda: grouped_images_per_s(pack_depth, n, x, y, dev, batch_size, seconds))
+        entry.update(grouped_img_s=grp[0] if grp else None, grouped_mode=grp[1] if grp else None)
         one = packed[0]["aggregate_img_s"] if packed[0]["runs"] == 1 else None  # both ways against one run alone
         entry.update(vs_one=_ratio(entry["aggregate_img_s"], one), grouped_vs_one=_ratio(entry["grouped_img_s"], one))
         _errors_last(entry)
         log.info("%s", entry)
         save()
+
+    for depth in [d for d in models if d <= DEEP]:
+        model_row(depth)
+    for n in packs or []:
+        pack_row(n)
+    for depth in [d for d in models if d > DEEP]:
+        model_row(depth)
+    if profile:  # last: see the docstring
+        for depth, row in zip([d for d in models if d <= DEEP] + [d for d in models if d > DEEP], rows):
+            prof = attempt(row, "profile", lambda: profile_ours(depth, x, y, dev, batch_size,
+                                                                steps=PROFILE_STEPS[depth > DEEP]))
+            row["gpu_busy"] = prof[1] if prof else None
+            if prof:
+                profiles[row["model"]] = prof[0]
+            _errors_last(row)
+            save()
     result["complete"] = True
     save()
     return {**result, "paths": [str(p) for p in paths]}
@@ -336,6 +383,9 @@ def markdown(result: dict[str, Any]) -> str:
     """The benchmark as markdown tables (per model; packed runs)."""
     lines = [f"Device: {result['device']} · torch {result['torch']} · batch {result['batch_size']} · "
              f"{result['seconds_per_measurement']} s per measurement", ""]
+    if not result.get("complete", True):
+        lines[-1:] = ["", "**Incomplete**: the bench stopped before its last measurement (a time limit, Ctrl-C); "
+                      "these are the measurements it finished.", ""]
     if result["rows"]:
         lines += _table(result["rows"])
     if result.get("packed"):

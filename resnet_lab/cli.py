@@ -20,6 +20,7 @@ TRAINING_FLAGS = ("time_budget", "pack", "group")  # --list trains nothing
 # exit codes of every command: 0 all done, 1 some run/point/notebook failed or is missing (the output says
 # which), 2 bad input (argparse's), 130 interrupted; a count would read as 2 or 130 and wrap at 256
 EXIT_INCOMPLETE = 1
+FINISHED = ("done", "diverged")  # a diverged run is a result: trained again, it diverges again
 EXIT_INTERRUPTED = 130  # the shell's code for a tool ended by SIGINT (Ctrl-C)
 EXIT_BROKEN_PIPE = 141  # the shell's code for a tool ended by SIGPIPE: its reader went away
 # -p names that have a flag of their own: the flag is what the command reads, so a -p would be ignored
@@ -143,7 +144,7 @@ def _train_one(a: argparse.Namespace) -> int:
     rec = train(cfg, device=None if a.device == "auto" else a.device, progress=not a.quiet,
                 time_budget_s=a.time_budget)
     _print_run(rec)
-    return 0 if rec.status == "done" else 1
+    return 0 if rec.status in FINISHED else EXIT_INCOMPLETE  # diverged is a result (its line says so)
 
 
 def _list_runs(cfgs: list[RunConfig], elsewhere: dict[str, dict] | None = None, where: str = "") -> None:
@@ -157,6 +158,8 @@ def _list_runs(cfgs: list[RunConfig], elsewhere: dict[str, dict] | None = None, 
         s = elsewhere.get(c.hash) or rd.summary() or {}
         status = s.get("status", "missing") if c.hash in elsewhere else rd.live_status() or "missing"
         note = f"  (in {where}: not trained here)" if c.hash in elsewhere else ""
+        if status == "stopped" and not any((rd.path / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
+            note = "  (no checkpoint here: it starts again at step 0)"  # its progress came without one
         print(f"{c.hash}  {c.name:24s} seed {c.seed}  {status:8s} step {s.get('steps_done', 0)}/{c.iterations}{note}")
 
 
@@ -166,7 +169,10 @@ def _pct(v: float | None) -> str:
 
 def _print_run(rec) -> None:
     s, cfg = rec.summary, rec.config
-    print(f"{cfg.name} seed {cfg.seed} [{cfg.preset}] {s.get('status')} at step {s.get('steps_done')}: "
+    status = s.get("status")
+    if status == "running":  # this process is done with it: cut short now or before, it resumes when asked again
+        status = f"stopped (resumes when run again; {cfg.iterations:,} iterations in all)"
+    print(f"{cfg.name} seed {cfg.seed} [{cfg.preset}] {status} at step {s.get('steps_done')}: "
           f"train err {_pct(s.get('final_train_err'))}  test err {_pct(s.get('final_test_err'))}  "
           f"params {s.get('params'):,}  {s.get('wall_seconds', 0):.1f}s on {s.get('device')} "
           f"({s.get('step_mode', '?')} step, {s.get('packed_runs', 1)} packed"
@@ -280,7 +286,7 @@ def _train_notebooks(a: argparse.Namespace) -> int:
             print(f"{c.name} seed {c.seed}: not started, --time-budget {a.time_budget:g} s spent (run again to go on)")
         else:
             print(f"{c.name} seed {c.seed}: failed (see the log above)")
-    return EXIT_INCOMPLETE if any(r is None or r.status != "done" for r in recs) else 0
+    return EXIT_INCOMPLETE if any(r is None or r.status not in FINISHED for r in recs) else 0
 
 
 def cmd_analyse(a: argparse.Namespace) -> int:
@@ -394,6 +400,12 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
         raise SystemExit(f"error: {e}")
     for p in parts:
         print(p, f"{p.stat().st_size / 2**20:.1f} MiB")
+    print(f"{len(parts.runs)} run(s) in this export", file=sys.stderr)
+    if parts.held_by_skip:
+        print(f"{len(parts.held_by_skip)} left out: {a.skip} has them as far along", file=sys.stderr)
+    if parts.held_by_sent:  # the ledger says sent, not received: a lost part is sent again without it
+        print(f"{len(parts.held_by_sent)} left out: {a.sent} says an earlier export from here sent them (if its "
+              f"parts did not arrive, delete {a.sent} and export again)", file=sys.stderr)
     if parts.never_fit:  # missing from this export and from every one under --max-mb (the warning says how)
         print(f"not exported, over --max-mb {a.max_mb:g} on its own: {', '.join(parts.never_fit)}", file=sys.stderr)
         return EXIT_INCOMPLETE
@@ -520,7 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=10.0, help="measuring time per loop and model")
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--num-workers", type=int, default=4, help="baseline DataLoader workers")
-    b.add_argument("--checkpointing", action="store_true", help="also time activation checkpointing")
+    b.add_argument("--checkpointing", action="store_true",
+                   help="also time activation checkpointing (2 segments, as sweeps/thousand_layers.yaml) for nets "
+                        "deeper than 200 layers")
     b.add_argument("--profile", action="store_true",
                    help="also profile 20 of our steps per model: top ops and GPU-busy share (<device>-profile.txt)")
     b.add_argument("--out", help="folder for <device>.json/.md (default: results/bench under the results folder)")

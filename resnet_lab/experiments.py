@@ -172,6 +172,8 @@ def unfinished(runs: pd.DataFrame, root: str | os.PathLike | None = None) -> tup
                           "device": u["device"]}).reset_index(drop=True)
     label = {h: f"{d} (unfinished: {s:,} of {i:,} it.)" for h, d, s, i in zip(u["hash"], u["depth"], steps, iters)}
     curves = load_metrics(root, hash=list(u["hash"]))
+    # up to its checkpoint: a sitting killed after evaluating further left rows that the resume will redo
+    curves = curves[curves["step"] <= curves["hash"].map(dict(zip(u["hash"], steps)))]
     return table, curves.assign(depth=curves["hash"].map(label))
 
 

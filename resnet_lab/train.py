@@ -346,14 +346,15 @@ class _Run:
             acc = ckpt["accumulators"]
             log.info("resuming %s at step %d", cfg.name, self.start)
         self.stepper = Stepper(model, opt, lr_t, cfg.precision, fast=cfg.fast)
+        # this sitting's SITTING_FIELDS (the summary's top-level device and dtype name every sitting's)
+        self.here = {"device": device_name(device), "compute_dtype": compute_dtype(device, cfg.precision),
+                     "torch": str(torch.__version__), "packed_runs": packed, "grouped_runs": None}
         self.summary = {"status": "running", "name": cfg.name, "hash": cfg.hash, "params": count_params(model),
-                        "flops": macs, "device": device_name(device), "torch": str(torch.__version__),
-                        "compute_dtype": compute_dtype(device, cfg.precision),  # "auto" differs by device
-                        "dataset_sha256": data.info.sha256, "dataset_kind": data.info.kind,
-                        "official_pixels": data.info.official_pixels, "git_commit": _git_commit(),
-                        "steps_done": self.start, "warmup_end_step": self.warmup_end, "pid": os.getpid(),
-                        "packed_runs": packed}
-        atomic_write_json(rd.summary_file, self.summary)
+                        "flops": macs, **self.here, "dataset_sha256": data.info.sha256,
+                        "dataset_kind": data.info.kind, "official_pixels": data.info.official_pixels,
+                        "git_commit": _git_commit(), "warmup_end_step": self.warmup_end, "pid": os.getpid()}
+        self.summary.pop("grouped_runs")
+        self.progress(self.start, self.seconds)  # what earlier sittings did stays in the summary a kill leaves
 
         from tqdm import tqdm  # text bars: tqdm.auto warns in a kernel without ipywidgets (papermill)
 
@@ -441,12 +442,27 @@ class _Run:
 
     def all_sittings(self, step: int) -> list[dict[str, Any]]:
         """Every sitting of this run up to `step`, this one last: where and how each stretch of steps ran
-        (a paper run may start on a GPU and end elsewhere; the summary's top-level fields are this sitting's)."""
-        plain = lambda v: str(v) if isinstance(v, str) else v  # noqa: E731 - torch.__version__ is a str subclass,
-        # which a weights_only load refuses
-        now = {"from_step": self.start, "to_step": step, **{k: plain(self.summary.get(k)) for k in SITTING_FIELDS},
+        (a paper run may start on a GPU and end elsewhere)."""
+        if step <= self.start:
+            return list(self.sittings)
+        now = {"from_step": self.start, "to_step": step, **{k: self.here[k] for k in SITTING_FIELDS},
                "step_mode": self.stepper.mode, "seconds": round(time.time() - self.t0, 3)}
-        return self.sittings + ([now] if step > self.start else [])
+        return self.sittings + [now]
+
+    def progress(self, step: int, seconds: float) -> None:
+        """Write the summary of a run still under way at `step` (its newest checkpoint, or where it starts):
+        steps, sittings, last evaluation. Manifests, exports and `--list` read progress from it, so a sitting
+        killed later (a call's limit, a lease's end) still shows, and ships, the checkpoint it left."""
+        sittings = self.all_sittings(step)
+        last = next((r for r in reversed(self.rows) if r["step"] <= step), {})
+        for k in ("device", "compute_dtype"):  # a run trained on two devices says so where tables read it
+            seen = list(dict.fromkeys(str(x[k]) for x in sittings + [self.here] if x.get(k) is not None))
+            self.summary[k] = " + ".join(seen)
+        self.summary.update(steps_done=step, wall_seconds=seconds, sittings=sittings,
+                            warmup_end_step=self.warmup_end, final_train_err=last.get("train_err"),
+                            final_test_err=last.get("test_err"), final_train_loss=last.get("train_loss"),
+                            final_test_loss=last.get("test_loss"))
+        atomic_write_json(self.rd.summary_file, self.summary)
 
     def _checkpoint(self, step: int, seconds: float) -> None:
         self.pull()
@@ -457,6 +473,8 @@ class _Run:
                                    "step": step, "seconds": seconds, "warming_up": self.warming_up,
                                    "warmup_end": self.warmup_end, "torch_rng": torch.get_rng_state(),
                                    "accumulators": acc, "sittings": self.all_sittings(step)})
+        if self.status == "running":  # a finished run's summary is written by _finish
+            self.progress(step, seconds)
 
     def finish(self) -> RunRecord:
         """Store the outcome: model and final summary when done, a checkpoint when stopped early."""
@@ -474,19 +492,12 @@ class _Run:
             self.pull()
             model_cpu = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             atomic_save_torch(model_cpu, rd.model_file)
-        last = self.rows[-1] if self.rows else {}
         st = self.stepper
-        sittings = self.all_sittings(self.step_no)
-        for k in ("device", "compute_dtype"):  # a run trained on two devices says so where tables read it
-            seen = list(dict.fromkeys(str(x[k]) for x in sittings if x.get(k) is not None))
-            if len(seen) > 1:
-                self.summary[k] = " + ".join(seen)
-        self.summary.update(status=status, steps_done=done_steps, wall_seconds=seconds, sittings=sittings,
-                            warmup_end_step=self.warmup_end, step_mode=st.mode, step_mode_reason=st.reason,
-                            graph_check=st.check, final_train_err=last.get("train_err"),
-                            final_test_err=last.get("test_err"), final_train_loss=last.get("train_loss"),
-                            final_test_loss=last.get("test_loss"))
-        atomic_write_json(rd.summary_file, self.summary)
+        self.summary.update(status=status, step_mode=st.mode, step_mode_reason=st.reason, graph_check=st.check)
+        self.progress(self.step_no, seconds)
+        if done_steps != self.step_no:  # diverged: its last evaluation is where the run stands
+            self.summary["steps_done"] = done_steps
+            atomic_write_json(rd.summary_file, self.summary)
         if status in ("done", "diverged"):
             for f in (rd.checkpoint_file, rd.path / "checkpoint.prev.pt"):
                 with contextlib.suppress(FileNotFoundError):
@@ -615,7 +626,7 @@ class _Group:
             self.stepper = Stepper(self.model, opt, lr_t, cfg.precision, fast=cfg.fast, members=len(runs))
         for r in runs:
             r.group, r.stepper = self, self.stepper
-            r.summary["grouped_runs"] = len(runs)
+            r.summary["grouped_runs"] = r.here["grouped_runs"] = len(runs)
 
     def step(self) -> None:
         live = [r for r in self.runs if r.active]

@@ -223,14 +223,14 @@ def _check_manifest(skip: object) -> dict[str, dict]:
 
 
 def _pack(src: Path, checkpoints: bool, skips: list[dict[str, dict]], max_bytes: int | None,
-          unfinished: bool = False) -> tuple[bytes, list[str], list[str], dict[str, dict]]:
-    """The archive, the runs left out because it was full, those no archive of max_bytes can hold, and
-    the manifest entries of the runs packed. Runs one of the manifests `skips` has as far along, with
+          unfinished: bool = False) -> tuple[bytes, list[str], list[str], dict[str, dict], list[list[str]]]:
+    """The archive, the runs left out because it was full, those no archive of max_bytes can hold, the
+    manifest entries of the runs packed, and per manifest the runs it held. Runs one of the manifests `skips` has as far along, with
     every cached analysis, are not packed (import would keep that copy anyway); finished runs go
     first, or are left out when `unfinished`. An unfinished run that its checkpoint alone puts over
     max_bytes goes without it: its curve and summary so far, since no export under the limit could
     ever carry that checkpoint (ResNet-1202's is 155 MB); the manifests are compared with what is sent."""
-    runs = []
+    runs, held = [], [[] for _ in skips]
     for run in _run_folders(src):
         files = _run_files(run, checkpoints)
         if files is None:
@@ -242,7 +242,9 @@ def _pack(src: Path, checkpoints: bool, skips: list[dict[str, dict]], max_bytes:
         if dropped:
             files = {n: d for n, d in files.items() if n != CHECKPOINT}
         progress = _progress(summary, CHECKPOINT in files)
-        if any(run.name in m and _has_all(m[run.name], files, progress) for m in skips):
+        has = [i for i, m in enumerate(skips) if run.name in m and _has_all(m[run.name], files, progress)]
+        if has:
+            held[has[0]].append(run.name)
             continue
         if dropped:
             log.warning("run %s goes without its checkpoint, which alone is over %.3g MiB: its curve and summary "
@@ -263,7 +265,7 @@ def _pack(src: Path, checkpoints: bool, skips: list[dict[str, dict]], max_bytes:
                 info = tarfile.TarInfo(f"{h}/{name}")
                 info.size, info.mtime, info.mode = len(data), now, 0o644
                 tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue(), left, too_big, packed
+    return buf.getvalue(), left, too_big, packed, held
 
 
 def _tar_size(files: dict[str, bytes]) -> int:
@@ -281,11 +283,15 @@ def _remove_old_parts(dest: Path, name: str) -> None:
 
 class Parts(list):
     """The part files an export wrote, in order; `never_fit` names the runs no export under its max_mb can
-    hold (logged, and `runs export` exits 1 on them: they are missing from every such export)."""
+    hold (logged, and `runs export` exits 1 on them: they are missing from every such export); `runs` the
+    runs it holds; `held_by_skip` and `held_by_sent` those left out because the --skip manifest or the
+    --sent ledger has them as far along."""
 
-    def __init__(self, paths: list[Path], never_fit: list[str]) -> None:
+    def __init__(self, paths: list[Path], never_fit: list[str], runs: list[str] | None = None,
+                 held_by_skip: list[str] | None = None, held_by_sent: list[str] | None = None) -> None:
         super().__init__(paths)
-        self.never_fit = never_fit
+        self.never_fit, self.runs = never_fit, runs or []
+        self.held_by_skip, self.held_by_sent = held_by_skip or [], held_by_sent or []
 
 
 def _check_dest(dest: Path) -> Path:
@@ -325,8 +331,8 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
     if max_mb is not None and not (_is_number(max_mb) and max_mb > 0):
         raise ValueError(f"max_mb={max_mb!r} is not valid: use a positive number of MiB, or None for no limit")
     dest = _check_dest(Path(dest))
-    data, left, too_big, packed = _pack(runs_dir(root), checkpoints, [_check_manifest(skip), ledger],
-                                        None if max_mb is None else int(max_mb * 2**20), unfinished)
+    data, left, too_big, packed, held = _pack(runs_dir(root), checkpoints, [_check_manifest(skip), ledger],
+                                              None if max_mb is None else int(max_mb * 2**20), unfinished)
     if left:
         log.warning("%d run(s) left for the next export (over %g MiB): %s", len(left), max_mb, ", ".join(left))
     for h in too_big:  # waiting would not help: no export under this limit can ever hold it
@@ -342,7 +348,7 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
         parts.append(p)
     if sent is not None:
         atomic_write_json(sent, {**ledger, **packed})
-    return Parts(parts, too_big)
+    return Parts(parts, too_big, sorted(packed), *held)
 
 
 # -- import ------------------------------------------------------------------------------------------
@@ -475,12 +481,15 @@ def _merge_run(dst: Path, h: str, files: dict[str, bytes]) -> str:
             mine = _summary(local)
             ours = _progress(mine, _can_resume(local))
             theirs = _progress(_parse_summary(files.get("summary.json")), CHECKPOINT in files)
-            if (local / "config.json").exists() and ours >= theirs:
+            had = (local / "config.json").exists()
+            if had and ours >= theirs:
                 added = _add_analyses(local, mine, files)
                 if ours[0] == RESUMES and theirs[1] > ours[1]:  # say what was passed over, and why
                     return f"kept local: it resumes from its checkpoint, the copy at step {theirs[1]} has none"
                 return f"kept local, {added} cached analysis file(s) added" if added else "kept local"
             _swap_in(dst, h, files)
+            if had and ours[1] > theirs[1]:  # replaced a copy with more steps: say why
+                return f"imported: it resumes from its checkpoint, the local copy at step {ours[1]} had none"
             return "imported"
     except RunLocked:
         return "skipped: a local process (a trainer?) holds its lock; import again once it is done"

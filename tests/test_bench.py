@@ -18,13 +18,15 @@ from .conftest import needs_data
 @needs_data
 def test_bench_on_cpu_writes_json(cifar, tmp_path):
     res = run_bench([8], device="cpu", seconds=0.5, batch_size=16, num_workers=0, images=256, checkpointing=True,
-                    out=tmp_path, data=cifar, packs=[1, 2], pack_depth=8, profile=True)
+                    out=tmp_path, data=cifar, packs=[1, 2], pack_depth=8, profile=True, ckpt_min_depth=8)
     saved = json.loads((tmp_path / res["paths"][0].split("/")[-1]).read_text())
     row = saved["rows"][0]
     assert row["model"] == "resnet-8" and row["baseline_img_s"] > 0 and row["ours_img_s"] > 0
     assert abs(row["speedup"] - row["ours_img_s"] / row["baseline_img_s"]) < 1e-9
-    assert "ckpt_step_ms" in row and saved["device_type"] == "cpu" and row["eval_10k_s"] > 0
-    mem = ("peak_mem_mb", "peak_reserved_mb", "ckpt_peak_mem_mb", "ckpt_peak_reserved_mb")
+    assert row["ckpt_step_ms"] > 0 and row["ckpt_segments"] == 2 and saved["device_type"] == "cpu"
+    assert row["ckpt_schedule_min"] > 0 and row["eval_10k_s"] > 0 and saved["kernel"]
+    assert row["baseline_train_min"] == pytest.approx(64_000 * 16 / row["baseline_img_s"] / 60)
+    mem = ("peak_mem_mb", "peak_reserved_mb", "ckpt_peak_mem_mb", "ckpt_peak_reserved_mb", "baseline_peak_mem_mb")
     assert all(k in row and row[k] is None for k in mem)  # columns there, no CUDA memory to report
     assert row["ours_mode"] == "eager" and "CUDA device" in row["ours_mode_reason"]  # the fallback, said so
     assert row["paper_schedule_min"] == pytest.approx((64_000 * row["ours_step_ms"] / 1000 + 64 * row["eval_10k_s"]) / 60)
@@ -99,5 +101,30 @@ def test_a_bench_cut_off_keeps_the_rows_it_finished(cifar, tmp_path, monkeypatch
         run_bench([8, 14], device="cpu", seconds=0.2, batch_size=16, num_workers=0, images=256, out=tmp_path,
                   data=cifar)
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert [r["model"] for r in saved["rows"]] == ["resnet-8"] and saved["complete"] is False
-    assert saved["rows"][0]["eval_10k_s"] == 1.0 and "| resnet-8 |" in next(tmp_path.glob("*.md")).read_text()
+    assert [r["model"] for r in saved["rows"]] == ["resnet-8", "resnet-14"] and saved["complete"] is False
+    done, cut = saved["rows"]
+    assert done["eval_10k_s"] == 1.0 and "eval_10k_s" not in cut  # the cut row keeps what it measured before
+    assert cut["baseline_img_s"] > 0 and cut["ours_img_s"] > 0
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "| resnet-8 |" in md and "| resnet-14 |" in md and "**Incomplete**" in md
+
+
+@needs_data
+def test_the_bench_measures_packs_before_deep_nets_and_profiles_last(cifar, tmp_path, monkeypatch):
+    """A call's time limit cuts the end: the packed table (a target) must not wait behind ResNet-1202, and a
+    profiler (which leaves CUPTI attached) must not run before any timing. Checkpointing: deep nets only."""
+    import resnet_lab.bench as bench
+
+    order = []
+    monkeypatch.setattr(bench, "baseline_images_per_s", lambda depth, *a, **k: order.append(f"base-{depth}") or 1.0)
+    monkeypatch.setattr(bench, "ours_images_per_s", lambda depth, *a, activation_checkpointing=0, **k: order.append(
+        f"{'ckpt' if activation_checkpointing else 'ours'}-{depth}") or (2.0, 0.01, bench.peak_mb(None), "eager", None))
+    monkeypatch.setattr(bench, "eval_seconds", lambda depth, *a, **k: 1.0)
+    monkeypatch.setattr(bench, "packed_images_per_s", lambda d, n, *a, **k: order.append(f"pack-{n}") or (1.0, []))
+    monkeypatch.setattr(bench, "grouped_images_per_s", lambda d, n, *a, **k: (1.0, "eager"))
+    monkeypatch.setattr(bench, "profile_ours", lambda depth, *a, steps, **k: order.append(f"prof-{depth}-{steps}")
+                        or ("table", None))
+    run_bench([1202, 20], device="cpu", seconds=0.1, images=256, out=tmp_path, data=cifar, packs=[1, 2],
+              checkpointing=True, profile=True)
+    assert order == ["base-20", "ours-20", "pack-1", "pack-2", "base-1202", "ours-1202", "ckpt-1202",
+                     "prof-20-20", "prof-1202-3"]

@@ -152,7 +152,7 @@ def test_train_sweep_tells_runs_the_time_budget_never_reached_from_failed_ones(c
     grid.write_text(GRID)
     assert cli.main(["train", "--sweep", str(grid), "--time-budget", "5", "--quiet", "--device", "cpu"]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert "running at step 3: train err -  test err -" in out[0], out
+    assert "stopped (resumes when run again; 6 iterations in all) at step 3: train err -  test err -" in out[0], out
     assert out[2].startswith("resnet-8 seed 0: failed (see ") and "summary.json" in out[2], out
     assert [line.split(": ", 1)[1] for line in out[3:]] == ["not started, --time-budget 5 s spent (run again to go on)"] * 2
 
@@ -287,3 +287,25 @@ def test_runs_commands_refuse_bad_paths_and_count_what_they_left_out(tmp_path, m
         assert cli.main(["runs", "import", *parts]) == 1
     assert "skipped" in capsys.readouterr().out
     assert cli.main(["runs", "import", *parts]) == 0
+
+
+@pytest.mark.usefixtures("cifar")  # it skips without a CIFAR-10 copy
+def test_a_diverged_run_is_a_result_and_a_stopped_one_without_checkpoint_says_it_restarts(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """`train` exits 0 for a diverged run (a result: trained again it diverges again; `analyse` agrees), and
+    `--list` does not promise a resume to a run whose progress came without its checkpoint."""
+    from resnet_lab import experiments as ex
+    from resnet_lab.config import make_config
+    from resnet_lab.runs import RunDir, atomic_write_json
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    diverged, stopped = ex.with_dataset([make_config("smoke", depth=8), make_config("smoke", depth=8, seed=1)])
+    for c, status in ((diverged, "diverged"), (stopped, "running")):
+        RunDir(c).path.mkdir(parents=True)
+        atomic_write_json(RunDir(c).config_file, {**c.to_json(), "hash": c.hash})
+        atomic_write_json(RunDir(c).summary_file, {"status": status, "steps_done": 3, "params": 1, "device": "x",
+                                                    "wall_seconds": 1.0})
+    assert cli.main(["train", "--preset", "smoke", "--depth", "8", "--device", "cpu", "--quiet"]) == 0
+    assert "diverged at step 3" in capsys.readouterr().out
+    assert cli.main(["train", "--preset", "smoke", "--depth", "8", "--seed", "1", "--list"]) == 0
+    assert "stopped  step 3/6  (no checkpoint here: it starts again at step 0)" in capsys.readouterr().out

@@ -55,6 +55,14 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(cifar, tmp_pa
     p.wait()
     killed = json.loads((run / "summary.json").read_text())
     assert killed["status"] == "running" and not (run / "model.pt").exists()
+    # the summary is the newest checkpoint's progress (what manifests, exports and --list read), not the start's
+    import torch
+
+    newest = run / "checkpoint.pt" if (run / "checkpoint.pt").exists() else run / "checkpoint.prev.pt"
+    ckpt_step, at = int(torch.load(newest, weights_only=True)["step"]), killed["steps_done"]
+    assert at in (ckpt_step, ckpt_step - 4) and at > 0  # - 4: killed between a checkpoint and its summary
+    assert killed["sittings"][-1]["to_step"] == at
+    assert killed["final_test_err"] == pd.read_csv(run / "metrics.csv").set_index("step")["test_err"][at]
     rd = R.RunDir(c, tmp_path / "killed")
     assert rd.live_status() == "stopped"  # what `train --list` shows: nobody holds it, it resumes when asked
     with R.lock_run(run):

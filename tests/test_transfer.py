@@ -120,7 +120,18 @@ def test_back_to_back_exports_on_one_machine_send_each_run_once(tmp_path, monkey
     first = export_runs(tmp_path / "o1", root=gpu, skip=have, max_mb=one_run, sent=ledger)
     second = export_runs(tmp_path / "o2", root=gpu, skip=have, max_mb=one_run, sent=ledger)
     assert _names(first) == [HASH["aaa"]] and _names(second) == [HASH["bbb"]]
-    assert _names(export_runs(tmp_path / "o3", root=gpu, skip=have, sent=ledger)) == []
+    assert first.runs == [HASH["aaa"]] and second.held_by_sent == [HASH["aaa"]] and not second.held_by_skip
+    third = export_runs(tmp_path / "o3", root=gpu, skip=have, sent=ledger)
+    assert _names(third) == [] and third.held_by_sent == sorted([HASH["aaa"], HASH["bbb"]])
+    import shutil
+
+    shutil.copytree(gpu, tmp_path / "res" / "runs")  # the same store where the CLI looks: it says why nothing went
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "res"))
+    assert cli.main(["runs", "export", str(tmp_path / "o3b"), "--sent", str(ledger)]) == 0
+    err = capsys.readouterr().err
+    assert "0 run(s) in this export" in err and f"2 left out: {ledger} says an earlier export" in err
+    assert f"delete {ledger}" in err
+    monkeypatch.delenv("RESNET_LAB_RESULTS")
     make_run(gpu, "ccc", "running", 50, big=1000)
     assert _names(export_runs(tmp_path / "o4", root=gpu, checkpoints=True, skip=have, sent=ledger)) == [HASH["ccc"]]
     make_run(gpu, "ccc", "running", 80, big=1000)  # trained on after it was sent: goes again
@@ -230,3 +241,11 @@ def test_export_compares_what_it_sends_and_reads_old_manifests(tmp_path):
     assert _names(parts) == [HASH["aaa"]]
     assert import_runs(parts, root=here)[HASH["aaa"]].startswith("kept local: it resumes")
     assert _steps(here / HASH["aaa"]) == 5 and (here / HASH["aaa"] / "checkpoint.pt").exists()
+    # the other way round: the copy that resumes comes in over one further along without a checkpoint, and says so
+    there = tmp_path / "there"
+    make_run(there, "aaa", "running", 227)
+    (there / HASH["aaa"] / "checkpoint.pt").unlink()
+    (there / HASH["aaa"] / "checkpoint.prev.pt").unlink()
+    what = import_runs(export_runs(tmp_path / "o5", root=here, checkpoints=True), root=there)[HASH["aaa"]]
+    assert what == "imported: it resumes from its checkpoint, the local copy at step 227 had none"
+    assert _steps(there / HASH["aaa"]) == 5
