@@ -370,7 +370,10 @@ def _attempt(row: dict[str, Any], what: str, device: torch.device, fn):
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
+    """Columns as first seen, numbers first, then the step mode's reason and the GPU-busy share, errors last
+    (a deep net's checkpointing columns come after a shallow row's reason otherwise)."""
     cols = list(dict.fromkeys(k for r in rows for k in r))
+    cols.sort(key=lambda c: 2 if c.endswith("_error") else 1 if c in ("ours_mode_reason", "gpu_busy") else 0)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r.get(c) for c in cols]

@@ -158,7 +158,7 @@ def _list_runs(cfgs: list[RunConfig], elsewhere: dict[str, dict] | None = None, 
         s = elsewhere.get(c.hash) or rd.summary() or {}
         status = s.get("status", "missing") if c.hash in elsewhere else rd.live_status() or "missing"
         note = f"  (in {where}: not trained here)" if c.hash in elsewhere else ""
-        if status == "stopped" and not any((rd.path / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
+        if status == "stopped" and s.get("steps_done") and not _has_checkpoint(rd.path):
             note = "  (no checkpoint here: it starts again at step 0)"  # its progress came without one
         print(f"{c.hash}  {c.name:24s} seed {c.seed}  {status:8s} step {s.get('steps_done', 0)}/{c.iterations}{note}")
 
@@ -167,11 +167,16 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"  # a run stopped early has no final error yet, not 0%
 
 
+def _has_checkpoint(run: Path) -> bool:
+    return any((run / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt"))
+
+
 def _print_run(rec) -> None:
     s, cfg = rec.summary, rec.config
     status = s.get("status")
-    if status == "running":  # this process is done with it: cut short now or before, it resumes when asked again
-        status = f"stopped (resumes when run again; {cfg.iterations:,} iterations in all)"
+    if status == "running":  # this process is done with it: cut short, now or by an earlier call
+        how = "resumes from its checkpoint" if _has_checkpoint(rec.path) else "no checkpoint here: starts at step 0"
+        status = f"stopped ({how} when run again; {cfg.iterations:,} iterations in all)"
     print(f"{cfg.name} seed {cfg.seed} [{cfg.preset}] {status} at step {s.get('steps_done')}: "
           f"train err {_pct(s.get('final_train_err'))}  test err {_pct(s.get('final_test_err'))}  "
           f"params {s.get('params'):,}  {s.get('wall_seconds', 0):.1f}s on {s.get('device')} "
@@ -536,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time activation checkpointing (2 segments, as sweeps/thousand_layers.yaml) for nets "
                         "deeper than 200 layers")
     b.add_argument("--profile", action="store_true",
-                   help="also profile 20 of our steps per model: top ops and GPU-busy share (<device>-profile.txt)")
+                   help="also profile 20 of our steps per model (3 for nets deeper than 200 layers), after every "
+                        "timing: top ops and GPU-busy share (<device>-profile.txt)")
     b.add_argument("--out", help="folder for <device>.json/.md (default: results/bench under the results folder)")
     b.add_argument("--packs", default="auto", help="packed ResNet-20 run counts to time, e.g. 1,2,4,8 "
                    "(auto: 1,2,4,8 on CUDA, none on the CPU)")

@@ -178,6 +178,21 @@ def _resume(rd: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict | 
     return None
 
 
+def _earlier_sittings(summary: dict, start: int, seconds: float) -> list[dict[str, Any]]:
+    """The sittings up to `start` of a checkpoint that does not list them: those the last summary lists, if they
+    end there, else one sitting as that summary describes it (or more, which it cannot tell)."""
+    listed = summary.get("sittings")
+    if isinstance(listed, list) and listed and all(isinstance(x, dict) for x in listed) \
+            and listed[-1].get("to_step") == start:
+        return [dict(x) for x in listed]
+    fields = {k: summary.get(k) for k in SITTING_FIELDS}
+    for k in ("device", "compute_dtype"):  # a joined name is not one sitting's
+        if isinstance(fields[k], str) and " + " in fields[k]:
+            fields[k] = None
+    return [{"from_step": 0, "to_step": start, **fields, "step_mode": summary.get("step_mode"),
+             "seconds": round(seconds, 3)}]
+
+
 def _save_checkpoint(rd: RunDir, state: dict) -> None:
     if rd.checkpoint_file.exists():  # keep the previous good one until the new one is safely on disk
         os.replace(rd.checkpoint_file, rd.path / "checkpoint.prev.pt")
@@ -338,10 +353,8 @@ class _Run:
             if len(self.rows) < len(stored):  # evaluations of a sitting killed after them: not this run's curve
                 atomic_write_csv(pd.DataFrame(self.rows, columns=METRIC_COLUMNS), rd.metrics_file)
             self.sittings = [dict(x) for x in ckpt.get("sittings") or []]
-            if not self.sittings and self.start > 0:  # a checkpoint from before sittings were recorded: one
-                # sitting (or more, as the summary before this one cannot tell), as that summary describes it
-                self.sittings = [{"from_step": 0, "to_step": self.start, **{k: earlier.get(k) for k in SITTING_FIELDS},
-                                  "step_mode": earlier.get("step_mode"), "seconds": round(self.seconds, 3)}]
+            if not self.sittings and self.start > 0:  # a checkpoint from before sittings were recorded
+                self.sittings = _earlier_sittings(earlier, self.start, self.seconds)
             torch.set_rng_state(ckpt["torch_rng"])
             acc = ckpt["accumulators"]
             log.info("resuming %s at step %d", cfg.name, self.start)
@@ -456,8 +469,8 @@ class _Run:
         sittings = self.all_sittings(step)
         last = next((r for r in reversed(self.rows) if r["step"] <= step), {})
         for k in ("device", "compute_dtype"):  # a run trained on two devices says so where tables read it
-            seen = list(dict.fromkeys(str(x[k]) for x in sittings + [self.here] if x.get(k) is not None))
-            self.summary[k] = " + ".join(seen)
+            seen = list(dict.fromkeys(str(x[k]) for x in sittings or [self.here] if x.get(k) is not None))
+            self.summary[k] = " + ".join(seen)  # only sittings that trained: a start killed at once names none
         self.summary.update(steps_done=step, wall_seconds=seconds, sittings=sittings,
                             warmup_end_step=self.warmup_end, final_train_err=last.get("train_err"),
                             final_test_err=last.get("test_err"), final_train_loss=last.get("train_loss"),
@@ -494,10 +507,7 @@ class _Run:
             atomic_save_torch(model_cpu, rd.model_file)
         st = self.stepper
         self.summary.update(status=status, step_mode=st.mode, step_mode_reason=st.reason, graph_check=st.check)
-        self.progress(self.step_no, seconds)
-        if done_steps != self.step_no:  # diverged: its last evaluation is where the run stands
-            self.summary["steps_done"] = done_steps
-            atomic_write_json(rd.summary_file, self.summary)
+        self.progress(done_steps, seconds)  # diverged: its last evaluation is where the run stands
         if status in ("done", "diverged"):
             for f in (rd.checkpoint_file, rd.path / "checkpoint.prev.pt"):
                 with contextlib.suppress(FileNotFoundError):

@@ -489,7 +489,11 @@ def _merge_run(dst: Path, h: str, files: dict[str, bytes]) -> str:
                 return f"kept local, {added} cached analysis file(s) added" if added else "kept local"
             _swap_in(dst, h, files)
             if had and ours[1] > theirs[1]:  # replaced a copy with more steps: say why
-                return f"imported: it resumes from its checkpoint, the local copy at step {ours[1]} had none"
+                if theirs[0] == RESUMES and ours[0] < RESUMES:
+                    return f"imported: it resumes from its checkpoint, the local copy at step {ours[1]} had none"
+                came = (_parse_summary(files.get("summary.json")) or {}).get("status")
+                return f"imported: {came} at step {theirs[1]}, over a local copy {(mine or {}).get('status')} at " \
+                       f"step {ours[1]}"
             return "imported"
     except RunLocked:
         return "skipped: a local process (a trainer?) holds its lock; import again once it is done"

@@ -128,3 +128,5 @@ def test_the_bench_measures_packs_before_deep_nets_and_profiles_last(cifar, tmp_
               checkpointing=True, profile=True)
     assert order == ["base-20", "ours-20", "pack-1", "pack-2", "base-1202", "ours-1202", "ckpt-1202",
                      "prof-20-20", "prof-1202-3"]
+    header = [c.strip() for c in next(tmp_path.glob("*.md")).read_text().splitlines()[2].split("|")]
+    assert header.index("ckpt_step_ms") < header.index("gpu_busy")  # the deep row's numbers before the texts

@@ -152,7 +152,8 @@ def test_train_sweep_tells_runs_the_time_budget_never_reached_from_failed_ones(c
     grid.write_text(GRID)
     assert cli.main(["train", "--sweep", str(grid), "--time-budget", "5", "--quiet", "--device", "cpu"]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert "stopped (resumes when run again; 6 iterations in all) at step 3: train err -  test err -" in out[0], out
+    assert "stopped (no checkpoint here: starts at step 0 when run again; 6 iterations in all) at step 3: train err -" \
+        in out[0], out
     assert out[2].startswith("resnet-8 seed 0: failed (see ") and "summary.json" in out[2], out
     assert [line.split(": ", 1)[1] for line in out[3:]] == ["not started, --time-budget 5 s spent (run again to go on)"] * 2
 

@@ -370,6 +370,17 @@ def test_the_summary_lists_every_sitting_and_names_both_devices(cifar, tmp_path,
         == [(0, 4, "Fake GPU", 2, 2), (4, 8, real(torch.device("cpu")), None, 1)]
     assert all(x["step_mode"] == "eager" and x["compute_dtype"] == "fp32" and x["seconds"] >= 0 for x in s["sittings"])
     assert s["compute_dtype"] == "fp32"  # one dtype throughout: no join
+    # a sitting that trains nothing (started, stopped at once) is no device of the run's
+    monkeypatch.setattr(T, "device_name", lambda d: "Fake GPU")
+    other = T.train(tiny(seed=2), root=tmp_path, data=cifar, device="cpu", stop_after=4)
+    monkeypatch.setattr(T, "device_name", real)
+    again = T.train(tiny(seed=2), root=tmp_path, data=cifar, device="cpu", stop_after=4)
+    assert other.summary["device"] == again.summary["device"] == "Fake GPU" and len(again.summary["sittings"]) == 1
+    # an old checkpoint's summary names joined devices: no one sitting ran on both
+    joined = {"device": "Fake GPU + cpu", "compute_dtype": "fp32", "step_mode": "graph"}
+    assert T._earlier_sittings(joined, 4, 1.5)[0]["device"] is None
+    listed = {**joined, "sittings": [{"from_step": 0, "to_step": 4, "device": "Fake GPU"}]}
+    assert T._earlier_sittings(listed, 4, 1.5) == listed["sittings"]
 
 
 def test_a_grouped_pack_is_freed_when_it_ends(cifar, tmp_path, monkeypatch):
@@ -402,6 +413,9 @@ def test_a_checkpoint_from_before_sittings_resumes_with_one_sitting_from_its_sum
     ckpt = torch.load(part.path / "checkpoint.pt", weights_only=True)
     del ckpt["sittings"]
     torch.save(ckpt, part.path / "checkpoint.pt")
+    summary = json.loads((part.path / "summary.json").read_text())  # as the code before sittings wrote it
+    del summary["sittings"]
+    (part.path / "summary.json").write_text(json.dumps(summary))
     rec = train(tiny(), root=tmp_path, data=cifar, device="cpu")
     first, second = rec.summary["sittings"]
     assert (first["from_step"], first["to_step"], second["from_step"], second["to_step"]) == (0, 4, 4, 8)

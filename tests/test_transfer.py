@@ -249,3 +249,8 @@ def test_export_compares_what_it_sends_and_reads_old_manifests(tmp_path):
     what = import_runs(export_runs(tmp_path / "o5", root=here, checkpoints=True), root=there)[HASH["aaa"]]
     assert what == "imported: it resumes from its checkpoint, the local copy at step 227 had none"
     assert _steps(there / HASH["aaa"]) == 5
+    make_run(gpu, "bbb", "diverged", 2)  # finished beats unfinished, whatever the steps: said as it is
+    (gpu / HASH["bbb"] / "model.pt").write_bytes(b"weights of a diverged run")
+    make_run(here, "bbb", "running", 5)
+    what = import_runs(export_runs(tmp_path / "o6", root=gpu), root=here)[HASH["bbb"]]
+    assert what == "imported: diverged at step 2, over a local copy running at step 5"
