@@ -129,13 +129,19 @@ def ours_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torc
                       seconds: float, warmup: int = 3, activation_checkpointing: int = 0, fast: bool = True
                       ) -> tuple[float, float, dict[str, float | None], str, str | None]:
     """(images/s, seconds per step, peak memory in MiB, step mode, why not graph) of our step."""
-    if device.type == "cuda":
-        gc.collect()  # the previous measurement's model and optimizer form a cycle: free them before the peak resets
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    _fresh_peak(device)
     model, st, ld = _ours(depth, x, y, device, batch_size, 0, fast, activation_checkpointing)
     dt, n = _timed([st], [ld], [None], device, seconds, warmup)
     return n * batch_size / dt, dt / n, peak_mb(device), st.mode, st.reason
+
+
+def _fresh_peak(device: torch.device) -> None:
+    """Start a peak-memory measurement from what this one allocates: the previous measurement's model and
+    optimizer form a cycle, freed here before the peak resets."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_mb(device: torch.device | None) -> dict[str, float | None]:
@@ -266,18 +272,12 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
     def attempt(row: dict[str, Any], what: str, fn):
         return _attempt(row, what, dev, fn)
 
-    def fresh_peak() -> None:
-        if dev.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-
     def model_row(depth: int) -> None:
         row: dict[str, Any] = {"model": f"resnet-{depth}"}
         rows.append(row)
 
         def baseline() -> tuple[float, dict[str, float | None]]:
-            fresh_peak()
+            _fresh_peak(dev)
             return baseline_images_per_s(depth, x, y, dev, batch_size, seconds, num_workers), peak_mb(dev)
 
         base = attempt(row, "baseline", baseline)

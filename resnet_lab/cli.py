@@ -20,7 +20,6 @@ TRAINING_FLAGS = ("time_budget", "pack", "group")  # --list trains nothing
 # exit codes of every command: 0 all done, 1 some run/point/notebook failed or is missing (the output says
 # which), 2 bad input (argparse's), 130 interrupted; a count would read as 2 or 130 and wrap at 256
 EXIT_INCOMPLETE = 1
-FINISHED = ("done", "diverged")  # a diverged run is a result: trained again, it diverges again
 EXIT_INTERRUPTED = 130  # the shell's code for a tool ended by SIGINT (Ctrl-C)
 EXIT_BROKEN_PIPE = 141  # the shell's code for a tool ended by SIGPIPE: its reader went away
 # -p names that have a flag of their own: the flag is what the command reads, so a -p would be ignored
@@ -139,6 +138,7 @@ def _train_one(a: argparse.Namespace) -> int:
 
         _list_runs(with_dataset([cfg]))
         return 0
+    from .runs import FINISHED
     from .train import train
 
     rec = train(cfg, device=None if a.device == "auto" else a.device, progress=not a.quiet,
@@ -150,7 +150,7 @@ def _train_one(a: argparse.Namespace) -> int:
 def _list_runs(cfgs: list[RunConfig], elsewhere: dict[str, dict] | None = None, where: str = "") -> None:
     """One line per config: hash, name, seed, stored status (missing when never started) and steps done; a run
     `elsewhere` (finished in a --skip manifest) shows that store's status."""
-    from .runs import RunDir
+    from .runs import RunDir, can_resume
 
     elsewhere = elsewhere or {}
     for c in cfgs:
@@ -158,7 +158,7 @@ def _list_runs(cfgs: list[RunConfig], elsewhere: dict[str, dict] | None = None, 
         s = elsewhere.get(c.hash) or rd.summary() or {}
         status = s.get("status", "missing") if c.hash in elsewhere else rd.live_status() or "missing"
         note = f"  (in {where}: not trained here)" if c.hash in elsewhere else ""
-        if status == "stopped" and s.get("steps_done") and not _has_checkpoint(rd.path):
+        if status == "stopped" and s.get("steps_done") and not can_resume(rd.path):
             note = "  (no checkpoint here: it starts again at step 0)"  # its progress came without one
         print(f"{c.hash}  {c.name:24s} seed {c.seed}  {status:8s} step {s.get('steps_done', 0)}/{c.iterations}{note}")
 
@@ -167,15 +167,13 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"  # a run stopped early has no final error yet, not 0%
 
 
-def _has_checkpoint(run: Path) -> bool:
-    return any((run / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt"))
-
-
 def _print_run(rec) -> None:
+    from .runs import can_resume
+
     s, cfg = rec.summary, rec.config
     status = s.get("status")
     if status == "running":  # this process is done with it: cut short, now or by an earlier call
-        how = "resumes from its checkpoint" if _has_checkpoint(rec.path) else "no checkpoint here: starts at step 0"
+        how = "resumes from its checkpoint" if can_resume(rec.path) else "no checkpoint here: starts at step 0"
         status = f"stopped ({how} when run again; {cfg.iterations:,} iterations in all)"
     print(f"{cfg.name} seed {cfg.seed} [{cfg.preset}] {status} at step {s.get('steps_done')}: "
           f"train err {_pct(s.get('final_train_err'))}  test err {_pct(s.get('final_test_err'))}  "
@@ -253,7 +251,7 @@ def _train_notebooks(a: argparse.Namespace) -> int:
     has none). Grids first, in the order given, then notebooks; a run both need is trained once."""
     from . import experiments as ex
     from .data import DataError
-    from .runs import RunDir
+    from .runs import FINISHED, RunDir
     from .sweep import grid_configs
     from .transfer import finished_in
 

@@ -15,7 +15,7 @@ import os
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 import torch
@@ -23,7 +23,7 @@ import torch
 from .analysis import summarize
 from .config import GATED_ARCHS, SPLIT_IMAGES, RunConfig, make_config
 from .data import balanced_subset, load_cifar10, resolve_source
-from .runs import atomic_write_csv, load_metrics, load_runs, results_dir
+from .runs import RunDir, atomic_write_csv, load_metrics, load_runs, results_dir
 from .train import RunRecord, deadline_after, default_device, train_many
 
 log = logging.getLogger(__name__)
@@ -377,6 +377,22 @@ def net_label(cfg: RunConfig) -> str:
 RESPONSE_COLUMNS = ["layer", "std", "channels", "rank", "arch", "depth", "seed", "net"]
 
 
+def _measure(rd: RunDir, kind: str, p: dict[str, Any], compute: Callable[[torch.nn.Module], dict[str, pd.DataFrame]],
+             device: str = "cpu") -> dict[str, pd.DataFrame]:
+    """compute(model) on a finished run's model, stored in its folder as its cached `kind` analysis for
+    settings p (`RunDir.write_analysis`: tied to the sha256 of the model.pt it ran on, with where, how long)."""
+    from .train import device_name
+
+    model, sha = rd.load_model_and_sha256(device)
+    t0 = time.perf_counter()
+    tables = compute(model)
+    seconds = round(time.perf_counter() - t0, 1)
+    log.info("%s seed %d (run %s): %s analysis computed in %.1f s", rd.cfg.name, rd.cfg.seed, rd.cfg.hash, kind,
+             seconds)
+    return rd.write_analysis(kind, p, tables, sha, device=device_name(torch.device(device)), seconds=seconds,
+                             torch=str(torch.__version__))
+
+
 RESPONSE_REVISION = 1  # bumped when layer_responses measures something else: cached tables are then ignored
 
 
@@ -390,7 +406,6 @@ def responses(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_i
     from .analysis import layer_responses
     from .data import eval_batches
     from .runs import RunDir
-    from .train import device_name
 
     p = dict(revision=RESPONSE_REVISION, max_images=max_images, dataset=dataset_id(source))
     test = None
@@ -402,9 +417,7 @@ def responses(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_i
             if test is None:  # decoded only when some run is not cached
                 data = load_cifar10(source)
                 test = balanced_subset(data.test_x, data.test_y, max_images)
-            model, sha = rd.load_model_and_sha256()
-            tables = rd.write_analysis("responses", p, {"responses": layer_responses(model, eval_batches(*test))}, sha,
-                                       device=device_name(torch.device("cpu")), torch=str(torch.__version__))
+            tables = _measure(rd, "responses", p, lambda m: {"responses": layer_responses(m, eval_batches(*test))})
         cfg = rd.cfg
         frames.append(tables["responses"].assign(arch=cfg.arch, depth=cfg.depth, seed=cfg.seed, net=net_label(cfg)))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESPONSE_COLUMNS)
@@ -522,7 +535,6 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
     compute_missing=False (what `report` asks): a run without a cached analysis is left out of the tables
     with a warning that gives the command computing it."""
     from .runs import RunDir
-    from .train import device_name
 
     p = unravel_params(draws, eval_images, grad_samples, grad_batch, source)
     dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -538,16 +550,8 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
         if tables is None:
             if data is None:  # decoded only when some run is not cached
                 data = load_cifar10(source)
-                test = balanced_subset(data.test_x, data.test_y, eval_images)
-            model, sha = rd.load_model_and_sha256(dev)
-            t0 = time.perf_counter()
-            tables = _unravel_run(model, rd.cfg, test, (data.train_x, data.train_y), p)
-            seconds = round(time.perf_counter() - t0, 1)
-            tables = rd.write_analysis("unravel", p, tables, sha, device=device_name(torch.device(dev)),
-                                       seconds=seconds, torch=torch.__version__)
-            log.info("%s seed %d (run %s): unravel analysis computed in %.1f s", rd.cfg.name, rd.cfg.seed,
-                     rd.cfg.hash, seconds)
-            del model
+                test, train = balanced_subset(data.test_x, data.test_y, eval_images), (data.train_x, data.train_y)
+            tables = _measure(rd, "unravel", p, lambda m: _unravel_run(m, rd.cfg, test, train, p), dev)
         else:
             log.info("%s seed %d (run %s): unravel analysis read from its cache", rd.cfg.name, rd.cfg.seed,
                      rd.cfg.hash)

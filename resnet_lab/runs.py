@@ -239,6 +239,15 @@ def _plain(params: Mapping[str, Any]) -> Any:
     return json.loads(json.dumps(dict(params), sort_keys=True, default=str))
 
 
+FINISHED = ("done", "diverged")  # a diverged run is a result too: trained again, it diverges again
+CHECKPOINT_FILES = ("checkpoint.pt", "checkpoint.prev.pt")  # the newest, and the one before while a trainer swaps
+
+
+def can_resume(folder: Path) -> bool:
+    """The run folder holds a checkpoint a trainer resumes from."""
+    return any((folder / n).is_file() for n in CHECKPOINT_FILES)
+
+
 def _read_json_dict(path: Path) -> dict | None:
     """A JSON object from `path`, or None where it is missing, unreadable or not an object."""
     try:

@@ -288,12 +288,8 @@ def grid_from_dict(raw: Any, where: str = "grid") -> Grid:
             if isinstance(v, list) and not v:
                 raise ValueError(f"{where}: {section}.{name} is an empty list: give at least one value")
     if sections["report"]:  # `resnet-lab report` would find a bad value only inside the executed notebook
-        from .experiments import NOTEBOOK_CONFIGS, configs_for
-
         try:
-            check_params(sections["report"])
-            if nb_path.stem in NOTEBOOK_CONFIGS:
-                configs_for(nb_path.stem, {**sections["report"], "preset": preset})
+            _point_configs(nb_path.stem, {**sections["report"], "preset": preset})
         except ValueError as e:
             raise ValueError(f"{where}: report: {_one_line(e)}") from None
     return Grid(notebook=nb_path.stem, notebook_path=nb_path, preset=preset, parameters=parameters, fixed=fixed,
@@ -389,11 +385,9 @@ def report_parameters(preset: str, directory: Path | None = None) -> dict[str, d
 def grid_configs(grid: Grid) -> list[RunConfig]:
     """Every RunConfig the grid's points train, each once, in point order: `train --sweep` trains them where
     there is no Jupyter (the GPU machine), and the sweep run here then finds its points' runs stored."""
-    from .experiments import NOTEBOOK_CONFIGS, configs_for, unique_runs
+    from .experiments import unique_runs
 
-    check_points(grid)
-    return unique_runs(c for point in expand(grid) if point.notebook in NOTEBOOK_CONFIGS  # the others train nothing
-                       for c in configs_for(point.notebook, point.params))
+    return unique_runs(check_points(grid))
 
 
 def check_params(params: Mapping[str, Any]) -> None:
@@ -409,18 +403,26 @@ def check_params(params: Mapping[str, Any]) -> None:
             raise ValueError(f"{name}={v!r} is not valid: use a positive integer{bound}")
 
 
-def check_points(grid: Grid) -> None:
-    """Check every point's parameters and build its run configs, as `train --sweep` does, before anything runs:
-    a value no config takes (depths [[7]], depth -8) then fails here, naming the point, not in the notebook."""
+def _point_configs(notebook: str, params: Mapping[str, Any]) -> list[RunConfig]:
+    """The run configs a notebook's execution with these parameters trains, its parameters checked first
+    (check_params); none for a notebook that trains nothing."""
     from .experiments import NOTEBOOK_CONFIGS, configs_for
 
+    check_params(params)
+    return configs_for(notebook, dict(params)) if notebook in NOTEBOOK_CONFIGS else []
+
+
+def check_points(grid: Grid) -> list[RunConfig]:
+    """Check every point's parameters and build its run configs, as `train --sweep` does, before anything runs:
+    a value no config takes (depths [[7]], depth -8) then fails here, naming the point, not in the notebook.
+    Returns every point's configs, in point order."""
+    out: list[RunConfig] = []
     for point in expand(grid):
         try:
-            check_params(point.params)
-            if point.notebook in NOTEBOOK_CONFIGS:  # the others train nothing
-                configs_for(point.notebook, point.params)
+            out += _point_configs(point.notebook, point.params)
         except ValueError as e:
             raise ValueError(f"{grid.source or 'grid'}: point {point.label}: {_one_line(e)}") from None
+    return out
 
 
 # -- done-ness ----------------------------------------------------------------------------------------

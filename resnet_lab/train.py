@@ -25,7 +25,8 @@ from .config import RunConfig
 from .data import Cifar10, DeviceLoader, eval_batches, load_cifar10, normalize, split_data
 from .fast import Stepper, autocast, compute_dtype, make_optimizer, match_momentum_layout, step_body, to_device
 from .models import count_params, model_from_config
-from .runs import METRIC_COLUMNS, RunDir, atomic_save_torch, atomic_write_csv, atomic_write_json
+from .runs import (CHECKPOINT_FILES, FINISHED, METRIC_COLUMNS, RunDir, atomic_save_torch, atomic_write_csv,
+                   atomic_write_json)
 
 log = logging.getLogger(__name__)
 WARMUP_CHECK_EVERY = 20  # steps between host reads of the training error during warm-up
@@ -157,7 +158,7 @@ def _resume(rd: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict | 
     otherwise such a file would fail every later call of the run.
     """
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
-    for f in (rd.checkpoint_file, rd.path / "checkpoint.prev.pt"):
+    for f in (rd.path / n for n in CHECKPOINT_FILES):
         if not f.exists():
             continue
         try:
@@ -213,11 +214,11 @@ def train(cfg: RunConfig, root: str | os.PathLike | None = None, device: str | t
     data = data if data is not None else load_cifar10()
     cfg = resolve_dataset(cfg, data)
     rd = RunDir(cfg, root)
-    if rd.status() in ("done", "diverged"):
+    if rd.status() in FINISHED:
         return _record(rd)
     try:
         with rd.lock():
-            if rd.status() in ("done", "diverged"):  # another process finished it while we waited
+            if rd.status() in FINISHED:  # another process finished it while we waited
                 return _record(rd)
             return _train_locked(cfg, rd, device, data, progress, stop_after, checkpoint_every_s, deadline)
     except OSError as e:  # disk full, permissions: say where; finished runs are untouched (atomic writes)
@@ -363,10 +364,10 @@ class _Run:
         self.here = {"device": device_name(device), "compute_dtype": compute_dtype(device, cfg.precision),
                      "torch": str(torch.__version__), "packed_runs": packed, "grouped_runs": None}
         self.summary = {"status": "running", "name": cfg.name, "hash": cfg.hash, "params": count_params(model),
-                        "flops": macs, **self.here, "dataset_sha256": data.info.sha256,
-                        "dataset_kind": data.info.kind, "official_pixels": data.info.official_pixels,
-                        "git_commit": _git_commit(), "warmup_end_step": self.warmup_end, "pid": os.getpid()}
-        self.summary.pop("grouped_runs")
+                        "flops": macs, **{k: v for k, v in self.here.items() if v is not None},  # grouped: by _Group
+                        "dataset_sha256": data.info.sha256, "dataset_kind": data.info.kind,
+                        "official_pixels": data.info.official_pixels, "git_commit": _git_commit(),
+                        "warmup_end_step": self.warmup_end, "pid": os.getpid()}
         self.progress(self.start, self.seconds)  # what earlier sittings did stays in the summary a kill leaves
 
         from tqdm import tqdm  # text bars: tqdm.auto warns in a kernel without ipywidgets (papermill)
@@ -508,8 +509,8 @@ class _Run:
         st = self.stepper
         self.summary.update(status=status, step_mode=st.mode, step_mode_reason=st.reason, graph_check=st.check)
         self.progress(done_steps, seconds)  # diverged: its last evaluation is where the run stands
-        if status in ("done", "diverged"):
-            for f in (rd.checkpoint_file, rd.path / "checkpoint.prev.pt"):
+        if status in FINISHED:
+            for f in (rd.path / n for n in CHECKPOINT_FILES):
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
         self.group = None  # run <-> group is a cycle: without this, a grouped pack's GPU memory waits for gc
@@ -571,7 +572,7 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
         if index_of[cfg.hash] != i:  # the same run again
             continue
         rd = RunDir(cfg, root)
-        if rd.status() in ("done", "diverged"):
+        if rd.status() in FINISHED:
             out[i] = _record(rd)
         else:
             todo.append(i)
@@ -598,7 +599,7 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
             log.error("runs %s failed: %s", ", ".join(cfgs[i].name for i in chunk), e)
             for i in chunk:  # but a member it finished and stored before the error is finished
                 rd = RunDir(cfgs[i], root)
-                out[i] = _record(rd) if rd.status() in ("done", "diverged") else None
+                out[i] = _record(rd) if rd.status() in FINISHED else None
     for i in set(index_of.values()) - set(out):  # not started before the deadline
         rd = RunDir(cfgs[i], root)
         out[i] = _record(rd) if rd.summary() else None
@@ -705,7 +706,7 @@ def _train_pack(cfgs: list[RunConfig], index: list[int], root, device: torch.dev
                 if key is not None:
                     shared[key] = streams[k]
         for k, (cfg, rd) in enumerate(zip(cfgs, dirs)):
-            if rd.status() in ("done", "diverged"):  # another process finished it while we waited
+            if rd.status() in FINISHED:  # another process finished it while we waited
                 out[index[k]] = _record(rd)
                 continue
             try:

@@ -27,12 +27,11 @@ import zlib
 from pathlib import Path
 
 from .config import RunConfig
-from .runs import (ANALYSIS_FILE, RunLocked, _umask, atomic_write_bytes, atomic_write_json, iter_runs, lock_run,
-                   runs_dir)
+from .runs import (ANALYSIS_FILE, CHECKPOINT_FILES, FINISHED, RunLocked, _umask, atomic_write_bytes,
+                   atomic_write_json, can_resume, iter_runs, lock_run, runs_dir)
 
 log = logging.getLogger(__name__)
 
-FINISHED = ("done", "diverged")
 # How far along a copy of a run is, before its steps: a finished copy beats every unfinished one, and an
 # unfinished one that can resume (it has a checkpoint; failed or running alike, both resume) beats one that
 # would start again at step 0 whatever its summary says.
@@ -40,7 +39,6 @@ RANK = {None: 0, "failed": 1, "running": 2, **dict.fromkeys(FINISHED, 4)}
 RESUMES = 3
 RUN_FILES = ("config.json", "summary.json", "metrics.csv", "model.pt")  # what every export carries
 CHECKPOINT = "checkpoint.pt"  # only with checkpoints=True, only for unfinished runs
-RESUMABLE = (CHECKPOINT, "checkpoint.prev.pt")  # a trainer's newest checkpoint, and the one before while it swaps
 ARCHIVE_FILES = RUN_FILES + (CHECKPOINT,)
 HASH = re.compile(r"[0-9a-f]{12}")
 EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -58,11 +56,6 @@ def _progress(summary: dict | None, resumable: bool) -> tuple[int, int]:
     status = s.get("status")
     rank = RANK.get(status, 0) if isinstance(status, str) else 0  # a crafted summary's list is no status
     return (RESUMES if resumable and rank < RESUMES else rank), steps
-
-
-def _can_resume(folder: Path) -> bool:
-    """The run folder holds a checkpoint a trainer resumes from."""
-    return any((folder / n).is_file() for n in RESUMABLE)
 
 
 def _parse_summary(data: bytes | None) -> dict | None:
@@ -155,7 +148,7 @@ def _run_files(run: Path, checkpoints: bool) -> dict[str, bytes] | None:
     if metrics is not None:
         files["metrics.csv"] = metrics
     if checkpoints and not finished:
-        ckpt = next((d for n in RESUMABLE if (d := _read(run / n)) is not None), None)
+        ckpt = next((d for n in CHECKPOINT_FILES if (d := _read(run / n)) is not None), None)
         if ckpt is not None:
             files[CHECKPOINT] = ckpt
     return files
@@ -180,7 +173,7 @@ def _run_folders(src: Path) -> list[Path]:
 def manifest(root: str | os.PathLike | None = None) -> dict[str, dict]:
     """{run hash: {status, steps_done, checkpoint, analyses}} of a store: what this machine already has, for
     `export_runs(skip=)`."""
-    return {run.name: _entry(s, _analysis_names(run), _can_resume(run)) for run, _, s in iter_runs(root)}
+    return {run.name: _entry(s, _analysis_names(run), can_resume(run)) for run, _, s in iter_runs(root)}
 
 
 def _entry(summary: dict | None, analyses: list[str], checkpoint: bool) -> dict:
@@ -479,7 +472,7 @@ def _merge_run(dst: Path, h: str, files: dict[str, bytes]) -> str:
     try:
         with lock_run(local, wait=False):
             mine = _summary(local)
-            ours = _progress(mine, _can_resume(local))
+            ours = _progress(mine, can_resume(local))
             theirs = _progress(_parse_summary(files.get("summary.json")), CHECKPOINT in files)
             had = (local / "config.json").exists()
             if had and ours >= theirs:
