@@ -94,11 +94,12 @@ def baseline_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: 
 
 
 def _ours(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int, seed: int,
-          fast: bool, activation_checkpointing: int = 0):
+          fast: bool, activation_checkpointing: int = 0, compile: bool = False):
     torch.manual_seed(seed)
     model = to_device(build_model("resnet", depth, activation_checkpointing=activation_checkpointing), device)
     opt, lr_t = make_optimizer(model, 0.1, 0.9, 1e-4)
-    return model, Stepper(model, opt, lr_t, "auto", fast=fast), DeviceLoader(x, y, batch_size, seed, device)
+    return (model, Stepper(model, opt, lr_t, "auto", fast=fast, compile=compile),
+            DeviceLoader(x, y, batch_size, seed, device))
 
 
 def _timed(steppers: list, loaders: list, streams: list, device: torch.device, seconds: float, warmup: int = 3
@@ -133,6 +134,21 @@ def ours_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torc
     model, st, ld = _ours(depth, x, y, device, batch_size, 0, fast, activation_checkpointing)
     dt, n = _timed([st], [ld], [None], device, seconds, warmup)
     return n * batch_size / dt, dt / n, peak_mb(device), st.mode, st.reason
+
+
+def compiled_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int,
+                          seconds: float) -> tuple[float, float, float, str, str | None]:
+    """Our step with the forward through torch.compile: (images/s, seconds per step, seconds of the first
+    step (compile, its check against the plain step, capture), step label, why it is not compiled or not
+    a graph)."""
+    _fresh_peak(device)
+    model, st, ld = _ours(depth, x, y, device, batch_size, 0, True, compile=True)
+    t0 = time.perf_counter()
+    st(*ld.batch(0), 0.1)
+    _sync(device)
+    first = time.perf_counter() - t0
+    dt, n = _timed([st], [ld], [None], device, seconds)
+    return n * batch_size / dt, dt / n, first, st.label, st.compile_reason or st.reason
 
 
 def _fresh_peak(device: torch.device) -> None:
@@ -233,7 +249,7 @@ PROFILE_STEPS = {True: 3, False: 20}  # deep nets: a 1202-layer step is ~17k ker
 def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, batch_size: int = 128,
               num_workers: int = 4, images: int = 50_000, checkpointing: bool = False, out: Path | None = None,
               data=None, packs: list[int] | None = None, pack_depth: int = 20, profile: bool = False,
-              ckpt_min_depth: int = DEEP + 1) -> dict[str, Any]:
+              ckpt_min_depth: int = DEEP + 1, compile: bool = False) -> dict[str, Any]:
     """Benchmark each depth: baseline vs ours (graph and eager), checkpointing, packed runs; JSON + markdown.
 
     images: training images both loops draw from; all 50k by default, so the baseline's DataLoader
@@ -241,7 +257,8 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
     Order, for a call that a time limit may cut: the nets up to DEEP layers, the packed runs, the deeper
     nets, then the profiles (a profiler leaves CUPTI attached, which would slow every later timing); the
     files are rewritten after every measurement. checkpointing: timed with CKPT_SEGMENTS segments for nets
-    of ckpt_min_depth layers or more (the shallower ones fit without it).
+    of ckpt_min_depth layers or more (the shallower ones fit without it). compile: also time our step with
+    the forward through torch.compile, for nets up to DEEP layers (a deeper one would compile for long).
     """
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if data is None:
@@ -298,6 +315,16 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
             eager = attempt(row, "eager", lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds,
                                                                     fast=False)[0])
             row.update(ours_eager_img_s=eager, graph_gain=_ratio(ours, eager))
+            save()
+        if compile and depth <= DEEP:
+            comp = attempt(row, "compiled", lambda: compiled_images_per_s(depth, x, y, dev, batch_size, seconds))
+            if comp:
+                row.update(compiled_img_s=comp[0], compile_gain=_ratio(comp[0], ours),
+                           compiled_speedup=_ratio(comp[0], row["baseline_img_s"]), compiled_step_ms=1000 * comp[1],
+                           compiled_schedule_min=None if ev is None else (64_000 * comp[1] + 64 * ev) / 60,
+                           compile_s=comp[2], compiled_mode=comp[3])
+                if comp[4] and comp[3] != "graph+compile":
+                    row["compiled_mode_reason"] = comp[4]
             save()
         if checkpointing and depth >= ckpt_min_depth:
             ck = attempt(row, "ckpt", lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds,
@@ -369,11 +396,14 @@ def _attempt(row: dict[str, Any], what: str, device: torch.device, fn):
     return None
 
 
+TEXT_LAST = ("ours_mode_reason", "compiled_mode_reason", "gpu_busy")
+
+
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     """Columns as first seen, numbers first, then the step mode's reason and the GPU-busy share, errors last
     (a deep net's checkpointing columns come after a shallow row's reason otherwise)."""
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    cols.sort(key=lambda c: 2 if c.endswith("_error") else 1 if c in ("ours_mode_reason", "gpu_busy") else 0)
+    cols.sort(key=lambda c: 2 if c.endswith("_error") else 1 if c in TEXT_LAST else 0)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r.get(c) for c in cols]

@@ -380,7 +380,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         on_cuda = a.device.startswith("cuda") or (a.device == "auto" and torch.cuda.is_available())
         packs = [1, 2, 4, 8] if on_cuda else []
     res = run_bench(models, a.device, a.seconds, a.batch_size, a.num_workers, checkpointing=a.checkpointing,
-                    packs=packs, profile=a.profile, out=Path(a.out) if a.out else None)
+                    packs=packs, profile=a.profile, out=Path(a.out) if a.out else None, compile=a.compile)
     print(markdown(res))
     print("written:", *res["paths"])
     failed = [f"{r['model']}{' x' + str(r['runs']) if 'runs' in r else ''} {k[:-len('_error')]}: {v}"
@@ -541,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--profile", action="store_true",
                    help="also profile 20 of our steps per model (3 for nets deeper than 200 layers), after every "
                         "timing: top ops and GPU-busy share (<device>-profile.txt)")
+    b.add_argument("--compile", action="store_true",
+                   help="also time our step with the forward through torch.compile (nets up to 200 layers): "
+                        "compiled_img_s, compile_gain over the graph step alone, compile_s for its first step")
     b.add_argument("--out", help="folder for <device>.json/.md (default: results/bench under the results folder)")
     b.add_argument("--packs", default="auto", help="packed ResNet-20 run counts to time, e.g. 1,2,4,8 "
                    "(auto: 1,2,4,8 on CUDA, none on the CPU)")

@@ -9,6 +9,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 ARCHS = ("plain", "resnet", "preact", "highway", "gated")
 # Gate bias at initialisation, sigmoid(b) = the gate's opening. highway (exclusive gating, T*F + (1-T)*x):
 # -2, so T = 0.12 and blocks start near the identity. gated (shortcut-only gating, F + (1-g)*x; He et
@@ -22,10 +24,11 @@ BLOCK_LAYERS = (1, 2, 3)
 SPLITS = ("full", "45k5k")
 SPLIT_IMAGES = {"full": (50_000, 10_000), "45k5k": (45_000, 5_000)}  # (training, evaluation) images of CIFAR-10
 PRECISIONS = ("auto", "fp32", "bf16")
+BOOL_FIELDS = ("bottleneck", "fast", "compile")
 
 # Fields that change how fast a run goes or how much memory it takes, never what it learns:
 # they are left out of the hash so a run trained with them is found by a run asked without.
-NON_RESULT_FIELDS = frozenset({"activation_checkpointing", "fast"})
+NON_RESULT_FIELDS = frozenset({"activation_checkpointing", "fast", "compile"})
 
 # Bumped when `models.py` changes what an architecture computes, so that runs stored from the old
 # net hash to other folders and are not reused (an arch missing here is at revision 1, and its
@@ -105,12 +108,15 @@ class RunConfig:
     # speed only (not hashed)
     activation_checkpointing: int = 0  # number of segments per stage; 0 = off
     fast: bool = True  # the step as a captured CUDA graph where available; falls back to eager
+    compile: bool = False  # the forward through torch.compile (fewer, fused kernels); kept only if it agrees
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # numpy integers (from a DataFrame row) as plain ints
             v = getattr(self, f.name)
             if isinstance(v, numbers.Integral) and not isinstance(v, (bool, int)):
                 object.__setattr__(self, f.name, int(v))
+            elif isinstance(v, np.bool_):  # numpy's (a DataFrame row's) as Python's
+                object.__setattr__(self, f.name, bool(v))
         object.__setattr__(self, "milestones", tuple(
             int(m) if isinstance(m, numbers.Integral) and not isinstance(m, bool) else m for m in self.milestones))
         _check_choice("arch", self.arch, ARCHS)
@@ -129,6 +135,9 @@ class RunConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         if self.arch == "plain" and self.shortcut != "A":
             raise ValueError(f"shortcut={self.shortcut!r} means nothing for arch='plain' (no shortcuts): leave it 'A'")
+        for name in BOOL_FIELDS:  # --set fast=no would otherwise be a (true) string
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid: use true or false")
         check_depth(self.depth, self.block_layers, self.bottleneck)
         for name in ("width", "iterations", "batch_size", "eval_every"):
             v = getattr(self, name)
@@ -198,9 +207,11 @@ class RunConfig:
         of a column with gaps into floats)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in fields}
-        for k, v in d.items():
+        for k, v in list(d.items()):
             if isinstance(v, float) and math.isnan(v):
                 d[k] = None
+                if k in BOOL_FIELDS:  # a row of a run stored before the field existed: its default
+                    del d[k]
             elif isinstance(v, float) and v.is_integer() and str(fields[k].type).startswith("int"):
                 d[k] = int(v)
         if "milestones" in d:

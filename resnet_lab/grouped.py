@@ -68,7 +68,8 @@ def _grouped_leaf(mods: list[nn.Module]) -> nn.Module | None:
     if isinstance(m, nn.Conv2d):
         g = nn.Conv2d(n * m.in_channels, n * m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
                       groups=n * m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
-                      device=m.weight.device, dtype=m.weight.dtype)
+                      device="meta", dtype=m.weight.dtype)  # no random init: its weights are replaced next,
+        # and an init on the GPU would draw from (and advance) the CUDA generator, also while a capture is under way
         g.weight = nn.Parameter(_cat([k.weight for k in mods]))
         if m.bias is not None:
             g.bias = nn.Parameter(_cat([k.bias for k in mods]))

@@ -29,6 +29,29 @@ def t_interval(values) -> tuple[float, float]:
     return mean - half, mean + half
 
 
+def t_interval_error(values) -> tuple[float, float]:
+    """`t_interval` for an error rate in %, clipped to [0, 100]: with two or three seeds the t-interval
+    of a noisy early evaluation can pass both ends, which no error rate can."""
+    lo, hi = t_interval(values)
+    return max(lo, 0.0), min(hi, 100.0)
+
+
+def _iterations_axis(g, long: pd.DataFrame) -> None:
+    """Iterations in thousands ("32k"), as the paper's figures write them; and an error axis from 0 that
+    fits the curves after their first tenth, so a 64k-iteration run's last points (a few %) stay
+    readable beside its first evaluations (~50%): those may run off the top, as in He et al.'s Fig. 6."""
+    from matplotlib.ticker import FuncFormatter
+
+    last = float(long["iterations"].max())
+    means = long[long["iterations"] >= 0.1 * last].groupby(["iterations", "curve"] + [
+        c for c in ("net", "name", "depth") if c in long.columns])["error (%)"].mean()
+    top = float(means.max()) if len(means) else 100.0
+    top = 100.0 if math.isnan(top) else min(100.0, 5 * math.ceil(1.15 * top / 5 + 1e-9))
+    for ax in g.axes.flat:
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if abs(v) >= 1000 else f"{v:g}"))
+        ax.set_ylim(0, top)
+
+
 def set_style() -> None:
     """One look for every figure; TrueType fonts in PDFs (journals reject Type 3)."""
     sns.set_theme(context="paper", style="ticks", palette=PALETTE, font_scale=1.1)
@@ -138,8 +161,9 @@ def degradation_figure(metrics: pd.DataFrame):
                     hue_order=sorted(long["depth"].unique(), key=int), style="curve",
                     style_order=["test", "train"], dashes={"test": "", "train": (4, 2)}, col="net",
                     col_order=[c for c in ("plain", "ResNet") if c in set(long["net"])], kind="line",
-                    errorbar=t_interval, height=3.2, aspect=1.1, facet_kws={"sharey": True})
+                    errorbar=t_interval_error, height=3.2, aspect=1.1, facet_kws={"sharey": True})
     g.set_titles("{col_name}")
+    _iterations_axis(g, long)
     return note(g.figure, f"dashed: training error (running mean since the last evaluation), solid: test error; "
                           f"bands: {CI_BAND}")
 
@@ -152,8 +176,9 @@ def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = No
     long = _curves_long(metrics)
     order = sorted(long[hue].unique(), key=lambda v: (len(str(v)), str(v)))  # "20" before "110"
     g = sns.relplot(data=long, x="iterations", y="error (%)", hue=hue, hue_order=order, style="curve", style_order=["test", "train"],
-                    dashes={"test": "", "train": (4, 2)}, col=col, kind="line", errorbar=t_interval, height=3.2,
+                    dashes={"test": "", "train": (4, 2)}, col=col, kind="line", errorbar=t_interval_error, height=3.2,
                     aspect=1.2)
+    _iterations_axis(g, long)
     if title:
         g.figure.suptitle(title, y=1.02)
     return note(g.figure, f"dashed: training error, solid: test error; bands: {CI_BAND}")
@@ -166,7 +191,7 @@ def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None):
         return no_data_figure("test error vs depth")
     set_style()
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
-    sns.lineplot(data=d, x="depth", y="test error (%)", marker="o", errorbar=t_interval, ax=ax, label="ours")
+    sns.lineplot(data=d, x="depth", y="test error (%)", marker="o", errorbar=t_interval_error, ax=ax, label="ours")
     if paper:
         ks = sorted(k for k in paper if k in set(d["depth"]))
         ax.plot(ks, [paper[k] for k in ks], "x", color="k", label="He et al. 2015")
@@ -186,7 +211,7 @@ def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue:
     set_style()
     if hue:
         d[hue] = d[hue].astype(str)
-    g = sns.catplot(data=d, x=x, y=ylabel, hue=hue, order=order, kind="bar", errorbar=t_interval, height=3.2,
+    g = sns.catplot(data=d, x=x, y=ylabel, hue=hue, order=order, kind="bar", errorbar=t_interval_error, height=3.2,
                     aspect=1.8, palette=PALETTE)
     g.tick_params(axis="x", labelrotation=30)
     return note(g.figure, f"bars: mean; whiskers: {CI_BAND}")
@@ -221,6 +246,10 @@ def responses_figure(resp: pd.DataFrame):
     axes[0].set(xlabel="layer index (original)", ylabel=ylabel)
     sns.lineplot(data=d, x="rank", y="std", ax=axes[1], legend=False, **kw)
     axes[1].set(xlabel="layer index (sorted by magnitude)", ylabel=ylabel)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:  # layers are counted: no ticks at 2.5
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return note(fig, "one line per seed")
 

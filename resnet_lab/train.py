@@ -359,7 +359,7 @@ class _Run:
             torch.set_rng_state(ckpt["torch_rng"])
             acc = ckpt["accumulators"]
             log.info("resuming %s at step %d", cfg.name, self.start)
-        self.stepper = Stepper(model, opt, lr_t, cfg.precision, fast=cfg.fast)
+        self.stepper = Stepper(model, opt, lr_t, cfg.precision, fast=cfg.fast, compile=cfg.compile)
         # this sitting's SITTING_FIELDS (the summary's top-level device and dtype name every sitting's)
         self.here = {"device": device_name(device), "compute_dtype": compute_dtype(device, cfg.precision),
                      "torch": str(torch.__version__), "packed_runs": packed, "grouped_runs": None}
@@ -460,7 +460,7 @@ class _Run:
         if step <= self.start:
             return list(self.sittings)
         now = {"from_step": self.start, "to_step": step, **{k: self.here[k] for k in SITTING_FIELDS},
-               "step_mode": self.stepper.mode, "seconds": round(time.time() - self.t0, 3)}
+               "step_mode": self.stepper.label, "seconds": round(time.time() - self.t0, 3)}
         return self.sittings + [now]
 
     def progress(self, step: int, seconds: float) -> None:
@@ -507,7 +507,9 @@ class _Run:
             model_cpu = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             atomic_save_torch(model_cpu, rd.model_file)
         st = self.stepper
-        self.summary.update(status=status, step_mode=st.mode, step_mode_reason=st.reason, graph_check=st.check)
+        self.summary.update(status=status, step_mode=st.label, step_mode_reason=st.reason, graph_check=st.check)
+        if st.compiled or st.compile_reason:  # asked for: whether it ran, and how close to the plain step
+            self.summary.update(compile_reason=st.compile_reason, compile_check=st.compile_check)
         self.progress(done_steps, seconds)  # diverged: its last evaluation is where the run stands
         if status in FINISHED:
             for f in (rd.path / n for n in CHECKPOINT_FILES):
@@ -634,7 +636,8 @@ class _Group:
                 if all(b is not None for b in bufs):
                     opt.state[p]["momentum_buffer"] = torch.cat(bufs)
             match_momentum_layout(opt)  # the fused kernel needs each buffer laid out as its parameter
-            self.stepper = Stepper(self.model, opt, lr_t, cfg.precision, fast=cfg.fast, members=len(runs))
+            self.stepper = Stepper(self.model, opt, lr_t, cfg.precision, fast=cfg.fast, members=len(runs),
+                                   compile=cfg.compile)
         for r in runs:
             r.group, r.stepper = self, self.stepper
             r.summary["grouped_runs"] = r.here["grouped_runs"] = len(runs)

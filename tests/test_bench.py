@@ -130,3 +130,17 @@ def test_the_bench_measures_packs_before_deep_nets_and_profiles_last(cifar, tmp_
                      "prof-20-20", "prof-1202-3"]
     header = [c.strip() for c in next(tmp_path.glob("*.md")).read_text().splitlines()[2].split("|")]
     assert header.index("ckpt_step_ms") < header.index("gpu_busy")  # the deep row's numbers before the texts
+
+
+def test_the_bench_times_a_compiled_step_beside_ours(cifar, tmp_path, monkeypatch):
+    """--compile: its own columns (here torch.compile stood in for by the model itself: the plumbing, not inductor)."""
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    res = run_bench([8], device="cpu", seconds=0.2, batch_size=16, num_workers=0, images=256, out=tmp_path,
+                    data=cifar, packs=[], compile=True)
+    row = res["rows"][0]
+    assert row["compiled_img_s"] > 0 and row["compile_s"] > 0 and row["compiled_mode"] == "eager+compile"
+    assert row["compile_gain"] == pytest.approx(row["compiled_img_s"] / row["ours_img_s"])
+    assert row["compiled_speedup"] == pytest.approx(row["compiled_img_s"] / row["baseline_img_s"])
+    assert "CUDA device" in row["compiled_mode_reason"]
+    md = (tmp_path / res["paths"][1].split("/")[-1]).read_text()
+    assert md.index("compiled_img_s") < min(md.index("ours_mode_reason"), md.index("compiled_mode_reason"))

@@ -5,7 +5,7 @@ from resnet_lab.config import PRESETS, RunConfig, check_depth, make_config
 
 def test_hash_is_stable_and_ignores_speed_only_fields():
     a = make_config("quick", arch="plain", depth=56)
-    b = make_config("quick", arch="plain", depth=56, activation_checkpointing=2, fast=False)
+    b = make_config("quick", arch="plain", depth=56, activation_checkpointing=2, fast=False, compile=True)
     assert a.hash == b.hash and len(a.hash) == 12
     assert a.hash != make_config("quick", arch="plain", depth=56, seed=1).hash
     assert RunConfig.from_json(a.to_json()) == a
@@ -77,3 +77,20 @@ def test_check_depth():
     with pytest.raises(ValueError, match="9n\\+2"):
         check_depth(58, bottleneck=True)
     assert set(PRESETS) == {"smoke", "quick", "paper"}
+
+
+@pytest.mark.parametrize("field", ["fast", "compile", "bottleneck"])
+def test_switches_take_true_or_false_only(field):
+    """`--set fast=no` arrives as the string 'no', which Python would take for true."""
+    with pytest.raises(ValueError, match=f"{field}='no' is not valid: use true or false"):
+        make_config("quick", depth=20, **{field: "no"})
+
+
+def test_a_dataframe_row_of_an_older_run_gives_its_config_back():
+    """numpy bools as Python's; a switch the older run never stored (NaN in its column) at its default."""
+    import numpy as np
+
+    c = make_config("quick", depth=20, fast=False)
+    row = {**c.to_json(), "fast": np.bool_(False), "compile": float("nan")}
+    back = RunConfig.from_json(row)
+    assert back == c and back.fast is False and back.compile is False

@@ -4,6 +4,8 @@ No GPU here: the graph is stood in for by a replay that runs the same step on th
 so everything around the capture (warm-up steps leaving no trace, lr changes reaching the replay,
 the self-check, the fallback) is exercised on the CPU.
 """
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,7 +142,6 @@ def test_a_capture_that_raises_keeps_every_later_step_in_the_process_eager(graph
     """The real `_capture`, its CUDA calls stood in for on the CPU, with a capture that raises inside
     `torch.cuda.graph`: the run falls back to eager, frees the graph's tensors, and from then on
     `graph_unavailable` refuses CUDA graphs for the process (torch 2.11's allocator may not recover)."""
-    import contextlib
 
     class Stream:
         def wait_stream(self, other):
@@ -175,6 +176,23 @@ def test_a_capture_that_raises_keeps_every_later_step_in_the_process_eager(graph
     assert why.startswith("an earlier CUDA graph capture in this process failed (RuntimeError: operation not")
 
 
+def test_a_capture_broken_in_its_body_is_ended(monkeypatch):
+    """Left capturing, the stream would fail every later allocation and random draw, the eager fallback's too."""
+    ended = []
+
+    class Graph:
+        def capture_end(self):
+            ended.append(True)
+
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    fast._end_broken_capture(Graph(), None)
+    assert ended == []  # a capture that ended (or never began) is left alone
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    fast._end_broken_capture(Graph(), None)
+    assert ended == [True]
+
+
 def test_self_check_rejects_a_graph_that_disagrees_with_the_eager_step(graphs_available, monkeypatch):
     monkeypatch.setattr(Stepper, "_capture", fake_capture(lr_scale=10.0))
     a, b = pair()
@@ -196,3 +214,47 @@ def test_resumed_optimizer_keeps_following_the_schedule():
     st = Stepper(m, opt2, lr2, "fp32")
     st(x, y, 0.05)
     assert opt2.param_groups[0]["lr"] is lr2 and float(lr2) == pytest.approx(0.05)
+
+
+def compiled_stepper(model, data, twin=None, monkeypatch=None):
+    if twin is not None:  # stand in for torch.compile
+        monkeypatch.setattr(torch, "compile", twin)
+    opt, lr_t = make_optimizer(model, 0.1, 0.9, 1e-4)
+    st = Stepper(model, opt, lr_t, precision="fp32", compile=True)
+    return st, [float(st(x, y, lr)[0]) for (x, y), lr in zip(data, LRS)]
+
+
+def test_a_compiled_forward_learns_what_the_reference_learns():
+    """Inductor (its C++ backend here, Triton on a GPU) compiles the forward and the backward; the first step
+    through it is checked against the plain one and the rest follow the reference loop."""
+    a, b = pair()
+    data = batches()
+    st, la = compiled_stepper(a, data)
+    assert st.compiled and st.label == "eager+compile" and st.compile_reason is None
+    assert st.compile_check["loss_rel_diff"] < 1e-4 and st.compile_check["update_rel_diff"] < 1e-3
+    lb = reference(b, data)
+    assert la == pytest.approx(lb, rel=1e-4)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-4)
+    for u, v in zip(a.buffers(), b.buffers()):  # BN running statistics: updated by the compiled forward too
+        assert torch.allclose(u.float(), v.float(), atol=1e-4)
+
+
+def test_a_compile_that_fails_or_disagrees_leaves_the_plain_forward(monkeypatch):
+    def broken(model, **kw):
+        raise RuntimeError("no C++ compiler")
+
+    class Doubled(torch.nn.Module):  # computes something else: the check must catch it
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return 2 * self.model(x)
+
+    for twin, why in ((broken, "no C++ compiler"), (lambda model, **kw: Doubled(model), "compiled step disagrees")):
+        a, b = pair()
+        data = batches()
+        st, la = compiled_stepper(a, data, twin, monkeypatch)
+        assert not st.compiled and st.label == "eager" and why in st.compile_reason
+        assert_same_training(a, b, la, reference(b, data))  # the state the check stepped from, put back

@@ -90,3 +90,12 @@ def test_group_switch_reads_the_environment(monkeypatch):
     a, b = make_config("smoke", seed=0), make_config("smoke", seed=1)
     assert group_key(a) == group_key(b) != group_key(make_config("smoke", depth=14))
     assert group_key(make_config("smoke", depth=110, warmup_lr=0.01)) is None  # warm-ups end at their own step
+
+
+def test_grouping_draws_nothing_from_the_random_generator():
+    """Its convolutions take the members' weights, so a random init would only advance the generator
+    (on a GPU, the CUDA one: which fails while a graph capture is under way on the stream)."""
+    nets = members()
+    state = torch.get_rng_state()
+    GroupedNets(nets)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -73,3 +73,23 @@ def test_delete_k_curve_has_the_papers_k_and_the_figure_marks_its_reading():
         return [line.get_label() for line in fig.axes[0].lines]
 
     assert "Veit et al. 2016 (≈)" in labels(110) and "Veit et al. 2016 (≈)" not in labels(20)
+
+
+def test_paper_scale_curves_read_in_thousands_and_keep_bands_inside_0_to_100():
+    """Two seeds (t = 12.7) of a noisy evaluation: a band past 0 or 100 would be drawn; the axis is
+    fitted to the curves after their first tenth, so the last few % of error stay readable."""
+    import numpy as np
+
+    steps = [1000 * i for i in range(1, 65)]
+    rows = [{"step": s, "train_err": 0.5 if s == 1000 else 0.02 + 0.0001 * seed, "arch": arch, "depth": 20,
+             "seed": seed, "test_err": (0.02 if seed else 0.6) if s == 8000 else 0.12 + 0.001 * seed}
+            for s in steps for seed in (0, 1) for arch in ("plain", "resnet")]
+    fig = plots.degradation_figure(pd.DataFrame(rows))
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert "20k" in labels and "40k" in labels
+    assert ax.get_ylim() == (0, 40)  # 1.15 x the worst mean after 6.4k (31% at 8k), up to a multiple of 5
+    bands = [p for a in fig.axes for p in a.collections]
+    ys = np.concatenate([p.get_paths()[0].vertices[:, 1] for p in bands if p.get_paths()])
+    assert ys.min() >= 0 and ys.max() <= 100
