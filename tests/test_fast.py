@@ -216,6 +216,17 @@ def test_resumed_optimizer_keeps_following_the_schedule():
     assert opt2.param_groups[0]["lr"] is lr2 and float(lr2) == pytest.approx(0.05)
 
 
+class Twin(torch.nn.Module):
+    """A stand-in for a compiled module: the same net, called through another module."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
 def compiled_stepper(model, data, twin=None, monkeypatch=None):
     if twin is not None:  # stand in for torch.compile
         monkeypatch.setattr(torch, "compile", twin)
@@ -232,6 +243,7 @@ def test_a_compiled_forward_learns_what_the_reference_learns():
     st, la = compiled_stepper(a, data)
     assert st.compiled and st.label == "eager+compile" and st.compile_reason is None
     assert st.compile_check["loss_rel_diff"] < 1e-4 and st.compile_check["update_rel_diff"] < 1e-3
+    assert 0 <= st.compile_check["bn_stats_rel_diff"] < 1e-3
     lb = reference(b, data)
     assert la == pytest.approx(lb, rel=1e-4)
     for p, q in zip(a.parameters(), b.parameters()):
@@ -252,9 +264,69 @@ def test_a_compile_that_fails_or_disagrees_leaves_the_plain_forward(monkeypatch)
         def forward(self, x):
             return 2 * self.model(x)
 
-    for twin, why in ((broken, "no C++ compiler"), (lambda model, **kw: Doubled(model), "compiled step disagrees")):
+    class StaleStats(Twin):  # learns the same, but leaves BatchNorm's running statistics where they were
+        def forward(self, x):
+            bns = [m for m in self.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            saved = [m.momentum for m in bns]
+            for m in bns:
+                m.momentum = 0.0
+            try:
+                return self.model(x)
+            finally:
+                for m, v in zip(bns, saved):
+                    m.momentum = v
+
+    for twin, why in ((broken, "no C++ compiler"), (lambda model, **kw: Doubled(model), "compiled step disagrees"),
+                      (lambda model, **kw: StaleStats(model), "'bn_stats_rel_diff': 1.0")):
         a, b = pair()
         data = batches()
         st, la = compiled_stepper(a, data, twin, monkeypatch)
         assert not st.compiled and st.label == "eager" and why in st.compile_reason
         assert_same_training(a, b, la, reference(b, data))  # the state the check stepped from, put back
+
+
+def test_nets_past_dynamos_limit_are_said_not_compiled(monkeypatch):
+    """Every CifarResNet shares one forward, whose compiled versions dynamo caps (8 by default): a net past
+    the cap would run uncompiled while claiming otherwise. Here the cap is 2 and dynamo traces only."""
+    import functools
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
+    monkeypatch.setattr(fast, "COMPILE_RECOMPILE_LIMIT", 2)
+    try:
+        steppers = []
+        for width in (1, 2, 3):  # three shapes, three versions of the one forward
+            torch.manual_seed(0)
+            m = build_model("resnet", 8, width=width)
+            opt, lr_t = make_optimizer(m, 0.1, 0.9, 1e-4)
+            st = Stepper(m, opt, lr_t, precision="fp32", compile=True)
+            x, y = batches(1)[0]
+            st(x, y, 0.1)
+            steppers.append(st)
+        assert [st.compiled for st in steppers] == [True, True, False]
+        assert "limit" in steppers[-1].compile_reason
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_capture_that_fails_through_the_compiled_forward_captures_the_plain_one(graphs_available, monkeypatch):
+    """A recompile in the capture's warm-up (or a replay that disagrees) is the compile's fault: the graph,
+    worth more, is kept with the plain forward, and the run says why it is not compiled."""
+    plain_capture = fake_capture()
+
+    def capture(self, x, y):
+        if self.compiled:
+            raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
+        plain_capture(self, x, y)
+
+    monkeypatch.setattr(Stepper, "_capture", capture)
+    a, b = pair()
+    data = batches()
+    st, la = compiled_stepper(a, data, lambda model, **kw: Twin(model), monkeypatch)
+    assert st.mode == "graph" and st.reason is None and st.label == "graph"
+    assert not st.compiled and "recompile" in st.compile_reason and st.compile_reason.startswith("torch.compile dropped")
+    assert_same_training(a, b, la, reference(b, data))
