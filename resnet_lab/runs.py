@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -296,11 +297,14 @@ SUMMARY_COLUMNS = ["status", "final_train_err", "final_test_err", "final_train_l
                    "steps_done", "warmup_end_step", "step_mode", "packed_runs", "grouped_runs"]
 
 
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+
+
 def load_runs(root: str | os.PathLike | None = None, **where: Any) -> pd.DataFrame:
     """One row per run: config columns + final metrics. `where` filters on columns, e.g. preset='quick'."""
     rows = []
     for p, cfg, summ in iter_runs(root):
-        row = {"hash": p.name, **cfg}
+        row = {"hash": p.name, **FIELD_DEFAULTS, **cfg}  # a run stored before a field existed: its default
         row["milestones"] = tuple(row.get("milestones", ()))
         for k in SUMMARY_COLUMNS:
             row[k] = (summ or {}).get(k)

@@ -219,3 +219,17 @@ def test_a_run_stopped_part_way_is_shown_apart_labelled_with_where_it_stands(emp
     none, no_curves = ex.unfinished(runs[runs["status"] == "done"])
     assert none.empty and list(none.columns) == ex.UNFINISHED_COLUMNS
     assert ex.thousand_curves(curves, no_curves)["depth"].unique().tolist() == ["110"]
+
+
+def test_a_run_stored_before_a_field_existed_reads_with_its_default(empty_store):
+    """`compile` came later: an older config.json lacks it, and a filter on it must still find the run."""
+    import json
+
+    from resnet_lab.runs import runs_dir
+
+    old, new = make_config("smoke", depth=8, seed=0), make_config("smoke", depth=8, seed=1)
+    _store([old, new], ["done"] * 2)
+    cfg = json.loads((runs_dir() / old.hash / "config.json").read_text())
+    del cfg["compile"]
+    (runs_dir() / old.hash / "config.json").write_text(json.dumps(cfg))
+    assert sorted(load_runs(compile=False)["seed"]) == [0, 1]

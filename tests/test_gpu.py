@@ -64,6 +64,23 @@ def test_graph_is_captured_and_trains_like_the_eager_step(arch, depth, kw):
     assert float((pa - pb).norm() / pb.norm()) < 1e-2
 
 
+def test_a_compiled_forward_is_captured_and_trains_like_the_plain_step():
+    """torch.compile (inductor, Triton) inside our captured step: compiled, captured, and learning what the
+    plain eager step learns; run before `bench --compile` times it."""
+    a, b = twins()
+    data = batches()
+    opt, lr_t = make_optimizer(a, 0.1, 0.9, 1e-4)
+    st = Stepper(a, opt, lr_t, "auto", compile=True)
+    la = [float(st(x, y, lr)[0]) for (x, y), lr in zip(data, LRS)]
+    assert st.label == "graph+compile", (st.compile_reason, st.reason)
+    assert st.compile_check["update_rel_diff"] < 0.1 and st.compile_check["bn_stats_rel_diff"] < 0.1
+    _, lb = run_steps(b, False, data)
+    assert la == pytest.approx(lb, rel=5e-2)  # bf16, other (fused) kernels
+    pa = torch.cat([p.detach().flatten() for p in a.parameters()])
+    pb = torch.cat([p.detach().flatten() for p in b.parameters()])
+    assert float((pa - pb).norm() / pb.norm()) < 2e-2
+
+
 def flat_grads(model):
     return torch.cat([p.grad.detach().float().flatten() for p in model.parameters()])
 
