@@ -150,6 +150,32 @@ def collect(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
     return runs, curves, [c for c in cfgs if c.hash not in have]
 
 
+def store_status(cfgs: Iterable[RunConfig], runs: pd.DataFrame, missing: Iterable[RunConfig]) -> str:
+    """What a notebook's top says of its runs (from `collect`): how many are finished, which stopped
+    part-way and where, which failed, which are not trained yet (by name, with their seeds)."""
+    cfgs, missing = list({c.hash: c for c in cfgs}.values()), list({c.hash: c for c in missing}.values())
+    info = {r["hash"]: r for r in runs.to_dict("records")}
+    stopped, failed, absent = [], [], {}
+    for c in missing:
+        r = info.get(c.hash, {})
+        steps = pd.to_numeric(pd.Series([r.get("steps_done")]), errors="coerce").fillna(0).astype(int).iloc[0]
+        if r.get("status") == "failed":
+            failed.append(f"{c.name} seed {c.seed}")
+        elif steps > 0:
+            stopped.append(f"{c.name} seed {c.seed} ({steps:,} of {c.iterations:,} iterations)")
+        else:
+            absent.setdefault(c.name, []).append(c.seed)
+    parts = [f"{len(cfgs) - len(missing)} of {len(cfgs)} runs finished"]
+    if stopped:
+        parts.append("stopped part-way: " + ", ".join(stopped))
+    if failed:
+        parts.append("failed (summary.json says why): " + ", ".join(failed))
+    if absent:
+        parts.append("not trained yet: " + ", ".join(
+            f"{n} (seed{'s' if len(ss) > 1 else ''} {', '.join(map(str, sorted(ss)))})" for n, ss in absent.items()))
+    return "; ".join(parts)
+
+
 UNFINISHED_COLUMNS = ["name", "depth", "seed", "steps_done", "iterations", "done_%", "train_err_%", "test_err_%",
                       "wall_min", "device"]
 
@@ -257,7 +283,10 @@ def degradation_claims(table: pd.DataFrame) -> pd.DataFrame:
     for arch, says, expect in (("plain", "deeper has HIGHER training error", "higher"),
                                ("resnet", "deeper has no higher training error", "not higher")):
         t = table[(table["arch"] == arch) & (table["runs"] > 0)].sort_values("depth")
-        if len(t) < 2:
+        if len(t) < 2:  # said, not dropped: an empty frame with no columns reads as a broken cell
+            only = f"finished runs at {int(t.iloc[0]['depth'])} layers only" if len(t) else "no finished run"
+            rows.append({"arch": arch, "paper says": says, "shallow": "", "deep": "", "deep - shallow (95% CI)": "",
+                         "holds here": f"not run ({only})"})
             continue
         lo, hi = t.iloc[0], t.iloc[-1]
         diff, half = difference(lo, hi, "train_err_%")

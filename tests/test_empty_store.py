@@ -155,7 +155,8 @@ def test_runs_that_have_not_finished_give_tables_with_their_columns(empty_store,
     for table in (ex.degradation_table(runs), ex.depth_table(runs), ex.thousand_table(runs), ex.ablation_table(runs)):
         assert table.empty and {"runs", "train_err_%", "test_err_%"} <= set(table.columns)
     assert len(ex.unfinished(runs)[0]) == 3
-    assert ex.degradation_claims(ex.degradation_table(runs)).empty
+    claims = ex.degradation_claims(ex.degradation_table(runs)).set_index("arch")
+    assert list(claims["holds here"]) == ["not run (no finished run)"] * 2
 
 
 def test_a_damaged_run_folder_is_skipped_not_fatal(empty_store, caplog):
@@ -233,3 +234,16 @@ def test_a_run_stored_before_a_field_existed_reads_with_its_default(empty_store)
     del cfg["compile"]
     (runs_dir() / old.hash / "config.json").write_text(json.dumps(cfg))
     assert sorted(load_runs(compile=False)["seed"]) == [0, 1]
+
+
+def test_a_notebook_says_which_runs_are_finished_stopped_failed_or_not_trained(empty_store, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setattr(ex, "with_dataset", lambda cfgs, source=None: [dataclasses.replace(c, dataset="t")
+                                                                         for c in cfgs])
+    cfgs = ex.with_dataset([make_config("smoke", arch="resnet", depth=8, seed=s) for s in range(5)])
+    _store(cfgs[:3], ("done", "running", "failed"))
+    runs, _, missing = ex.collect(cfgs)
+    line = ex.store_status(cfgs, runs, missing)
+    assert line.startswith("1 of 5 runs finished; stopped part-way: resnet-8 seed 1 (")
+    assert "failed (summary.json says why): resnet-8 seed 2" in line and line.endswith("not trained yet: resnet-8 (seeds 3, 4)")
