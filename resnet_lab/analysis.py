@@ -117,7 +117,8 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 
 # Config fields that may differ between the runs of one table row: the seed, and how a run was computed
 # (config.NON_RESULT_FIELDS: activation checkpointing recomputes the same forward; fast=False is the eager
-# step the graph is checked against), not what was trained.
+# step the graph is checked against; compile=True is the same step through fused kernels, checked against
+# the plain one), not what was trained.
 SEED_LIKE = ("seed", "activation_checkpointing", "fast", "compile")
 
 
