@@ -167,7 +167,7 @@ def store_status(cfgs: Iterable[RunConfig], runs: pd.DataFrame, missing: Iterabl
             absent.setdefault(c.name, []).append(c.seed)
     parts = [f"{len(cfgs) - len(missing)} of {len(cfgs)} runs finished"]
     if stopped:
-        parts.append("stopped part-way: " + ", ".join(stopped))
+        parts.append("stopped part-way (or training now): " + ", ".join(stopped))
     if failed:
         parts.append("failed (summary.json says why): " + ", ".join(failed))
     if absent:
@@ -284,7 +284,8 @@ def degradation_claims(table: pd.DataFrame) -> pd.DataFrame:
                                ("resnet", "deeper has no higher training error", "not higher")):
         t = table[(table["arch"] == arch) & (table["runs"] > 0)].sort_values("depth")
         if len(t) < 2:  # said, not dropped: an empty frame with no columns reads as a broken cell
-            only = f"finished runs at {int(t.iloc[0]['depth'])} layers only" if len(t) else "no finished run"
+            only = (f"runs that finished without diverging at {int(t.iloc[0]['depth'])} layers only" if len(t)
+                    else "no run that finished without diverging")
             rows.append({"arch": arch, "paper says": says, "shallow": "", "deep": "", "deep - shallow (95% CI)": "",
                          "holds here": f"not run ({only})"})
             continue

@@ -36,15 +36,16 @@ def t_interval_error(values) -> tuple[float, float]:
     return max(lo, 0.0), min(hi, 100.0)
 
 
-def _iterations_axis(g, long: pd.DataFrame) -> None:
+def _iterations_axis(g, long: pd.DataFrame, lines: list[str]) -> None:
     """Iterations in thousands ("32k"), as the paper's figures write them; and an error axis from 0 that
     fits the curves after their first tenth, so a 64k-iteration run's last points (a few %) stay
-    readable beside its first evaluations (~50%): those may run off the top, as in He et al.'s Fig. 6."""
+    readable beside its first evaluations (~50%): those may run off the top, as in He et al.'s Fig. 6.
+    lines: the columns that tell the figure's lines apart (hue, col): each line's mean over seeds counts."""
     from matplotlib.ticker import FuncFormatter
 
     last = float(long["iterations"].max())
-    means = long[long["iterations"] >= 0.1 * last].groupby(["iterations", "curve"] + [
-        c for c in ("net", "name", "depth") if c in long.columns])["error (%)"].mean()
+    keys = list(dict.fromkeys(["iterations", "curve", *[c for c in lines if c]]))
+    means = long[long["iterations"] >= 0.1 * last].groupby(keys)["error (%)"].mean()
     top = float(means.max()) if len(means) else 100.0
     top = 100.0 if math.isnan(top) else min(100.0, 5 * math.ceil(1.15 * top / 5 + 1e-9))
     for ax in g.axes.flat:
@@ -151,10 +152,10 @@ def _curves_long(metrics: pd.DataFrame) -> pd.DataFrame:
 
 def degradation_figure(metrics: pd.DataFrame):
     """He et al. Fig. 6: training (dashed) and test (solid) error vs iterations; plain left, ResNet right."""
-    if metrics.empty:
+    long = _curves_long(metrics) if not metrics.empty else None
+    if long is None or long["error (%)"].notna().sum() == 0:
         return no_data_figure("degradation curves")
     set_style()
-    long = _curves_long(metrics)
     long["net"] = long["arch"].map({"plain": "plain", "resnet": "ResNet"}).fillna(long["arch"])
     long["depth"] = long["depth"].astype(str)
     g = sns.relplot(data=long, x="iterations", y="error (%)", hue="depth",
@@ -163,25 +164,25 @@ def degradation_figure(metrics: pd.DataFrame):
                     col_order=[c for c in ("plain", "ResNet") if c in set(long["net"])], kind="line",
                     errorbar=t_interval_error, height=3.2, aspect=1.1, facet_kws={"sharey": True})
     g.set_titles("{col_name}")
-    _iterations_axis(g, long)
+    _iterations_axis(g, long, ["net", "depth"])
     return note(g.figure, f"dashed: training error (running mean since the last evaluation), solid: test error; "
-                          f"bands: {CI_BAND}")
+                          f"bands: {CI_BAND}, clipped to 0-100%")
 
 
 def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = None, title: str | None = None):
     """Training (dashed) and test (solid) error vs iterations, one line per `hue`."""
-    if metrics.empty:
+    long = _curves_long(metrics) if not metrics.empty else None
+    if long is None or long["error (%)"].notna().sum() == 0:
         return no_data_figure(title or "error curves")
     set_style()
-    long = _curves_long(metrics)
     order = sorted(long[hue].unique(), key=lambda v: (len(str(v)), str(v)))  # "20" before "110"
     g = sns.relplot(data=long, x="iterations", y="error (%)", hue=hue, hue_order=order, style="curve", style_order=["test", "train"],
                     dashes={"test": "", "train": (4, 2)}, col=col, kind="line", errorbar=t_interval_error, height=3.2,
                     aspect=1.2)
-    _iterations_axis(g, long)
+    _iterations_axis(g, long, [hue, col])
     if title:
         g.figure.suptitle(title, y=1.02)
-    return note(g.figure, f"dashed: training error, solid: test error; bands: {CI_BAND}")
+    return note(g.figure, f"dashed: training error, solid: test error; bands: {CI_BAND}, clipped to 0-100%")
 
 
 def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None):

@@ -145,4 +145,4 @@ def test_the_degradation_notebooks_verdicts_are_the_claims_verdicts():
     assert d.loc["resnet", "deep"] == "56: 1.6%"  # 110 has no finished run: not the deepest
     assert d.loc["resnet", "holds here"] == "NO" and d.loc["resnet", "deep - shallow (95% CI)"].startswith("+0.60 ± ")
     one = degradation_claims(t[t["depth"] == 20]).set_index("arch")  # the paper runs as they arrive
-    assert one.loc["plain", "holds here"] == "not run (finished runs at 20 layers only)"
+    assert one.loc["plain", "holds here"] == "not run (runs that finished without diverging at 20 layers only)"

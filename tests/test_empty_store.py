@@ -156,7 +156,7 @@ def test_runs_that_have_not_finished_give_tables_with_their_columns(empty_store,
         assert table.empty and {"runs", "train_err_%", "test_err_%"} <= set(table.columns)
     assert len(ex.unfinished(runs)[0]) == 3
     claims = ex.degradation_claims(ex.degradation_table(runs)).set_index("arch")
-    assert list(claims["holds here"]) == ["not run (no finished run)"] * 2
+    assert list(claims["holds here"]) == ["not run (no run that finished without diverging)"] * 2
 
 
 def test_a_damaged_run_folder_is_skipped_not_fatal(empty_store, caplog):
@@ -245,5 +245,5 @@ def test_a_notebook_says_which_runs_are_finished_stopped_failed_or_not_trained(e
     _store(cfgs[:3], ("done", "running", "failed"))
     runs, _, missing = ex.collect(cfgs)
     line = ex.store_status(cfgs, runs, missing)
-    assert line.startswith("1 of 5 runs finished; stopped part-way: resnet-8 seed 1 (")
+    assert line.startswith("1 of 5 runs finished; stopped part-way (or training now): resnet-8 seed 1 (")
     assert "failed (summary.json says why): resnet-8 seed 2" in line and line.endswith("not trained yet: resnet-8 (seeds 3, 4)")

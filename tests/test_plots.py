@@ -93,3 +93,16 @@ def test_paper_scale_curves_read_in_thousands_and_keep_bands_inside_0_to_100():
     bands = [p for a in fig.axes for p in a.collections]
     ys = np.concatenate([p.get_paths()[0].vertices[:, 1] for p in bands if p.get_paths()])
     assert ys.min() >= 0 and ys.max() <= 100
+
+
+def test_curves_of_lines_that_share_a_name_fit_the_axis_each_and_no_error_means_no_figure():
+    """Two learning rates of one net: the axis fits the worse line, not their average; errors all NaN
+    (runs killed before their first evaluation) give the no-data figure rather than a seaborn error."""
+    steps = [1000 * i for i in range(1, 11)]
+    rows = [{"step": s, "train_err": e, "test_err": e, "name": "resnet-20", "lr": lr, "seed": 0}
+            for s in steps for lr, e in ((0.1, 0.1), (0.01, 0.5))]
+    fig = plots.curves_figure(pd.DataFrame(rows), hue="lr")
+    assert fig.axes[0].get_ylim() == (0, 60)  # 1.15 x 50%, not 1.15 x 30%
+    nan = pd.DataFrame([{**r, "train_err": float("nan"), "test_err": float("nan")} for r in rows])
+    assert getattr(plots.curves_figure(nan, hue="lr"), "no_data", False)
+    assert getattr(plots.degradation_figure(nan.assign(arch="resnet", depth=20)), "no_data", False)
