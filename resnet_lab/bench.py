@@ -246,10 +246,16 @@ DEEP = 200  # nets deeper than this train alone (experiments.LONE_DEPTH): measur
 PROFILE_STEPS = {True: 3, False: 20}  # deep nets: a 1202-layer step is ~17k kernels, 20 of them take long to profile
 
 
+def check_tag(tag: str | None) -> None:
+    """A bench tag names files: letters, digits, '-' and '_' only."""
+    if tag is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", tag):
+        raise ValueError(f"--tag {tag!r} is not valid: use letters, digits, '-' and '_' (it names files)")
+
+
 def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, batch_size: int = 128,
               num_workers: int = 4, images: int = 50_000, checkpointing: bool = False, out: Path | None = None,
               data=None, packs: list[int] | None = None, pack_depth: int = 20, profile: bool = False,
-              ckpt_min_depth: int = DEEP + 1, compile: bool = False) -> dict[str, Any]:
+              ckpt_min_depth: int = DEEP + 1, compile: bool = False, tag: str | None = None) -> dict[str, Any]:
     """Benchmark each depth: baseline vs ours (graph and eager), checkpointing, packed runs; JSON + markdown.
 
     images: training images both loops draw from; all 50k by default, so the baseline's DataLoader
@@ -259,7 +265,9 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
     files are rewritten after every measurement. checkpointing: timed with CKPT_SEGMENTS segments for nets
     of ckpt_min_depth layers or more (the shallower ones fit without it). compile: also time our step with
     the forward through torch.compile, for nets up to DEEP layers (a deeper one would compile for long).
+    tag: appended to the files' names (<device>-<tag>.json), so a later bench on one device keeps the earlier.
     """
+    check_tag(tag)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if data is None:
         from .data import load_cifar10
@@ -278,6 +286,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
               "num_workers": num_workers, "images": images, "rows": rows, "packed": packed, "complete": False}
     out = out or results_dir() / "bench"
     slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")  # "cpu-x86-64-2-threads", "nvidia-h100-..."
+    slug += f"-{tag}" if tag else ""
     paths = [out / f"{slug}.json", out / f"{slug}.md"] + ([out / f"{slug}-profile.txt"] if profile else [])
 
     def save() -> None:  # after every measurement: a call cut off by its time limit keeps what it measured

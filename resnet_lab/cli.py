@@ -361,7 +361,12 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from .bench import markdown, run_bench
+    from .bench import check_tag, markdown, run_bench
+
+    try:
+        check_tag(a.tag)
+    except ValueError as e:
+        usage_error(str(e))
 
     try:
         models = [int(m) for m in a.models.split(",")]
@@ -380,7 +385,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         on_cuda = a.device.startswith("cuda") or (a.device == "auto" and torch.cuda.is_available())
         packs = [1, 2, 4, 8] if on_cuda else []
     res = run_bench(models, a.device, a.seconds, a.batch_size, a.num_workers, checkpointing=a.checkpointing,
-                    packs=packs, profile=a.profile, out=Path(a.out) if a.out else None, compile=a.compile)
+                    packs=packs, profile=a.profile, out=Path(a.out) if a.out else None, compile=a.compile,
+                    tag=a.tag)
     print(markdown(res))
     print("written:", *res["paths"])
     failed = [f"{r['model']}{' x' + str(r['runs']) if 'runs' in r else ''} {k[:-len('_error')]}: {v}"
@@ -545,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time our step with the forward through torch.compile (nets up to 200 layers): "
                         "compiled_img_s, compile_gain over the graph step alone, compile_s for its first step")
     b.add_argument("--out", help="folder for <device>.json/.md (default: results/bench under the results folder)")
+    b.add_argument("--tag", help="name the files <device>-<tag>.json/.md, keeping an earlier bench of the device")
     b.add_argument("--packs", default="auto", help="packed ResNet-20 run counts to time, e.g. 1,2,4,8 "
                    "(auto: 1,2,4,8 on CUDA, none on the CPU)")
     b.set_defaults(func=cmd_bench)

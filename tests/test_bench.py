@@ -136,7 +136,10 @@ def test_the_bench_times_a_compiled_step_beside_ours(cifar, tmp_path, monkeypatc
     """--compile: its own columns (here torch.compile stood in for by the model itself: the plumbing, not inductor)."""
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
     res = run_bench([8], device="cpu", seconds=0.2, batch_size=16, num_workers=0, images=256, out=tmp_path,
-                    data=cifar, packs=[], compile=True)
+                    data=cifar, packs=[], compile=True, tag="compile")
+    assert all(p.endswith(("-compile.json", "-compile.md")) for p in res["paths"])  # an earlier bench file stays
+    with pytest.raises(ValueError, match="--tag 'a/b' is not valid"):
+        run_bench([8], device="cpu", out=tmp_path, data=cifar, tag="a/b")
     row = res["rows"][0]
     assert row["compiled_img_s"] > 0 and row["compile_s"] > 0 and row["compiled_mode"] == "eager+compile"
     assert row["compile_gain"] == pytest.approx(row["compiled_img_s"] / row["ours_img_s"])
