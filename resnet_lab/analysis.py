@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .config import NON_RESULT_FIELDS
 from .models import count_params
 
 
@@ -119,7 +120,7 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 # (config.NON_RESULT_FIELDS: activation checkpointing recomputes the same forward; fast=False is the eager
 # step the graph is checked against; compile=True is the same step through fused kernels, checked against
 # the plain one), not what was trained.
-SEED_LIKE = ("seed", "activation_checkpointing", "fast", "compile")
+SEED_LIKE = ("seed", *sorted(NON_RESULT_FIELDS))
 
 
 def _plain_value(v: Any) -> Any:

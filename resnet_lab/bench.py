@@ -246,6 +246,14 @@ DEEP = 200  # nets deeper than this train alone (experiments.LONE_DEPTH): measur
 PROFILE_STEPS = {True: 3, False: 20}  # deep nets: a 1202-layer step is ~17k kernels, 20 of them take long to profile
 
 
+PAPER_STEPS, PAPER_EVALS = 64_000, 64  # the paper preset's schedule: iterations, evaluations of 10k images
+
+
+def _schedule_min(step_s: float | None, eval_s: float | None) -> float | None:
+    """Minutes of the paper schedule at this step time, its evaluations included (None if either is)."""
+    return None if step_s is None or eval_s is None else (PAPER_STEPS * step_s + PAPER_EVALS * eval_s) / 60
+
+
 def check_tag(tag: str | None) -> None:
     """A bench tag names files: letters, digits, '-' and '_' only."""
     if tag is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", tag):
@@ -308,7 +316,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
 
         base = attempt(row, "baseline", baseline)
         row.update(baseline_img_s=base[0] if base else None,  # its 64k iterations, training steps only
-                   baseline_train_min=64_000 * batch_size / base[0] / 60 if base else None)
+                   baseline_train_min=PAPER_STEPS * batch_size / base[0] / 60 if base else None)
         save()
         got = attempt(row, "ours", lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds))
         ours, step_s, peak, mode, reason = got or (None, None, peak_mb(None), None, None)
@@ -316,8 +324,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
                    ours_step_ms=None if step_s is None else 1000 * step_s)
         save()
         ev = attempt(row, "eval", lambda: eval_seconds(depth, ex, ey, dev))
-        row.update(eval_10k_s=ev, paper_schedule_min=None if step_s is None or ev is None
-                   else (64_000 * step_s + 64 * ev) / 60, **peak,
+        row.update(eval_10k_s=ev, paper_schedule_min=_schedule_min(step_s, ev), **peak,
                    **{f"baseline_{k}": v for k, v in (base[1] if base else peak_mb(None)).items()})
         save()
         if dev.type == "cuda":  # what the graph buys over our own eager step
@@ -330,7 +337,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
             if comp:
                 row.update(compiled_img_s=comp[0], compile_gain=_ratio(comp[0], ours),
                            compiled_speedup=_ratio(comp[0], row["baseline_img_s"]), compiled_step_ms=1000 * comp[1],
-                           compiled_schedule_min=None if ev is None else (64_000 * comp[1] + 64 * ev) / 60,
+                           compiled_schedule_min=_schedule_min(comp[1], ev),
                            compile_s=comp[2], compiled_mode=comp[3])
                 if comp[4] and comp[3] != "graph+compile":
                     row["compiled_mode_reason"] = comp[4]
@@ -339,7 +346,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
             ck = attempt(row, "ckpt", lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds,
                                                                 activation_checkpointing=CKPT_SEGMENTS))
             row.update(ckpt_segments=CKPT_SEGMENTS, ckpt_step_ms=None if ck is None else 1000 * ck[1],
-                       ckpt_schedule_min=None if ck is None or ev is None else (64_000 * ck[1] + 64 * ev) / 60,
+                       ckpt_schedule_min=_schedule_min(ck[1] if ck else None, ev),
                        **{f"ckpt_{k}": v for k, v in (ck[2] if ck else peak_mb(None)).items()})
         if reason and mode != "graph":
             row["ours_mode_reason"] = reason
@@ -361,14 +368,15 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
         log.info("%s", entry)
         save()
 
-    for depth in [d for d in models if d <= DEEP]:
+    shallow, deep = [d for d in models if d <= DEEP], [d for d in models if d > DEEP]
+    for depth in shallow:
         model_row(depth)
     for n in packs or []:
         pack_row(n)
-    for depth in [d for d in models if d > DEEP]:
+    for depth in deep:
         model_row(depth)
     if profile:  # last: see the docstring
-        for depth, row in zip([d for d in models if d <= DEEP] + [d for d in models if d > DEEP], rows):
+        for depth, row in zip(shallow + deep, rows):
             prof = attempt(row, "profile", lambda: profile_ours(depth, x, y, dev, batch_size,
                                                                 steps=PROFILE_STEPS[depth > DEEP]))
             row["gpu_busy"] = prof[1] if prof else None

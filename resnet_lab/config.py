@@ -24,7 +24,6 @@ BLOCK_LAYERS = (1, 2, 3)
 SPLITS = ("full", "45k5k")
 SPLIT_IMAGES = {"full": (50_000, 10_000), "45k5k": (45_000, 5_000)}  # (training, evaluation) images of CIFAR-10
 PRECISIONS = ("auto", "fp32", "bf16")
-BOOL_FIELDS = ("bottleneck", "fast", "compile")
 
 # Fields that change how fast a run goes or how much memory it takes, never what it learns:
 # they are left out of the hash so a run trained with them is found by a run asked without.
@@ -217,6 +216,11 @@ class RunConfig:
         if "milestones" in d:
             d["milestones"] = tuple(d["milestones"])
         return cls(**d)
+
+
+# The switches (bottleneck, fast, compile): checked to be true or false, and NaN in a DataFrame row of a
+# run stored before one existed reads as its default.
+BOOL_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.type in ("bool", bool))
 
 
 # Presets set the schedule and data budget; the model fields come from the caller.

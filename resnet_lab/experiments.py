@@ -158,7 +158,8 @@ def store_status(cfgs: Iterable[RunConfig], runs: pd.DataFrame, missing: Iterabl
     stopped, failed, absent = [], [], {}
     for c in missing:
         r = info.get(c.hash, {})
-        steps = pd.to_numeric(pd.Series([r.get("steps_done")]), errors="coerce").fillna(0).astype(int).iloc[0]
+        steps = pd.to_numeric(r.get("steps_done"), errors="coerce")
+        steps = 0 if pd.isna(steps) else int(steps)
         if r.get("status") == "failed":
             failed.append(f"{c.name} seed {c.seed}")
         elif steps > 0:

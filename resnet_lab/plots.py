@@ -72,6 +72,7 @@ def no_data_figure(what: str):
 
 
 CI_BAND = "Student-t 95% CI over seeds (none with one seed)"
+ERROR_BAND = f"{CI_BAND}, clipped to 0-100%"  # what `t_interval_error` draws
 CHANCE_ERR = 90.0  # % test error of guessing among CIFAR-10's 10 classes
 
 
@@ -150,10 +151,17 @@ def _curves_long(metrics: pd.DataFrame) -> pd.DataFrame:
     return long
 
 
+def _curves_to_draw(metrics: pd.DataFrame) -> pd.DataFrame | None:
+    """`_curves_long(metrics)`, or None where there is no error to draw (no rows, or only NaN: runs
+    killed before their first evaluation)."""
+    long = _curves_long(metrics) if not metrics.empty else None
+    return None if long is None or long["error (%)"].isna().all() else long
+
+
 def degradation_figure(metrics: pd.DataFrame):
     """He et al. Fig. 6: training (dashed) and test (solid) error vs iterations; plain left, ResNet right."""
-    long = _curves_long(metrics) if not metrics.empty else None
-    if long is None or long["error (%)"].notna().sum() == 0:
+    long = _curves_to_draw(metrics)
+    if long is None:
         return no_data_figure("degradation curves")
     set_style()
     long["net"] = long["arch"].map({"plain": "plain", "resnet": "ResNet"}).fillna(long["arch"])
@@ -166,13 +174,13 @@ def degradation_figure(metrics: pd.DataFrame):
     g.set_titles("{col_name}")
     _iterations_axis(g, long, ["net", "depth"])
     return note(g.figure, f"dashed: training error (running mean since the last evaluation), solid: test error; "
-                          f"bands: {CI_BAND}, clipped to 0-100%")
+                          f"bands: {ERROR_BAND}")
 
 
 def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = None, title: str | None = None):
     """Training (dashed) and test (solid) error vs iterations, one line per `hue`."""
-    long = _curves_long(metrics) if not metrics.empty else None
-    if long is None or long["error (%)"].notna().sum() == 0:
+    long = _curves_to_draw(metrics)
+    if long is None:
         return no_data_figure(title or "error curves")
     set_style()
     order = sorted(long[hue].unique(), key=lambda v: (len(str(v)), str(v)))  # "20" before "110"
@@ -182,7 +190,7 @@ def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = No
     _iterations_axis(g, long, [hue, col])
     if title:
         g.figure.suptitle(title, y=1.02)
-    return note(g.figure, f"dashed: training error, solid: test error; bands: {CI_BAND}, clipped to 0-100%")
+    return note(g.figure, f"dashed: training error, solid: test error; bands: {ERROR_BAND}")
 
 
 def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None):
@@ -200,7 +208,7 @@ def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None):
     ax.set_xticks(sorted(set(d["depth"])), [str(k) for k in sorted(set(d["depth"]))])
     ax.minorticks_off()
     ax.legend(frameon=False)
-    return note(fig, f"band: {CI_BAND}")
+    return note(fig, f"band: {ERROR_BAND}")
 
 
 def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue: str | None = "depth",
@@ -215,7 +223,7 @@ def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue:
     g = sns.catplot(data=d, x=x, y=ylabel, hue=hue, order=order, kind="bar", errorbar=t_interval_error, height=3.2,
                     aspect=1.8, palette=PALETTE)
     g.tick_params(axis="x", labelrotation=30)
-    return note(g.figure, f"bars: mean; whiskers: {CI_BAND}")
+    return note(g.figure, f"bars: mean; whiskers: {ERROR_BAND}")
 
 
 def gates_figure(gates: pd.DataFrame):

@@ -305,7 +305,7 @@ def load_runs(root: str | os.PathLike | None = None, **where: Any) -> pd.DataFra
     rows = []
     for p, cfg, summ in iter_runs(root):
         row = {"hash": p.name, **FIELD_DEFAULTS, **cfg}  # a run stored before a field existed: its default
-        row["milestones"] = tuple(row.get("milestones", ()))
+        row["milestones"] = tuple(row["milestones"])
         for k in SUMMARY_COLUMNS:
             row[k] = (summ or {}).get(k)
         if summ is None:
