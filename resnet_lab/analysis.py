@@ -278,7 +278,8 @@ def time_model(model: nn.Module, batch_size: int, device: str | torch.device = "
 
 def gate_means(model: nn.Module, batches, max_images: int | None = None) -> pd.DataFrame:
     """Mean gate value g(x) per block over the images. highway: the branch's share (0 = shortcut only,
-    1 = branch only); gated: the shortcut is scaled by 1 - g (0 = a plain identity shortcut)."""
+    1 = branch only); gated: the shortcut is scaled by 1 - g (0 = a plain identity shortcut). Blocks are
+    numbered from 0 in the net's order, as the lesion tables number them."""
     gated = [(i, b) for i, b in enumerate(model.blocks) if getattr(b, "gate", None) is not None]
     if not gated:
         raise ValueError("model has no gated blocks (arch 'highway' or 'gated')")
@@ -293,4 +294,4 @@ def gate_means(model: nn.Module, batches, max_images: int | None = None) -> pd.D
         return fn
 
     _run_with_hooks(model, [(b.gate, hook(i)) for i, b in gated], batches, max_images)
-    return pd.DataFrame({"block": [i + 1 for i, _ in gated], "mean_gate": [sums[i] / counts[i] for i, _ in gated]})
+    return pd.DataFrame({"block": [i for i, _ in gated], "mean_gate": [sums[i] / counts[i] for i, _ in gated]})

@@ -6,7 +6,8 @@ RandomHorizontalFlip, ToTensor, Normalize; DataLoader(batch_size, shuffle=True, 
 pin_memory on CUDA); `.item()` on the loss every step.
 Ours: uint8 data resident on the device, crop/flip/normalise there in batches, bf16 autocast and
 channels_last on CUDA, fused SGD, no host sync inside the step, the step captured as one CUDA graph
-(`fast.Stepper`; eager where capture is unavailable, and the table says which ran).
+(`fast.Stepper`; eager where capture is unavailable, and the table says which ran). Optionally beside
+it: the forward through torch.compile (--compile), and the step in loss-scaled fp16 (--fp16).
 Packed: several independent ResNet-20 runs stepped together, one CUDA stream each; beside it the
 same runs grouped into one net (`grouped.GroupedNets`: conv groups, one set of kernels for all).
 """
@@ -94,11 +95,11 @@ def baseline_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: 
 
 
 def _ours(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int, seed: int,
-          fast: bool, activation_checkpointing: int = 0, compile: bool = False):
+          fast: bool, activation_checkpointing: int = 0, compile: bool = False, precision: str = "auto"):
     torch.manual_seed(seed)
     model = to_device(build_model("resnet", depth, activation_checkpointing=activation_checkpointing), device)
     opt, lr_t = make_optimizer(model, 0.1, 0.9, 1e-4)
-    return (model, Stepper(model, opt, lr_t, "auto", fast=fast, compile=compile),
+    return (model, Stepper(model, opt, lr_t, precision, fast=fast, compile=compile),
             DeviceLoader(x, y, batch_size, seed, device))
 
 
@@ -134,6 +135,16 @@ def ours_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torc
     model, st, ld = _ours(depth, x, y, device, batch_size, 0, fast, activation_checkpointing)
     dt, n = _timed([st], [ld], [None], device, seconds, warmup)
     return n * batch_size / dt, dt / n, peak_mb(device), st.mode, st.reason
+
+
+def fp16_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int,
+                      seconds: float) -> tuple[float, float, str, str | None, int]:
+    """Our step in fp16 with its loss scale (cuDNN BatchNorm on CUDA, where bf16 gets the native kernels):
+    (images/s, seconds per step, step mode, why not graph, steps skipped for inf/NaN gradients)."""
+    _fresh_peak(device)
+    model, st, ld = _ours(depth, x, y, device, batch_size, 0, True, precision="fp16")
+    dt, n = _timed([st], [ld], [None], device, seconds)
+    return n * batch_size / dt, dt / n, st.mode, st.reason, int(st.scaler.skipped)
 
 
 def compiled_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int,
@@ -263,7 +274,8 @@ def check_tag(tag: str | None) -> None:
 def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, batch_size: int = 128,
               num_workers: int = 4, images: int = 50_000, checkpointing: bool = False, out: Path | None = None,
               data=None, packs: list[int] | None = None, pack_depth: int = 20, profile: bool = False,
-              ckpt_min_depth: int = DEEP + 1, compile: bool = False, tag: str | None = None) -> dict[str, Any]:
+              ckpt_min_depth: int = DEEP + 1, compile: bool = False, fp16: bool = False, tag: str | None = None
+              ) -> dict[str, Any]:
     """Benchmark each depth: baseline vs ours (graph and eager), checkpointing, packed runs; JSON + markdown.
 
     images: training images both loops draw from; all 50k by default, so the baseline's DataLoader
@@ -273,6 +285,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
     files are rewritten after every measurement. checkpointing: timed with CKPT_SEGMENTS segments for nets
     of ckpt_min_depth layers or more (the shallower ones fit without it). compile: also time our step with
     the forward through torch.compile, for nets up to DEEP layers (a deeper one would compile for long).
+    fp16: also time our step in fp16 with its loss scale (precision="fp16"), every net.
     tag: appended to the files' names (<device>-<tag>.json), so a later bench on one device keeps the earlier.
     """
     check_tag(tag)
@@ -331,6 +344,15 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
             eager = attempt(row, "eager", lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds,
                                                                     fast=False)[0])
             row.update(ours_eager_img_s=eager, graph_gain=_ratio(ours, eager))
+            save()
+        if fp16:
+            h = attempt(row, "fp16", lambda: fp16_images_per_s(depth, x, y, dev, batch_size, seconds))
+            if h:
+                row.update(fp16_img_s=h[0], fp16_gain=_ratio(h[0], ours), fp16_speedup=_ratio(h[0], row["baseline_img_s"]),
+                           fp16_step_ms=1000 * h[1], fp16_schedule_min=_schedule_min(h[1], ev), fp16_mode=h[2],
+                           fp16_skipped_steps=h[4])
+                if h[3] and h[2] != "graph":
+                    row["fp16_mode_reason"] = h[3]
             save()
         if compile and depth <= DEEP:
             comp = attempt(row, "compiled", lambda: compiled_images_per_s(depth, x, y, dev, batch_size, seconds))
@@ -413,7 +435,7 @@ def _attempt(row: dict[str, Any], what: str, device: torch.device, fn):
     return None
 
 
-TEXT_LAST = ("ours_mode_reason", "compiled_mode_reason", "gpu_busy")
+TEXT_LAST = ("ours_mode_reason", "compiled_mode_reason", "fp16_mode_reason", "gpu_busy")
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:

@@ -385,7 +385,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         on_cuda = a.device.startswith("cuda") or (a.device == "auto" and torch.cuda.is_available())
         packs = [1, 2, 4, 8] if on_cuda else []
     res = run_bench(models, a.device, a.seconds, a.batch_size, a.num_workers, checkpointing=a.checkpointing,
-                    packs=packs, profile=a.profile, out=Path(a.out) if a.out else None, compile=a.compile,
+                    packs=packs, profile=a.profile, out=Path(a.out) if a.out else None, compile=a.compile, fp16=a.fp16,
                     tag=a.tag)
     print(markdown(res))
     print("written:", *res["paths"])
@@ -547,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--profile", action="store_true",
                    help="also profile 20 of our steps per model (3 for nets deeper than 200 layers), after every "
                         "timing: top ops and GPU-busy share (<device>-profile.txt)")
+    b.add_argument("--fp16", action="store_true",
+                   help="also time our step in fp16 with a dynamic loss scale (precision=fp16: cuDNN BatchNorm, "
+                        "which bf16 never gets): fp16_img_s, fp16_gain over the bf16 step, fp16_skipped_steps")
     b.add_argument("--compile", action="store_true",
                    help="also time our step with the forward through torch.compile (nets up to 200 layers): "
                         "compiled_img_s, compile_gain over the graph step alone, compile_s for its first step")

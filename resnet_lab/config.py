@@ -23,7 +23,7 @@ SHORTCUTS = ("A", "B", "C")
 BLOCK_LAYERS = (1, 2, 3)
 SPLITS = ("full", "45k5k")
 SPLIT_IMAGES = {"full": (50_000, 10_000), "45k5k": (45_000, 5_000)}  # (training, evaluation) images of CIFAR-10
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # fp16: with a dynamic loss scale (fast.LossScaler)
 
 # Fields that change how fast a run goes or how much memory it takes, never what it learns:
 # they are left out of the hash so a run trained with them is found by a run asked without.
@@ -103,7 +103,7 @@ class RunConfig:
     warmup_err: float = 0.80
     eval_every: int = 1_000
     seed: int = 0
-    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16, fp16 (loss-scaled)
     # speed only (not hashed)
     activation_checkpointing: int = 0  # number of segments per stage; 0 = off
     fast: bool = True  # the step as a captured CUDA graph where available; falls back to eager

@@ -679,8 +679,13 @@ def thousand_curves(curves: pd.DataFrame, unfinished_curves: pd.DataFrame) -> pd
 
 
 def thousand_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Final train/test error of the 110 and 1202 runs, with the iterations each actually trained."""
+    """Final train/test error of the 110 and 1202 runs; `iterations`: what the finished runs trained (none
+    finished: NaN), `diverged_at`: the last evaluated step of each run that diverged (a 1202-layer net can)."""
     t = depth_table(runs)
     if not t.empty:
-        t["iterations"] = t["depth"].map(runs.groupby("depth")["iterations"].first())
+        done = runs[runs["status"] == "done"]
+        t["iterations"] = t["depth"].map(done.groupby("depth")["iterations"].max()).astype(float)
+        div = runs[runs["status"] == "diverged"].sort_values("steps_done")
+        at = div.groupby("depth")["steps_done"].agg(lambda s: ", ".join(f"{int(v):,}" for v in s.dropna()))
+        t["diverged_at"] = [at.get(d, "") for d in t["depth"]]
     return t

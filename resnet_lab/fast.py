@@ -13,6 +13,10 @@ its own) inside that captured step. The graph removes the launch overhead but no
 H200 a ResNet-20 step is about 350 of them, 2-24 us each, BatchNorm's four per layer a quarter of the time
 (results/bench/nvidia-h200-profile.txt); inductor fuses BatchNorm, ReLU and the residual add into fewer.
 It costs compile time per net, and is used only if its first step agrees with the plain one.
+
+precision="fp16" trades bf16 autocast for fp16 with a dynamic loss scale kept on the device
+(`LossScaler`), for one reason: PyTorch hands BatchNorm to cuDNN for fp16 input (its persistent NHWC
+kernel, one per pass) but never for bf16, where the native kernels were a quarter of the H200's time.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ COMPILE_RECOMPILE_LIMIT = 64
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN/cuBLAS pick and cache their kernels)
 CHECK_LOSS_RTOL = 2e-2  # graph vs eager on the first batch: loss, bf16 tolerance
 CHECK_UPDATE_RTOL = 0.1  # ... and the parameter update, relative to its size
+LOSS_SCALE_INIT, LOSS_SCALE_GROWTH_INTERVAL = 2.0 ** 16, 2000  # fp16's (torch.amp.GradScaler's defaults)
 
 
 def to_device(model: nn.Module, device: str | torch.device) -> nn.Module:
@@ -72,36 +77,112 @@ def match_momentum_layout(opt: torch.optim.Optimizer) -> None:
 
 
 def compute_dtype(device: torch.device, precision: str) -> str:
-    """What a run's `precision` means on this device: "bf16" (autocast) on CUDA for "auto", else "fp32"."""
-    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+    """What a run's `precision` means on this device: "bf16" (autocast) on CUDA for "auto", "fp16" when
+    asked, else "fp32"."""
+    if precision in ("bf16", "fp16"):
+        return precision
+    return "bf16" if precision == "auto" and device.type == "cuda" else "fp32"
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(device: torch.device, precision: str, cache: bool = True):
-    """bf16 autocast on CUDA ("auto") or when asked ("bf16"); nothing for fp32.
+    """bf16 autocast on CUDA ("auto") or when asked ("bf16"), fp16 when asked; nothing for fp32.
 
     cache=False inside graph capture: the autocast weight cache would hold casts of the capture-time
     weights, stale at every replay.
     """
-    if compute_dtype(device, precision) != "bf16":
+    dtype = AUTOCAST_DTYPES.get(compute_dtype(device, precision))
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16, all on the device, so a captured graph replays it whole.
+
+    The loss is multiplied by `scale` before backward (fp16 gradients too small for fp16 would be zeros);
+    the gradients are unscaled and checked for inf/NaN; the fused SGD kernel skips the update when they
+    are not finite (`found_inf`), and `scale` halves; after `growth_interval` clean steps it doubles.
+    `torch.amp.GradScaler` does the same, but reads its Python-side state each step, which a replayed
+    graph would not. `skipped` counts the steps skipped, for the run's summary.
+    """
+
+    GROWTH, BACKOFF = 2.0, 0.5
+
+    def __init__(self, device: torch.device, init_scale: float = 2.0 ** 16, growth_interval: int = 2000):
+        self.growth_interval = growth_interval
+        self.scale = torch.full((), init_scale, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)  # clean steps since a change
+        self.skipped = torch.zeros((), dtype=torch.float32, device=device)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self._inv = torch.ones((), dtype=torch.float32, device=device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.scale).backward()
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        """Unscale the gradients and step `opt` (fused SGD) unless one is inf/NaN; then update the scale."""
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        self.found_inf.zero_()
+        torch.reciprocal(self.scale, out=self._inv)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self._inv)
+        opt.found_inf = self.found_inf  # read by the fused kernel, on the device: skip when 1
+        opt.step()
+        self.skipped.add_(self.found_inf)
+        torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, self.GROWTH, self.BACKOFF,
+                                 self.growth_interval)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"scale": self.scale.detach().cpu().clone(), "growth_tracker": self.growth_tracker.detach().cpu().clone(),
+                "skipped": self.skipped.detach().cpu().clone()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k in ("scale", "growth_tracker", "skipped"):
+            getattr(self, k).copy_(state[k])
+
+
+@torch.no_grad()
+def zero_momentum(opt: torch.optim.Optimizer) -> None:
+    """Give every parameter a zero momentum buffer where it has none.
+
+    The fused SGD kernel allocates a fresh run's buffers uninitialised and fills them on the first step,
+    unless that step is skipped (fp16's found_inf): then the next step would read garbage. With zeros,
+    the first step's buf = momentum * 0 + grad = grad, what SGD's first step sets anyway.
+    """
+    for group in opt.param_groups:
+        if group["momentum"]:
+            for p in group["params"]:
+                if opt.state.get(p, {}).get("momentum_buffer") is None:
+                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
 
 def step_body(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-              precision: str = "auto", cache: bool = True, members: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+              precision: str = "auto", cache: bool = True, members: int = 1, scaler: LossScaler | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward, optimizer step on uint8 images; (loss, wrong count) stay on the device.
 
     members > 1: `model` is a `GroupedNets` and x holds each member's batch in turn; loss and wrong
-    count come back per member, shape (members,).
+    count come back per member, shape (members,). scaler: fp16's loss scale (one member only: one
+    skipped step would skip every member's).
     """
+    if scaler is not None and members > 1:
+        raise ValueError("fp16 loss scaling is for one net, not a GroupedNets: a step skipped for one member "
+                         "would skip every member's")
     xf = normalize(x).contiguous(memory_format=torch.channels_last)  # the models' layout (to_device)
     with autocast(xf.device, precision, cache):
         out = model(xf)
     wrong = out.detach().argmax(1) != y
     if members == 1:
         loss = F.cross_entropy(out.float(), y)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.backward(loss)
+            scaler.step(opt)
         return loss.detach(), wrong.sum()
     per_member = F.cross_entropy(out.float(), y, reduction="none").view(members, -1).mean(1)
     per_member.mean().backward()  # GroupedNets scales the gradient back up by `members`
@@ -129,6 +210,13 @@ class Stepper:
         self._side: torch.cuda.Stream | None = None  # the capture stream, kept for the graph's lifetime
         self._lr: float | None = None
         self.check: dict | None = None  # graph-vs-eager numbers on the first batch
+        self.scaler: LossScaler | None = None  # fp16's loss scale (its state goes into checkpoints)
+        if compute_dtype(lr_t.device, precision) == "fp16":
+            if members > 1:
+                raise ValueError("precision 'fp16' cannot train grouped runs: one loss scale would skip every "
+                                 "member's step when one member's gradients overflow")
+            self.scaler = LossScaler(lr_t.device, LOSS_SCALE_INIT, LOSS_SCALE_GROWTH_INTERVAL)
+            zero_momentum(opt)
 
     def set_lr(self, lr: float) -> None:
         if lr != self._lr:
@@ -165,7 +253,7 @@ class Stepper:
         # inductor graph): dynamo guards on the flag, and a second value would compile the net again
         # during the capture's warm-up, a version the check against the plain step never saw
         cache = cache and forward is self.model
-        return step_body(forward, self.opt, x, y, self.precision, cache, self.members)
+        return step_body(forward, self.opt, x, y, self.precision, cache, self.members, self.scaler)
 
     # -- compile ------------------------------------------------------------------------------
     def _try_compile(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -256,11 +344,12 @@ class Stepper:
         return stance("fail_on_recompile") if self.compiled and stance else contextlib.nullcontext()
 
     def _snapshot(self) -> dict:
-        """Weights, BN statistics and momentum buffers: capture's warm-up steps must leave no trace."""
+        """Weights, BN statistics, momentum buffers and loss scale: capture's warm-up steps must leave no trace."""
         with torch.no_grad():
             model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             bufs = [self.opt.state.get(p, {}).get("momentum_buffer") for p in self._params()]
-            return {"model": model, "bufs": [None if b is None else b.detach().clone() for b in bufs]}
+            scaler = None if self.scaler is None else self.scaler.state_dict()
+            return {"model": model, "bufs": [None if b is None else b.detach().clone() for b in bufs], "scaler": scaler}
 
     def _restore(self, snap: dict) -> None:
         with torch.no_grad():
@@ -272,6 +361,8 @@ class Stepper:
                     # a fresh run has no buffer yet; SGD's first step sets buf = grad, which is
                     # what momentum * 0 + grad gives
                     buf.copy_(b) if b is not None else buf.zero_()
+            if snap["scaler"] is not None:
+                self.scaler.load_state_dict(snap["scaler"])
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.opt.param_groups for p in g["params"]]

@@ -233,7 +233,7 @@ def gates_figure(gates: pd.DataFrame):
     set_style()
     g = sns.relplot(data=gates, x="block", y="mean_gate", hue="net", kind="line", marker="o", errorbar=t_interval, height=3.0,
                     aspect=1.5)
-    g.set_axis_labels("block", "mean gate g(x)")
+    g.set_axis_labels("block (from 0)", "mean gate g(x)")
     return note(g.figure, f"band: {CI_BAND}")
 
 
@@ -289,7 +289,7 @@ def lesion_figure(lesion: pd.DataFrame):
     ax.axhline(CHANCE_ERR, ls=":", lw=1, color="0.4")
     for b in d.loc[d["changes_shape"].astype(bool), "block"].unique():
         ax.axvline(b, color="0.85", lw=3, zorder=0)
-    ax.set(xlabel="deleted block (grey: blocks that change the shape)", ylabel="test error (%)", ylim=(0, 100))
+    ax.set(xlabel="deleted block, from 0 (grey: blocks that change the shape)", ylabel="test error (%)", ylim=(0, 100))
     ax.legend(frameon=False)
     return note(fig, "dashed: the intact net; dotted: chance (90%); mean over seeds")
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data import Cifar10, DeviceLoader, eval_batches, load_cifar10, normalize, split_data
-from .fast import Stepper, autocast, compute_dtype, make_optimizer, match_momentum_layout, step_body, to_device
+from .fast import LossScaler, Stepper, autocast, compute_dtype, make_optimizer, match_momentum_layout, step_body, to_device
 from .models import count_params, model_from_config
 from .runs import (CHECKPOINT_FILES, FINISHED, METRIC_COLUMNS, RunDir, atomic_save_torch, atomic_write_csv,
                    atomic_write_json)
@@ -85,12 +85,12 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+               precision: str = "auto", scaler: LossScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One eager SGD step on uint8 images; returns (loss, wrong count) as device tensors (no host sync).
 
-    The reference the fast path (`fast.Stepper`) is checked against."""
+    The reference the fast path (`fast.Stepper`) is checked against; scaler: fp16's loss scale."""
     opt.zero_grad(set_to_none=True)
-    return step_body(model, opt, x, y, precision)
+    return step_body(model, opt, x, y, precision, scaler=scaler)
 
 
 def lr_at(cfg: RunConfig, step: int, warming_up: bool) -> float:
@@ -360,6 +360,8 @@ class _Run:
             acc = ckpt["accumulators"]
             log.info("resuming %s at step %d", cfg.name, self.start)
         self.stepper = Stepper(model, opt, lr_t, cfg.precision, fast=cfg.fast, compile=cfg.compile)
+        if self.stepper.scaler is not None and ckpt is not None and "loss_scale" in ckpt:
+            self.stepper.scaler.load_state_dict(ckpt["loss_scale"])  # else it starts afresh and backs off
         # this sitting's SITTING_FIELDS (the summary's top-level device and dtype name every sitting's)
         self.here = {"device": device_name(device), "compute_dtype": compute_dtype(device, cfg.precision),
                      "torch": str(torch.__version__), "packed_runs": packed, "grouped_runs": None}
@@ -486,9 +488,15 @@ class _Run:
         _save_checkpoint(self.rd, {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                                    "step": step, "seconds": seconds, "warming_up": self.warming_up,
                                    "warmup_end": self.warmup_end, "torch_rng": torch.get_rng_state(),
-                                   "accumulators": acc, "sittings": self.all_sittings(step)})
+                                   "accumulators": acc, "sittings": self.all_sittings(step),
+                                   **self._loss_scale()})
         if self.status == "running":  # a finished run's summary is written by _finish
             self.progress(step, seconds)
+
+    def _loss_scale(self) -> dict:
+        """fp16's loss-scale state for a checkpoint, and for the summary (absent for other precisions)."""
+        sc = self.stepper.scaler  # a grouped run's stepper is its group's, never fp16
+        return {} if sc is None else {"loss_scale": sc.state_dict()}
 
     def finish(self) -> RunRecord:
         """Store the outcome: model and final summary when done, a checkpoint when stopped early."""
@@ -510,6 +518,8 @@ class _Run:
         self.summary.update(status=status, step_mode=st.label, step_mode_reason=st.reason, graph_check=st.check)
         if st.compiled or st.compile_reason:  # asked for: whether it ran, and how close to the plain step
             self.summary.update(compile_reason=st.compile_reason, compile_check=st.compile_check)
+        if st.scaler is not None:  # fp16: steps skipped for inf/NaN gradients, over every sitting
+            self.summary.update(loss_scale=float(st.scaler.scale), fp16_skipped_steps=int(st.scaler.skipped))
         self.progress(done_steps, seconds)  # diverged: its last evaluation is where the run stands
         if status in FINISHED:
             for f in (rd.path / n for n in CHECKPOINT_FILES):
@@ -610,8 +620,8 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
 
 def group_key(cfg: RunConfig) -> RunConfig | None:
     """Runs with equal keys differ only in seed and can train as one `GroupedNets`; None: never grouped
-    (a warm-up ends at a step of its own for each seed)."""
-    return None if cfg.warmup_lr is not None else dataclasses.replace(cfg, seed=0)
+    (a warm-up ends at a step of its own for each seed; fp16's loss scale skips a step for all members)."""
+    return None if cfg.warmup_lr is not None or cfg.precision == "fp16" else dataclasses.replace(cfg, seed=0)
 
 
 class _Group:

@@ -3,6 +3,7 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 
 from resnet_lab.analysis import ci95, summarize
 from resnet_lab.plots import t_interval
@@ -79,3 +80,16 @@ def test_a_row_averages_seeds_of_one_config_only():
         gate_bias=pd.Series([np.float64(-2.0), -2.0, -2, np.int64(-2)], dtype=object),
         milestones=pd.Series([(4,), [4], (np.int64(4),), [np.int64(4)]], dtype=object))
     assert summarize(same, ["arch", "depth"])["runs"].tolist() == [4]
+
+
+def test_gate_means_number_blocks_as_the_lesion_table_does():
+    """Block 0 is the first block in both tables: a reader matches a gate to a lesion by its number."""
+    from resnet_lab.analysis import gate_means
+    from resnet_lab.models import build_model
+    from resnet_lab.unravel import lesion_blocks
+
+    torch.manual_seed(0)
+    model = build_model("highway", 8).eval()
+    x, y = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (8,))
+    gates = gate_means(model, [(x, y)])
+    assert gates["block"].tolist() == lesion_blocks(model, x, y)["block"].tolist() == [0, 1, 2]

@@ -147,3 +147,20 @@ def test_the_bench_times_a_compiled_step_beside_ours(cifar, tmp_path, monkeypatc
     assert "CUDA device" in row["compiled_mode_reason"]
     md = (tmp_path / res["paths"][1].split("/")[-1]).read_text()
     assert md.index("compiled_img_s") < min(md.index("ours_mode_reason"), md.index("compiled_mode_reason"))
+
+
+def test_the_bench_times_an_fp16_step_beside_ours(cifar, tmp_path, monkeypatch):
+    """--fp16: our step in loss-scaled fp16, its own columns; it does train in fp16 (its Stepper's scaler)."""
+    import resnet_lab.bench as bench
+
+    made = []
+    real = bench._ours
+    monkeypatch.setattr(bench, "_ours", lambda *a, **k: made.append(k.get("precision", "auto")) or real(*a, **k))
+    res = run_bench([8], device="cpu", seconds=0.2, batch_size=16, num_workers=0, images=256, out=tmp_path,
+                    data=cifar, packs=[], fp16=True)
+    row = res["rows"][0]
+    assert made == ["auto", "fp16"]
+    assert row["fp16_img_s"] > 0 and row["fp16_mode"] == "eager" and row["fp16_skipped_steps"] == 0
+    assert row["fp16_gain"] == pytest.approx(row["fp16_img_s"] / row["ours_img_s"])
+    assert row["fp16_speedup"] == pytest.approx(row["fp16_img_s"] / row["baseline_img_s"])
+    assert row["fp16_schedule_min"] > 0 and "CUDA device" in row["fp16_mode_reason"]

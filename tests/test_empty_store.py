@@ -2,6 +2,9 @@
 notebooks and the report still run to the end, tables keep their columns, figures say so and write no file."""
 from __future__ import annotations
 
+import json
+import math
+
 import pandas as pd
 import pytest
 
@@ -247,3 +250,25 @@ def test_a_notebook_says_which_runs_are_finished_stopped_failed_or_not_trained(e
     line = ex.store_status(cfgs, runs, missing)
     assert line.startswith("1 of 5 runs finished; stopped part-way (or training now): resnet-8 seed 1 (")
     assert "failed (summary.json says why): resnet-8 seed 2" in line and line.endswith("not trained yet: resnet-8 (seeds 3, 4)")
+
+
+def test_the_thousand_table_says_where_runs_diverged_and_what_finished_ones_trained(empty_store):
+    """A depth whose every run diverged has no finished iterations (NaN, not the config's 64k) and says at
+    which step each run stopped; a finished depth gives its iterations."""
+    from resnet_lab.runs import METRIC_COLUMNS, runs_dir
+
+    cfgs = ex.with_dataset([make_config("smoke", depth=d, seed=s) for d, s in ((110, 0), (1202, 0), (1202, 1))])
+    for cfg, status, steps in zip(cfgs, ("done", "diverged", "diverged"), (8, 6, 4)):
+        d = runs_dir() / cfg.hash
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({**cfg.to_json(), "hash": cfg.hash}))
+        (d / "summary.json").write_text(json.dumps({"status": status, "steps_done": steps, "final_train_err": 0.5,
+                                                    "final_test_err": 0.25, "wall_seconds": 120.0, "device": "x",
+                                                    "params": 1, "flops": 1}))
+        rows = [",".join(str(v) for v in [s, s / 10, 0.1, 2.0, 0.5, 2.0, 0.25, s]) for s in range(1, steps + 1)]
+        (d / "metrics.csv").write_text("\n".join([",".join(METRIC_COLUMNS), *rows]) + "\n")
+    runs, _, _ = ex.collect(cfgs)
+    t = ex.thousand_table(runs).set_index("depth")
+    assert t.loc[110, "iterations"] == cfgs[0].iterations and t.loc[110, "diverged_at"] == ""
+    assert math.isnan(t.loc[1202, "iterations"]) and t.loc[1202, "diverged_at"] == "4, 6"
+    assert t.loc[1202, "runs"] == 0 and t.loc[1202, "diverged"] == 2
