@@ -43,6 +43,7 @@ ARGS_04 := -p depth 20 -p draws 3 -p eval_images 1000 -p grad_samples 4
 ARGS_05 := -y 'depths: [56, 1202]'
 ARGS_06 := -p max_images 2000 -y 'seeds: [0, 1, 2]'
 ARGS_07 := -p batch_size 2 -p repeats 1
+ARGS_08 :=
 endif
 
 # Executes every notebook through papermill with the $(PRESET) preset; finished runs are reused.
@@ -55,6 +56,7 @@ reproduce: install
 	$(PAPERMILL) notebooks/05_thousand_layers.ipynb $(OUT)/05_thousand_layers.ipynb -p preset $(PRESET) $(ARGS_05)
 	$(PAPERMILL) notebooks/06_layer_responses.ipynb $(OUT)/06_layer_responses.ipynb -p preset $(PRESET) $(ARGS_06)
 	$(PAPERMILL) notebooks/07_imagenet_architectures.ipynb $(OUT)/07_imagenet_architectures.ipynb -p preset $(PRESET) $(ARGS_07)
+	$(PAPERMILL) notebooks/08_fast_path_fidelity.ipynb $(OUT)/08_fast_path_fidelity.ipynb -p preset $(PRESET) $(ARGS_08)
 	$(BIN)/python -c 'from resnet_lab.claims import check; check("$(PRESET)")'
 	@cat results/$(PRESET)/claims.md
 	@echo "tables and figures under results/$(PRESET)/"

@@ -36,14 +36,14 @@ def _row(notebook: str, claim: str, criterion: str, ours: str, holds: bool | str
     return {"notebook": notebook, "claim": claim, "criterion": criterion, "ours": ours, "holds": verdict}
 
 
-def _ci_col(col: str) -> str:
+def ci_col(col: str) -> str:
     """'train_err_%' -> 'train_err_ci95': the column holding a mean's 95% half-width."""
     return col.removesuffix("_%") + "_ci95"
 
 
 def _noise_unknown(a: pd.Series, b: pd.Series, col: str) -> str | None:
     """Why the difference of two rows has no noise estimate, or None where it has one."""
-    hc = _ci_col(col)
+    hc = ci_col(col)
     if hc not in a or hc not in b:
         return "no CI column in the table"
     if min(int(a["runs"]), int(b["runs"])) < 2:
@@ -60,12 +60,23 @@ def difference(a: pd.Series, b: pd.Series, col: str) -> tuple[float, float | Non
     d = float(b[col]) - float(a[col])
     if _noise_unknown(a, b, col):
         return d, None
-    se = [float(r[_ci_col(col)]) / t975(int(r["runs"]) - 1) for r in (a, b)]  # std / sqrt(n) of each mean
+    se = [float(r[ci_col(col)]) / t975(int(r["runs"]) - 1) for r in (a, b)]  # std / sqrt(n) of each mean
     var = se[0] ** 2 + se[1] ** 2
     if var == 0:
         return d, 0.0
     dof = var ** 2 / sum(s ** 4 / (int(r["runs"]) - 1) for s, r in zip(se, (a, b)))  # Welch-Satterthwaite
     return d, t975(dof) * math.sqrt(var)
+
+
+def prediction_half_width(a: pd.Series, col: str) -> float | None:
+    """Half-width of the 95% prediction interval for one more run around row a's mean (Student t over its
+    `runs` seeds, sd rebuilt from its CI half-width): where a single run of another kind should land if it
+    is one more seed of a's. None with fewer than 2 runs or no CI value."""
+    n, half = int(a["runs"]), a.get(ci_col(col))
+    if n < 2 or half is None or pd.isna(half):
+        return None
+    sd = float(half) * math.sqrt(n) / t975(n - 1)
+    return t975(n - 1) * sd * math.sqrt(1 + 1 / n)
 
 
 def verdict(diff: float, half: float | None, expect: str) -> str:
@@ -87,7 +98,7 @@ def verdict(diff: float, half: float | None, expect: str) -> str:
 
 def compare_text(a: pd.Series, b: pd.Series, col: str, diff: float, half: float | None) -> str:
     """'20: 2.00 ± 0.30%, 56: 4.00 ± 0.40%; 56 - 20: +2.00 ± 0.55 points' (the numbers a verdict rests on)."""
-    hc = _ci_col(col)
+    hc = ci_col(col)
     if half is None:
         return (f"{int(a['depth'])}: {float(a[col]):.2f}%, {int(b['depth'])}: {float(b[col]):.2f}% "
                 f"(seed noise not estimated: {_noise_unknown(a, b, col)})")
@@ -176,6 +187,21 @@ def effective_paths(effective: pd.DataFrame | None) -> list[dict]:
     return rows
 
 
+def fidelity(table: pd.DataFrame | None) -> list[dict]:
+    """Issue #8: the fast step (bf16, CUDA graph) learns what the reference loop (fp32, eager) learns."""
+    from .experiments import fidelity_verdict
+
+    nb, claim = "08_fast_path_fidelity", "the fast step reaches the reference loop's test error"
+    crit = ("final test error; one reference run: inside the fast runs' 95% prediction interval for one more "
+            "seed; more: the difference inside its 95% CI (Welch)")
+    if table is None:
+        return [_row(nb, claim, crit, "", None)]
+    v = fidelity_verdict(table).iloc[0]
+    ours = "; ".join(f"{k} {v[k]}" for k in ("fast", "reference", "reference - fast") if v[k])
+    said = v["holds here"]
+    return [_row(nb, claim, crit, ours, True if said == "yes" else False if said == "NO" else said)]
+
+
 def _read(base: Path, notebook: str, name: str) -> pd.DataFrame | None:
     """The table, or None where it is missing or holds no row (a notebook run before any of its nets were)."""
     p = base / notebook / f"{name}.csv"
@@ -191,6 +217,7 @@ CHECKS: list[tuple[Callable[[pd.DataFrame | None], list[dict]], str, str]] = [
     (depth, "02_depth", "table"),
     (lesions, "04_unraveled_ensemble", "lesion"),
     (effective_paths, "04_unraveled_ensemble", "effective"),
+    (fidelity, "08_fast_path_fidelity", "table"),
 ]
 
 

@@ -185,7 +185,7 @@ class RunConfig:
 
     @property
     def name(self) -> str:
-        """Short human label, e.g. 'resnet-56' or 'plain-20 skip1 B'."""
+        """Short human label, e.g. 'resnet-56', 'plain-20 skip1 B' or 'resnet-20 fp32' (a precision asked)."""
         s = f"{self.arch}-{self.depth}"
         if self.bottleneck:
             s += " bottleneck"
@@ -193,6 +193,8 @@ class RunConfig:
             s += f" skip{self.block_layers}"
         if self.arch != "plain" and self.shortcut != "A":
             s += f" {self.shortcut}"
+        if self.precision != "auto":
+            s += f" {self.precision}"
         return s
 
     def to_json(self) -> dict[str, Any]:

@@ -595,6 +595,123 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
 
 # -- which runs a notebook needs (sweeps and reports ask this without executing the notebook) ----------
 # notebook -> (the function that names its runs, the notebook parameters it takes, in order)
+# -- 08 fast-path fidelity (issue #8) ---------------------------------------------------------------------
+# The reference loop: fp32 and the eager step, what `train_step` computes and the graph is checked against.
+REFERENCE_LOOP = dict(precision="fp32", fast=False)
+FIDELITY_COLUMNS = ["compared", "fast", "reference", "reference - fast", "criterion", "holds here"]
+
+
+def fidelity_configs(preset: str, depth: int, seeds: list[int], reference_seeds: list[int]) -> list[RunConfig]:
+    """A ResNet trained by our default step (bf16 autocast and a CUDA graph on a GPU) at each seed, and the
+    same net by the reference loop (fp32, eager) at each reference seed: does the fast path learn the same?"""
+    check_grid("seeds", seeds, positive=True)
+    check_grid("reference_seeds", reference_seeds, positive=True)
+    return ([make_config(preset, arch="resnet", depth=depth, seed=s) for s in seeds]
+            + [make_config(preset, arch="resnet", depth=depth, seed=s, **REFERENCE_LOOP) for s in reference_seeds])
+
+
+UNRECORDED = "unrecorded"  # a run whose summary predates compute_dtype or step_mode
+REFERENCE_RAN = "fp32, eager"  # the loop the reference run must have run for the check to mean anything
+MIN_FAST_RUNS = 3  # fewer fast seeds give a prediction interval too wide (t(1) = 12.7) to say "yes" on
+
+
+def _loops(runs: pd.DataFrame) -> pd.Series:
+    """Each run's loop as its summary records it: 'bf16, graph' (dtype, step mode; sittings that differed
+    are joined, 'eager + graph')."""
+    def part(col: str) -> pd.Series:
+        v = runs[col] if col in runs else pd.Series([None] * len(runs), index=runs.index)
+        return v.map(lambda x: UNRECORDED if x is None or (isinstance(x, float) and math.isnan(x)) or x == "" else str(x))
+
+    return part("compute_dtype") + ", " + part("step_mode")
+
+
+def fidelity_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Final errors per precision asked and loop that ran ("bf16, graph": the dtype and step mode the runs'
+    summaries record, which say what happened where the config says what was asked), mean ± 95% CI;
+    diverged runs counted, not averaged."""
+    return summarize(runs.assign(loop=_loops(runs) if not runs.empty else []), ["precision", "loop"])
+
+
+def fidelity_verdict(table: pd.DataFrame) -> pd.DataFrame:
+    """Does the reference loop (fp32, eager) learn what the fast step (a CUDA graph) learns? Per error (test,
+    training): with one reference run, inside the fast runs' 95% prediction interval for one more seed;
+    with more, the difference inside its 95% CI (Welch). `yes` needs MIN_FAST_RUNS fast seeds (fewer:
+    `within noise`); a divergence on one side only is `NO`. Where the loops are not the two compared (a
+    CPU runs fp32 eager both times; a graph that fell back; a loop not recorded) it says so, judging nothing."""
+    from .claims import NOISE, difference, prediction_half_width
+
+    rows = []
+    if "diverged" not in table:  # a table written without the column: no run counted as diverged
+        table = table.assign(diverged=0)
+    sides = {p: table[(table["precision"] == p) & (table["runs"] + table["diverged"] > 0)] for p in ("auto", "fp32")}
+    for col, what in (("test_err_%", "final test error"), ("train_err_%", "final training error")):
+        row = {"compared": what, "fast": "", "reference": "", "reference - fast": "", "criterion": "", "holds here": ""}
+        rows.append(row)
+        if any(len(t) == 0 for t in sides.values()):
+            row["holds here"] = "not run (" + " and ".join(
+                f"no finished {name} run" for name, t in zip(("fast", "reference"), sides.values()) if len(t) == 0) + ")"
+            continue
+        if any(len(t) > 1 for t in sides.values()):
+            row["holds here"] = "not judged (runs of one precision ran different loops: " + "; ".join(
+                sorted(map(str, set(table["loop"])))) + ")"
+            continue
+        f, r = sides["auto"].iloc[0], sides["fp32"].iloc[0]
+        row["fast"], row["reference"] = _loop_text(f, col), _loop_text(r, col)
+        why = _not_comparable(str(f["loop"]), str(r["loop"]))
+        if why:
+            row["holds here"] = f"not judged ({why})"
+            continue
+        fd, rd = int(f["diverged"]), int(r["diverged"])
+        if fd or rd:
+            row["holds here"] = ("not judged (runs diverged in both loops)" if fd and rd else
+                                 f"NO ({fd} of {fd + int(f['runs'])} fast runs diverged; the reference did not)" if fd
+                                 else "NO (the reference diverged; the fast runs did not)")
+            continue
+        d = float(r[col]) - float(f[col])
+        if int(r["runs"]) == 1:
+            half = prediction_half_width(f, col)
+            crit = "inside the fast runs' 95% prediction interval for one more seed"
+        else:
+            _, half = difference(f, r, col)
+            crit = "difference inside its 95% CI (Welch)"
+        row.update({"reference - fast": f"{d:+.2f}" + ("" if half is None else f" (interval ± {half:.2f})"),
+                    "criterion": crit})
+        n = int(f["runs"])
+        row["holds here"] = ("not judged (seed noise not estimated: one fast run)" if half is None else
+                             "NO" if abs(d) > half else "yes" if n >= MIN_FAST_RUNS else
+                             f"{NOISE} (only {n} fast runs: the interval is too wide to say yes)")
+    return pd.DataFrame(rows, columns=FIDELITY_COLUMNS)
+
+
+def _not_comparable(fast: str, ref: str) -> str | None:
+    """Why these two loops are not the fast step against the reference loop, or None."""
+    if UNRECORDED in fast or UNRECORDED in ref:
+        return f"a loop is not recorded in the runs' summaries: {fast}; {ref}"
+    if fast == ref:
+        return f"both loops ran {fast}: the same computation"
+    if ref != REFERENCE_RAN or fast.split(", ")[-1] not in ("graph", "graph+compile"):
+        return f"the check compares a CUDA-graph step with {REFERENCE_RAN}; these ran {fast} and {ref}"
+    return None
+
+
+def _loop_text(row: pd.Series, col: str) -> str:
+    """'bf16, graph: 12.20% ± 0.50 (3 runs)': a loop's mean, its CI over seeds where there are several."""
+    from .claims import ci_col
+
+    n, dv = int(row["runs"]), int(row.get("diverged", 0) or 0)
+    spread = f" ± {float(row[ci_col(col)]):.2f}" if n > 1 else ""
+    mean = f"{float(row[col]):.2f}%{spread}" if n else "no mean"
+    return f"{row['loop']}: {mean} ({n} run{'s' if n != 1 else ''}" + (f", {dv} diverged)" if dv else ")")
+
+
+def fidelity_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs' curves labelled by the loop each ran (its precision asked, then what ran)."""
+    if curves.empty or runs.empty:
+        return curves.assign(loop=pd.Series(dtype=str))
+    label = dict(zip(runs["hash"], runs["precision"].astype(str) + ": " + _loops(runs)))
+    return curves.assign(loop=curves["hash"].map(label))
+
+
 NOTEBOOK_CONFIGS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "01_degradation": (degradation_configs, ("preset", "depths", "seeds")),
     "02_depth": (depth_configs, ("preset", "depths", "seeds")),
@@ -603,6 +720,7 @@ NOTEBOOK_CONFIGS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "05_thousand_layers": (thousand_layer_configs, ("preset", "depths", "seeds", "checkpoint_segments")),
     "06_layer_responses": (response_configs, ("preset", "depths", "seeds")),
     "07_imagenet_architectures": (lambda preset: [], ("preset",)),  # measures untrained nets
+    "08_fast_path_fidelity": (fidelity_configs, ("preset", "depth", "seeds", "reference_seeds")),
 }
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 

@@ -43,6 +43,7 @@ WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN/cuBLAS pi
 CHECK_LOSS_RTOL = 2e-2  # graph vs eager on the first batch: loss, bf16 tolerance
 CHECK_UPDATE_RTOL = 0.1  # ... and the parameter update, relative to its size
 LOSS_SCALE_INIT, LOSS_SCALE_GROWTH_INTERVAL = 2.0 ** 16, 2000  # fp16's (torch.amp.GradScaler's defaults)
+CHECK_SCALE_HALVINGS = 24  # fp16: how often a check whose step overflowed goes again at half the scale
 
 
 def to_device(model: nn.Module, device: str | torch.device) -> nn.Module:
@@ -129,7 +130,10 @@ class LossScaler:
         torch.reciprocal(self.scale, out=self._inv)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self._inv)
         opt.found_inf = self.found_inf  # read by the fused kernel, on the device: skip when 1
-        opt.step()
+        try:
+            opt.step()
+        finally:  # a later step of this optimizer without the scaler must not read a stale flag
+            del opt.found_inf
         self.skipped.add_(self.found_inf)
         torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, self.GROWTH, self.BACKOFF,
                                  self.growth_interval)
@@ -383,21 +387,37 @@ class Stepper:
 
     def _agree(self, reference, other, snap: dict, what: str) -> dict:
         """Take one step each way from the state `snap` (each returns its loss), put the state back, and
-        return their losses and the relative differences of loss and parameter update."""
-        def step(fn) -> tuple[float, torch.Tensor, torch.Tensor]:
+        return their losses and the relative differences of loss and parameter update.
+
+        fp16: a step its loss scale skips (gradients overflowed) updates nothing, so two skipped steps would
+        agree without having compared anything, and one skipped beside one taken (a scale at the edge)
+        would disagree for a reason that is not the graph's; either way both steps go again at half the
+        scale (the check's own copy: the run's scale is put back), and the check says the scale it used."""
+        def step(fn, start: dict) -> tuple[float, torch.Tensor, torch.Tensor, bool]:
             p0, b0 = self._flat(), self._flat_stats()
             self.opt.zero_grad(set_to_none=True)
             loss = float(fn().mean())
             upd, stats = self._flat() - p0, self._flat_stats() - b0
-            self._restore(snap)
-            return loss, upd, stats
+            skipped = self.scaler is not None and bool(self.scaler.found_inf)
+            self._restore(start)
+            return loss, upd, stats, skipped
 
         def rel(a: torch.Tensor, b: torch.Tensor) -> float:
             return float((a - b).norm() / b.norm().clamp_min(1e-12)) if b.numel() else 0.0
 
-        (loss_e, upd_e, st_e), (loss_o, upd_o, st_o) = step(reference), step(other)
-        return {"loss_eager": loss_e, f"loss_{what}": loss_o, "loss_rel_diff": abs(loss_o - loss_e) / max(1.0, abs(loss_e)),
-                "update_rel_diff": rel(upd_o, upd_e), "bn_stats_rel_diff": rel(st_o, st_e)}
+        start = snap
+        for _ in range(CHECK_SCALE_HALVINGS):
+            (loss_e, upd_e, st_e, skip_e), (loss_o, upd_o, st_o, skip_o) = step(reference, start), step(other, start)
+            if not (skip_e or skip_o):
+                break
+            start = {**start, "scaler": {**start["scaler"], "scale": start["scaler"]["scale"] / 2}}
+        if start is not snap:
+            self._restore(snap)
+        out = {"loss_eager": loss_e, f"loss_{what}": loss_o, "loss_rel_diff": abs(loss_o - loss_e) / max(1.0, abs(loss_e)),
+               "update_rel_diff": rel(upd_o, upd_e), "bn_stats_rel_diff": rel(st_o, st_e)}
+        if self.scaler is not None:
+            out.update(loss_scale=float(start["scaler"]["scale"]), skipped=bool(skip_e or skip_o))
+        return out
 
     def _flat_stats(self) -> torch.Tensor:
         """BatchNorm's running statistics (the float buffers), which the step updates besides the weights."""
@@ -419,6 +439,8 @@ def _require_agreement(check: dict, what: str) -> None:
     """Raise unless `Stepper._agree`'s differences are within the tolerances (bf16 allows for other kernels).
     The running statistics count for a compiled forward only (inductor rewrites BatchNorm; a graph replays
     the very kernels of the eager step, whose check is unchanged since the GPU measured it)."""
+    if check.get("skipped"):  # fp16: every scale tried overflowed, so no update was compared
+        raise RuntimeError(f"{what} step not checked: its fp16 gradients overflowed at every loss scale tried: {check}")
     stats_ok = what != "compiled" or check["bn_stats_rel_diff"] <= CHECK_UPDATE_RTOL
     if not (check["loss_rel_diff"] <= CHECK_LOSS_RTOL and check["update_rel_diff"] <= CHECK_UPDATE_RTOL and stats_ok):
         raise RuntimeError(f"{what} step disagrees with the eager step: {check}")

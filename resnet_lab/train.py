@@ -166,6 +166,7 @@ def _resume(rd: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict | 
             missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
             if missing:
                 raise KeyError(f"no {', '.join(missing)} in it")
+            _check_loss_scale(ckpt.get("loss_scale"))
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])  # checks everything before it changes anything
             match_momentum_layout(opt)  # a CUDA checkpoint (channels_last) resumed on the CPU, or back
@@ -177,6 +178,17 @@ def _resume(rd: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict | 
             os.replace(f, bad)
             log.warning("checkpoint %s failed to load (%s: %s); set aside as %s", f, type(e).__name__, e, bad.name)
     return None
+
+
+def _check_loss_scale(state: object) -> None:
+    """A checkpoint's fp16 loss scale (absent for other precisions) must be what `LossScaler` loads: checked
+    with the rest of the checkpoint, so a bad one sets the file aside instead of failing every later call."""
+    if state is None:
+        return
+    keys = ("scale", "growth_tracker", "skipped")
+    if not (isinstance(state, dict) and all(isinstance(state.get(k), torch.Tensor) and state[k].dim() == 0
+                                            for k in keys)):
+        raise ValueError(f"its loss_scale is not {{{', '.join(keys)}}} as scalar tensors")
 
 
 def _earlier_sittings(summary: dict, start: int, seconds: float) -> list[dict[str, Any]]:
@@ -474,6 +486,9 @@ class _Run:
         for k in ("device", "compute_dtype"):  # a run trained on two devices says so where tables read it
             seen = list(dict.fromkeys(str(x[k]) for x in sittings or [self.here] if x.get(k) is not None))
             self.summary[k] = " + ".join(seen)  # only sittings that trained: a start killed at once names none
+        modes = list(dict.fromkeys(str(x["step_mode"]) for x in sittings if x.get("step_mode")))
+        if modes:  # likewise a run stepped eagerly in one sitting and as a graph in another ("eager + graph")
+            self.summary["step_mode"] = " + ".join(modes)
         self.summary.update(steps_done=step, wall_seconds=seconds, sittings=sittings,
                             warmup_end_step=self.warmup_end, final_train_err=last.get("train_err"),
                             final_test_err=last.get("test_err"), final_train_loss=last.get("train_loss"),
@@ -484,19 +499,24 @@ class _Run:
         self.pull()
         acc = {"loss": self.loss_acc.detach().cpu(), "wrong": self.wrong_acc.detach().cpu(), "seen": self.seen,
                "win_wrong": self.win_wrong.detach().cpu(), "win_seen": self.win_seen}
+        scale = self._loss_scale()
         # Everything exact resume needs (data order is a function of (seed, step), so no loader state).
         _save_checkpoint(self.rd, {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                                    "step": step, "seconds": seconds, "warming_up": self.warming_up,
                                    "warmup_end": self.warmup_end, "torch_rng": torch.get_rng_state(),
-                                   "accumulators": acc, "sittings": self.all_sittings(step),
-                                   **self._loss_scale()})
+                                   "accumulators": acc, "sittings": self.all_sittings(step), **scale})
         if self.status == "running":  # a finished run's summary is written by _finish
             self.progress(step, seconds)
 
     def _loss_scale(self) -> dict:
-        """fp16's loss-scale state for a checkpoint, and for the summary (absent for other precisions)."""
+        """fp16's loss-scale state for a checkpoint (absent for other precisions), noted in the summary too:
+        a sitting cut off by a time limit leaves the summary of its last checkpoint."""
         sc = self.stepper.scaler  # a grouped run's stepper is its group's, never fp16
-        return {} if sc is None else {"loss_scale": sc.state_dict()}
+        if sc is None:
+            return {}
+        state = sc.state_dict()
+        self.summary.update(loss_scale=float(state["scale"]), fp16_skipped_steps=int(state["skipped"]))
+        return {"loss_scale": state}
 
     def finish(self) -> RunRecord:
         """Store the outcome: model and final summary when done, a checkpoint when stopped early."""
@@ -518,8 +538,7 @@ class _Run:
         self.summary.update(status=status, step_mode=st.label, step_mode_reason=st.reason, graph_check=st.check)
         if st.compiled or st.compile_reason:  # asked for: whether it ran, and how close to the plain step
             self.summary.update(compile_reason=st.compile_reason, compile_check=st.compile_check)
-        if st.scaler is not None:  # fp16: steps skipped for inf/NaN gradients, over every sitting
-            self.summary.update(loss_scale=float(st.scaler.scale), fp16_skipped_steps=int(st.scaler.skipped))
+        self._loss_scale()  # fp16: the scale, and the steps skipped for inf/NaN gradients over every sitting
         self.progress(done_steps, seconds)  # diverged: its last evaluation is where the run stands
         if status in FINISHED:
             for f in (rd.path / n for n in CHECKPOINT_FILES):
@@ -600,10 +619,12 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
         for i in todo:
             first.setdefault(keys[i], i)
         todo.sort(key=lambda i: first[keys[i]])
-    for g in range(0, len(todo), pack):
+    # a pack steps in lockstep, so an eager run (fast=False) would hold graph-stepped mates to its pace
+    chunks = [c[g:g + pack] for c in ([i for i in todo if cfgs[i].fast], [i for i in todo if not cfgs[i].fast])
+              for g in range(0, len(c), pack)]
+    for chunk in chunks:
         if deadline is not None and time.monotonic() >= deadline:
             break
-        chunk = todo[g:g + pack]
         try:
             out.update(_train_pack([cfgs[i] for i in chunk], chunk, root, device, data, progress, stop_after,
                                    checkpoint_every_s, deadline, group))

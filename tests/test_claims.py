@@ -29,10 +29,13 @@ def test_paper_shaped_results_hold_and_the_opposite_does_not(tmp_path):
     _write(base, "04_unraveled_ensemble", "lesion", pd.DataFrame(lesion))
     _write(base, "04_unraveled_ensemble", "effective", pd.DataFrame([dict(
         net="ResNet-110", arch="resnet", depth=110, seed=0, blocks=54, effective_from=5, effective_to=17)]))
+    _write(base, "08_fast_path_fidelity", "table", pd.DataFrame(
+        [("auto", "bf16, graph", 3, 1.4, 0.3, 12.2, 0.5), ("fp32", "fp32, eager", 1, 1.5, None, 12.6, None)],
+        columns=["precision", "loop", "runs", "train_err_%", "train_err_ci95", "test_err_%", "test_err_ci95"]))
     t = claims.check("paper", root=tmp_path)
-    assert list(t["holds"]) == ["yes"] * 6, t.to_string()
+    assert list(t["holds"]) == ["yes"] * 7, t.to_string()
     assert "block 0 +0.50 points" in t.loc[3, "ours"]  # the downsampling block 1 (+23.5) is left out
-    assert (base / "claims.md").read_text().count("| yes |") == 6
+    assert (base / "claims.md").read_text().count("| yes |") == 7
 
     _write(base, "02_depth", "table", _table([("resnet", 20, 3, 1.0, 7.0), ("resnet", 56, 3, 0.5, 8.8)]))
     _write(base, "04_unraveled_ensemble", "effective", pd.DataFrame([dict(
@@ -47,7 +50,7 @@ def test_missing_tables_and_runs_are_not_run_rather_than_a_verdict(tmp_path):
     base = tmp_path / "quick"
     _write(base, "01_degradation", "table", _table([("plain", 20, 1, 2.0, 9.5), ("plain", 56, 0, None, None)]))
     t = claims.check("quick", root=tmp_path)
-    assert set(t["holds"]) == {"not run"} and len(t) == 6
+    assert set(t["holds"]) == {"not run"} and len(t) == 7
 
 
 def _ci_table(rows):

@@ -94,3 +94,10 @@ def test_a_dataframe_row_of_an_older_run_gives_its_config_back():
     row = {**c.to_json(), "fast": np.bool_(False), "compile": float("nan")}
     back = RunConfig.from_json(row)
     assert back == c and back.fast is False and back.compile is False
+
+
+def test_a_run_name_says_a_precision_that_was_asked_for():
+    """`--list` and the status lines name runs: the fidelity notebook's fp32 ResNet-20 is not its default twin."""
+    assert make_config("paper", arch="resnet", depth=20).name == "resnet-20"
+    assert make_config("paper", arch="resnet", depth=20, precision="fp32").name == "resnet-20 fp32"
+    assert make_config("paper", arch="resnet", depth=56, shortcut="B", precision="fp16").name == "resnet-56 B fp16"

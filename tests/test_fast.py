@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import resnet_lab.fast as fast
 from resnet_lab.data import normalize
-from resnet_lab.fast import Stepper, make_optimizer, step_body
+from resnet_lab.fast import Stepper, make_optimizer
 from resnet_lab.models import build_model
 
 LRS = [0.1, 0.1, 0.01, 0.01, 0.001]
@@ -97,7 +97,7 @@ class FakeGraph:
         for g in st.opt.param_groups:
             g["lr"] = st.lr_t * self.lr_scale  # lr_scale != 1: a graph with a wrong (stale) lr baked in
         st.opt.zero_grad(set_to_none=True)
-        st._loss, st._wrong = step_body(st.model, st.opt, st._x, st._y, st.precision, cache=False)
+        st._loss, st._wrong = st._body(st._x, st._y, cache=False)  # the stepper's step: fp16's scale included
         for g in st.opt.param_groups:
             g["lr"] = st.lr_t
 
@@ -107,7 +107,7 @@ def fake_capture(lr_scale=1.0, fail=False):
         self._x, self._y = x.clone(), y.clone()
         for _ in range(fast.WARMUP_STEPS):  # as the real capture: eager steps that change the state
             self.opt.zero_grad(set_to_none=True)
-            step_body(self.model, self.opt, self._x, self._y, self.precision)
+            self._body(self._x, self._y)
         if fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         self._graph, self._grads = FakeGraph(self, lr_scale), [p.grad for p in self._params()]
@@ -330,3 +330,28 @@ def test_a_capture_that_fails_through_the_compiled_forward_captures_the_plain_on
     assert st.mode == "graph" and st.reason is None and st.label == "graph"
     assert not st.compiled and "recompile" in st.compile_reason and st.compile_reason.startswith("torch.compile dropped")
     assert_same_training(a, b, la, reference(b, data))
+
+
+def test_an_fp16_graph_replays_its_loss_scale_and_checks_a_step_that_was_taken(graphs_available, monkeypatch):
+    """fp16 through the graph path: the scale starts too high, so the first steps overflow and are skipped; the
+    self-check goes again at half the scale until it compares a step taken (two skipped steps agree on
+    nothing), and graph and eager then train alike, scale and skips included."""
+    monkeypatch.setattr(Stepper, "_capture", fake_capture())
+    monkeypatch.setattr(fast, "LOSS_SCALE_INIT", 2.0 ** 20)  # ResNet-8, batch 32: 2 skips, then it grows
+    monkeypatch.setattr(fast, "LOSS_SCALE_GROWTH_INTERVAL", 2)
+    a, b = pair()
+    data = batches(b=32)
+    runs = {}
+    for model, graph in ((a, True), (b, False)):
+        opt, lr_t = make_optimizer(model, 0.1, 0.9, 1e-4)
+        st = Stepper(model, opt, lr_t, precision="fp16", fast=graph)
+        trail = [(float(st(x, y, lr)[0]), float(st.scaler.scale)) for (x, y), lr in zip(data, LRS)]
+        runs[graph] = st, trail
+    st, trail = runs[True]
+    assert st.mode == "graph" and not st.check["skipped"] and st.check["loss_scale"] < 2.0 ** 20
+    assert st.check["update_rel_diff"] < 1e-5
+    assert trail == runs[False][1] and float(st.scaler.skipped) == float(runs[False][0].scaler.skipped) >= 1
+    assert any(s2 == 2 * s1 for (_, s1), (_, s2) in zip(trail, trail[1:]))  # it grew again on a replay
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert not hasattr(st.opt, "found_inf")  # no stale flag left on the optimizer for a later plain step

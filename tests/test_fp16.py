@@ -131,8 +131,24 @@ def test_an_fp16_run_resumes_exactly_with_its_loss_scale(cifar, tmp_path, monkey
     part = train(cfg, root=tmp_path / "b", data=cifar, device="cpu", stop_after=5)
     ck = torch.load(part.path / "checkpoint.pt", weights_only=True)
     assert set(ck["loss_scale"]) == {"scale", "growth_tracker", "skipped"}
+    assert part.summary["loss_scale"] == float(ck["loss_scale"]["scale"])  # a sitting cut off says it too
+    assert part.summary["fp16_skipped_steps"] == int(ck["loss_scale"]["skipped"])
     resumed = train(cfg, root=tmp_path / "b", data=cifar, device="cpu")
     cols = ["step", "train_loss", "train_err", "test_loss", "test_err"]
     assert resumed.metrics[cols].equals(straight.metrics[cols])
     for k in ("loss_scale", "fp16_skipped_steps"):
         assert resumed.summary[k] == straight.summary[k]
+
+
+@needs_data
+def test_a_checkpoint_with_a_bad_loss_scale_is_set_aside_not_fatal(cifar, tmp_path, caplog):
+    cfg = make_config("smoke", arch="resnet", depth=8, iterations=4, eval_every=2, batch_size=16, train_subset=256,
+                      eval_subset=64, milestones=(3,), precision="fp16")
+    part = train(cfg, root=tmp_path, data=cifar, device="cpu", stop_after=2)
+    ck = torch.load(part.path / "checkpoint.pt", weights_only=True)
+    ck["loss_scale"] = {"scale": torch.ones(2)}
+    torch.save(ck, part.path / "checkpoint.pt")
+    (part.path / "checkpoint.prev.pt").unlink(missing_ok=True)
+    rec = train(cfg, root=tmp_path, data=cifar, device="cpu")
+    assert rec.status == "done" and "loss_scale is not" in caplog.text
+    assert list(part.path.glob("checkpoint.pt.bad-*"))

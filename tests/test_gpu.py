@@ -86,32 +86,30 @@ def flat_grads(model):
 
 
 def test_an_fp16_step_is_captured_with_its_loss_scale_and_trains_like_the_eager_one(monkeypatch):
-    """precision="fp16": the loss scale's check, skip and update replay inside the graph (a scale that starts
-    too high backs off and, growing every 2 clean steps, moves on replays), and graph and eager agree."""
+    """precision="fp16": the loss scale's check, skip and update replay inside the graph (growing every 2
+    clean steps, the scale moves on replays), and graph and eager make the same updates."""
     from resnet_lab import fast
 
-    monkeypatch.setattr(fast, "LOSS_SCALE_INIT", 2.0 ** 24)
     monkeypatch.setattr(fast, "LOSS_SCALE_GROWTH_INTERVAL", 2)
     a, b = twins()
     data = batches()
+    p0 = torch.cat([p.detach().flatten() for p in a.parameters()])
     out = {}
     for model, graph in ((a, True), (b, False)):
         opt, lr_t = make_optimizer(model, 0.1, 0.9, 1e-4)
         st = Stepper(model, opt, lr_t, "fp16", fast=graph)
-        scales = []
-        losses = []
-        for (x, y), lr in zip(data, LRS):
-            losses.append(float(st(x, y, lr)[0]))
-            scales.append(float(st.scaler.scale))
-        out[graph] = st, losses, scales
-    st, la, sa = out[True]
-    _, lb, sb = out[False]
+        trail = [(float(st(x, y, lr)[0]), float(st.scaler.scale)) for (x, y), lr in zip(data, LRS)]
+        out[graph] = st, trail
+    st, trail = out[True]
     assert st.mode == "graph", st.reason
-    assert sa[0] == sb[0] < 2.0 ** 24 and len(set(sa)) > 1  # backed off on the first replay, moved on later ones
-    assert la == pytest.approx(lb, rel=2e-2)
-    pa = torch.cat([p.detach().flatten() for p in a.parameters()])
-    pb = torch.cat([p.detach().flatten() for p in b.parameters()])
-    assert float((pa - pb).norm() / pb.norm()) < 1e-2
+    assert not st.check["skipped"] and float(st.scaler.skipped) <= 2
+    scales = [s for _, s in trail]
+    assert any(s2 == 2 * s1 for s1, s2 in zip(scales, scales[1:])), scales  # grew on a replay
+    assert scales == [s for _, s in out[False][1]]  # the same skips and growth as the eager step
+    assert [l for l, _ in trail] == pytest.approx([l for l, _ in out[False][1]], rel=1e-2)
+    ua = torch.cat([p.detach().flatten() for p in a.parameters()]) - p0
+    ub = torch.cat([p.detach().flatten() for p in b.parameters()]) - p0
+    assert float((ua - ub).norm() / ub.norm()) < 5e-2  # the updates themselves, not the weights
 
 
 def test_grad_shows_each_replayed_step():

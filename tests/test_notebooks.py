@@ -21,6 +21,7 @@ OUTPUTS = {  # notebook -> (extra parameters, files it must write under results/
                            ["table.csv", "unfinished.csv", "curves.png"]),
     "06_layer_responses": ({"max_images": 300}, ["responses.csv", "responses.png", "responses.pdf"]),
     "07_imagenet_architectures": ({"depths": [18, 50], "batch_size": 1, "repeats": 1}, ["table.csv", "gmacs.png"]),
+    "08_fast_path_fidelity": ({"seeds": [0, 1]}, ["table.csv", "curves.png", "curves.pdf"]),
 }
 
 

@@ -432,3 +432,29 @@ def test_the_warmup_warning_is_for_a_warmup_still_on_at_the_first_milestone(cifa
     never = train(tiny(iterations=24, eval_every=4, warmup_lr=0.01, warmup_err=0.01, milestones=(20,)),
                   root=tmp_path, data=cifar, device="cpu")
     assert never.summary["warmup_end_step"] is None and "still warming up" in caplog.text
+
+
+def test_eager_runs_are_packed_apart_from_graph_runs(cifar, tmp_path, monkeypatch):
+    """A pack steps in lockstep: the fidelity notebook's fp32 eager reference must not set its graph-stepped
+    mates' pace."""
+    T = importlib.import_module("resnet_lab.train")
+    packs = []
+    monkeypatch.setattr(T, "_train_pack", lambda cfgs, chunk, *a, **k: packs.append([c.fast for c in cfgs]) or {})
+    from resnet_lab.train import train_many
+
+    cfgs = [tiny(seed=0), tiny(seed=1, precision="fp32", fast=False), tiny(seed=2), tiny(seed=3)]
+    train_many(cfgs, root=tmp_path, data=cifar, device="cpu", pack=2)
+    assert packs == [[True, True], [True], [False]]
+
+
+def test_a_run_stepped_two_ways_says_both_in_its_summary(cifar, tmp_path):
+    """step_mode joins the sittings' modes as compute_dtype does: the fidelity check must not take a reference
+    that ran part of its schedule as a graph for an eager one."""
+    cfg = tiny()
+    part = train(cfg, root=tmp_path, data=cifar, device="cpu", stop_after=3)
+    ck = torch.load(part.path / "checkpoint.pt", weights_only=True)
+    assert [s["step_mode"] for s in ck["sittings"]] == ["eager"]
+    ck["sittings"][0]["step_mode"] = "graph"  # as if the first sitting had run on a GPU
+    torch.save(ck, part.path / "checkpoint.pt")
+    rec = train(cfg, root=tmp_path, data=cifar, device="cpu")
+    assert rec.status == "done" and rec.summary["step_mode"] == "graph + eager"
