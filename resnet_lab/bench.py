@@ -284,7 +284,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
     nets, then the profiles (a profiler leaves CUPTI attached, which would slow every later timing); the
     files are rewritten after every measurement. checkpointing: timed with CKPT_SEGMENTS segments for nets
     of ckpt_min_depth layers or more (the shallower ones fit without it). compile: also time our step with
-    the forward through torch.compile, for nets up to DEEP layers (a deeper one would compile for long).
+    each residual block through torch.compile (blocks of one shape share a compiled graph, so deep nets too).
     fp16: also time our step in fp16 with its loss scale (precision="fp16"), every net.
     tag: appended to the files' names (<device>-<tag>.json), so a later bench on one device keeps the earlier.
     """
@@ -354,7 +354,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
                 if h[3] and h[2] != "graph":
                     row["fp16_mode_reason"] = h[3]
             save()
-        if compile and depth <= DEEP:
+        if compile:
             comp = attempt(row, "compiled", lambda: compiled_images_per_s(depth, x, y, dev, batch_size, seconds))
             if comp:
                 row.update(compiled_img_s=comp[0], compile_gain=_ratio(comp[0], ours),

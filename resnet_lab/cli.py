@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time our step in fp16 with a dynamic loss scale (precision=fp16: cuDNN BatchNorm, "
                         "which bf16 never gets): fp16_img_s, fp16_gain over the bf16 step, fp16_skipped_steps")
     b.add_argument("--compile", action="store_true",
-                   help="also time our step with the forward through torch.compile (nets up to 200 layers): "
+                   help="also time our step with each residual block through torch.compile (every net): "
                         "compiled_img_s, compile_gain over the graph step alone, compile_s for its first step")
     b.add_argument("--out", help="folder for <device>.json/.md (default: results/bench under the results folder)")
     b.add_argument("--tag", help="name the files <device>-<tag>.json/.md, keeping an earlier bench of the device")

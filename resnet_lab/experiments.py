@@ -802,7 +802,7 @@ def thousand_table(runs: pd.DataFrame) -> pd.DataFrame:
     t = depth_table(runs)
     if not t.empty:
         done = runs[runs["status"] == "done"]
-        t["iterations"] = t["depth"].map(done.groupby("depth")["iterations"].max()).astype(float)
+        t["iterations"] = t["depth"].map(done.groupby("depth")["iterations"].max()).astype("Int64")
         div = runs[runs["status"] == "diverged"].sort_values("steps_done")
         at = div.groupby("depth")["steps_done"].agg(lambda s: ", ".join(f"{int(v):,}" for v in s.dropna()))
         t["diverged_at"] = [at.get(d, "") for d in t["depth"]]

@@ -3,7 +3,6 @@ notebooks and the report still run to the end, tables keep their columns, figure
 from __future__ import annotations
 
 import json
-import math
 
 import pandas as pd
 import pytest
@@ -270,5 +269,5 @@ def test_the_thousand_table_says_where_runs_diverged_and_what_finished_ones_trai
     runs, _, _ = ex.collect(cfgs)
     t = ex.thousand_table(runs).set_index("depth")
     assert t.loc[110, "iterations"] == cfgs[0].iterations and t.loc[110, "diverged_at"] == ""
-    assert math.isnan(t.loc[1202, "iterations"]) and t.loc[1202, "diverged_at"] == "4, 6"
+    assert pd.isna(t.loc[1202, "iterations"]) and t.loc[1202, "diverged_at"] == "4, 6"
     assert t.loc[1202, "runs"] == 0 and t.loc[1202, "diverged"] == 2
