@@ -149,17 +149,23 @@ def fp16_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torc
 
 def compiled_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int,
                           seconds: float) -> tuple[float, float, float, str, str | None]:
-    """Our step with the forward through torch.compile: (images/s, seconds per step, seconds of the first
-    step (compile, its check against the plain step, capture), step label, why it is not compiled or not
-    a graph)."""
+    """Our step with each block through torch.compile: (images/s, seconds per step, seconds of the first
+    step (compile from an empty dynamo cache, its check against the plain step, capture), step label, why
+    it is not compiled or not a graph, graphs dynamo compiled for the net)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     _fresh_peak(device)
+    torch._dynamo.reset()  # every net from an empty cache: compile_s is this net's, not what an earlier one left
+    before = counters["stats"]["unique_graphs"]
     model, st, ld = _ours(depth, x, y, device, batch_size, 0, True, compile=True)
     t0 = time.perf_counter()
     st(*ld.batch(0), 0.1)
     _sync(device)
     first = time.perf_counter() - t0
+    graphs = counters["stats"]["unique_graphs"] - before
     dt, n = _timed([st], [ld], [None], device, seconds)
-    return n * batch_size / dt, dt / n, first, st.label, st.compile_reason or st.reason
+    return n * batch_size / dt, dt / n, first, st.label, st.compile_reason or st.reason, graphs
 
 
 def _fresh_peak(device: torch.device) -> None:
@@ -360,7 +366,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
                 row.update(compiled_img_s=comp[0], compile_gain=_ratio(comp[0], ours),
                            compiled_speedup=_ratio(comp[0], row["baseline_img_s"]), compiled_step_ms=1000 * comp[1],
                            compiled_schedule_min=_schedule_min(comp[1], ev),
-                           compile_s=comp[2], compiled_mode=comp[3])
+                           compile_s=comp[2], compiled_graphs=comp[5], compiled_mode=comp[3])
                 if comp[4] and comp[3] != "graph+compile":
                     row["compiled_mode_reason"] = comp[4]
             save()

@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 # step in this process stays eager rather than capture into a possibly shared, stale pool.
 _capture_failed: str | None = None
 
-# Net shapes one process may compile: dynamo keeps a forward's compiled graphs on its code, which every
-# CifarResNet shares (one entry per depth, width, ...), 8 by default, and past the limit it would run
-# the forward uncompiled without a word.
+# Block shapes one process may compile: dynamo keeps a forward's compiled graphs on its code, which every
+# residual block shares (one entry per block shape and kind: depth is free, each net configuration costs
+# 2-6, the degradation grid's 8 nets 10 in all, about 16 configurations fill 64), 8 by default, and past
+# the limit it would run the block uncompiled without a word.
 COMPILE_RECOMPILE_LIMIT = 64
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN/cuBLAS pick and cache their kernels)
 CHECK_LOSS_RTOL = 2e-2  # graph vs eager on the first batch: loss, bf16 tolerance

@@ -92,7 +92,6 @@ def test_report_of_notebooks_with_no_stored_run_completes(empty_store, cifar):
 def test_curves_are_those_of_finished_runs_only(empty_store, monkeypatch):
     """A run imported half-way (status running) is in `runs` and `missing`, but its curve is not drawn."""
     import dataclasses
-    import json
 
     from resnet_lab.runs import METRIC_COLUMNS, runs_dir
 
@@ -188,23 +187,12 @@ def test_a_run_stopped_part_way_is_shown_apart_labelled_with_where_it_stands(emp
     """ResNet-1202 stopped short of its schedule (a GPU lease ended; its checkpoint cannot travel): listed with
     the iterations it reached, its curve drawn under a label that says so, never in the finished tables."""
     import dataclasses
-    import json
-
-    from resnet_lab.runs import METRIC_COLUMNS, runs_dir
 
     monkeypatch.setattr(ex, "with_dataset", lambda cfgs, source=None: [dataclasses.replace(c, dataset="t")
                                                                          for c in cfgs])
     cfgs = ex.with_dataset([make_config("smoke", depth=d, seed=s) for d, s in ((110, 0), (1202, 0), (1202, 1))])
-    for cfg, status, steps in zip(cfgs, ("done", "running", "running"), (8, 3, 0)):
-        d = runs_dir() / cfg.hash
-        d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps({**cfg.to_json(), "hash": cfg.hash}))
-        (d / "summary.json").write_text(json.dumps({"status": status, "steps_done": steps, "final_train_err": 0.5,
-                                                    "final_test_err": 0.25, "wall_seconds": 120.0, "device": "x",
-                                                    "params": 1, "flops": 1}))
-        extra = 2 if status == "running" else 0  # evaluated past its checkpoint, then killed: not drawn
-        rows = [",".join(str(v) for v in [s, s / 10, 0.1, 2.0, 0.5, 2.0, 0.25, s]) for s in range(1, steps + 1 + extra)]
-        (d / "metrics.csv").write_text("\n".join([",".join(METRIC_COLUMNS), *rows]) + "\n")
+    # a running one evaluated past its checkpoint, then killed: those 2 rows are not drawn
+    _run_folders(cfgs, ("done", "running", "running"), (8, 3, 0), extra_rows=lambda status: 2 if status == "running" else 0)
     runs, curves, missing = ex.collect(cfgs)
     assert [c.depth for c in missing] == [1202, 1202]
     table, stopped_curves = ex.unfinished(runs)
@@ -254,20 +242,26 @@ def test_a_notebook_says_which_runs_are_finished_stopped_failed_or_not_trained(e
 def test_the_thousand_table_says_where_runs_diverged_and_what_finished_ones_trained(empty_store):
     """A depth whose every run diverged has no finished iterations (NaN, not the config's 64k) and says at
     which step each run stopped; a finished depth gives its iterations."""
-    from resnet_lab.runs import METRIC_COLUMNS, runs_dir
-
     cfgs = ex.with_dataset([make_config("smoke", depth=d, seed=s) for d, s in ((110, 0), (1202, 0), (1202, 1))])
-    for cfg, status, steps in zip(cfgs, ("done", "diverged", "diverged"), (8, 6, 4)):
-        d = runs_dir() / cfg.hash
-        d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps({**cfg.to_json(), "hash": cfg.hash}))
-        (d / "summary.json").write_text(json.dumps({"status": status, "steps_done": steps, "final_train_err": 0.5,
-                                                    "final_test_err": 0.25, "wall_seconds": 120.0, "device": "x",
-                                                    "params": 1, "flops": 1}))
-        rows = [",".join(str(v) for v in [s, s / 10, 0.1, 2.0, 0.5, 2.0, 0.25, s]) for s in range(1, steps + 1)]
-        (d / "metrics.csv").write_text("\n".join([",".join(METRIC_COLUMNS), *rows]) + "\n")
+    _run_folders(cfgs, ("done", "diverged", "diverged"), (8, 6, 4))
     runs, _, _ = ex.collect(cfgs)
     t = ex.thousand_table(runs).set_index("depth")
     assert t.loc[110, "iterations"] == cfgs[0].iterations and t.loc[110, "diverged_at"] == ""
     assert pd.isna(t.loc[1202, "iterations"]) and t.loc[1202, "diverged_at"] == "4, 6"
     assert t.loc[1202, "runs"] == 0 and t.loc[1202, "diverged"] == 2
+
+
+def _run_folders(cfgs, statuses, steps, extra_rows=lambda status: 0) -> None:
+    """Run folders as training leaves them: config, a summary with `status` and `steps_done`, a metrics row
+    per step (and `extra_rows(status)` more)."""
+    from resnet_lab.runs import METRIC_COLUMNS, runs_dir
+
+    for cfg, status, n in zip(cfgs, statuses, steps):
+        d = runs_dir() / cfg.hash
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({**cfg.to_json(), "hash": cfg.hash}))
+        (d / "summary.json").write_text(json.dumps({"status": status, "steps_done": n, "final_train_err": 0.5,
+                                                    "final_test_err": 0.25, "wall_seconds": 120.0, "device": "x",
+                                                    "params": 1, "flops": 1}))
+        rows = [",".join(str(v) for v in [s, s / 10, 0.1, 2.0, 0.5, 2.0, 0.25, s]) for s in range(1, n + 1 + extra_rows(status))]
+        (d / "metrics.csv").write_text("\n".join([",".join(METRIC_COLUMNS), *rows]) + "\n")

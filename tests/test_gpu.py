@@ -64,10 +64,12 @@ def test_graph_is_captured_and_trains_like_the_eager_step(arch, depth, kw):
     assert float((pa - pb).norm() / pb.norm()) < 1e-2
 
 
-def test_a_compiled_forward_is_captured_and_trains_like_the_plain_step():
-    """torch.compile (inductor, Triton) inside our captured step: compiled, captured, and learning what the
-    plain eager step learns; run before `bench --compile` times it."""
-    a, b = twins()
+@pytest.mark.parametrize("depth, kw", [(20, {}), (56, {"activation_checkpointing": 2})])
+def test_a_compiled_forward_is_captured_and_trains_like_the_plain_step(depth, kw):
+    """torch.compile (inductor, Triton) on each block inside our captured step: compiled, captured, and
+    learning what the plain eager step learns, also with the blocks recomputed in the backward pass
+    (checkpointing); run before `bench --compile` times it."""
+    a, b = twins("resnet", depth, **kw)
     data = batches()
     opt, lr_t = make_optimizer(a, 0.1, 0.9, 1e-4)
     st = Stepper(a, opt, lr_t, "auto", compile=True)
@@ -164,6 +166,26 @@ def test_grouped_nets_capture_and_match_their_members():
     losses = [st(*one, lr)[0].clone() for lr in LRS]
     assert st.mode == "graph", st.reason
     assert losses[0].shape == (4,) and bool((losses[-1] < losses[0]).all())
+
+
+def test_grouped_nets_compile_capture_and_learn():
+    """Compiled blocks of a grouped net (grouped convs) inside the captured step: checked against the plain
+    grouped step, captured, and every member's loss falls on a batch it fits."""
+    from resnet_lab.grouped import GroupedNets
+
+    cuda = torch.device("cuda")
+    nets = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        nets.append(build_model("resnet", 20))
+    group = to_device(GroupedNets(nets), cuda)
+    opt, lr_t = make_optimizer(group, 0.1, 0.9, 1e-4)
+    st = Stepper(group, opt, lr_t, "auto", members=2, compile=True)
+    one = batches(1, b=2 * 128)[0]
+    losses = [st(*one, lr)[0].clone() for lr in LRS]
+    assert st.label == "graph+compile", (st.compile_reason, st.reason)
+    assert st.compile_check["update_rel_diff"] < 0.1 and st.compile_check["bn_stats_rel_diff"] < 0.1
+    assert losses[0].shape == (2,) and bool((losses[-1] < losses[0]).all())
 
 
 @needs_data
