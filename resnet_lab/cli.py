@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import ARCHS, PRESETS, SHORTCUTS, RunConfig
+from .config import ARCHS, NON_RESULT_FIELDS, PRESETS, SHORTCUTS, RunConfig
 
 # `train` flags that describe one net (--notebook and --sweep take a grid instead) and flags that only mean
 # something for several runs (--notebook, --sweep); each is refused where it would be ignored.
@@ -87,7 +87,14 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 def _check_train_flags(a: argparse.Namespace) -> None:
     """Every flag of `train` acts or is refused by name: none is silently ignored."""
     if a.notebook or a.sweep:
-        given = _given(a, SINGLE_RUN_FLAGS) or (["--set"] if a.set else [])
+        # --set of a speed-only field (not hashed: the grid's runs stay the same runs) applies to every run
+        result_keys = [kv.split("=", 1)[0] for kv in a.set or [] if kv.split("=", 1)[0] not in NON_RESULT_FIELDS]
+        given = _given(a, SINGLE_RUN_FLAGS) or ([f"--set {', '.join(result_keys)}"] if result_keys else [])
+        if result_keys and not _given(a, SINGLE_RUN_FLAGS):
+            usage_error(f"--set {', '.join(result_keys)} would change the runs a grid names: "
+                        f"{'set it with -p NAME=VALUE' if a.notebook else 'the grid file sets them'}; with "
+                        f"{'--notebook' if a.notebook else '--sweep'}, --set takes only the speed-only fields "
+                        f"{sorted(NON_RESULT_FIELDS)}, e.g. --set compile=true")
         if given:
             seeds = f" (seeds too: -p 'seeds=[{a.seed}]')" if a.seed is not None else ""
             how = "set it with -p NAME=VALUE" if a.notebook else "the grid file sets it"
@@ -263,7 +270,8 @@ def _train_notebooks(a: argparse.Namespace) -> int:
         for nb in a.notebook or []:
             _check_notebook(nb, params)
             cfgs += ex.configs_for(nb, params)
-        cfgs = ex.with_dataset(ex.unique_runs(cfgs))
+        speed = _overrides(a.set or [])  # speed-only fields (checked above): hashes, so runs, unchanged
+        cfgs = [dataclasses.replace(c, **speed) for c in ex.with_dataset(ex.unique_runs(cfgs))]
         pack = a.pack if a.pack is not None else ex.pack_size(None if device == "auto" else device)
         group = a.group or ex.group_seeds()
     except DataError:
@@ -482,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None, help="default 0; with --notebook use -p 'seeds=[...]'")
     t.add_argument("--device", default="auto",
                    help="auto | cpu | cuda | cuda:N (auto with --sweep: the grid's device, if it sets one)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any RunConfig field")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any RunConfig field; with --notebook/--sweep only the speed-only ones "
+                        f"({', '.join(sorted(NON_RESULT_FIELDS))}), e.g. --set compile=true")
     t.add_argument("--notebook", action="append", metavar="STEM",
                    help="train every run this notebook needs (repeatable), e.g. 02_depth")
     t.add_argument("--sweep", action="append", metavar="GRID",

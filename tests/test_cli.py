@@ -310,3 +310,23 @@ def test_a_diverged_run_is_a_result_and_a_stopped_one_without_checkpoint_says_it
     assert "diverged at step 3" in capsys.readouterr().out
     assert cli.main(["train", "--preset", "smoke", "--depth", "8", "--seed", "1", "--list"]) == 0
     assert "stopped  step 3/6  (no checkpoint here: it starts again at step 0)" in capsys.readouterr().out
+
+
+def test_a_grid_takes_speed_only_settings_for_every_run_and_refuses_the_rest(capsys, tmp_path, monkeypatch):
+    """`train --sweep G --set compile=true`: the same runs (same hashes, so they resume and skip as before),
+    each trained with the setting; a field that would change the runs is refused, naming what is allowed."""
+    ex = importlib.import_module("resnet_lab.experiments")
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    monkeypatch.setattr(ex, "with_dataset", lambda cfgs: [dataclasses.replace(c, dataset="test") for c in cfgs])
+    seen = []
+    monkeypatch.setattr(ex, "train_all", lambda cfgs, **kw: seen.append(cfgs) or [])
+    grid = tmp_path / "g.yaml"
+    grid.write_text(GRID)
+    cli.main(["train", "--sweep", str(grid), "--quiet", "--device", "cpu"])
+    cli.main(["train", "--sweep", str(grid), "--quiet", "--device", "cpu", "--set", "compile=true", "--set", "fast=false"])
+    plain, speed = seen
+    assert [c.hash for c in speed] == [c.hash for c in plain] and len(plain) == 4
+    assert all(c.compile and not c.fast for c in speed) and not any(c.compile for c in plain)
+    for argv in (["--sweep", str(grid)], ["--notebook", "01_degradation"]):
+        err = _usage_error(capsys, "train", *argv, "--set", "lr=0.2", "--list")
+        assert "--set lr would change the runs" in err and "'compile'" in err and "'activation_checkpointing'" in err
