@@ -601,12 +601,20 @@ REFERENCE_LOOP = dict(precision="fp32", fast=False)
 FIDELITY_COLUMNS = ["compared", "fast", "reference", "reference - fast", "criterion", "holds here"]
 
 
-def fidelity_configs(preset: str, depth: int, seeds: list[int], reference_seeds: list[int]) -> list[RunConfig]:
-    """A ResNet trained by our default step (bf16 autocast and a CUDA graph on a GPU) at each seed, and the
-    same net by the reference loop (fp32, eager) at each reference seed: does the fast path learn the same?"""
+FAST_PRECISIONS = ("auto", "bf16", "fp16")  # what the fast runs may train in: anything but the reference's fp32
+
+
+def fidelity_configs(preset: str, depth: int, seeds: list[int], reference_seeds: list[int],
+                     precision: str = "auto") -> list[RunConfig]:
+    """A ResNet trained by our fast step (bf16 autocast and a CUDA graph on a GPU; or precision="fp16") at
+    each seed, and the same net by the reference loop (fp32, eager) at each reference seed: does the fast
+    path learn the same?"""
     check_grid("seeds", seeds, positive=True)
     check_grid("reference_seeds", reference_seeds, positive=True)
-    return ([make_config(preset, arch="resnet", depth=depth, seed=s) for s in seeds]
+    if precision not in FAST_PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not valid for the fast runs: use one of {list(FAST_PRECISIONS)} "
+                         "(fp32 is the reference loop's)")
+    return ([make_config(preset, arch="resnet", depth=depth, seed=s, precision=precision) for s in seeds]
             + [make_config(preset, arch="resnet", depth=depth, seed=s, **REFERENCE_LOOP) for s in reference_seeds])
 
 
@@ -632,30 +640,39 @@ def fidelity_table(runs: pd.DataFrame) -> pd.DataFrame:
     return summarize(runs.assign(loop=_loops(runs) if not runs.empty else []), ["precision", "loop"])
 
 
-def fidelity_verdict(table: pd.DataFrame) -> pd.DataFrame:
+def fidelity_verdict(table: pd.DataFrame, precision: str | None = None) -> pd.DataFrame:
     """Does the reference loop (fp32, eager) learn what the fast step (a CUDA graph) learns? Per error (test,
     training): with one reference run, inside the fast runs' 95% prediction interval for one more seed;
     with more, the difference inside its 95% CI (Welch). `yes` needs MIN_FAST_RUNS fast seeds (fewer:
     `within noise`); a divergence on one side only is `NO`. Where the loops are not the two compared (a
-    CPU runs fp32 eager both times; a graph that fell back; a loop not recorded) it says so, judging nothing."""
+    CPU runs fp32 eager both times; a graph that fell back; a loop not recorded) it says so, judging nothing.
+    precision: the fast runs' (None: the table's one precision other than fp32, "auto" when it has none)."""
     from .claims import NOISE, difference, prediction_half_width
 
     rows = []
     if "diverged" not in table:  # a table written without the column: no run counted as diverged
         table = table.assign(diverged=0)
-    sides = {p: table[(table["precision"] == p) & (table["runs"] + table["diverged"] > 0)] for p in ("auto", "fp32")}
+    live = table[table["runs"] + table["diverged"] > 0]
+    others = sorted({str(p) for p in live["precision"]} - {"fp32"})
+    ambiguous = precision is None and len(others) > 1
+    if precision is None:
+        precision = others[0] if len(others) == 1 else "auto"
+    sides = {"fast": live[live["precision"] == precision], "reference": live[live["precision"] == "fp32"]}
     for col, what in (("test_err_%", "final test error"), ("train_err_%", "final training error")):
         row = {"compared": what, "fast": "", "reference": "", "reference - fast": "", "criterion": "", "holds here": ""}
         rows.append(row)
+        if ambiguous:
+            row["holds here"] = f"not judged (fast runs of several precisions: {', '.join(others)}; name one)"
+            continue
         if any(len(t) == 0 for t in sides.values()):
             row["holds here"] = "not run (" + " and ".join(
-                f"no finished {name} run" for name, t in zip(("fast", "reference"), sides.values()) if len(t) == 0) + ")"
+                f"no finished {name} run" for name, t in sides.items() if len(t) == 0) + ")"
             continue
         if any(len(t) > 1 for t in sides.values()):
             row["holds here"] = "not judged (runs of one precision ran different loops: " + "; ".join(
                 sorted(map(str, set(table["loop"])))) + ")"
             continue
-        f, r = sides["auto"].iloc[0], sides["fp32"].iloc[0]
+        f, r = sides["fast"].iloc[0], sides["reference"].iloc[0]
         row["fast"], row["reference"] = _loop_text(f, col), _loop_text(r, col)
         why = _not_comparable(str(f["loop"]), str(r["loop"]))
         if why:
@@ -720,7 +737,7 @@ NOTEBOOK_CONFIGS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "05_thousand_layers": (thousand_layer_configs, ("preset", "depths", "seeds", "checkpoint_segments")),
     "06_layer_responses": (response_configs, ("preset", "depths", "seeds")),
     "07_imagenet_architectures": (lambda preset: [], ("preset",)),  # measures untrained nets
-    "08_fast_path_fidelity": (fidelity_configs, ("preset", "depth", "seeds", "reference_seeds")),
+    "08_fast_path_fidelity": (fidelity_configs, ("preset", "depth", "seeds", "reference_seeds", "precision")),
 }
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 

@@ -123,3 +123,18 @@ def test_a_loop_missing_from_older_summaries_reads_unrecorded():
     runs = pd.DataFrame({"compute_dtype": ["bf16", None, float("nan")], "step_mode": ["graph + eager", "eager", None]})
     assert ex._loops(runs).tolist() == ["bf16, graph + eager", "unrecorded, eager", "unrecorded, unrecorded"]
     assert ex._loops(pd.DataFrame({"status": ["done"]})).tolist() == ["unrecorded, unrecorded"]
+
+
+def test_the_fast_runs_may_be_fp16_and_the_verdict_finds_their_precision():
+    cfgs = ex.fidelity_configs("smoke", 20, [0, 1], [0], precision="fp16")
+    assert [c.precision for c in cfgs] == ["fp16", "fp16", "fp32"]
+    with pytest.raises(ValueError, match=r"precision='fp32' is not valid for the fast runs: use one of"):
+        ex.fidelity_configs("smoke", 20, [0], [0], precision="fp32")
+    fp16 = ("fp16", "fp16, graph", 3, 1.4, 0.3, 12.2, 0.5)
+    ref = ("fp32", "fp32, eager", 1, 1.5, None, 12.9, None)
+    v = ex.fidelity_verdict(_table([fp16, ref])).iloc[0]  # inferred: the one precision besides fp32
+    assert v["holds here"] == "yes" and v["fast"].startswith("fp16, graph: 12.20%")
+    both = _table([FAST, fp16, ref])
+    assert ex.fidelity_verdict(both).iloc[0]["holds here"] == "not judged (fast runs of several precisions: auto, fp16; name one)"
+    assert ex.fidelity_verdict(both, "fp16").iloc[0]["holds here"] == "yes"
+    assert ex.fidelity_verdict(both, "auto").iloc[0]["fast"].startswith("bf16, graph")
