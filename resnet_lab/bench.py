@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import MEAN, STD, DeviceLoader, balanced_subset, eval_batches
-from .fast import Stepper, make_optimizer, to_device
+from .fast import Stepper, error_line, make_optimizer, to_device
 from .grouped import CatLoader, GroupedNets
 from .models import build_model
 from .runs import atomic_write_json, atomic_write_text, results_dir
@@ -432,8 +432,7 @@ def _attempt(row: dict[str, Any], what: str, device: torch.device, fn):
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - whatever it is, the table says it and the bench goes on
-        msg = str(e).strip().splitlines()
-        row[f"{what}_error"] = f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+        row[f"{what}_error"] = error_line(e)
     log.warning("%s: %s failed: %s", row["model"], what, row[f"{what}_error"])
     gc.collect()  # the failed measurement's tensors, now that its traceback is gone
     if device.type == "cuda":

@@ -277,8 +277,7 @@ class Stepper:
             self._forward, self.compiled = twin, True
         except Exception as e:  # the plain step is always there
             self._restore(snap)
-            first = (str(e).strip().splitlines() or [""])[0][:300]  # not dynamo's whole traceback
-            self.compile_reason = f"torch.compile not used ({type(e).__name__}: {first})"
+            self.compile_reason = f"torch.compile not used ({error_line(e, 500)})"  # not dynamo's whole traceback
             log.warning("%s; training with the plain forward", self.compile_reason)
         self.opt.zero_grad(set_to_none=True)
 
@@ -482,6 +481,13 @@ def _end_broken_capture(g: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> N
     with contextlib.suppress(Exception), torch.cuda.stream(stream):
         if torch.cuda.is_current_stream_capturing():
             g.capture_end()
+
+
+def error_line(e: BaseException, limit: int = 300) -> str:
+    """'TypeName: first line of the message', at most `limit` characters: what a summary or a table says of
+    an error whose whole text (dynamo's, CUDA's) runs to pages."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:limit]
 
 
 def graph_unavailable(device: torch.device) -> str | None:
