@@ -87,19 +87,19 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 def _check_train_flags(a: argparse.Namespace) -> None:
     """Every flag of `train` acts or is refused by name: none is silently ignored."""
     if a.notebook or a.sweep:
-        # --set of a speed-only field (not hashed: the grid's runs stay the same runs) applies to every run
-        result_keys = [kv.split("=", 1)[0] for kv in a.set or [] if kv.split("=", 1)[0] not in NON_RESULT_FIELDS]
-        given = _given(a, SINGLE_RUN_FLAGS) or ([f"--set {', '.join(result_keys)}"] if result_keys else [])
-        if result_keys and not _given(a, SINGLE_RUN_FLAGS):
-            usage_error(f"--set {', '.join(result_keys)} would change the runs a grid names: "
-                        f"{'set it with -p NAME=VALUE' if a.notebook else 'the grid file sets them'}; with "
-                        f"{'--notebook' if a.notebook else '--sweep'}, --set takes only the speed-only fields "
-                        f"{sorted(NON_RESULT_FIELDS)}, e.g. --set compile=true")
+        given = _given(a, SINGLE_RUN_FLAGS)
         if given:
             seeds = f" (seeds too: -p 'seeds=[{a.seed}]')" if a.seed is not None else ""
             how = "set it with -p NAME=VALUE" if a.notebook else "the grid file sets it"
             usage_error(f"{'--notebook' if a.notebook else '--sweep'} takes a grid; {how}{seeds}, "
                         f"not {', '.join(given)}")
+        # --set of a speed-only field (not hashed: the grid's runs stay the same runs) applies to every run
+        result_keys = [k for k in (kv.partition("=")[0] for kv in a.set or []) if k not in NON_RESULT_FIELDS]
+        if result_keys:
+            usage_error(f"--set {', '.join(result_keys)} would change the runs a grid names: "
+                        f"{'set it with -p NAME=VALUE' if a.notebook else 'the grid file sets them'}; with "
+                        f"{'--notebook' if a.notebook else '--sweep'}, --set takes only the speed-only fields "
+                        f"{sorted(NON_RESULT_FIELDS)}, e.g. --set compile=true")
     elif _given(a, NOTEBOOK_FLAGS):
         usage_error(f"{', '.join(_given(a, NOTEBOOK_FLAGS))} apply to several runs: use them with --notebook STEM "
                     f"or --sweep GRID, or drop them to train one net")

@@ -115,8 +115,10 @@ class LossScaler:
     """
 
     GROWTH, BACKOFF = 2.0, 0.5
+    STATE = ("scale", "growth_tracker", "skipped")  # what a checkpoint keeps
 
-    def __init__(self, device: torch.device, init_scale: float = 2.0 ** 16, growth_interval: int = 2000):
+    def __init__(self, device: torch.device, init_scale: float = LOSS_SCALE_INIT,
+                 growth_interval: int = LOSS_SCALE_GROWTH_INTERVAL):
         self.growth_interval = growth_interval
         self.scale = torch.full((), init_scale, dtype=torch.float32, device=device)
         self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)  # clean steps since a change
@@ -143,12 +145,11 @@ class LossScaler:
                                  self.growth_interval)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"scale": self.scale.detach().cpu().clone(), "growth_tracker": self.growth_tracker.detach().cpu().clone(),
-                "skipped": self.skipped.detach().cpu().clone()}
+        return {k: getattr(self, k).detach().cpu().clone() for k in self.STATE}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for k in ("scale", "growth_tracker", "skipped"):
+        for k in self.STATE:
             getattr(self, k).copy_(state[k])
 
 
@@ -173,12 +174,9 @@ def step_body(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
     """Forward, backward, optimizer step on uint8 images; (loss, wrong count) stay on the device.
 
     members > 1: `model` is a `GroupedNets` and x holds each member's batch in turn; loss and wrong
-    count come back per member, shape (members,). scaler: fp16's loss scale (one member only: one
-    skipped step would skip every member's).
+    count come back per member, shape (members,). scaler: fp16's loss scale (one net only: `Stepper`
+    refuses it for a GroupedNets).
     """
-    if scaler is not None and members > 1:
-        raise ValueError("fp16 loss scaling is for one net, not a GroupedNets: a step skipped for one member "
-                         "would skip every member's")
     xf = normalize(x).contiguous(memory_format=torch.channels_last)  # the models' layout (to_device)
     with autocast(xf.device, precision, cache):
         out = model(xf)

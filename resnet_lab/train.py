@@ -185,7 +185,7 @@ def _check_loss_scale(state: object) -> None:
     with the rest of the checkpoint, so a bad one sets the file aside instead of failing every later call."""
     if state is None:
         return
-    keys = ("scale", "growth_tracker", "skipped")
+    keys = LossScaler.STATE
     if not (isinstance(state, dict) and all(isinstance(state.get(k), torch.Tensor) and state[k].dim() == 0
                                             for k in keys)):
         raise ValueError(f"its loss_scale is not {{{', '.join(keys)}}} as scalar tensors")
