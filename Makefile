@@ -16,7 +16,7 @@ endif
 
 PAPERMILL := $(BIN)/papermill -k $(KERNEL) --log-level WARNING
 
-.PHONY: install test reproduce figures lab clean-venv
+.PHONY: install test reproduce figures lab clean-venv gpu-in gpu-back
 
 install: $(VENV)/.installed
 
@@ -67,6 +67,25 @@ figures: install
 
 lab: install
 	$(BIN)/jupyter lab notebooks/
+
+# A GPU session (README, "Running on a GPU"): `make gpu-in` writes what the device call carries (.data and
+# .gpu-in: with the repository, within the tool's 64 MiB), `bash .ci/gpu-session` runs there, and
+# `make gpu-back FROM=<the folder the call's files came back to>` takes them in here.
+gpu-in: install
+	@test -f "$(RESNET_LAB_DATA)" || { echo "set RESNET_LAB_DATA to a CIFAR-10 archive or tarball"; exit 2; }
+	mkdir -p .data .gpu-in
+	rm -f .data/*.tar.gz .gpu-in/resume.tar.gz.*
+	cp "$(RESNET_LAB_DATA)" .data/
+	$(BIN)/resnet-lab runs manifest .gpu-in/have.json
+	$(BIN)/resnet-lab runs export .gpu-in --name resume --checkpoints --unfinished --max-mb 36
+	@du -sh .data .gpu-in
+
+gpu-back: install
+	@test -d "$(FROM)" || { echo "usage: make gpu-back FROM=<the folder the device call's files came back to>"; exit 2; }
+	parts="$$(ls "$(FROM)"/runs.tar.gz.[0-9]* 2>/dev/null)"; [ -z "$$parts" ] || $(BIN)/resnet-lab runs import $$parts
+	for f in "$(FROM)"/*.json "$(FROM)"/*.md "$(FROM)"/*-profile.txt; do [ ! -e "$$f" ] || cp "$$f" results/bench/; done
+	$(BIN)/resnet-lab report --preset paper
+	@echo "bench files copied to results/bench/; add $(FROM)/log.txt there as <device>-<date>-session-log.txt if useful"
 
 clean-venv:
 	rm -rf $(VENV)

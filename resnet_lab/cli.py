@@ -15,7 +15,7 @@ from .config import ARCHS, NON_RESULT_FIELDS, PRESETS, SHORTCUTS, RunConfig
 # `train` flags that describe one net (--notebook and --sweep take a grid instead) and flags that only mean
 # something for several runs (--notebook, --sweep); each is refused where it would be ignored.
 SINGLE_RUN_FLAGS = ("arch", "depth", "shortcut", "block_layers", "seed")
-NOTEBOOK_FLAGS = ("param", "pack", "group", "skip")
+NOTEBOOK_FLAGS = ("param", "pack", "group")
 TRAINING_FLAGS = ("time_budget", "pack", "group")  # --list trains nothing
 # exit codes of every command: 0 all done, 1 some run/point/notebook failed or is missing (the output says
 # which), 2 bad input (argparse's), 130 interrupted; a count would read as 2 or 130 and wrap at 256
@@ -140,10 +140,17 @@ def _train_one(a: argparse.Namespace) -> int:
     except ValueError as e:
         usage_error(e)
     _check_device(a.device, need=not a.list)
-    if a.list:
-        from .experiments import with_dataset
+    from .experiments import with_dataset
+    from .transfer import finished_in
 
-        _list_runs(with_dataset([cfg]))
+    skip = _manifest(a.skip) or {}  # bad input is refused before the dataset is read
+    cfg = with_dataset([cfg])[0]
+    elsewhere = {cfg.hash: skip[cfg.hash]} if finished_in(skip.get(cfg.hash)) else {}
+    if a.list:
+        _list_runs([cfg], elsewhere, a.skip)
+        return 0
+    if elsewhere:  # finished on the machine that wrote the manifest: a fresh GPU machine does not redo it
+        print(f"{cfg.name} seed {cfg.seed}: {elsewhere[cfg.hash]['status']} in {a.skip} (not trained here)")
         return 0
     from .runs import FINISHED
     from .train import train
@@ -507,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --notebook/--sweep: train the seeds of one config as one grouped net (conv groups; "
                         "$RESNET_LAB_GROUP=1 does the same); off by default until the GPU bench shows it pays")
     t.add_argument("--skip", default=None, metavar="MANIFEST",
-                   help="with --notebook/--sweep: leave out runs this manifest (`runs manifest` on another machine) "
-                        "has finished, so that a fresh GPU machine trains only what is still missing")
+                   help="leave out the run(s) this manifest (`runs manifest` on another machine) has finished, so "
+                        "that a fresh GPU machine trains only what is still missing")
     t.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="stop with a checkpoint after S seconds; the next call resumes")
     t.add_argument("--list", action="store_true", help="list the run(s) and their status, train nothing")

@@ -330,3 +330,29 @@ def test_a_grid_takes_speed_only_settings_for_every_run_and_refuses_the_rest(cap
     for argv in (["--sweep", str(grid)], ["--notebook", "01_degradation"]):
         err = _usage_error(capsys, "train", *argv, "--set", "lr=0.2", "--list")
         assert "--set lr would change the runs" in err and "'compile'" in err and "'activation_checkpointing'" in err
+
+
+def test_one_run_finished_in_a_skip_manifest_is_not_trained_again(no_training, capsys, tmp_path, monkeypatch):
+    """`train --skip MANIFEST` of one net (the fidelity run of a GPU session): a fresh machine does not redo a
+    run the manifest has finished, and trains one it has only started (the no_training fixture fails it)."""
+    import json
+
+    ex = importlib.import_module("resnet_lab.experiments")
+    from resnet_lab.config import make_config
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    monkeypatch.setattr(ex, "with_dataset", lambda cfgs: [dataclasses.replace(c, dataset="test") for c in cfgs])
+    cfg = ex.with_dataset([make_config("smoke", depth=8, precision="fp32")])[0]
+    have = tmp_path / "have.json"
+    argv = ["train", "--preset", "smoke", "--depth", "8", "--set", "precision=fp32", "--device", "cpu",
+            "--quiet", "--skip", str(have)]
+    have.write_text(json.dumps({cfg.hash: {"status": "done", "steps_done": 6, "analyses": []}}))
+    assert cli.main(argv) == 0
+    assert "resnet-8 fp32 seed 0: done in" in capsys.readouterr().out
+    assert cli.main([*argv, "--list"]) == 0
+    assert "not trained here" in capsys.readouterr().out
+    have.write_text(json.dumps({cfg.hash: {"status": "running", "steps_done": 3, "analyses": []}}))
+    with pytest.raises(AssertionError, match="the command trained"):
+        cli.main(argv)
+    err = _usage_error(capsys, *argv[:-1], str(tmp_path / "nope.json"))
+    assert "--skip" in err and "nope.json" in err

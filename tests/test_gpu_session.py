@@ -1,0 +1,79 @@
+""".ci/gpu-session, the device call of a GPU session, end to end on the CPU: a mistake in it would cost device
+time, which is scarce (15 minutes a session), so it is run here first with smoke-sized stages."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from resnet_lab import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / ".ci" / "gpu-session"
+
+
+def _default(name: str) -> str:
+    """A knob's default as the script sets it (`NAME=${NAME:-"..."}` or `${NAME-"..."}`)."""
+    m = re.search(rf'^{name}=\$\{{{name}:?-"([^"]*)"\}}', SCRIPT.read_text(), re.M)
+    assert m, f"{name} has no quoted default in {SCRIPT}"
+    return m.group(1)
+
+
+def test_the_defaults_are_commands_the_cli_takes():
+    """The bench flags and the reference run the device call uses by default parse (a typo here would
+    only show there); the grids it trains exist."""
+    parser = cli.build_parser()
+    parser.parse_args(["bench", *shlex.split(_default("BENCH_ARGS"))])
+    parser.parse_args(["train", *shlex.split(_default("REFERENCE")), "--time-budget", "5"])
+    for grid in _default("GRIDS").split():
+        assert (ROOT / grid).is_file(), grid
+
+
+def _session(tmp_path: Path, out: str, **env: str) -> subprocess.CompletedProcess:
+    base = dict(os.environ, OUT=str(tmp_path / out), DEVICE="cpu", PY=sys.executable,
+                GPU_IN=str(tmp_path / "in"), GPU_DIR=str(tmp_path / "gpu"),
+                BUDGET_S="300", EXPORT_S="60", MIN_TRAIN_S="5", GRIDS="sweeps/smoke_example.yaml",
+                REFERENCE="--preset smoke --depth 8 --set precision=fp32 --set fast=false")
+    return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env={**base, **env}, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.usefixtures("cifar")  # it skips without a CIFAR-10 copy
+def test_a_session_trains_what_is_missing_and_brings_back_only_what_is_new(tmp_path):
+    """Call 1 imports the unfinished runs sent along, leaves out those the manifest has finished, trains the
+    rest and exports them; call 2 on the same (warm) machine sends nothing twice; a bad stage is refused."""
+    here = tmp_path / "here"
+    env = dict(os.environ, RESNET_LAB_RESULTS=str(here))
+    run = lambda *argv: subprocess.run([sys.executable, "-m", "resnet_lab.cli", *argv], cwd=ROOT, env=env,
+                                       capture_output=True, text=True, timeout=300)
+    done = run("train", "--preset", "smoke", "--depth", "8", "--device", "cpu", "--quiet")  # in 01's grid too
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "in").mkdir()
+    assert run("runs", "manifest", str(tmp_path / "in" / "have.json")).returncode == 0
+    have = json.loads((tmp_path / "in" / "have.json").read_text())
+    assert len(have) == 1
+
+    first = _session(tmp_path, "out1", STAGES="import tests train export")
+    log = (tmp_path / "out1" / "log.txt").read_text()
+    assert first.returncode == 0, log
+    assert "done; 0 stage(s) failed" in log and "resnet-8 seed 0: done in" in log  # not trained there
+    assert re.search(r"\d+ skipped", log)  # the GPU tests ran (and skip without CUDA)
+    parts = sorted(str(p) for p in (tmp_path / "out1").glob("runs.tar.gz.*"))
+    assert parts and "8 run(s) in this export" in log  # the 7 other grid runs and the reference run
+    imported = run("runs", "import", *parts)
+    assert imported.returncode == 0, imported.stderr
+    assert len(list((here / "runs").iterdir())) == 9
+
+    second = _session(tmp_path, "out2", STAGES="train export")
+    log2 = (tmp_path / "out2" / "log.txt").read_text()
+    assert second.returncode == 0, log2
+    assert "0 run(s) in this export" in log2 and "earlier export from here sent them" in log2
+
+    bad = _session(tmp_path, "out3", STAGES="tests bnech")
+    assert bad.returncode == 2 and "unknown stage 'bnech'" in bad.stdout + bad.stderr
