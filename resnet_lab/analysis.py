@@ -60,7 +60,9 @@ def t975(dof: float) -> float:
     """
     if not dof > 0:
         raise ValueError(f"dof={dof!r} is not valid: use a number > 0")
-    lo, hi = 1.959, 13.0 if dof >= 1 else 1e6
+    lo, hi = 1.959, 13.0  # t(1) = 12.71; below 1 dof the tail is heavier: widen until it brackets the quantile
+    while _t_tail(hi, dof) > 0.025:
+        lo, hi = hi, 2 * hi
     while hi - lo > 1e-10 * hi:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if _t_tail(mid, dof) > 0.025 else (lo, mid)

@@ -146,13 +146,13 @@ def lesions(lesion: pd.DataFrame | None) -> list[dict]:
     else:
         deepest = res[res["depth"] == res["depth"].max()]
         kept = deepest[~deepest["changes_shape"].astype(bool)]
-        cost = 100 * (kept["err"].astype(float) - kept["base_err"].astype(float))
-        worst = kept.loc[cost.idxmax()]
-        out.append(_row("04_unraveled_ensemble",
-                        f"single-block deletions barely hurt {worst['net']} (not at downsampling)",
-                        f"every non-downsampling block costs < {LESION_COST_PTS:g} point",
-                        f"worst: block {int(worst['block'])} +{cost.max():.2f} points; median +{cost.median():.2f}",
-                        bool(cost.max() < LESION_COST_PTS)))
+        for net, g in kept.groupby("net", sort=True):  # one verdict per net, as for the plain nets below
+            cost = 100 * (g["err"].astype(float) - g["base_err"].astype(float))
+            worst = g.loc[cost.idxmax()]
+            out.append(_row("04_unraveled_ensemble", f"single-block deletions barely hurt {net} (not at downsampling)",
+                            f"every non-downsampling block costs < {LESION_COST_PTS:g} point",
+                            f"worst: block {int(worst['block'])} +{cost.max():.2f} points; median +{cost.median():.2f}",
+                            bool(cost.max() < LESION_COST_PTS)))
     plain = None if lesion is None else lesion[lesion["arch"] == "plain"]
     crit = (f"median lesion error >= {100 * COLLAPSE_ERR:.0f}% (chance: 90%) and >= {COLLAPSE_RISE_PTS:g} points "
             "above the intact net's")

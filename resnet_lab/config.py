@@ -24,6 +24,8 @@ BLOCK_LAYERS = (1, 2, 3)
 SPLITS = ("full", "45k5k")
 SPLIT_IMAGES = {"full": (50_000, 10_000), "45k5k": (45_000, 5_000)}  # (training, evaluation) images of CIFAR-10
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # fp16: with a dynamic loss scale (fast.LossScaler)
+FLOAT_FIELDS = ("lr", "momentum", "weight_decay", "warmup_lr", "warmup_err")  # stored as floats whatever was given
+MAX_SEED = 2**32  # the loader's seeds (seed * 1_000_003 + epoch) must stay inside a 64-bit integer
 
 # Fields that change how fast a run goes or how much memory it takes, never what it learns:
 # they are left out of the hash so a run trained with them is found by a run asked without.
@@ -137,13 +139,19 @@ class RunConfig:
         for name in BOOL_FIELDS:  # --set fast=no would otherwise be a (true) string
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid: use true or false")
+        if isinstance(self.block_layers, bool) or not isinstance(self.block_layers, int):  # 2.0 or True pass `in`
+            raise ValueError(f"block_layers={self.block_layers!r} is not valid: use one of {list(BLOCK_LAYERS)}")
         check_depth(self.depth, self.block_layers, self.bottleneck)
         for name in ("width", "iterations", "batch_size", "eval_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name}={v!r} is not valid: use a positive integer")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed={self.seed!r} is not valid: use an integer >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed={self.seed!r} is not valid: use an integer from 0 to {MAX_SEED - 1}")
+        ac = self.activation_checkpointing
+        if isinstance(ac, bool) or not isinstance(ac, int) or ac < 0:
+            raise ValueError(f"activation_checkpointing={ac!r} is not valid: use an integer >= 0 (segments per "
+                             "stage; 0 = off)")
         for name, least, most in (("train_subset", self.batch_size, SPLIT_IMAGES[self.split][0]),
                                   ("eval_subset", 1, SPLIT_IMAGES[self.split][1])):
             # more than the split holds would silently be all of it, in a folder and note naming another size
@@ -162,6 +170,9 @@ class RunConfig:
         number("warmup_err", lambda v: v > 0, "a positive fraction (the warm-up ends below this training error)")
         number("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)")
         number("weight_decay", lambda v: v >= 0, "a number >= 0")
+        for name in FLOAT_FIELDS:  # 0 and 0.0 are one run: one hash (JSON, and so the hash, tells them apart)
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
         ms = self.milestones
         if any(not isinstance(m, int) or isinstance(m, bool) or m <= 0 for m in ms) \
                 or any(a >= b for a, b in zip(ms, ms[1:])):
@@ -263,6 +274,7 @@ def make_config(preset: str = "quick", **overrides: Any) -> RunConfig:
                          f"e.g. [32000, 48000] (each divides the lr by 10)")
     kw["milestones"] = tuple(kw["milestones"])
     # The paper warms up its deepest nets (110, 1202) at lr 0.01 until training error < 80%.
-    if preset != "smoke" and "warmup_lr" not in overrides and kw.get("depth", 20) >= 110:
+    depth = kw.get("depth", 20)  # checked by RunConfig; a string here must reach that check, not fail a comparison
+    if preset != "smoke" and "warmup_lr" not in overrides and isinstance(depth, int) and depth >= 110:
         kw["warmup_lr"] = 0.01
     return RunConfig(preset=preset, **kw)

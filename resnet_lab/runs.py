@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -94,8 +95,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities as null: JSON has no such numbers (Python writes a bare NaN, which strict readers,
+    JavaScript's or jq's --strict, refuse), and a diverged run's final loss is one."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def atomic_save_torch(obj: Any, path: str | os.PathLike) -> None:
@@ -317,9 +331,21 @@ def load_runs(root: str | os.PathLike | None = None, **where: Any) -> pd.DataFra
     for k, v in where.items():
         if k not in df.columns:
             raise KeyError(f"no column {k!r} in runs; columns are {sorted(df.columns)}")
-        df = df[df[k].isin(v) if isinstance(v, (list, tuple, set)) else df[k] == v]
+        df = df[_where(df[k], v)]
     df["name"] = [RunConfig.from_json(r).name for r in df.to_dict("records")]
     return df.reset_index(drop=True)
+
+
+def _where(col: pd.Series, v: Any) -> pd.Series:
+    """The rows of a `load_runs` filter: None matches a missing value (NaN compares unequal to everything), a
+    tuple a column of tuples (milestones) whole, and a list, set or other tuple any one of its values."""
+    if v is None:
+        return col.isna()
+    if isinstance(v, tuple) and any(isinstance(x, tuple) for x in col):
+        return col.map(lambda x: x == v).astype(bool)
+    if isinstance(v, (list, tuple, set)):
+        return col.isin(list(v))
+    return col == v
 
 
 def load_metrics(root: str | os.PathLike | None = None, **where: Any) -> pd.DataFrame:

@@ -157,6 +157,9 @@ def _resume(rd: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict | 
     aside with a warning, never trusted, and the model and optimizer are left as they were built;
     otherwise such a file would fail every later call of the run.
     """
+    for name in CHECKPOINT_FILES:  # half-written by a trainer killed mid-save (the caller holds the run's lock,
+        for tmp in rd.path.glob(f".{name}.*.tmp"):  # so no one writes them now): 155 MB each for ResNet-1202
+            tmp.unlink(missing_ok=True)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     for f in (rd.path / n for n in CHECKPOINT_FILES):
         if not f.exists():
@@ -166,6 +169,7 @@ def _resume(rd: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict | 
             missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
             if missing:
                 raise KeyError(f"no {', '.join(missing)} in it")
+            _check_state(ckpt)
             _check_loss_scale(ckpt.get("loss_scale"))
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])  # checks everything before it changes anything
@@ -178,6 +182,28 @@ def _resume(rd: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict | 
             os.replace(f, bad)
             log.warning("checkpoint %s failed to load (%s: %s); set aside as %s", f, type(e).__name__, e, bad.name)
     return None
+
+
+def _check_state(ckpt: dict) -> None:
+    """The training state beside the weights, as `_checkpoint` writes it: checked before anything is used, so a
+    malformed file is set aside like an unreadable one instead of failing the resume, call after call."""
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    acc, rng = ckpt["accumulators"], ckpt["torch_rng"]
+    problems = [name for name, ok in (
+        ("step", count(ckpt["step"])),
+        ("seconds", isinstance(ckpt["seconds"], (int, float)) and not isinstance(ckpt["seconds"], bool)),
+        ("warming_up", isinstance(ckpt["warming_up"], bool)),
+        ("warmup_end", ckpt["warmup_end"] is None or count(ckpt["warmup_end"])),
+        ("torch_rng", isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8
+         and rng.shape == torch.get_rng_state().shape),
+        ("accumulators", isinstance(acc, dict) and all(isinstance(acc.get(k), torch.Tensor) and acc[k].numel() == 1
+                                                       for k in ("loss", "wrong", "win_wrong"))
+         and all(count(acc.get(k)) for k in ("seen", "win_seen"))),
+        ("sittings", ckpt.get("sittings") is None or isinstance(ckpt["sittings"], list)),
+    ) if not ok]
+    if problems:
+        raise ValueError(f"its {', '.join(problems)} {'is' if len(problems) == 1 else 'are'} not what a checkpoint "
+                         "of this version holds")
 
 
 def _check_loss_scale(state: object) -> None:

@@ -106,6 +106,30 @@ def test_t975_is_the_exact_quantile_at_any_dof(dof, q):
     assert t975(dof) == pytest.approx(q, rel=1e-9)
 
 
+@pytest.mark.parametrize("dof", [0.1, 0.2, 0.5])
+def test_t975_below_one_dof_is_still_the_quantile(dof):
+    """Below 1 dof the quantile passes any fixed bracket (about 1.7e12 at 0.1): the tail there is 2.5%."""
+    from resnet_lab.analysis import _t_tail, t975
+
+    assert _t_tail(t975(dof), dof) == pytest.approx(0.025, rel=1e-6)
+
+
+def test_each_residual_net_gets_its_own_lesion_verdict(tmp_path):
+    """Two residual nets at one depth: each is judged on its own blocks (pooled, the worst net's block would
+    name the verdict and the other's result would be lost)."""
+    base = tmp_path / "paper"
+    _write(base, "04_unraveled_ensemble", "lesion", pd.DataFrame(
+        lesion_rows("ResNet-110", "resnet", 110, 0.06, [0.062, 0.062, 0.062])
+        + lesion_rows("pre-act ResNet-110", "preact", 110, 0.06, [0.09, 0.062, 0.062])))
+    t = claims.check("paper", root=tmp_path).set_index("claim")
+    rows = t[t.index.str.startswith("single-block deletions")]
+    assert dict(zip(rows.index, rows["holds"])) == {
+        "single-block deletions barely hurt ResNet-110 (not at downsampling)": "yes",
+        "single-block deletions barely hurt pre-act ResNet-110 (not at downsampling)": "NO"}
+    assert "block 0 +3.00 points" in rows.loc["single-block deletions barely hurt pre-act ResNet-110 "
+                                              "(not at downsampling)", "ours"]
+
+
 def test_a_plain_net_collapses_only_near_chance_and_well_above_its_intact_error(tmp_path):
     base = tmp_path / "paper"
     lesion = (lesion_rows("plain-56", "plain", 56, 0.85, [0.86, 0.87, 0.86])  # never learned: no collapse to see

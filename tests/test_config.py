@@ -25,6 +25,13 @@ def test_paper_preset_is_the_papers_recipe():
     (dict(shortcut="D"), ["shortcut='D'", "'A'", "'B'", "'C'"]),
     (dict(block_layers=3, depth=32), ["block_layers=3", "depths that work", "20"]),
     (dict(seed=-1), ["seed=-1"]),
+    (dict(seed=True), ["seed=True", "integer from 0"]),  # else a folder apart from seed=1's
+    (dict(seed=2**45), ["seed=35184372088832", "4294967295"]),  # else the loader's seed overflows mid-run
+    (dict(block_layers=2.0), ["block_layers=2.0", "[1, 2, 3]"]),  # `2.0 in (1, 2, 3)`: failed at the model build
+    (dict(block_layers=True), ["block_layers=True", "[1, 2, 3]"]),
+    (dict(activation_checkpointing="two"), ["activation_checkpointing='two'", "integer >= 0"]),
+    (dict(depth="abc"), ["depth='abc'", "6n+2"]),  # make_config's warm-up rule compared it first: a TypeError
+    (dict(depth=None), ["depth=None", "6n+2"]),
     (dict(split="90-10"), ["split='90-10'", "45k5k"]),
     (dict(arch="gated", gate_bias="-6"), ["gate_bias='-6'", "finite number", "gated -6"]),
     (dict(block_layers=3, depth=21), ["depth=21", "3-layer blocks", "20, 38, 56"]),  # only depths that work
@@ -46,6 +53,18 @@ def test_bad_values_name_the_value_and_the_allowed_ones(kw, words):
         make_config("quick", **kw)
     for w in words:
         assert w in str(e.value)
+
+
+def test_a_whole_number_is_the_same_run_as_its_float():
+    """`--set weight_decay=0` (JSON: an int) and 0.0 are one run: one folder, and a DataFrame row (where pandas
+    makes the column float) rebuilds the config of that folder."""
+    from resnet_lab.config import RunConfig
+
+    a = make_config("quick", weight_decay=0, momentum=0, lr=1, warmup_lr=1, warmup_err=1)
+    b = make_config("quick", weight_decay=0.0, momentum=0.0, lr=1.0, warmup_lr=1.0, warmup_err=1.0)
+    assert a.hash == b.hash and type(a.weight_decay) is float and type(a.lr) is float
+    assert RunConfig.from_json({**a.to_json(), "weight_decay": 0.0}).hash == a.hash
+    assert make_config("quick").warmup_lr is None
 
 
 def test_numpy_integers_are_plain_ints():

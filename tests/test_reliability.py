@@ -87,6 +87,28 @@ def test_truncated_checkpoint_is_set_aside_and_the_previous_one_used(cifar, tmp_
     pd.testing.assert_frame_equal(done.metrics[COLS], straight.metrics[COLS], check_exact=True)
 
 
+def test_a_checkpoint_with_a_bad_training_state_is_set_aside_and_its_leftovers_removed(cifar, tmp_path, caplog):
+    """A readable checkpoint whose RNG state or counters are wrong (not only its weights) is set aside like a
+    truncated one, instead of failing every later call; a temp file of a save cut short by a kill goes."""
+    import torch
+
+    c = cfg()
+    train(c, root=tmp_path, data=cifar, device="cpu", stop_after=3)
+    part = train(c, root=tmp_path, data=cifar, device="cpu", stop_after=6)
+    ck = part.path / "checkpoint.pt"
+    state = torch.load(ck, weights_only=True)
+    state["torch_rng"], state["accumulators"]["seen"] = torch.zeros(4, dtype=torch.uint8), "many"
+    torch.save(state, ck)
+    leftover = part.path / ".checkpoint.pt.abc123.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    with caplog.at_level("WARNING"):
+        done = train(c, root=tmp_path, data=cifar, device="cpu")
+    assert done.status == "done" and "torch_rng, accumulators are not" in caplog.text
+    assert list(part.path.glob("checkpoint.pt.bad-*")) and not leftover.exists()
+    straight = train(c, root=tmp_path / "b", data=cifar, device="cpu")  # resumed from the previous checkpoint
+    pd.testing.assert_frame_equal(done.metrics[COLS], straight.metrics[COLS], check_exact=True)
+
+
 def test_concurrent_requests_train_once(cifar, tmp_path):
     c = cfg(iterations=40, dataset=cifar.info.sha256[:16])
     a, b = _child(c, tmp_path), _child(c, tmp_path)

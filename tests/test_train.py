@@ -1,5 +1,6 @@
 import importlib
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -75,7 +76,11 @@ def test_finished_config_is_not_retrained(cifar, results, monkeypatch):
 def test_divergence_is_recorded_not_raised(cifar, results):
     rec = train(tiny(lr=1e6, iterations=4), root=results, data=cifar, device="cpu")
     assert rec.status == "diverged"
-    assert json.loads((rec.path / "summary.json").read_text())["status"] == "diverged"
+    text = (rec.path / "summary.json").read_text()
+    assert json.loads(text)["status"] == "diverged"
+    # strict JSON (no bare NaN, which JavaScript's parser and jq --strict refuse): a NaN loss is null
+    strict = json.loads(text, parse_constant=lambda c: pytest.fail(f"summary.json holds {c}"))
+    assert strict["final_test_loss"] is None or math.isfinite(strict["final_test_loss"])
 
 
 def test_warmup_switches_to_base_lr(cifar, results):
@@ -103,6 +108,10 @@ def test_load_runs_and_metrics(cifar, results):
     assert set(curves["arch"]) == {"plain"} and len(curves) == 1
     with pytest.raises(KeyError, match="no column 'colour'"):
         load_runs(results, colour="red")
+    # None matches a missing value (all three have no warm-up); a tuple a column of tuples whole
+    assert len(load_runs(results, warmup_lr=None)) == 3 and len(load_runs(results, train_subset=None)) == 1
+    assert len(load_runs(results, milestones=tuple(tiny().milestones))) == 3
+    assert len(load_runs(results, milestones=(999,))) == 0 and len(load_runs(results, seed=(0, 3))) == 3
     rd = RunDir(tiny(arch="plain", iterations=2, eval_every=2, dataset=cifar.info.sha256[:16]), results)
     model = rd.load_model()
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
