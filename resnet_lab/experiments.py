@@ -593,6 +593,45 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
                              UNRAVEL_COLUMNS[k] + UNRAVEL_TAGS)) for k, v in out.items()}
 
 
+LESION_SUMMARY_COLUMNS = ["net", "seeds", "intact_err_%", "median_err_%", "worst_block", "worst_err_%",
+                          "downsampling_err_%"]
+
+
+def lesion_summary(lesion: pd.DataFrame) -> pd.DataFrame:
+    """Per net, each block's lesion error averaged over seeds: the intact error, the median over blocks, the
+    worst block that keeps its shape, and the worst downsampling one apart (Veit et al.: only those hurt a
+    ResNet; a plain net's cannot be removed, NaN)."""
+    rows = []
+    for net, g in lesion.groupby("net", sort=False):
+        per_block = g.groupby("block").agg(err=("err", "mean"), down=("changes_shape", "first"))
+        kept = per_block.loc[~per_block["down"].astype(bool), "err"].dropna()
+        down = per_block.loc[per_block["down"].astype(bool), "err"].dropna()
+        rows.append({"net": net, "seeds": g["seed"].nunique(),
+                     "intact_err_%": 100 * g.drop_duplicates("seed")["base_err"].astype(float).mean(),
+                     "median_err_%": 100 * per_block["err"].median(),
+                     "worst_block": int(kept.idxmax()) if len(kept) else pd.NA,
+                     "worst_err_%": 100 * kept.max() if len(kept) else math.nan,
+                     "downsampling_err_%": 100 * down.max() if len(down) else math.nan})
+    return pd.DataFrame(rows, columns=LESION_SUMMARY_COLUMNS).astype({"worst_block": "Int64"})
+
+
+def imagenet_architectures(depths: list[int], batch_size: int = 8, device: str = "auto", repeats: int = 3,
+                           backward: bool = True) -> pd.DataFrame:
+    """07's table: parameters and multiply-adds of torchvision's ImageNet ResNets (both stride placements), and
+    the median seconds per batch measured here, on the device each row names."""
+    from .analysis import imagenet_model, imagenet_table, time_model
+    from .train import device_name
+
+    dev = default_device() if device in (None, "auto") else torch.device(device)
+    table = imagenet_table(depths)
+    table["forward_s"] = [time_model(imagenet_model(d), batch_size, dev, repeats=repeats) for d in depths]
+    if backward:
+        table["forward_backward_s"] = [time_model(imagenet_model(d), batch_size, dev, repeats=repeats, backward=True)
+                                       for d in depths]
+    table["device"], table["batch_size"] = device_name(dev), batch_size
+    return table
+
+
 # -- which runs a notebook needs (sweeps and reports ask this without executing the notebook) ----------
 # notebook -> (the function that names its runs, the notebook parameters it takes, in order)
 # -- 08 fast-path fidelity (issue #8) ---------------------------------------------------------------------

@@ -93,3 +93,31 @@ def test_gate_means_number_blocks_as_the_lesion_table_does():
     x, y = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (8,))
     gates = gate_means(model, [(x, y)])
     assert gates["block"].tolist() == lesion_blocks(model, x, y)["block"].tolist() == [0, 1, 2]
+
+
+def test_lesion_summary_averages_each_block_over_seeds_and_keeps_downsampling_apart():
+    """04's summary: a block's error is its mean over seeds (the worst of all seeds' rows beside seed 0's intact
+    error would mix seeds), the worst shape-keeping block and the worst downsampling block apart."""
+    from resnet_lab.experiments import lesion_summary
+
+    rows = [dict(net="ResNet-20", seed=s, block=b, changes_shape=b == 3, base_err=base, err=e)
+            for s, base, errs in ((0, 0.10, [0.11, 0.12, 0.11, 0.50]), (1, 0.12, [0.13, 0.20, 0.13, 0.40]))
+            for b, e in enumerate(errs)]
+    rows += [dict(net="plain-20", seed=0, block=b, changes_shape=b == 1, base_err=0.1, err=e)
+             for b, e in enumerate([0.9, float("nan"), 0.85])]
+    t = lesion_summary(pd.DataFrame(rows)).set_index("net")
+    r = t.loc["ResNet-20"]
+    assert r["seeds"] == 2 and r["intact_err_%"] == pytest.approx(11.0) and r["worst_block"] == 1
+    assert r["worst_err_%"] == pytest.approx(16.0) and r["downsampling_err_%"] == pytest.approx(45.0)
+    assert r["median_err_%"] == pytest.approx(14.0)  # blocks' means 12, 16, 12, 45
+    p = t.loc["plain-20"]
+    assert p["worst_block"] == 0 and pd.isna(p["downsampling_err_%"])  # a plain net's cannot be removed
+    assert lesion_summary(pd.DataFrame(rows).iloc[:0]).empty
+
+
+def test_the_imagenet_table_names_the_device_it_timed_on():
+    from resnet_lab.experiments import imagenet_architectures
+
+    t = imagenet_architectures([18], batch_size=1, device="cpu", repeats=1, backward=False)
+    assert t.loc[0, "device"].startswith("cpu (") and t.loc[0, "forward_s"] > 0 and "forward_backward_s" not in t
+    assert t.loc[0, "params_M"] == pytest.approx(11.69, abs=0.01)
