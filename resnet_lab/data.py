@@ -171,17 +171,23 @@ def _decode(raw: bytes, name: str) -> np.ndarray:
     return a
 
 
+def _is_image(parts: tuple[str, ...]) -> bool:
+    """An image file's path, not the AppleDouble twin macOS puts beside it in archives (`._0001.jpg`, under
+    `__MACOSX/`): those are metadata with an image's name, and would fail to decode."""
+    return parts[-1].lower().endswith(IMAGE_EXT) and not parts[-1].startswith("._") and "__MACOSX" not in parts
+
+
 def _iter_image_folder(path: Path):
     """Yield (split, class, name, bytes) for every image under {train,test}/<class>/."""
     if path.is_dir():
         for p in sorted(path.rglob("*")):
-            if p.suffix.lower() in IMAGE_EXT and p.is_file():
+            if _is_image(p.relative_to(path).parts) and p.is_file():
                 yield p.relative_to(path).parts, p.read_bytes()
         return
     with _open_tar(path) as tar:
         try:
             for m in tar:
-                if m.isfile() and m.name.lower().endswith(IMAGE_EXT):
+                if m.isfile() and _is_image(tuple(m.name.split("/"))):
                     yield tuple(m.name.split("/")), tar.extractfile(m).read()
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             raise DataError(f"archive {str(path)!r} is truncated or corrupt: {e}") from e
@@ -263,8 +269,12 @@ def load_cifar10(source: str | os.PathLike | None = None, cache: bool = True) ->
     if cache:
         from .runs import atomic_save_torch
 
-        atomic_save_torch({"train_x": tx, "train_y": ty, "test_x": vx, "test_y": vy, "info": info.to_json()},
-                          cache_file)
+        try:
+            atomic_save_torch({"train_x": tx, "train_y": ty, "test_x": vx, "test_y": vy, "info": info.to_json()},
+                              cache_file)
+        except OSError as e:  # the decoded data are good: use them, and say why the next load decodes again
+            log.warning("cannot write the decoded CIFAR-10 cache %s (%s): using it uncached; set "
+                        "RESNET_LAB_DATA_DIR to a writable folder to keep it", cache_file, e.strerror or e)
     return Cifar10(tx, ty, vx, vy, info)
 
 

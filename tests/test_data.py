@@ -94,6 +94,25 @@ def test_wrong_split_sizes(tmp_path):
         load_cifar10(_image_tar(tmp_path / "a.tar.gz"), cache=False)
 
 
+def test_macos_appledouble_entries_are_not_images(tmp_path):
+    """A tarball made on a Mac holds `__MACOSX/.../._name.jpg` metadata beside each image: skipped, not counted
+    (10 images, not 20) and not decoded (which would fail as a corrupt image)."""
+    path = _image_tar(tmp_path / "a.tar.gz")
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with tarfile.open(path, "w:gz") as tar:
+        for m, raw in members:
+            tar.addfile(m, io.BytesIO(raw))
+            folder, name = m.name.rsplit("/", 1)
+            junk = b"\x00\x05\x16\x07 AppleDouble"
+            for twin in (f"__MACOSX/{folder}/._{name}", f"{folder}/._{name}"):
+                info = tarfile.TarInfo(twin)
+                info.size = len(junk)
+                tar.addfile(info, io.BytesIO(junk))
+    with pytest.raises(DataError, match="has 10 train images; CIFAR-10 has 50000"):
+        load_cifar10(path, cache=False)
+
+
 def test_truncated_archive(tmp_path):
     good = _image_tar(tmp_path / "a.tar.gz", per_class=20).read_bytes()
     bad = tmp_path / "cut.tar.gz"
@@ -127,6 +146,23 @@ def test_official_batches_are_read(tmp_path, monkeypatch):
     assert c.train_x.shape == (50_000, 3, 32, 32) and c.test_y[:3].tolist() == [0, 1, 2]
     raw = pickle.load(open(d / "test_batch", "rb"))[b"data"][0].reshape(3, 32, 32)
     assert torch.equal(c.test_x[0], torch.from_numpy(raw))
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_decoded_data(tmp_path, monkeypatch, caplog):
+    """A read-only data dir: the minutes of decoding are used, and the warning says how to keep them."""
+    import errno
+
+    from resnet_lab import runs
+
+    def read_only(obj, path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setenv("RESNET_LAB_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(runs, "atomic_save_torch", read_only)
+    with caplog.at_level("WARNING"):
+        c = load_cifar10(_official_dir(tmp_path))
+    assert c.train_x.shape == (50_000, 3, 32, 32)
+    assert "cannot write the decoded CIFAR-10 cache" in caplog.text and "RESNET_LAB_DATA_DIR" in caplog.text
 
 
 def test_classes_must_have_their_official_counts(tmp_path):
