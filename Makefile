@@ -57,9 +57,9 @@ reproduce: install
 	$(PAPERMILL) notebooks/06_layer_responses.ipynb $(OUT)/06_layer_responses.ipynb -p preset $(PRESET) $(ARGS_06)
 	$(PAPERMILL) notebooks/07_imagenet_architectures.ipynb $(OUT)/07_imagenet_architectures.ipynb -p preset $(PRESET) $(ARGS_07)
 	$(PAPERMILL) notebooks/08_fast_path_fidelity.ipynb $(OUT)/08_fast_path_fidelity.ipynb -p preset $(PRESET) $(ARGS_08)
-	$(BIN)/python -c 'from resnet_lab.claims import check; check("$(PRESET)")'
+	$(BIN)/python -c 'from resnet_lab import claims, page; claims.check("$(PRESET)"); page.write_page("$(PRESET)")'
 	@cat results/$(PRESET)/claims.md
-	@echo "tables and figures under results/$(PRESET)/"
+	@echo "tables and figures under results/$(PRESET)/, all on one page: results/$(PRESET)/RESULTS.md"
 
 # Tables and figures of every notebook rebuilt from results/runs/ without training.
 figures: install

@@ -78,8 +78,10 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
     with absolute_path_vars():
         status = pd.DataFrame([_build_one(name, preset, kernel, directory, wanted.get(name, {})) for name in names])
     from .claims import check
+    from .page import write_page
 
     check(preset)  # results/<preset>/claims.csv and .md, from the tables just written
+    write_page(preset)  # results/<preset>/RESULTS.md, from the same tables
     return status
 
 

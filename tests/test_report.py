@@ -141,8 +141,8 @@ def test_a_failed_report_keeps_the_last_good_execution(tmp_path, monkeypatch, ca
     assert run(good) == 3 and not failed.exists()
     assert table_files() == (["only-in-1.csv", "only-in-3.csv", "table.csv"], '{"run": 3}')
     assert sorted(p.name for p in executed.iterdir()) == ["01_degradation.ipynb"]  # no temporary file left
-    assert sorted(p.name for p in (tmp_path / "smoke").iterdir()) == ["01_degradation", "claims.csv", "claims.md",
-                                                                      "executed"]  # no copy left beside them
+    assert sorted(p.name for p in (tmp_path / "smoke").iterdir()) == [
+        "01_degradation", "RESULTS.md", "claims.csv", "claims.md", "executed"]  # no copy left beside them
 
 
 def test_a_failed_first_report_leaves_no_tables(tmp_path, monkeypatch):
@@ -188,7 +188,7 @@ def test_a_report_killed_outright_has_its_last_good_tables_put_back_by_the_next(
     monkeypatch.setattr(pm, "execute_notebook", fail)
     assert report.build("smoke", only=["01_degradation"], kernel="python3")["status"].tolist() == ["failed"]
     assert (tables / "table.csv").read_text() == "last good" and "was killed while executing" in caplog.text
-    assert sorted(p.name for p in smoke.iterdir()) == ["01_degradation", "claims.csv", "claims.md", "executed"]
+    assert sorted(p.name for p in smoke.iterdir()) == ["01_degradation", "RESULTS.md", "claims.csv", "claims.md", "executed"]
     (smoke / ".02_depth.before-1").mkdir()
     (smoke / ".02_depth.before-1" / "table.csv").write_text("x")
     assert report.outputs("smoke")["notebook"].tolist() == ["01_degradation"]

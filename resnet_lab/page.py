@@ -1,0 +1,143 @@
+"""results/<preset>/RESULTS.md: every notebook's findings on one page, written from the tables beside it.
+
+Numbers typed into a README go stale as runs come in; this page is rebuilt by `report` and `make reproduce`
+from the same CSVs the notebooks wrote, so what it says is what the runs measured. A table not there yet
+(its nets not trained) is named as missing, never filled in.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from .claims import _read
+from .runs import atomic_write_text, load_runs, results_dir
+
+# (notebook, table) -> (title, columns shown: (column, header)); "±" joins a mean column with its CI column
+MEAN_CI = (("train_err_%", "train error %"), ("test_err_%", "test error %"))
+
+
+def _cell(v: object, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v:,}"
+    return str(v)
+
+
+def _mean_ci(row: pd.Series, col: str) -> str:
+    """'12.25 ± 1.78' (95% CI over seeds), or the mean alone where one run gives no CI."""
+    m, ci = row.get(col), row.get(col.replace("_%", "_ci95"))
+    if m is None or pd.isna(m):
+        return "–"
+    return f"{m:.2f} ± {ci:.2f}" if ci is not None and not pd.isna(ci) else f"{m:.2f}"
+
+
+def markdown_table(df: pd.DataFrame, columns: list[tuple[str, str]]) -> str:
+    """A markdown table of `columns` ((column, header); a column ending in _% also shows its _ci95)."""
+    cols = [(c, h) for c, h in columns if c in df.columns]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        cells = [_mean_ci(r, c) if c.endswith("_%") and c.replace("_%", "_ci95") in df.columns else _cell(r[c])
+                 for c, _ in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _figure(base: Path, notebook: str, name: str, caption: str) -> list[str]:
+    p = base / notebook / f"{name}.png"
+    return [f"![{caption}]({notebook}/{name}.png)", ""] if p.exists() else []
+
+
+RUN_COLUMNS = [("runs", "runs"), *MEAN_CI, ("params", "params"), ("wall_min", "wall min/run"), ("packed", "packed"),
+               ("device", "device")]
+
+
+def _section(base: Path, title: str, notebook: str, table: str, columns: list[tuple[str, str]],
+             intro: str = "", figures: tuple[tuple[str, str], ...] = ()) -> list[str]:
+    out = [f"## {title}", ""]
+    if intro:
+        out += [intro, ""]
+    df = _read(base, notebook, table)
+    if df is None:
+        out += [f"No `{notebook}/{table}.csv` rows yet: its nets are not trained (or not analysed) in this "
+                "preset.", ""]
+        return out
+    out += [markdown_table(df, columns), ""]
+    for name, caption in figures:
+        out += _figure(base, notebook, name, caption)
+    return out
+
+
+def _provenance(preset: str, root: str | Path | None) -> list[str]:
+    """Which devices and CIFAR-10 copies the stored runs of this preset used (from their summaries)."""
+    try:
+        runs = load_runs(None if root is None else Path(root) / "runs", preset=preset)
+    except KeyError:
+        runs = pd.DataFrame()
+    done = runs[runs["status"] == "done"] if len(runs) else runs
+    if not len(done):
+        return ["Runs: none finished in this store for this preset (tables below are as last written)."]
+    sha = sorted({str(s)[:16] for s in done["dataset_sha256"].dropna()})
+    devices = done["device"].dropna().value_counts()
+    return [f"Runs: {len(done)} finished in this store; CIFAR-10 copy sha256 {', '.join(f'`{s}…`' for s in sha)}; "
+            "devices: " + ", ".join(f"{d} ({n})" for d, n in devices.items()) + "."]
+
+
+def build_page(preset: str, root: str | Path | None = None) -> str:
+    """The page's markdown for results/<preset>/ (root: another results folder)."""
+    base = (Path(root) if root is not None else results_dir()) / preset
+    out = [f"# Results: the `{preset}` preset", "",
+           "Written by `resnet_lab.page` from the tables in this folder (rebuilt by `resnet-lab report` and "
+           "`make reproduce`; never edited by hand). Errors are % with the Student-t 95% CI over seeds where "
+           "there are several; `–`: not measured.", "", *_provenance(preset, root), ""]
+    claims = _read(base, ".", "claims")
+    out += ["## Claims", ""]
+    out += [markdown_table(claims, [("notebook", "notebook"), ("claim", "claim"), ("ours", "ours"),
+                                    ("holds", "holds")]), ""] if claims is not None else ["No claims.csv yet.", ""]
+    out += _section(base, "Degradation (01; He et al. 2015, Fig. 6)", "01_degradation", "table",
+                    [("arch", "net"), ("depth", "depth"), *RUN_COLUMNS],
+                    "He et al.: the deeper plain net has the higher training error; the deeper ResNet does not.",
+                    (("degradation", "training (dashed) and test error vs iterations"),))
+    out += _section(base, "Depth (02; He et al. 2015, Table 6)", "02_depth", "table",
+                    [("depth", "ResNet"), ("paper_test_err_%", "paper test error %"), *RUN_COLUMNS],
+                    figures=(("test_error_vs_depth", "test error vs depth, paper beside"),))
+    out += _section(base, "Shortcut ablations (03)", "03_shortcut_ablations", "table",
+                    [("variant", "variant"), ("depth", "depth"), *RUN_COLUMNS],
+                    figures=(("test_error_by_variant", "test error by variant"),))
+    out += _section(base, "Unraveled ensemble (04; Veit et al. 2016): single-block lesions", "04_unraveled_ensemble",
+                    "lesion_summary", [("net", "net"), ("seeds", "seeds"), ("intact_err_%", "intact %"),
+                                       ("median_err_%", "median lesion %"), ("worst_block", "worst block"),
+                                       ("worst_err_%", "its error %"), ("downsampling_err_%", "worst downsampling %")],
+                    "Test error with one block's residual branch removed (blocks averaged over seeds).",
+                    (("lesion", "test error per deleted block"), ("delete_reorder", "deleting and reordering k blocks")))
+    out += _section(base, "Unraveled ensemble (04): the paths that carry the gradient", "04_unraveled_ensemble",
+                    "effective", [("net", "net"), ("seed", "seed"), ("blocks", "blocks m"),
+                                  ("effective_from", "effective from"), ("effective_to", "to"),
+                                  ("share_of_paths_%", "share of paths %")],
+                    "The shortest range of path lengths carrying 90% of the gradient (Veit et al.: 5–17 of 54).",
+                    (("path_lengths", "path lengths and gradient by path length"),))
+    out += _section(base, "1000 layers (05)", "05_thousand_layers", "table",
+                    [("depth", "ResNet"), ("paper_test_err_%", "paper test error %"), ("iterations", "iterations"),
+                     ("diverged_at", "diverged at"), *RUN_COLUMNS], figures=(("curves", "curves"),))
+    stopped = _read(base, "05_thousand_layers", "unfinished")
+    if stopped is not None:
+        out += ["Stopped part-way (not averaged into any table):", "",
+                markdown_table(stopped, [(c, c) for c in stopped.columns]), ""]
+    out += _section(base, "Layer responses (06; He et al. 2015, Fig. 7)", "06_layer_responses", "summary",
+                    [("net", "net"), ("mean", "mean std of the BN outputs")],
+                    "Per net, the std of each 3x3 layer's BN output over the test images, averaged over layers.",
+                    (("responses", "std per layer, in order and sorted"),))
+    out += _section(base, "Fast-path fidelity (08)", "08_fast_path_fidelity", "table",
+                    [("precision", "precision"), ("loop", "loop"), *RUN_COLUMNS])
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_page(preset: str, root: str | Path | None = None) -> Path:
+    """Write results/<preset>/RESULTS.md (atomically) and return its path."""
+    path = (Path(root) if root is not None else results_dir()) / preset / "RESULTS.md"
+    atomic_write_text(path, build_page(preset, root))
+    return path

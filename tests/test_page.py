@@ -1,0 +1,44 @@
+"""results/<preset>/RESULTS.md: written from the tables alone, every number as the table has it."""
+import pandas as pd
+
+from resnet_lab import claims, page
+
+
+def _write(base, notebook, name, df):
+    (base / notebook).mkdir(parents=True, exist_ok=True)
+    df.to_csv(base / notebook / f"{name}.csv", index=False)
+
+
+def test_the_page_shows_the_tables_numbers_and_names_what_is_missing(tmp_path):
+    base = tmp_path / "paper"
+    _write(base, "02_depth", "table", pd.DataFrame([
+        dict(arch="resnet", depth=20, runs=2, params=269722, **{"train_err_%": 1.39, "train_err_ci95": 0.65,
+             "test_err_%": 12.25, "test_err_ci95": 1.7789}, wall_min=4.54, packed=4, device="NVIDIA H200",
+             **{"paper_test_err_%": 8.75}),
+        dict(arch="resnet", depth=56, runs=1, params=853018, **{"train_err_%": 0.5, "train_err_ci95": None,
+             "test_err_%": 7.0, "test_err_ci95": None}, wall_min=9.0, packed=4, device="NVIDIA H200",
+             **{"paper_test_err_%": 6.97})]))
+    (base / "02_depth" / "test_error_vs_depth.png").write_bytes(b"png")
+    claims.check("paper", root=tmp_path)
+    text = page.write_page("paper", root=tmp_path).read_text()
+    assert "| 20 | 8.75 | 2 | 1.39 ± 0.65 | 12.25 ± 1.78 | 269,722 | 4.54 | 4 | NVIDIA H200 |" in text
+    assert "| 56 | 6.97 | 1 | 0.50 | 7.00 | 853,018 |" in text  # one run: a mean, no interval
+    assert "![test error vs depth, paper beside](02_depth/test_error_vs_depth.png)" in text
+    assert "No `01_degradation/table.csv` rows yet" in text and "No `04_unraveled_ensemble/lesion_summary.csv`" in text
+    assert "| 02_depth | ResNet-56 has lower test error than ResNet-20 |" in text  # the claims, as claims.csv
+    assert "Runs: none finished in this store" in text
+
+
+def test_the_page_names_the_devices_and_dataset_copies_of_the_runs(tmp_path):
+    from resnet_lab.config import make_config
+    from resnet_lab.runs import RunDir, atomic_write_json
+
+    for seed, device in ((0, "NVIDIA H200"), (1, "NVIDIA H200"), (2, "cpu")):
+        c = make_config("paper", seed=seed, dataset="ff26949c34c4e67d")
+        rd = RunDir(c, tmp_path / "runs")
+        rd.path.mkdir(parents=True)
+        atomic_write_json(rd.config_file, {**c.to_json(), "hash": c.hash})
+        atomic_write_json(rd.summary_file, {"status": "done" if seed < 2 else "running", "device": device,
+                                            "dataset_sha256": "ff26949c34c4e67d" + "0" * 48})
+    text = page.build_page("paper", root=tmp_path)
+    assert "Runs: 2 finished in this store; CIFAR-10 copy sha256 `ff26949c34c4e67d…`; devices: NVIDIA H200 (2)." in text
