@@ -344,6 +344,9 @@ def balanced_subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int =
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """n images in a fixed class-balanced order: the copies on disk are sorted by class, so a plain
     prefix would be one class."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):  # [:-5] would drop 5
+        raise ValueError(f"n={n!r} is not valid: use None (all {len(y):,} images) or a positive integer (more "
+                         "than there are takes them all)")
     order = class_balanced_order(y, seed=seed)
     order = order if n is None else order[:n]
     return x[order], y[order]

@@ -615,6 +615,14 @@ def lesion_summary(lesion: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=LESION_SUMMARY_COLUMNS).astype({"worst_block": "Int64"})
 
 
+def imagenet_configs(preset: str, depths: list[int]) -> list[RunConfig]:
+    """None: 07 times untrained nets. Its depths are checked here, so a sweep refuses a bad one before it runs."""
+    from .analysis import IMAGENET_PAPER_GMACS
+
+    check_grid("depths", depths, allowed=sorted(IMAGENET_PAPER_GMACS))
+    return []
+
+
 def imagenet_architectures(depths: list[int], batch_size: int = 8, device: str = "auto", repeats: int = 3,
                            backward: bool = True) -> pd.DataFrame:
     """07's table: parameters and multiply-adds of torchvision's ImageNet ResNets (both stride placements), and
@@ -775,7 +783,7 @@ NOTEBOOK_CONFIGS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "04_unraveled_ensemble": (unravel_configs, ("preset", "depth", "seeds", "arch")),
     "05_thousand_layers": (thousand_layer_configs, ("preset", "depths", "seeds", "checkpoint_segments")),
     "06_layer_responses": (response_configs, ("preset", "depths", "seeds")),
-    "07_imagenet_architectures": (lambda preset: [], ("preset",)),  # measures untrained nets
+    "07_imagenet_architectures": (imagenet_configs, ("preset", "depths")),  # measures untrained nets
     "08_fast_path_fidelity": (fidelity_configs, ("preset", "depth", "seeds", "reference_seeds", "precision")),
 }
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"

@@ -66,9 +66,11 @@ PATH_VARS = ("RESNET_LAB_DATA", "RESNET_LAB_DATA_DIR", "RESNET_LAB_RESULTS")
 STOP_GRACE_S = 10.0  # after Ctrl-C, how long running points get to shut their kernels down before SIGKILL
 _RESULT_MARK = "@@resnet-lab-sweep-result@@ "
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # what --device and a notebook's `device` parameter take
-# notebook parameters that count something (04's analysis settings): positive integers up to a bound (None: none);
-# a bad one would pass the grid's type check and fail (or run for minutes on nonsense) deep inside the notebook
-COUNT_PARAMS = {"draws": None, "grad_samples": None, "eval_images": 10_000}
+# notebook parameters that count something (04's analysis settings, 06's images, 07's timing): positive integers
+# up to a bound (None: none); a bad one would pass the grid's type check and fail (or run for minutes on nonsense,
+# or quietly measure something else: max_images=-5 took all but 5 images) deep inside the notebook
+COUNT_PARAMS = {"draws": None, "grad_samples": None, "eval_images": 10_000, "max_images": 10_000,
+                "batch_size": None, "repeats": None}
 _TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
                                        "list": (list, tuple), "tuple": (list, tuple), "dict": (dict,)}
 

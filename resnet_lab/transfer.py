@@ -51,7 +51,7 @@ def _progress(summary: dict | None, resumable: bool) -> tuple[int, int]:
     s = summary if isinstance(summary, dict) else {}
     try:
         steps = int(s.get("steps_done") or 0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # JSON's 1e999 is infinity, which int() refuses so
         steps = 0
     status = s.get("status")
     rank = RANK.get(status, 0) if isinstance(status, str) else 0  # a crafted summary's list is no status
@@ -364,18 +364,20 @@ def _ordered_parts(parts: list[str | os.PathLike]) -> list[Path]:
             raise ValueError(f"part {n:03d} given twice: {numbered[n]} and {p}")
         numbered[n] = p
     stem = stems.pop()
-    missing = [f"{stem}.{n:03d}" for n in range(max(numbered)) if n not in numbered]
-    if missing:
-        raise ValueError(f"export incomplete: part(s) {', '.join(missing)} missing "
-                         f"(given: {', '.join(p.name for p in numbered.values())})")
+    if len(numbered) != max(numbered) + 1:  # counted, not listed: a mistyped .3000000 names millions
+        missing = [f"{stem}.{n:03d}" for n in range(min(max(numbered), 10_000)) if n not in numbered][:5]
+        more = max(numbered) + 1 - len(numbered) - len(missing)
+        raise ValueError(f"export incomplete: part(s) {', '.join(missing)}{f' and {more:,} more' if more else ''} "
+                         f"missing (given: {', '.join(sorted(p.name for p in numbered.values())[:10])})")
     return [numbered[n] for n in sorted(numbered)]
 
 
 def _member_target(m: tarfile.TarInfo) -> tuple[str, str]:
     """(run hash, file name) of an acceptable member; anything else is refused by name."""
     allowed = f"regular files <12-hex hash>/{{{', '.join(ARCHIVE_FILES)}, analysis-<kind>-<12 hex>.json}}"
-    if not m.isreg():
-        kind = "symlink" if m.issym() else "hard link" if m.islnk() else "folder" if m.isdir() else "special file"
+    if not m.isreg() or m.issparse():  # a sparse member's few bytes would expand to its full size, zeros
+        kind = "symlink" if m.issym() else "hard link" if m.islnk() else "folder" if m.isdir() else \
+            "sparse file" if m.issparse() else "special file"
         raise ValueError(f"archive member {m.name!r} is a {kind}: an export holds only {allowed}")
     h, sep, name = m.name.partition("/")
     if not sep or not HASH.fullmatch(h) or not (name in ARCHIVE_FILES or ANALYSIS_FILE.fullmatch(name)):
@@ -397,6 +399,10 @@ def _unpack(data: bytes) -> dict[str, dict[str, bytes]]:
             raise ValueError(f"run {h} in the archive has no config.json: it cannot be checked or used")
         if err := _config_error(h, files["config.json"]):
             raise ValueError(f"archive member {err}")
+        status = (_parse_summary(files.get("summary.json")) or {}).get("status")
+        if isinstance(status, str) and status in FINISHED and "model.pt" not in files:  # as export never sends
+            raise ValueError(f"run {h} in the archive says {status} but has no model.pt: taken, it would replace "
+                             "a local copy and leave a finished run without its model")
     return runs
 
 
@@ -404,11 +410,32 @@ def _read_archive(parts: list[Path]) -> dict[str, dict[str, bytes]]:
     """Every run of an export, checked whole; damage of any kind becomes a ValueError naming the parts."""
     names = ", ".join(p.name for p in parts)
     try:  # gzip checks the length and CRC at the end, which tarfile alone may never read
-        data = gzip.decompress(b"".join(_read_part(p) for p in parts))
+        data = _gunzip(b"".join(_read_part(p) for p in parts), names)
         return _unpack(data)
     except (gzip.BadGzipFile, zlib.error, EOFError, tarfile.TarError) as e:
         raise ValueError(f"{names}: not a complete, readable export ({type(e).__name__}: {e}); "
                          f"pass every part of one export") from e
+
+
+MAX_EXPANSION, MIN_CEILING = 20, 256 * 2**20  # weights barely compress (~1.1x); zeros do 1000x
+
+
+def _gunzip(data: bytes, names: str) -> bytes:
+    """gzip.decompress with a ceiling (20x the archive, at least 256 MiB): a few KiB of a crafted archive would
+    otherwise expand to gigabytes in memory before a single member is checked."""
+    limit, out, rest = max(MIN_CEILING, MAX_EXPANSION * len(data)), bytearray(), data
+    while rest:  # one gzip member after another, as gzip.decompress reads them
+        d = zlib.decompressobj(wbits=31)
+        while rest and not d.eof:
+            out += d.decompress(rest, limit + 1 - len(out))
+            if len(out) > limit:
+                raise ValueError(f"{names}: expands past {limit / 2**20:,.0f} MiB ({MAX_EXPANSION}x its size), "
+                                 "more than any export of runs does: refused as a crafted archive")
+            rest = d.unconsumed_tail
+        if not d.eof:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+        rest = d.unused_data.lstrip(b"\0")  # gzip.decompress also ignores trailing zero padding
+    return bytes(out)
 
 
 def _read_part(path: Path) -> bytes:
@@ -418,6 +445,24 @@ def _read_part(path: Path) -> bytes:
     except OSError as e:
         raise ValueError(f"part {str(path)!r} cannot be read ({e.strerror or e}): pass the files of one "
                          f"export") from None
+
+
+def _recover(dst: Path, h: str) -> None:
+    """A kill between `_swap_in`'s two renames leaves run `h` only in `.<h>.replaced-*` (the old copy, whole)
+    beside the empty folder the lock made: put its files back before leftovers are removed. config.json goes
+    last, so that a kill during this leaves a folder without it, which the next import recovers again."""
+    local = dst / h
+    if (local / "config.json").exists():
+        return
+    for old in sorted(dst.glob(f".{h}.replaced-*")):
+        if not (old / "config.json").exists():
+            continue
+        files = sorted((f for f in old.iterdir() if f.is_file() and f.name != ".lock"),
+                       key=lambda f: f.name == "config.json")
+        for f in files:
+            os.replace(f, local / f.name)
+        log.warning("run %s: put back the copy an interrupted import had moved aside (%s)", h, old.name)
+        return
 
 
 def _remove_leftovers(dst: Path, h: str) -> None:
@@ -471,6 +516,7 @@ def _merge_run(dst: Path, h: str, files: dict[str, bytes]) -> str:
     local = dst / h
     try:
         with lock_run(local, wait=False):
+            _recover(dst, h)
             mine = _summary(local)
             ours = _progress(mine, can_resume(local))
             theirs = _progress(_parse_summary(files.get("summary.json")), CHECKPOINT in files)

@@ -234,6 +234,17 @@ def test_loader_varies_crops_and_covers_all_offsets():
     assert torch.equal(loader.batch(1)[0], DeviceLoader(x, torch.zeros(64, dtype=torch.long), 32, 0, "cpu").batch(1)[0])
 
 
+def test_balanced_subset_refuses_a_count_that_is_not_one():
+    """order[:-5] would quietly take all but 5 images, and the figure would say '-5 test images'."""
+    from resnet_lab.data import balanced_subset
+
+    y = torch.arange(20) % 10
+    for bad in (-5, 0, 2.5, True):
+        with pytest.raises(ValueError, match=f"n={bad!r}"):
+            balanced_subset(torch.zeros(20, 3), y, bad)
+    assert len(balanced_subset(torch.zeros(20, 3), y, 50)[1]) == 20  # more than there are: all of them
+
+
 def test_balanced_subset_mixes_classes():
     y = torch.arange(10).repeat_interleave(100)  # sorted by class, like the copies on disk
     x = torch.arange(1000)

@@ -480,6 +480,10 @@ def test_ray_backend_runs_the_same_executions(tiny_grid, tmp_path, monkeypatch):
     (GOOD + "parameters:\n  depths: [[8], [7]]\n", ["depths=[7]", "depth=7", "6n+2"]),
     ("notebook: 04_unraveled_ensemble\npreset: smoke\nparameters:\n  depth: [-8]\n", ["depth=-8"]),
     ("notebook: 04_unraveled_ensemble\npreset: smoke\nfixed:\n  eval_images: -3\n", ["eval_images=-3"]),
+    ("notebook: 06_layer_responses\npreset: smoke\nfixed:\n  max_images: -5\n", ["max_images=-5", "10,000"]),
+    ("notebook: 07_imagenet_architectures\npreset: smoke\nparameters:\n  repeats: [1, 0]\n", ["repeats=0"]),
+    ("notebook: 07_imagenet_architectures\npreset: smoke\nfixed:\n  depths: [18, 19]\n",
+     ["depths contains 19", "[18, 34, 50, 101, 152]"]),
     (GOOD + "fixed:\n  device: gpu0\n", ["device='gpu0'", "cuda:N"]),
 ])
 def test_sweep_builds_every_points_configs_before_anything_runs(tmp_path, capsys, monkeypatch, text, needles):

@@ -203,3 +203,66 @@ def test_atomic_writes_honour_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+
+
+def test_an_archive_that_expands_out_of_proportion_is_refused_before_it_fills_memory(tmp_path, monkeypatch):
+    """A sparse member (a few bytes standing for gigabytes of zeros) is refused by name; a part of zeros that
+    would expand past the ceiling stops there, before the store is touched."""
+    from resnet_lab import transfer
+
+    sparse = member(f"{H}/model.pt", b"")
+    sparse[0].type = tarfile.GNUTYPE_SPARSE
+    part = archive(tmp_path, [member(f"{H}/config.json", config_bytes(A)), sparse], name="sparse")
+    with pytest.raises(ValueError, match=f"{H}/model.pt.*sparse file"):
+        import_runs([part], root=tmp_path / "store")
+    monkeypatch.setattr(transfer, "MIN_CEILING", 2**20)  # 1 MiB, so the test needs no gigabytes
+    zeros = member(f"{H}/model.pt", bytes(30 * 2**20))  # 30 MiB of zeros: a ~30 KiB part
+    part = archive(tmp_path, [member(f"{H}/config.json", config_bytes(A)), zeros], name="bomb")
+    with pytest.raises(ValueError, match=r"bomb.tar.gz.000: expands past .* MiB \(20x its size\)"):
+        import_runs([part], root=tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_finished_copy_without_its_model_never_replaces_a_run(tmp_path):
+    """Export never sends a finished run without model.pt; a crafted archive that does would replace a local
+    copy that can resume with one that claims to be done and has no weights."""
+    store = tmp_path / "store"
+    local = make_run(store, A, "running", 5)
+    (local / "checkpoint.pt").write_bytes(b"resumable")
+    part = archive(tmp_path, [member(f"{H}/config.json", config_bytes(A)),
+                              member(f"{H}/summary.json", b'{"status": "done", "steps_done": 6}')])
+    with pytest.raises(ValueError, match=f"run {H} in the archive says done but has no model.pt"):
+        import_runs([part], root=store)
+    assert (local / "checkpoint.pt").read_bytes() == b"resumable"
+
+
+def test_a_summary_with_an_infinite_step_count_ranks_as_step_0_not_a_crash(tmp_path):
+    store = tmp_path / "store"
+    make_run(store, A, "running", 5)
+    part = archive(tmp_path, [member(f"{H}/config.json", config_bytes(A)),
+                              member(f"{H}/summary.json", b'{"status": "running", "steps_done": 1e999}')])
+    assert import_runs([part], root=store) == {H: "kept local"}
+
+
+def test_a_kill_between_the_swaps_renames_loses_no_run(tmp_path):
+    """Killed after moving the local copy aside and before moving the new one in, an import leaves the run only
+    in `.<h>.replaced-*`: the next import puts that copy back before it removes leftovers and compares."""
+    store = tmp_path / "store"
+    local = make_run(store, A, "running", 5)
+    (local / "checkpoint.pt").write_bytes(b"resumable")
+    os.replace(local, store / f".{H}.replaced-abc")  # what the kill leaves, beside an importing copy
+    (store / f".{H}.importing-abc").mkdir()
+    (store / f".{H}.importing-abc" / "config.json").write_text("{}")
+    older = make_run(tmp_path / "gpu", A, "running", 3).parent  # no checkpoint: behind the local copy
+    assert import_runs(export_runs(tmp_path / "out", root=older), root=store) == {H: "kept local"}
+    assert (store / H / "checkpoint.pt").read_bytes() == b"resumable"
+    assert json.loads((store / H / "summary.json").read_text())["steps_done"] == 5
+
+
+def test_a_mistyped_part_number_gives_a_short_error(tmp_path):
+    parts = _parts(tmp_path)
+    far = parts[0].with_name("runs.tar.gz.3000000")
+    far.write_bytes(b"")
+    with pytest.raises(ValueError) as e:
+        import_runs([parts[0], far], root=tmp_path / "store")
+    assert "runs.tar.gz.001" in str(e.value) and "2,999,994 more" in str(e.value) and len(str(e.value)) < 300
