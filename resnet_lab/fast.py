@@ -412,6 +412,7 @@ class Stepper:
             if not (skip_e or skip_o):
                 break
             start = {**start, "scaler": {**start["scaler"], "scale": start["scaler"]["scale"] / 2}}
+            self._restore(start)  # both steps of the next round from the halved scale (each restores after)
         if start is not snap:
             self._restore(snap)
         out = {"loss_eager": loss_e, f"loss_{what}": loss_o, "loss_rel_diff": abs(loss_o - loss_e) / max(1.0, abs(loss_e)),

@@ -118,6 +118,25 @@ class _ScaleGrad(torch.autograd.Function):
         return g * ctx.k, None
 
 
+def _signature(model: nn.Module) -> list[tuple]:
+    """Each submodule's name, type and settings (its plain attributes: a block's gating, pre-activation or
+    lesion flags, a conv's stride): two nets of one signature compute the same function of their weights,
+    which equal state-dict shapes alone do not say (a highway and a gated net have the same)."""
+    plain = (bool, int, float, str, tuple, type(None))
+    return [(name, type(m).__name__, sorted((k, v) for k, v in vars(m).items()
+                                            if not k.startswith("_") and k != "training" and isinstance(v, plain)))
+            for name, m in model.named_modules()]
+
+
+def _difference(a: tuple, b: tuple) -> str:
+    """'blocks.0 (Block: gate_only False, not True)': where two signatures first part, in words."""
+    where = f"{a[0] or 'the net'} ({a[1]}" + ("" if a[1] == b[1] else f", not {b[1]}")
+    mine, theirs = dict(a[2]), dict(b[2])
+    keys = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k, "-") != theirs.get(k, "-")][:3]
+    return where + (": " + ", ".join(f"{k} {mine.get(k, '-')!r}, not {theirs.get(k, '-')!r}" for k in keys)
+                    if keys and a[1] == b[1] else "") + ")"
+
+
 class GroupedNets(nn.Module):
     """N nets of one architecture as one module, stacked on the batch dimension at both ends.
 
@@ -133,9 +152,12 @@ class GroupedNets(nn.Module):
         self.n = len(models)
         names = [dict(m.named_modules()) for m in models]
         shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in models]
-        for i, s in enumerate(shapes[1:], 1):
-            if s != shapes[0]:
-                raise ValueError(f"model {i} differs from model 0 in its layers or shapes: only nets of one "
+        first = _signature(models[0])
+        for i, (s, m) in enumerate(zip(shapes[1:], models[1:]), 1):
+            differs = next((_difference(a, b) for a, b in zip(first, _signature(m)) if a != b), None) \
+                or ("its layers" if len(_signature(m)) != len(first) else None)
+            if s != shapes[0] or differs:  # one set of kernels runs member 0's code for every member
+                raise ValueError(f"model {i} differs from model 0 in {differs or 'its shapes'}: only nets of one "
                                  "architecture (same arch, depth, shortcut, block, width) can be grouped")
         net = copy.deepcopy(models[0])
         for name, _ in list(net.named_modules()):

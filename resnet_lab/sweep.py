@@ -63,6 +63,7 @@ THREAD_VARS = ("RESNET_LAB_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # RESNET_LAB_* variables holding local paths (data.py, runs.py). Kernels start in notebooks/, so a relative
 # value is made absolute against the caller's cwd before a point's process or a report's kernel sees it.
 PATH_VARS = ("RESNET_LAB_DATA", "RESNET_LAB_DATA_DIR", "RESNET_LAB_RESULTS")
+OUTPUT_VAR = "RESNET_LAB_OUTPUT_DIR"  # where a notebook writes its tables and figures (experiments.output_dir)
 STOP_GRACE_S = 10.0  # after Ctrl-C, how long running points get to shut their kernels down before SIGKILL
 _RESULT_MARK = "@@resnet-lab-sweep-result@@ "
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # what --device and a notebook's `device` parameter take
@@ -490,6 +491,9 @@ def absolute_path_env(env: Mapping[str, str], cwd: str | os.PathLike | None = No
 def _point_spec(point: Point, kernel_name: str, threads: int) -> dict[str, Any]:
     env = absolute_path_env({k: v for k, v in os.environ.items() if k.startswith("RESNET_LAB_")})
     env.update({k: str(threads) for k in THREAD_VARS})
+    # the point's tables and figures beside its executed notebook: points of one notebook would otherwise all
+    # write results/<preset>/<notebook>/ (at once, with --jobs), over the report's tables and each other's
+    env[OUTPUT_VAR] = str(point.output.with_suffix("").absolute())
     return {"input": str(point.notebook_path), "output": str(point.output), "params": point.params,
             "kernel": kernel_name, "cwd": str(point.notebook_path.parent), "env": env}
 

@@ -100,6 +100,29 @@ def test_a_snapshot_restores_the_loss_scale():
     assert float(st.scaler.scale) == monkeypatch_scale and float(st.scaler.skipped) == 0
 
 
+def test_the_self_check_steps_both_ways_at_the_scale_it_reports(monkeypatch):
+    """Both steps overflow at 2^24: the check halves the scale until neither does, and each round's two steps
+    (the reference and the checked one) run at that round's scale, the one the check reports."""
+    monkeypatch.setattr(fast, "LOSS_SCALE_INIT", 2.0 ** 24)
+    model, opt, lr_t = _net()
+    st = Stepper(model, opt, lr_t, precision="fp16")
+    x, y = _batch()
+    seen = []
+
+    def one(tag):
+        def fn():
+            seen.append((tag, float(st.scaler.scale)))
+            return st._body(x, y)[0]
+        return fn
+
+    check = st._agree(one("reference"), one("other"), st._snapshot(), "other")
+    pairs = list(zip(seen[::2], seen[1::2]))
+    assert len(pairs) > 1 and all(a[0] == "reference" and b[0] == "other" and a[1] == b[1] for a, b in pairs)
+    assert [a[1] for a, _ in pairs] == [2.0 ** (24 - i) for i in range(len(pairs))]
+    assert check["loss_scale"] == pairs[-1][0][1] and not check["skipped"] and check["update_rel_diff"] == 0
+    assert float(st.scaler.scale) == 2.0 ** 24  # the run's own scale is put back
+
+
 def test_fp16_runs_are_never_grouped():
     cfg = make_config("smoke", arch="resnet", depth=8, precision="fp16")
     assert group_key(cfg) is None and group_key(make_config("smoke", arch="resnet", depth=8)) is not None

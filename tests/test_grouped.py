@@ -71,6 +71,13 @@ def test_member_weights_load_into_a_plain_model():
 def test_nets_of_different_architectures_are_refused():
     with pytest.raises(ValueError, match="differs from model 0"):
         GroupedNets([build_model("resnet", 8), build_model("resnet", 14)])
+    # same shapes, other computations: every member would run model 0's code (a gate on the shortcut only,
+    # or no shortcut at all)
+    for other in ("gated", "plain"):
+        with pytest.raises(ValueError, match=rf"model 1 differs from model 0 in the net \(CifarResNet: arch "
+                                             rf"'(highway|resnet)', not '{other}'"):
+            GroupedNets([build_model("highway" if other == "gated" else "resnet", 8), build_model(other, 8)])
+    GroupedNets([build_model("highway", 8), build_model("highway", 8)])  # seeds of one net still group
     with pytest.raises(ValueError, match="cannot group a Dropout"):
         GroupedNets([torch.nn.Sequential(torch.nn.Dropout())])
 

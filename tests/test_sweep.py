@@ -236,6 +236,10 @@ def test_sweep_runs_points_in_parallel_then_skips_them(store, cifar, tmp_path):
     assert list(table["status"]) == ["done"] * 4, table.to_string()
     assert (table["error"] == "").all() and (table["seconds"] > 0).all()
     assert all(executed_ok(p) for p in table["output"])
+    # each point's table beside its executed notebook, none in results/smoke/01_degradation/ (the report's)
+    tables = [pd.read_csv(Path(p).with_suffix("") / "table.csv") for p in table["output"]]
+    assert sorted(tuple(sorted(t["depth"].unique())) for t in tables) == [(8,), (8,), (14,), (14,)]
+    assert not (Path(table["output"][0]).parent.parent / "01_degradation").exists()
 
     from resnet_lab.runs import load_runs
 
