@@ -67,6 +67,8 @@ def baseline_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: 
     """The usual loop: DataLoader + torchvision transforms + eager fp32 + .item() per step."""
     import torchvision.transforms as T
 
+    if len(y) < batch_size:  # drop_last would leave the loader empty, and the loop below would never end
+        raise ValueError(f"batch_size={batch_size} is more than the {len(y)} images given: use at most {len(y)}")
     tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
     dl = torch.utils.data.DataLoader(_PilDataset(x, y, tf), batch_size=batch_size, shuffle=True, drop_last=True,
                                      num_workers=num_workers, pin_memory=device.type == "cuda",

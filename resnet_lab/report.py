@@ -75,13 +75,16 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
             raise ValueError(f"unknown notebook(s) {bad}: use some of {names}")
         names = [n for n in names if n in only]
     wanted = report_parameters(preset)  # a bad grid stops the report before any notebook runs
-    with absolute_path_vars():
-        status = pd.DataFrame([_build_one(name, preset, kernel, directory, wanted.get(name, {})) for name in names])
     from .claims import check
     from .page import write_page
 
-    check(preset)  # results/<preset>/claims.csv and .md, from the tables just written
-    write_page(preset)  # results/<preset>/RESULTS.md, from the same tables
+    try:
+        with absolute_path_vars():
+            status = pd.DataFrame([_build_one(name, preset, kernel, directory, wanted.get(name, {}))
+                                   for name in names])
+    finally:  # also after Ctrl-C: the notebooks done by then have new tables, which the claims must describe
+        check(preset)  # results/<preset>/claims.csv and .md, from the tables just written
+        write_page(preset)  # results/<preset>/RESULTS.md, from the same tables
     return status
 
 
@@ -203,12 +206,13 @@ def _settle(folder: Path, backup: Path | None, ok: bool) -> None:
 def _record_output_path(executed: Path, path: Path) -> None:
     """papermill records the path it wrote in the notebook's metadata: make it the one the notebook is kept
     under, not the temporary name it was executed into (which also changed with every run)."""
-    nb = json.loads(executed.read_text())
+    nb = json.loads(executed.read_text(encoding="utf-8"))  # notebooks are UTF-8 whatever the locale
     if not isinstance(nb, dict):
         return
     nb.setdefault("metadata", {}).setdefault("papermill", {})["output_path"] = str(path)
     # nbformat's own layout, as papermill wrote it
-    executed.write_text(json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False, separators=(",", ": ")) + "\n")
+    executed.write_text(json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False, separators=(",", ": ")) + "\n",
+                        encoding="utf-8")
 
 
 def outputs(preset: str) -> pd.DataFrame:

@@ -165,3 +165,14 @@ def test_the_bench_times_an_fp16_step_beside_ours(cifar, tmp_path, monkeypatch):
     assert row["fp16_gain"] == pytest.approx(row["fp16_img_s"] / row["ours_img_s"])
     assert row["fp16_speedup"] == pytest.approx(row["fp16_img_s"] / row["baseline_img_s"])
     assert row["fp16_schedule_min"] > 0 and "CUDA device" in row["fp16_mode_reason"]
+
+
+def test_the_baseline_refuses_a_batch_larger_than_its_images():
+    """drop_last leaves the DataLoader empty, and the timing loop would wait for a batch for ever."""
+    import torch
+
+    from resnet_lab import bench
+
+    with pytest.raises(ValueError, match="batch_size=128 is more than the 10 images"):
+        bench.baseline_images_per_s(8, torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.zeros(10, dtype=torch.long),
+                                    torch.device("cpu"), 128, 0.1, 0)

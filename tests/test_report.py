@@ -200,3 +200,24 @@ def test_a_report_killed_outright_has_its_last_good_tables_put_back_by_the_next(
     monkeypatch.setattr(shutil, "copytree", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
     assert report.build("smoke", only=["01_degradation"], kernel="python3")["status"].tolist() == ["done"]
     assert (tables / "table.csv").read_text() == "new" and "could not copy" in caplog.text
+
+
+def test_an_interrupted_report_still_checks_the_claims_on_the_tables_it_left(tmp_path, monkeypatch):
+    """Ctrl-C in the third notebook: the two done by then have new tables, which claims.md and RESULTS.md
+    must describe (they are rewritten on the way out), and the interrupt still stops the report."""
+    from resnet_lab import report
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    calls = []
+
+    def one(name, *a, **k):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return {"notebook": name, "status": "done", "seconds": 0.0, "output": "", "error": ""}
+
+    monkeypatch.setattr(report, "_build_one", one)
+    with pytest.raises(KeyboardInterrupt):
+        report.build("smoke")
+    assert len(calls) == 3
+    assert (tmp_path / "smoke" / "claims.md").exists() and (tmp_path / "smoke" / "RESULTS.md").exists()
