@@ -12,6 +12,8 @@ from typing import Any, NoReturn
 
 from .config import ARCHS, NON_RESULT_FIELDS, PRESETS, SHORTCUTS, RunConfig
 
+log = logging.getLogger(__name__)
+
 # `train` flags that describe one net (--notebook and --sweep take a grid instead) and flags that only mean
 # something for several runs (--notebook, --sweep); each is refused where it would be ignored.
 SINGLE_RUN_FLAGS = ("arch", "depth", "shortcut", "block_layers", "seed")
@@ -80,6 +82,9 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
             usage_error(f"--set preset=...: give the preset with --preset (one of {sorted(PRESETS)})")
         if key not in fields:
             usage_error(f"--set {key!r}: unknown field; allowed are {sorted(fields)}")
+        if key == "dataset":  # the source's sha256 prefix, filled in from it: another value names no data here
+            usage_error("--set dataset=...: a run's dataset is the id of the CIFAR-10 copy it reads, set from "
+                        "RESNET_LAB_DATA (`resnet-lab data` shows it), not a setting")
         out[key] = _parse_value(fields[key], val)
     return out
 
@@ -186,12 +191,16 @@ def _print_run(rec) -> None:
 
     s, cfg = rec.summary, rec.config
     status = s.get("status")
+    if status == "failed":  # e.g. a run that could not start, reached by no sitting since: no metrics to show
+        print(f"{cfg.name} seed {cfg.seed}: failed ({s.get('error', 'no error recorded')}; see "
+              f"{rec.path / 'summary.json'})")
+        return
     if status == "running":  # this process is done with it: cut short, now or by an earlier call
         how = "resumes from its checkpoint" if can_resume(rec.path) else "no checkpoint here: starts at step 0"
         status = f"stopped ({how} when run again; {cfg.iterations:,} iterations in all)"
     print(f"{cfg.name} seed {cfg.seed} [{cfg.preset}] {status} at step {s.get('steps_done')}: "
           f"train err {_pct(s.get('final_train_err'))}  test err {_pct(s.get('final_test_err'))}  "
-          f"params {s.get('params'):,}  {s.get('wall_seconds', 0):.1f}s on {s.get('device')} "
+          f"params {s.get('params') or 0:,}  {s.get('wall_seconds') or 0:.1f}s on {s.get('device')} "
           f"({s.get('step_mode', '?')} step, {s.get('packed_runs', 1)} packed"
           f"{', grouped' if s.get('grouped_runs') else ''})\n  {rec.path}")
 
@@ -248,9 +257,12 @@ def _device(a: argparse.Namespace, grids: list[Any], need: bool = True) -> str:
     return _check_device(a.device, need)
 
 
-def _check_notebook(nb: str, params: dict[str, Any]) -> None:
-    """A --notebook stem the suite knows, given only parameters it declares (ValueError otherwise)."""
+def _check_notebook(nb: str, params: dict[str, Any], command: str = "train") -> None:
+    """A --notebook stem the suite knows, given only parameters it declares and this command uses, with
+    values it takes (ValueError otherwise): `train` uses those that name the runs, `analyse` those and the
+    analysis settings; any other (train_missing, a figure's setting) would be accepted and ignored."""
     from . import experiments as ex
+    from .sweep import check_params
 
     if nb not in ex.NOTEBOOK_CONFIGS:
         raise ValueError(f"notebook {nb!r} is unknown: use one of {sorted(ex.NOTEBOOK_CONFIGS)}")
@@ -258,6 +270,15 @@ def _check_notebook(nb: str, params: dict[str, Any]) -> None:
     if set(params) - set(declared):
         raise ValueError(f"{nb} has no parameter(s) {sorted(set(params) - set(declared))}: it takes "
                          f"{sorted(declared)}")
+    used = set(ex.NOTEBOOK_CONFIGS[nb][1]) - {"preset"}
+    if command == "analyse":
+        used |= set(ex.ANALYSIS_PARAMS.get(nb, ()))
+    ignored = sorted(set(params) - used - {"preset"})
+    if ignored:
+        raise ValueError(f"{nb}'s {', '.join(ignored)} would change nothing `{command}` does: it takes "
+                         f"{', '.join(sorted(used)) or 'no parameter'} (the rest are the notebook's own, set when "
+                         "it runs)")
+    check_params(params)
 
 
 def _train_notebooks(a: argparse.Namespace) -> int:
@@ -281,6 +302,11 @@ def _train_notebooks(a: argparse.Namespace) -> int:
         cfgs = [dataclasses.replace(c, **speed) for c in ex.with_dataset(ex.unique_runs(cfgs))]
         pack = a.pack if a.pack is not None else ex.pack_size(None if device == "auto" else device)
         group = a.group or ex.group_seeds()
+        if group and pack < 2:  # grouping happens inside a pack: with one run per pack it would do nothing
+            if a.group:
+                raise ValueError(f"--group trains the seeds of one config as one net inside a pack, and a pack "
+                                 f"here holds {pack} run: give --pack 2 or more (on a CPU the default is 1)")
+            log.warning("RESNET_LAB_GROUP=1, but a pack holds one run here (--pack %d): nothing is grouped", pack)
     except DataError:
         raise  # the machine's dataset, not the command line: main says it (exit 1)
     except ValueError as e:
@@ -321,7 +347,7 @@ def cmd_analyse(a: argparse.Namespace) -> int:
     targets = [(pt.notebook, pt.params, pt.label) for grid in grids for pt in expand(grid)]
     try:
         for nb in a.notebook or []:
-            _check_notebook(nb, params)
+            _check_notebook(nb, params, "analyse")
             targets.append((nb, params, params_label(params)))
         for nb, p, label in targets:  # counts (draws, eval_images...) before anything loads: a bad one runs minutes
             try:
@@ -334,6 +360,8 @@ def cmd_analyse(a: argparse.Namespace) -> int:
     if not todo:
         usage_error(f"nothing to analyse in {sorted({t[0] for t in targets})}: only "
                     f"{', '.join(sorted(ex.NOTEBOOK_ANALYSES))} cache(s) analyses (the others' are quick)")
+    for nb in sorted({t[0] for t in targets} - set(ex.NOTEBOOK_ANALYSES)):  # said, not silently dropped
+        print(f"{nb}: caches no analysis (its notebook computes its tables quickly): nothing to do")
     not_done = 0
     for nb, p, label in todo:
         try:

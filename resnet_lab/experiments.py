@@ -460,10 +460,11 @@ def response_summary(resp: pd.DataFrame) -> pd.DataFrame:
     """Mean response std of each net, per seed and over seeds: the numbers Fig. 7's ordering is read from
     (ResNet below plain of the same depth, deeper ResNets lower), seed by seed."""
     if resp.empty:
-        return pd.DataFrame(columns=["net", "mean"])
+        return pd.DataFrame(columns=["net", "seeds", "mean"])
     t = resp.groupby(["arch", "depth", "net", "seed"])["std"].mean().unstack("seed")
     t.columns = [f"seed {c}" for c in t.columns]
-    t["mean"] = t.mean(axis=1)
+    t["seeds"] = t.notna().sum(axis=1)  # a net missing a seed: its mean is over fewer, and says so
+    t["mean"] = t.drop(columns="seeds").mean(axis=1)
     return t.reset_index().drop(columns=["arch", "depth"])
 
 
@@ -821,6 +822,7 @@ def _unravel_from_params(runs: pd.DataFrame, p: dict[str, Any], device: str | No
 
 # notebook -> what computes and caches its slow analyses from (its finished runs, its parameters, a device)
 NOTEBOOK_ANALYSES: dict[str, Any] = {"04_unraveled_ensemble": _unravel_from_params}
+ANALYSIS_PARAMS = {"04_unraveled_ensemble": ("draws", "eval_images", "grad_samples")}  # what those read
 
 
 def analyse_notebook(notebook: str, params: dict[str, Any], device: str | None = None

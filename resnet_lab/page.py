@@ -128,7 +128,7 @@ def build_page(preset: str, root: str | Path | None = None) -> str:
         out += ["Stopped part-way (not averaged into any table):", "",
                 markdown_table(stopped, [(c, c) for c in stopped.columns]), ""]
     out += _section(base, "Layer responses (06; He et al. 2015, Fig. 7)", "06_layer_responses", "summary",
-                    [("net", "net"), ("mean", "mean std of the BN outputs")],
+                    [("net", "net"), ("seeds", "seeds"), ("mean", "mean std of the BN outputs")],
                     "Per net, the std of each 3x3 layer's BN output over the test images, averaged over layers.",
                     (("responses", "std per layer, in order and sorted"),))
     out += _section(base, "Fast-path fidelity (08)", "08_fast_path_fidelity", "table",

@@ -25,8 +25,8 @@ from .config import RunConfig
 from .data import Cifar10, DeviceLoader, eval_batches, load_cifar10, normalize, split_data
 from .fast import LossScaler, Stepper, autocast, compute_dtype, make_optimizer, match_momentum_layout, step_body, to_device
 from .models import count_params, model_from_config
-from .runs import (CHECKPOINT_FILES, FINISHED, METRIC_COLUMNS, RunDir, atomic_save_torch, atomic_write_csv,
-                   atomic_write_json)
+from .runs import (CHECKPOINT_FILES, FINISHED, METRIC_COLUMNS, RunDir, RunLocked, atomic_save_torch,
+                   atomic_write_csv, atomic_write_json, lock_run)
 
 log = logging.getLogger(__name__)
 WARMUP_CHECK_EVERY = 20  # steps between host reads of the training error during warm-up
@@ -255,10 +255,14 @@ def train(cfg: RunConfig, root: str | os.PathLike | None = None, device: str | t
     if rd.status() in FINISHED:
         return _record(rd)
     try:
-        with rd.lock():
+        with lock_run(rd.path, wait=deadline is None):  # with a time budget, no wait for another process
             if rd.status() in FINISHED:  # another process finished it while we waited
                 return _record(rd)
             return _train_locked(cfg, rd, device, data, progress, stop_after, checkpoint_every_s, deadline)
+    except RunLocked:
+        log.warning("run %s is being trained by another process: left to it (with a time budget no run waits for "
+                    "a lock)", cfg.name)
+        return _record(rd)
     except OSError as e:  # disk full, permissions: say where; finished runs are untouched (atomic writes)
         raise ResultsWriteError(f"cannot write run {cfg.hash} ({cfg.name}) under {rd.path}: "
                                 f"{e.strerror or e}") from e
@@ -751,10 +755,16 @@ def _train_pack(cfgs: list[RunConfig], index: list[int], root, device: torch.dev
     keys = [group_key(c) if group else None for c in cfgs]
     with contextlib.ExitStack() as locks:
         runs: dict[int, _Run] = {}
-        # locks in hash order, so two processes packing overlapping sets cannot deadlock
+        # locks in hash order, so two processes packing overlapping sets cannot deadlock; with a time budget none
+        # is waited for (nor can deadlock): a run another process holds is left to it, the pack goes on without
+        held: set[int] = set()
         for k in sorted(range(len(cfgs)), key=lambda k: cfgs[k].hash):
             try:
-                locks.enter_context(dirs[k].lock())
+                locks.enter_context(lock_run(dirs[k].path, wait=deadline is None))
+            except RunLocked:
+                held.add(k)
+                log.warning("run %s is being trained by another process: left to it (with a time budget no run "
+                            "waits for a lock)", cfgs[k].name)
             except OSError as e:
                 raise ResultsWriteError(f"cannot lock run {cfgs[k].hash} under {dirs[k].path}: {e}") from e
         interrupted = locks.enter_context(_ctrl_c_after_step())  # after the locks: waiting for one stays Ctrl-C-able
@@ -766,12 +776,15 @@ def _train_pack(cfgs: list[RunConfig], index: list[int], root, device: torch.dev
                 if key is not None:
                     shared[key] = streams[k]
         for k, (cfg, rd) in enumerate(zip(cfgs, dirs)):
+            if k in held:
+                out[index[k]] = None
+                continue
             if rd.status() in FINISHED:  # another process finished it while we waited
                 out[index[k]] = _record(rd)
                 continue
             try:
                 runs[k] = _Run(cfg, rd, device, data, progress, stop_after, checkpoint_every_s, streams[k],
-                               packed=len(cfgs))
+                               packed=len(cfgs) - len(held))
             except Exception as e:
                 log.error("run %s could not start: %s", cfg.name, e)
                 _store_failure(rd, cfg, e)
@@ -812,6 +825,8 @@ def _finish(run: _Run) -> RunRecord | None:
 
 
 def _store_failure(rd: RunDir, cfg: RunConfig, e: BaseException) -> None:
+    """Mark a run that could not start as failed, keeping what its summary said of earlier sittings (steps
+    done, device): its checkpoint survives, and import and `--list` rank the run by that progress."""
     with contextlib.suppress(OSError):
-        atomic_write_json(rd.summary_file, {"status": "failed", "name": cfg.name, "hash": cfg.hash,
-                                            "error": f"{type(e).__name__}: {e}"})
+        atomic_write_json(rd.summary_file, {**(rd.summary() or {}), "status": "failed", "name": cfg.name,
+                                            "hash": cfg.hash, "error": f"{type(e).__name__}: {e}"})

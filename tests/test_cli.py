@@ -49,6 +49,11 @@ def test_seed_with_notebook_says_to_use_the_seeds_parameter(no_training, capsys)
 
 
 @pytest.mark.parametrize("argv, needles", [
+    (["--notebook", "01_degradation", "-p", "train_missing=false"], ["train_missing", "would change nothing",
+                                                                     "depths, seeds"]),
+    (["--notebook", "04_unraveled_ensemble", "-p", "draws=3"], ["draws", "would change nothing `train` does"]),
+    (["--notebook", "01_degradation", "-p", "seeds=[0,1]", "--group", "--pack", "1"], ["--group", "--pack 2"]),
+    (["--set", "dataset=abc"], ["--set dataset", "RESNET_LAB_DATA"]),
     (["--list", "--time-budget", "5"], ["--list", "--time-budget"]),
     (["--notebook", "01_degradation", "--list", "--pack", "2"], ["--list", "--pack"]),
     (["--notebook", "01_degradation", "--pack", "0"], ["--pack 0", ">= 1"]),
@@ -356,3 +361,36 @@ def test_one_run_finished_in_a_skip_manifest_is_not_trained_again(no_training, c
         cli.main(argv)
     err = _usage_error(capsys, *argv[:-1], str(tmp_path / "nope.json"))
     assert "--skip" in err and "nope.json" in err
+
+
+def test_analyse_takes_its_settings_refuses_the_rest_and_says_what_it_skips(no_training, capsys, tmp_path,
+                                                                            monkeypatch):
+    ex = importlib.import_module("resnet_lab.experiments")
+    seen = []
+    monkeypatch.setattr(ex, "analyse_notebook", lambda nb, p, device=None: seen.append((nb, p)) or ([], [], []))
+    err = _usage_error(capsys, "analyse", "--notebook", "04_unraveled_ensemble", "--preset", "smoke", "-p",
+                       "analyse_missing=false")
+    assert "analyse_missing" in err and "draws, eval_images, grad_samples" in err
+    err = _usage_error(capsys, "analyse", "--notebook", "04_unraveled_ensemble", "--preset", "smoke", "-p",
+                       "draws=-5")
+    assert "draws=-5" in err
+    assert cli.main(["analyse", "--notebook", "04_unraveled_ensemble", "-p", "draws=2", "--preset", "smoke",
+                     "--device", "cpu"]) == 0
+    assert seen[0][1]["draws"] == 2
+    assert cli.main(["analyse", "--notebook", "04_unraveled_ensemble", "--notebook", "01_degradation", "--preset",
+                     "smoke", "--device", "cpu"]) == 0
+    assert "01_degradation: caches no analysis" in capsys.readouterr().out and len(seen) == 2
+
+
+def test_a_failed_run_reached_by_no_sitting_prints_its_error_not_a_traceback(capsys, tmp_path):
+    """`train --notebook ... --time-budget` lists the runs the budget never reached with their stored
+    record; a failed one has no metrics (params, errors) to show."""
+    import pandas as pd
+
+    from resnet_lab.config import make_config
+    from resnet_lab.train import RunRecord
+
+    rec = RunRecord(make_config("smoke", depth=8), tmp_path, {"status": "failed", "error": "RuntimeError: boom"},
+                    pd.DataFrame())
+    cli._print_run(rec)
+    assert capsys.readouterr().out.startswith("resnet-8 seed 0: failed (RuntimeError: boom; see ")

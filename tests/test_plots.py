@@ -56,8 +56,10 @@ def test_layer_responses_draw_every_seed_and_summarise_them():
     drawn = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata())]  # not the legend's empty handles
     assert len(drawn) == 4  # one line per net and seed, not a mean per net
     t = ex.response_summary(resp).set_index("net")
-    assert list(t.columns) == ["seed 1", "seed 2", "mean"]
+    assert list(t.columns) == ["seed 1", "seed 2", "seeds", "mean"]
     assert t.loc["plain-20", "seed 2"] == pytest.approx(3.0) and t.loc["resnet-20", "mean"] == pytest.approx(2.25)
+    t = ex.response_summary(resp[~((resp["net"] == "plain-20") & (resp["seed"] == 2))]).set_index("net")
+    assert t.loc["plain-20", "seeds"] == 1 and t.loc["resnet-20", "seeds"] == 2  # a mean over fewer says so
 
 
 def test_delete_k_curve_has_the_papers_k_and_the_figure_marks_its_reading():

@@ -241,3 +241,48 @@ def test_a_second_ctrl_c_stops_at_once_and_a_packed_ctrl_c_starts_no_further_run
         T.train_many([c, d], root=tmp_path, data=cifar, device="cpu", pack=1, progress=False)
     assert R.RunDir(c, tmp_path).summary()["steps_done"] == 7 and R.RunDir(c, tmp_path).checkpoint_file.exists()
     assert R.RunDir(d, tmp_path).summary() is None  # the next pack never started
+
+
+def test_with_a_time_budget_a_run_locked_elsewhere_is_left_not_waited_for(cifar, tmp_path):
+    """A pack under a time budget does not sit idle on a lock another process holds: that run is left to it
+    (reported as not trained), the others train; one run alone returns at once too."""
+    from resnet_lab.train import train_many
+
+    import fcntl
+    import threading
+
+    held, free = cfg(seed=0, dataset=cifar.info.sha256[:16]), cfg(seed=1, dataset=cifar.info.sha256[:16])
+    folder = R.RunDir(held, tmp_path).path
+    folder.mkdir(parents=True)
+    lock = open(folder / ".lock", "w")  # another trainer's (flock is per open file, so this process too)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    release = threading.Timer(300, lock.close)  # had the trainer waited, it would train `held` after this
+    release.start()
+    try:
+        recs = train_many([held, free], root=tmp_path, data=cifar, device="cpu", pack=2, time_budget_s=600)
+        alone = train(held, root=tmp_path, data=cifar, device="cpu", time_budget_s=600)
+    finally:
+        release.cancel()
+        lock.close()
+    assert recs[0] is None and recs[1].status == "done" and recs[1].summary["packed_runs"] == 1
+    assert alone.summary == {} and not (folder / "summary.json").exists()  # never started here
+
+
+def test_a_run_that_cannot_start_keeps_the_progress_its_checkpoint_has(cifar, tmp_path, monkeypatch):
+    """Marked failed, it keeps steps_done and its sittings: import and `--list` rank it by them (a summary
+    of status and error alone let an older copy replace its checkpoint)."""
+    import importlib
+
+    T = importlib.import_module("resnet_lab.train")
+    c = cfg()
+    part = train(c, root=tmp_path, data=cifar, device="cpu", stop_after=4)
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(T, "Stepper", broken)
+    with pytest.raises(RuntimeError):
+        train(c, root=tmp_path, data=cifar, device="cpu")
+    s = json.loads((part.path / "summary.json").read_text())
+    assert s["status"] == "failed" and "out of memory" in s["error"] and s["steps_done"] == 4 and s["sittings"]
+    assert (part.path / "checkpoint.pt").exists()
