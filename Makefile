@@ -71,13 +71,22 @@ lab: install
 # A GPU session (README, "Running on a GPU"): `make gpu-in` writes what the device call carries (.data and
 # .gpu-in: with the repository, within the tool's 64 MiB), `bash .ci/gpu-session` runs there, and
 # `make gpu-back FROM=<the folder the call's files came back to>` takes them in here.
+# The unfinished runs go in what the 64 MiB a call carries leaves after the tree and the dataset (2 MiB spare).
 gpu-in: install
 	@test -f "$(RESNET_LAB_DATA)" || { echo "set RESNET_LAB_DATA to a CIFAR-10 archive or tarball"; exit 2; }
 	mkdir -p .data .gpu-in
-	rm -f .data/*.tar.gz .gpu-in/resume.tar.gz.*
-	cp "$(RESNET_LAB_DATA)" .data/
+	rm -f .gpu-in/resume.tar.gz.*
+	src="$$(realpath "$(RESNET_LAB_DATA)")"; dst="$$(realpath -m ".data/$$(basename "$$src")")"; \
+	if [ "$$src" != "$$dst" ]; then rm -f .data/*.tar.gz && cp "$$src" .data/.copy.tmp && mv .data/.copy.tmp "$$dst"; fi
 	$(BIN)/resnet-lab runs manifest .gpu-in/have.json
-	$(BIN)/resnet-lab runs export .gpu-in --name resume --checkpoints --unfinished --max-mb 36
+	mb=$$($(BIN)/python -c 'import os, subprocess as sp; \
+	  tree = sum(os.path.getsize(p) for p in sp.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], \
+	             capture_output=True, check=True).stdout.decode().split("\0") if p and os.path.isfile(p)); \
+	  data = sum(e.stat().st_size for e in os.scandir(".data") if e.is_file()); \
+	  print(int((64 * 2**20 - tree - data) / 2**20) - 2)'); \
+	if [ "$$mb" -lt 1 ]; then echo "the tree and .data leave no room under 64 MiB for unfinished runs"; exit 2; fi; \
+	echo "unfinished runs: up to $$mb MiB"; \
+	$(BIN)/resnet-lab runs export .gpu-in --name resume --checkpoints --unfinished --max-mb $$mb
 	@du -sh .data .gpu-in
 
 gpu-back: install

@@ -82,14 +82,16 @@ def prediction_half_width(a: pd.Series, col: str) -> float | None:
 def verdict(diff: float, half: float | None, expect: str) -> str:
     """`yes`, `NO` or `within noise` for a claim that b is `higher`, `lower` or `not higher` than a.
 
-    "not higher" fails only on a difference above its noise; without a noise estimate the means decide.
+    "not higher" holds where b is not above a (b lower or equal), fails on a difference above its noise, and
+    between the two (b above a, but inside the noise) is `within noise`, as every other comparison: the
+    data then neither show b higher nor not; without a noise estimate the means decide.
     """
     allowed = ("higher", "lower", "not higher")
     if expect not in allowed:
         raise ValueError(f"expect={expect!r} is not valid: use one of {', '.join(allowed)}")
     h = 0.0 if half is None else half
     if expect == "not higher":
-        return "NO" if diff > h else "yes"
+        return "yes" if diff <= 0 else "NO" if half is None or diff > h else NOISE
     sign = 1 if expect == "higher" else -1
     if sign * diff > h:
         return "yes"

@@ -183,6 +183,8 @@ def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = No
     if long is None:
         return no_data_figure(title or "error curves")
     set_style()
+    if pd.api.types.is_numeric_dtype(long[hue]):  # depths: categories in the legend, not a colour scale
+        long[hue] = long[hue].astype(str)
     order = sorted(long[hue].unique(), key=lambda v: (len(str(v)), str(v)))  # "20" before "110"
     g = sns.relplot(data=long, x="iterations", y="error (%)", hue=hue, hue_order=order, style="curve", style_order=["test", "train"],
                     dashes={"test": "", "train": (4, 2)}, col=col, kind="line", errorbar=t_interval_error, height=3.2,
@@ -220,6 +222,8 @@ def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue:
     set_style()
     if hue:
         d[hue] = d[hue].astype(str)
+    if order is not None:  # the categories asked for that have runs, in the order asked
+        order = [v for v in order if v in set(d[x])]
     g = sns.catplot(data=d, x=x, y=ylabel, hue=hue, order=order, kind="bar", errorbar=t_interval_error, height=3.2,
                     aspect=1.8, palette=PALETTE)
     g.tick_params(axis="x", labelrotation=30)

@@ -215,6 +215,15 @@ def _record_output_path(executed: Path, path: Path) -> None:
                         encoding="utf-8")
 
 
+def show(preset: str) -> None:
+    """Display every table (rounded) and figure under results/<preset>/ in a notebook, each under a heading."""
+    from IPython.display import Image, Markdown, display
+
+    for r in outputs(preset).to_dict("records"):
+        display(Markdown(f"### {r['notebook']} · {r['name']}"))
+        display(pd.read_csv(r["path"]).round(3) if r["kind"] == "csv" else Image(filename=r["path"], width=720))
+
+
 def outputs(preset: str) -> pd.DataFrame:
     """Every table and figure under results/<preset>/, one row each (notebook, kind, path)."""
     base = results_dir() / preset

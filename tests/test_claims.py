@@ -73,6 +73,10 @@ def test_difference_is_welchs_interval_of_the_raw_seeds():
     assert half == pytest.approx(100 * t975(dof) * (va + vb) ** 0.5)  # at Welch's fractional dof, not rounded
     assert claims.verdict(diff, half, "lower") == "yes" and claims.verdict(diff, half, "higher") == "NO"
     assert claims.verdict(-diff, half, "not higher") == "NO" and claims.verdict(diff / 10, half, "lower") == "within noise"
+    # "not higher": lower or equal holds, above the noise fails, above but inside it is unsure either way
+    assert [claims.verdict(d, 1.0, "not higher") for d in (-0.5, 0.0, 0.5, 1.5)] == ["yes", "yes", "within noise",
+                                                                                   "NO"]
+    assert [claims.verdict(d, None, "not higher") for d in (-0.5, 0.5)] == ["yes", "NO"]  # no noise: the means
 
 
 def test_a_difference_inside_its_noise_is_neither_yes_nor_no(tmp_path):
@@ -84,7 +88,7 @@ def test_a_difference_inside_its_noise_is_neither_yes_nor_no(tmp_path):
     _write(base, "02_depth", "table", _ci_table([("resnet", 20, 3, 1.0, 0.4, 8.8, 0.3),
                                                 ("resnet", 56, 3, 1.2, 0.4, 7.0, 0.3)]))
     t = claims.check("paper", root=tmp_path)
-    assert list(t["holds"][:3]) == ["within noise", "yes", "yes"], t.to_string()
+    assert list(t["holds"][:3]) == ["within noise", "within noise", "yes"], t.to_string()  # 0.2 higher: unsure
     assert t.loc[0, "ours"].startswith("20: 2.00 ± 0.50%, 56: 2.30 ± 0.50%; 56 - 20: +0.30 ± ")
     assert "within noise" in (base / "claims.md").read_text()
     # the same means from one seed each: the means decide, and the row says the noise is unknown

@@ -38,6 +38,7 @@ def test_the_defaults_are_commands_the_cli_takes():
 def _session(tmp_path: Path, out: str, **env: str) -> subprocess.CompletedProcess:
     base = dict(os.environ, OUT=str(tmp_path / out), DEVICE="cpu", PY=sys.executable,
                 GPU_IN=str(tmp_path / "in"), GPU_DIR=str(tmp_path / "gpu"),
+                RESNET_LAB_RESULTS=str(tmp_path / "gpu" / "results"),  # the machine's own store, as there
                 BUDGET_S="300", EXPORT_S="60", MIN_TRAIN_S="5", GRIDS="sweeps/smoke_example.yaml",
                 REFERENCE="--preset smoke --depth 8 --set precision=fp32 --set fast=false")
     return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env={**base, **env}, capture_output=True, text=True,

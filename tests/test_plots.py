@@ -108,3 +108,21 @@ def test_curves_of_lines_that_share_a_name_fit_the_axis_each_and_no_error_means_
     nan = pd.DataFrame([{**r, "train_err": float("nan"), "test_err": float("nan")} for r in rows])
     assert getattr(plots.curves_figure(nan, hue="lr"), "no_data", False)
     assert getattr(plots.degradation_figure(nan.assign(arch="resnet", depth=20)), "no_data", False)
+
+
+def test_bars_take_the_order_asked_and_draw_only_what_has_runs():
+    """03 passes its `variants` parameter as the order; variants without a finished run are left out of the
+    axis, not drawn as empty slots."""
+    runs = pd.DataFrame([dict(variant=v, depth=20, status="done", final_test_err=e)
+                         for v, e in (("C", 0.1), ("A", 0.2), ("A", 0.21))])
+    fig = plots.bars_figure(runs, x="variant", order=["A", "B", "C"])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["A", "C"]
+
+
+def test_numeric_curve_hues_are_categories_in_the_order_of_their_values():
+    curves = pd.DataFrame([dict(step=s, train_err=0.5, test_err=0.5, depth=d, name=f"resnet-{d}", seed=0, arch="resnet",
+                                status="done") for d in (110, 20) for s in (1, 2)])
+    fig = plots.curves_figure(curves, hue="depth")
+    labels = [t.get_text() for t in fig.legends[0].get_texts()] if fig.legends else \
+        [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels.index("20") < labels.index("110")

@@ -221,3 +221,25 @@ def test_an_interrupted_report_still_checks_the_claims_on_the_tables_it_left(tmp
         report.build("smoke")
     assert len(calls) == 3
     assert (tmp_path / "smoke" / "claims.md").exists() and (tmp_path / "smoke" / "RESULTS.md").exists()
+
+
+def test_the_report_notebook_shows_every_table_and_figure_under_a_heading(tmp_path, monkeypatch):
+    import IPython.display as D
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from resnet_lab import report
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    (tmp_path / "smoke" / "01_degradation").mkdir(parents=True)
+    pd.DataFrame({"err": [0.12345]}).to_csv(tmp_path / "smoke" / "01_degradation" / "table.csv", index=False)
+    plt.figure().savefig(tmp_path / "smoke" / "01_degradation" / "degradation.png")
+    shown = []
+    monkeypatch.setattr(D, "display", shown.append)
+    report.show("smoke")
+    kinds = [type(x).__name__ for x in shown]
+    assert kinds == ["Markdown", "Image", "Markdown", "DataFrame"]  # sorted by file name: .png before table
+    assert shown[0].data == "### 01_degradation · degradation" and shown[3].iloc[0, 0] == 0.123
