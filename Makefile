@@ -77,7 +77,8 @@ gpu-in: install
 	mkdir -p .data .gpu-in
 	rm -f .gpu-in/resume.tar.gz.*
 	src="$$(realpath "$(RESNET_LAB_DATA)")"; dst="$$(realpath -m ".data/$$(basename "$$src")")"; \
-	if [ "$$src" != "$$dst" ]; then rm -f .data/*.tar.gz && cp "$$src" .data/.copy.tmp && mv .data/.copy.tmp "$$dst"; fi
+	if [ "$$src" != "$$dst" ]; then find .data -maxdepth 1 -type f -delete && cp "$$src" .data/.copy.tmp && \
+	  mv .data/.copy.tmp "$$dst"; fi
 	$(BIN)/resnet-lab runs manifest .gpu-in/have.json
 	mb=$$($(BIN)/python -c 'import os, subprocess as sp; \
 	  tree = sum(os.path.getsize(p) for p in sp.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], \

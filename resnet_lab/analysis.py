@@ -54,12 +54,12 @@ def _t_tail(t: float, dof: float) -> float:
 
 
 def t975(dof: float) -> float:
-    """97.5% quantile of Student's t for any real dof > 0 (Welch's are fractional); no scipy needed.
+    """97.5% quantile of Student's t for any real dof >= 0.1 (Welch's are fractional, and >= 1); no scipy.
 
     Bisection on the tail probability, to 1e-10: exact where a table would round the dof.
     """
-    if not dof > 0:
-        raise ValueError(f"dof={dof!r} is not valid: use a number > 0")
+    if not dof >= 0.1:  # below, the quantile passes 1e20 and its square overflows a float
+        raise ValueError(f"dof={dof!r} is not valid: use a number >= 0.1")
     lo, hi = 1.959, 13.0  # t(1) = 12.71; below 1 dof the tail is heavier: widen until it brackets the quantile
     while _t_tail(hi, dof) > 0.025:
         lo, hi = hi, 2 * hi

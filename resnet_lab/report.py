@@ -82,9 +82,15 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
         with absolute_path_vars():
             status = pd.DataFrame([_build_one(name, preset, kernel, directory, wanted.get(name, {}))
                                    for name in names])
-    finally:  # also after Ctrl-C: the notebooks done by then have new tables, which the claims must describe
-        check(preset)  # results/<preset>/claims.csv and .md, from the tables just written
-        write_page(preset)  # results/<preset>/RESULTS.md, from the same tables
+    except BaseException:  # a Ctrl-C, say: the notebooks done by then have new tables, which the claims must describe
+        try:
+            check(preset)
+            write_page(preset)
+        except Exception:  # logged, so that it does not hide what ended the report
+            log.exception("the claims or RESULTS.md of %s could not be rewritten", preset)
+        raise
+    check(preset)  # results/<preset>/claims.csv and .md, from the tables just written
+    write_page(preset)  # results/<preset>/RESULTS.md, from the same tables
     return status
 
 

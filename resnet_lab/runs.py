@@ -189,10 +189,6 @@ class RunDir:
         """The evaluations so far (no rows where the file is missing, empty or unreadable)."""
         return _read_metrics(self.metrics_file)
 
-    def lock(self) -> contextlib.AbstractContextManager[None]:
-        """Exclusive lock on this run: a second process asking for the same config waits here."""
-        return lock_run(self.path)
-
     def load_model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The trained model of a finished run (weights only; never unpickles code)."""
         return self.load_model_and_sha256(device)[0]

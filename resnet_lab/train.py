@@ -143,6 +143,15 @@ def _record(rd: RunDir) -> RunRecord:
     return RunRecord(rd.cfg, rd.path, rd.summary() or {}, rd.metrics())
 
 
+LOCKED = "locked"  # a RunRecord's status (never stored) for a run another process is training: left to it
+
+
+def _locked(rd: RunDir) -> RunRecord:
+    log.warning("run %s is being trained by another process: left to it (with a time budget no run waits for a "
+                "lock)", rd.cfg.name)
+    return RunRecord(rd.cfg, rd.path, {"status": LOCKED, "name": rd.cfg.name, "hash": rd.cfg.hash}, rd.metrics())
+
+
 _CHECKPOINT_KEYS = ("model", "optimizer", "step", "seconds", "warming_up", "warmup_end", "torch_rng",
                     "accumulators")  # and "sittings", absent from checkpoints written before it was kept
 # What a run's summary says of each sitting (a process that trained it from one step to another), with its
@@ -157,9 +166,8 @@ def _resume(rd: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict | 
     aside with a warning, never trusted, and the model and optimizer are left as they were built;
     otherwise such a file would fail every later call of the run.
     """
-    for name in CHECKPOINT_FILES:  # half-written by a trainer killed mid-save (the caller holds the run's lock,
-        for tmp in rd.path.glob(f".{name}.*.tmp"):  # so no one writes them now): 155 MB each for ResNet-1202
-            tmp.unlink(missing_ok=True)
+    for tmp in rd.path.glob(".*.tmp"):  # half-written by a trainer killed mid-save (the caller holds the run's
+        tmp.unlink(missing_ok=True)  # lock, so no one writes them now): a checkpoint is 155 MB for ResNet-1202
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     for f in (rd.path / n for n in CHECKPOINT_FILES):
         if not f.exists():
@@ -260,9 +268,7 @@ def train(cfg: RunConfig, root: str | os.PathLike | None = None, device: str | t
                 return _record(rd)
             return _train_locked(cfg, rd, device, data, progress, stop_after, checkpoint_every_s, deadline)
     except RunLocked:
-        log.warning("run %s is being trained by another process: left to it (with a time budget no run waits for "
-                    "a lock)", cfg.name)
-        return _record(rd)
+        return _locked(rd)
     except OSError as e:  # disk full, permissions: say where; finished runs are untouched (atomic writes)
         raise ResultsWriteError(f"cannot write run {cfg.hash} ({cfg.name}) under {rd.path}: "
                                 f"{e.strerror or e}") from e
@@ -763,8 +769,6 @@ def _train_pack(cfgs: list[RunConfig], index: list[int], root, device: torch.dev
                 locks.enter_context(lock_run(dirs[k].path, wait=deadline is None))
             except RunLocked:
                 held.add(k)
-                log.warning("run %s is being trained by another process: left to it (with a time budget no run "
-                            "waits for a lock)", cfgs[k].name)
             except OSError as e:
                 raise ResultsWriteError(f"cannot lock run {cfgs[k].hash} under {dirs[k].path}: {e}") from e
         interrupted = locks.enter_context(_ctrl_c_after_step())  # after the locks: waiting for one stays Ctrl-C-able
@@ -777,7 +781,7 @@ def _train_pack(cfgs: list[RunConfig], index: list[int], root, device: torch.dev
                     shared[key] = streams[k]
         for k, (cfg, rd) in enumerate(zip(cfgs, dirs)):
             if k in held:
-                out[index[k]] = None
+                out[index[k]] = _locked(rd)
                 continue
             if rd.status() in FINISHED:  # another process finished it while we waited
                 out[index[k]] = _record(rd)

@@ -12,7 +12,6 @@ extracted by tarfile itself.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
 import json
 import logging
@@ -412,7 +411,7 @@ def _read_archive(parts: list[Path]) -> dict[str, dict[str, bytes]]:
     try:  # gzip checks the length and CRC at the end, which tarfile alone may never read
         data = _gunzip(b"".join(_read_part(p) for p in parts), names)
         return _unpack(data)
-    except (gzip.BadGzipFile, zlib.error, EOFError, tarfile.TarError) as e:
+    except (zlib.error, EOFError, tarfile.TarError) as e:
         raise ValueError(f"{names}: not a complete, readable export ({type(e).__name__}: {e}); "
                          f"pass every part of one export") from e
 
@@ -420,7 +419,7 @@ def _read_archive(parts: list[Path]) -> dict[str, dict[str, bytes]]:
 MAX_EXPANSION, MIN_CEILING = 20, 256 * 2**20  # weights barely compress (~1.1x); zeros do 1000x
 
 
-def _gunzip(data: bytes, names: str) -> bytes:
+def _gunzip(data: bytes, names: str) -> bytearray:
     """gzip.decompress with a ceiling (20x the archive, at least 256 MiB): a few KiB of a crafted archive would
     otherwise expand to gigabytes in memory before a single member is checked."""
     limit, out, rest = max(MIN_CEILING, MAX_EXPANSION * len(data)), bytearray(), data
@@ -435,7 +434,7 @@ def _gunzip(data: bytes, names: str) -> bytes:
         if not d.eof:
             raise EOFError("compressed file ended before the end-of-stream marker was reached")
         rest = d.unused_data.lstrip(b"\0")  # gzip.decompress also ignores trailing zero padding
-    return bytes(out)
+    return out  # a bytearray: bytes() would copy it
 
 
 def _read_part(path: Path) -> bytes:
@@ -449,20 +448,21 @@ def _read_part(path: Path) -> bytes:
 
 def _recover(dst: Path, h: str) -> None:
     """A kill between `_swap_in`'s two renames leaves run `h` only in `.<h>.replaced-*` (the old copy, whole)
-    beside the empty folder the lock made: put its files back before leftovers are removed. config.json goes
-    last, so that a kill during this leaves a folder without it, which the next import recovers again."""
+    beside the empty folder the lock made: put its files back, then remove the leftovers (the caller holds h's
+    lock, so they are stale). config.json goes last, so that a kill during this leaves a folder without it,
+    which the next import recovers again."""
     local = dst / h
-    if (local / "config.json").exists():
-        return
-    for old in sorted(dst.glob(f".{h}.replaced-*")):
-        if not (old / "config.json").exists():
-            continue
-        files = sorted((f for f in old.iterdir() if f.is_file() and f.name != ".lock"),
-                       key=lambda f: f.name == "config.json")
-        for f in files:
-            os.replace(f, local / f.name)
-        log.warning("run %s: put back the copy an interrupted import had moved aside (%s)", h, old.name)
-        return
+    if not (local / "config.json").exists():
+        for old in sorted(dst.glob(f".{h}.replaced-*")):
+            if not (old / "config.json").exists():
+                continue
+            files = sorted((f for f in old.iterdir() if f.is_file() and f.name != ".lock"),
+                           key=lambda f: f.name == "config.json")
+            for f in files:
+                os.replace(f, local / f.name)
+            log.warning("run %s: put back the copy an interrupted import had moved aside (%s)", h, old.name)
+            break
+    _remove_leftovers(dst, h)
 
 
 def _remove_leftovers(dst: Path, h: str) -> None:
@@ -551,4 +551,18 @@ def import_runs(parts: list[str | os.PathLike], root: str | os.PathLike | None =
     runs = _read_archive(_ordered_parts(parts))
     dst = runs_dir(root)
     dst.mkdir(parents=True, exist_ok=True)
+    _recover_all(dst)
     return {h: _merge_run(dst, h, files) for h, files in sorted(runs.items())}
+
+
+def _recover_all(dst: Path) -> None:
+    """Every run an interrupted import left only in `.<h>.replaced-*`, put back (those the archive holds are
+    also recovered, under their lock, by `_merge_run`); a run someone is training is left alone."""
+    for h in sorted({p.name[1:13] for p in dst.glob(".*.replaced-*") if HASH.fullmatch(p.name[1:13])}):
+        if (dst / h / "config.json").exists():
+            continue
+        try:
+            with lock_run(dst / h, wait=False):
+                _recover(dst, h)
+        except RunLocked:
+            pass

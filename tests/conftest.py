@@ -45,3 +45,13 @@ def cifar():
 def results(tmp_path):
     """A fresh, empty run store for one test."""
     return tmp_path / "runs"
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Each test's figures closed after it: pyplot keeps every figure it made (and warns past 20)."""
+    yield
+    import sys
+
+    if "matplotlib.pyplot" in sys.modules:  # only where a test drew something
+        sys.modules["matplotlib.pyplot"].close("all")

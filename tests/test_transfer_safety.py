@@ -257,6 +257,11 @@ def test_a_kill_between_the_swaps_renames_loses_no_run(tmp_path):
     assert import_runs(export_runs(tmp_path / "out", root=older), root=store) == {H: "kept local"}
     assert (store / H / "checkpoint.pt").read_bytes() == b"resumable"
     assert json.loads((store / H / "summary.json").read_text())["steps_done"] == 5
+    # stranded again, and the next import holds another run: it is put back all the same
+    os.replace(store / H, store / f".{H}.replaced-def")
+    other = make_run(tmp_path / "gpu2", B, "done", 6).parent
+    assert import_runs(export_runs(tmp_path / "out2", root=other), root=store) == {B.hash: "imported"}
+    assert (store / H / "checkpoint.pt").read_bytes() == b"resumable" and not list(store.glob(f".{H}.*"))
 
 
 def test_a_mistyped_part_number_gives_a_short_error(tmp_path):
