@@ -138,13 +138,16 @@ def depth(table: pd.DataFrame | None) -> list[dict]:
                       table, "resnet", "test_err_%", "lower")]
 
 
+LESION_CRITERION = f"every non-downsampling block costs < {LESION_COST_PTS:g} point (mean over seeds)"
+
+
 def lesions(lesion: pd.DataFrame | None) -> list[dict]:
     """Veit et al.: deleting one residual block costs little except at downsampling blocks; a plain net collapses."""
     out = []
     res = None if lesion is None else lesion[lesion["arch"] != "plain"]
     if res is None or res.empty:
         out.append(_row("04_unraveled_ensemble", "single-block deletions barely hurt a ResNet (not at downsampling)",
-                        f"every non-downsampling block costs < {LESION_COST_PTS:g} point", "", None))
+                        LESION_CRITERION, "", None))
     else:
         deepest = res[res["depth"] == res["depth"].max()]
         kept = deepest[~deepest["changes_shape"].astype(bool)]
@@ -152,7 +155,7 @@ def lesions(lesion: pd.DataFrame | None) -> list[dict]:
             # a block's cost: its lesion error over its seed's intact error, averaged over seeds (as lesion_summary)
             cost = (100 * (g["err"].astype(float) - g["base_err"].astype(float))).groupby(g["block"]).mean()
             out.append(_row("04_unraveled_ensemble", f"single-block deletions barely hurt {net} (not at downsampling)",
-                            f"every non-downsampling block costs < {LESION_COST_PTS:g} point (mean over seeds)",
+                            LESION_CRITERION,
                             f"worst: block {int(cost.idxmax())} +{cost.max():.2f} points; median +{cost.median():.2f}",
                             bool(cost.max() < LESION_COST_PTS)))
     plain = None if lesion is None else lesion[lesion["arch"] == "plain"]
