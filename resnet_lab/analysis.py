@@ -91,7 +91,7 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     logits, which says nothing about the net. `runs` counts the runs the means are over.
     """
     columns = by + ["runs", "params", "macs", "train_err_%", "train_err_ci95", "test_err_%", "test_err_ci95",
-                    "diverged", "wall_min", "packed", "device"]
+                    "diverged", "wall_min", "packed", "device", "dataset"]
     done = runs[runs["status"].isin(["done", "diverged"])] if not runs.empty else runs
     if done.empty:  # no run finished yet (all stopped part-way, say): the table's columns, no rows
         return pd.DataFrame(columns=columns)
@@ -114,6 +114,8 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
             "wall_min": ok["wall_seconds"].astype(float).mean() / 60 if "wall_seconds" in g else float("nan"),
             "packed": int(pd.to_numeric(g["packed_runs"], errors="coerce").fillna(1).max()) if "packed_runs" in g else 1,
             "device": ", ".join(sorted({str(d) for d in g.get("device", pd.Series(dtype=str)).dropna()})),
+            # which CIFAR-10 copy (sha256 prefix, as the run folders' summaries hold it): the JPEG one or another
+            "dataset": ", ".join(sorted({str(s)[:16] for s in g.get("dataset_sha256", pd.Series(dtype=str)).dropna()})),
         })
     return pd.DataFrame(rows)
 

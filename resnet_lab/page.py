@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .claims import _read
-from .runs import atomic_write_text, load_runs, results_dir
+from .runs import atomic_write_text, results_dir
 
 # (notebook, table) -> (title, columns shown: (column, header)); "±" joins a mean column with its CI column
 MEAN_CI = (("train_err_%", "train error %"), ("test_err_%", "test error %"))
@@ -72,19 +72,23 @@ def _section(base: Path, title: str, notebook: str, table: str, columns: list[tu
     return out
 
 
-def _provenance(preset: str, root: str | Path | None) -> list[str]:
-    """Which devices and CIFAR-10 copies the stored runs of this preset used (from their summaries)."""
-    try:
-        runs = load_runs(None if root is None else Path(root) / "runs", preset=preset)
-    except KeyError:
-        runs = pd.DataFrame()
-    done = runs[runs["status"] == "done"] if len(runs) else runs
-    if not len(done):
-        return ["Runs: none finished in this store for this preset (tables below are as last written)."]
-    sha = sorted({str(s)[:16] for s in done["dataset_sha256"].dropna()})
-    devices = done["device"].dropna().value_counts()
-    return [f"Runs: {len(done)} finished in this store; CIFAR-10 copy sha256 {', '.join(f'`{s}…`' for s in sha)}; "
-            "devices: " + ", ".join(f"{d} ({n})" for d, n in devices.items()) + "."]
+PROVENANCE_TABLES = [("01_degradation", "table"), ("02_depth", "table"), ("03_shortcut_ablations", "table"),
+                     ("05_thousand_layers", "table"), ("08_fast_path_fidelity", "table")]
+
+
+def _provenance(base: Path) -> list[str]:
+    """The devices and CIFAR-10 copies (sha256 prefixes) the tables' runs used, from the tables' own columns,
+    so the page says the same wherever it is rebuilt."""
+    devices, copies = set(), set()
+    for notebook, table in PROVENANCE_TABLES:
+        df = _read(base, notebook, table)
+        for col, into in (("device", devices), ("dataset", copies)):
+            if df is not None and col in df:
+                into.update(x.strip() for v in df[col].dropna() for x in str(v).split(",") if x.strip())
+    if not devices:
+        return ["Runs: none finished in the tables yet."]
+    return [f"Devices: {', '.join(sorted(devices))}. CIFAR-10 copies (sha256): "
+            f"{', '.join(f'`{s}…`' for s in sorted(copies)) or 'not recorded in these tables (written before the column)'}."]
 
 
 def build_page(preset: str, root: str | Path | None = None) -> str:
@@ -93,7 +97,7 @@ def build_page(preset: str, root: str | Path | None = None) -> str:
     out = [f"# Results: the `{preset}` preset", "",
            "Written by `resnet_lab.page` from the tables in this folder (rebuilt by `resnet-lab report` and "
            "`make reproduce`; never edited by hand). Errors are % with the Student-t 95% CI over seeds where "
-           "there are several; `–`: not measured.", "", *_provenance(preset, root), ""]
+           "there are several; `–`: not measured.", "", *_provenance(base), ""]
     claims = _read(base, ".", "claims")
     out += ["## Claims", ""]
     out += [markdown_table(claims, [("notebook", "notebook"), ("claim", "claim"), ("ours", "ours"),
