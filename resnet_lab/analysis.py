@@ -113,7 +113,8 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
             # wall time per run; a packed run's clock also ran while its neighbours stepped
             "wall_min": ok["wall_seconds"].astype(float).mean() / 60 if "wall_seconds" in g else float("nan"),
             "packed": int(pd.to_numeric(g["packed_runs"], errors="coerce").fillna(1).max()) if "packed_runs" in g else 1,
-            "device": ", ".join(sorted({str(d) for d in g.get("device", pd.Series(dtype=str)).dropna()})),
+            # " + " as a run's summary joins its sittings' devices: a CPU's name has commas of its own
+            "device": " + ".join(sorted({str(d) for d in g.get("device", pd.Series(dtype=str)).dropna()})),
             # which CIFAR-10 copy (sha256 prefix, as the run folders' summaries hold it): the JPEG one or another
             "dataset": ", ".join(sorted({str(s)[:16] for s in g.get("dataset_sha256", pd.Series(dtype=str)).dropna()})),
         })

@@ -82,12 +82,12 @@ def _provenance(base: Path) -> list[str]:
     devices, copies = set(), set()
     for notebook, table in PROVENANCE_TABLES:
         df = _read(base, notebook, table)
-        for col, into in (("device", devices), ("dataset", copies)):
+        for col, sep, into in (("device", " + ", devices), ("dataset", ",", copies)):  # as summarize joins them
             if df is not None and col in df:
-                into.update(x.strip() for v in df[col].dropna() for x in str(v).split(",") if x.strip())
+                into.update(x.strip() for v in df[col].dropna() for x in str(v).split(sep) if x.strip())
     if not devices:
         return ["Runs: none finished in the tables yet."]
-    return [f"Devices: {', '.join(sorted(devices))}. CIFAR-10 copies (sha256): "
+    return [f"Devices: {'; '.join(sorted(devices))}. CIFAR-10 copies (sha256): "
             f"{', '.join(f'`{s}…`' for s in sorted(copies)) or 'not recorded in these tables (written before the column)'}."]
 
 

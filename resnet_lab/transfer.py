@@ -40,6 +40,7 @@ RUN_FILES = ("config.json", "summary.json", "metrics.csv", "model.pt")  # what e
 CHECKPOINT = "checkpoint.pt"  # only with checkpoints=True, only for unfinished runs
 ARCHIVE_FILES = RUN_FILES + (CHECKPOINT,)
 HASH = re.compile(r"[0-9a-f]{12}")
+STRANDED = re.compile(r"\.([0-9a-f]{12})\.replaced-")  # a copy an interrupted import moved aside
 EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 PART_NUMBER = re.compile(r"[0-9]+")
 MIN_PART_MB, MAX_PART_MB = 1 / 1024, 15.0  # 1 KiB .. the device tool's file limit, with a margin
@@ -447,21 +448,30 @@ def _read_part(path: Path) -> bytes:
 
 
 def _recover(dst: Path, h: str) -> None:
-    """A kill between `_swap_in`'s two renames leaves run `h` only in `.<h>.replaced-*` (the old copy, whole)
-    beside the empty folder the lock made: put its files back, then remove the leftovers (the caller holds h's
-    lock, so they are stale). config.json goes last, so that a kill during this leaves a folder without it,
-    which the next import recovers again."""
+    """Put back the best whole copy of run `h` an interrupted import left, if it beats the folder's, then remove
+    the leftovers (the caller holds h's lock, so they are stale).
+
+    A kill inside `_swap_in` leaves `.<h>.replaced-X` (the old copy, whole) and, if it came between the two
+    renames, `.<h>.importing-X` (the new copy, whole: staging ends before the old one moves aside) beside an
+    empty folder; an `.importing-X` without its twin was cut off while staging and is never used. A copy
+    trained since in the folder is kept unless a leftover is further along (`_progress`). config.json is moved
+    last, so a kill during this leaves a folder without it, which the next import recovers again."""
     local = dst / h
-    if not (local / "config.json").exists():
-        for old in sorted(dst.glob(f".{h}.replaced-*")):
-            if not (old / "config.json").exists():
-                continue
-            files = sorted((f for f in old.iterdir() if f.is_file() and f.name != ".lock"),
-                           key=lambda f: f.name == "config.json")
-            for f in files:
-                os.replace(f, local / f.name)
-            log.warning("run %s: put back the copy an interrupted import had moved aside (%s)", h, old.name)
-            break
+    whole = []
+    for old in dst.glob(f".{h}.replaced-*"):
+        twin = dst / old.name.replace(".replaced-", ".importing-", 1)
+        whole += [c for c in (old, twin) if (c / "config.json").is_file()]
+    if whole:
+        rank = lambda c: _progress(_summary(c), can_resume(c))  # noqa: E731
+        best = max(whole, key=lambda c: (rank(c), c.name))
+        if not (local / "config.json").exists() or rank(best) > rank(local):
+            moved = {f.name for f in best.iterdir() if f.is_file() and f.name != ".lock"}
+            for f in local.iterdir():  # what the folder holds that the copy does not (a checkpoint of a restart)
+                if f.is_file() and f.name != ".lock" and f.name not in moved:
+                    f.unlink()
+            for name in sorted(moved, key=lambda n: n == "config.json"):
+                os.replace(best / name, local / name)
+            log.warning("run %s: put back the copy an interrupted import left aside (%s)", h, best.name)
     _remove_leftovers(dst, h)
 
 
@@ -556,11 +566,9 @@ def import_runs(parts: list[str | os.PathLike], root: str | os.PathLike | None =
 
 
 def _recover_all(dst: Path) -> None:
-    """Every run an interrupted import left only in `.<h>.replaced-*`, put back (those the archive holds are
-    also recovered, under their lock, by `_merge_run`); a run someone is training is left alone."""
-    for h in sorted({p.name[1:13] for p in dst.glob(".*.replaced-*") if HASH.fullmatch(p.name[1:13])}):
-        if (dst / h / "config.json").exists():
-            continue
+    """`_recover` for every run an interrupted import left copies of, not only those this archive brings (those
+    are recovered again, harmlessly, by `_merge_run`); a run someone is training is left alone."""
+    for h in sorted({m.group(1) for p in dst.glob(".*.replaced-*") if (m := STRANDED.match(p.name))}):
         try:
             with lock_run(dst / h, wait=False):
                 _recover(dst, h)

@@ -35,9 +35,9 @@ def test_the_page_names_the_devices_and_dataset_copies_from_the_tables(tmp_path)
     row = dict(runs=1, params=1, wall_min=1.0, packed=1, **{"test_err_%": 9.0, "train_err_%": 1.0})
     _write(base, "01_degradation", "table", pd.DataFrame([
         dict(arch="plain", depth=20, device="NVIDIA H200", dataset="ff26949c34c4e67d", **row),
-        dict(arch="resnet", depth=20, device="NVIDIA H200, cpu (x)", dataset="ff26949c34c4e67d, 0123456789abcdef",
-             **row)]))
+        dict(arch="resnet", depth=20, device="NVIDIA H200 + cpu (AMD EPYC, x86_64, 2 threads)",
+             dataset="ff26949c34c4e67d, 0123456789abcdef", **row)]))
     text = page.build_page("paper", root=tmp_path)
-    assert ("Devices: NVIDIA H200, cpu (x). CIFAR-10 copies (sha256): `0123456789abcdef…`, `ff26949c34c4e67d…`."
-            in text)
+    assert ("Devices: NVIDIA H200; cpu (AMD EPYC, x86_64, 2 threads). CIFAR-10 copies (sha256): "
+            "`0123456789abcdef…`, `ff26949c34c4e67d…`." in text)
     assert page.build_page("paper", root=tmp_path / "elsewhere").count("Runs: none finished in the tables yet") == 1

@@ -271,3 +271,23 @@ def test_a_mistyped_part_number_gives_a_short_error(tmp_path):
     with pytest.raises(ValueError) as e:
         import_runs([parts[0], far], root=tmp_path / "store")
     assert "runs.tar.gz.001" in str(e.value) and "2,999,994 more" in str(e.value) and len(str(e.value)) < 300
+
+
+def test_recovery_takes_the_best_whole_copy_an_interrupted_import_left(tmp_path):
+    """Killed between the renames, an import leaves the old copy (.replaced-X) and the new one it was bringing
+    (.importing-X, whole: staging ends first); the better of them comes back, even over a run restarted since,
+    and a folder that only looks like a leftover makes no run folder."""
+    store = tmp_path / "store"
+    older = make_run(store, A, "running", 5)
+    os.replace(older, store / f".{H}.replaced-x")
+    newer = make_run(tmp_path / "staging", A, "done", 6)
+    os.replace(newer, store / f".{H}.importing-x")
+    restarted = make_run(store, A, "running", 2)  # a trainer started it again at step 0 meanwhile
+    (restarted / "checkpoint.pt").write_bytes(b"restart")
+    (store / ".0123456789abcdef.replaced-y").mkdir()  # not `.<12 hex>.replaced-`
+    other = make_run(tmp_path / "gpu", B, "done", 6).parent
+    assert import_runs(export_runs(tmp_path / "out", root=other), root=store) == {B.hash: "imported"}
+    s = json.loads((store / H / "summary.json").read_text())
+    assert s["status"] == "done" and (store / H / "model.pt").exists() and not (store / H / "checkpoint.pt").exists()
+    assert not list(store.glob(f".{H}.*")) and sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) \
+        == sorted([H, B.hash])
