@@ -192,7 +192,7 @@ def _print_run(rec) -> None:
     s, cfg = rec.summary, rec.config
     status = s.get("status")
     if status == "locked":  # another process holds it (a time budget waits for no lock)
-        print(f"{cfg.name} seed {cfg.seed}: being trained by another process: left to it")
+        print(f"{cfg.name} seed {cfg.seed}: held by another process (a trainer or an import): left to it")
         return
     if status == "failed":  # e.g. a run that could not start, reached by no sitting since: no metrics to show
         print(f"{cfg.name} seed {cfg.seed}: failed ({s.get('error', 'no error recorded')}; see "

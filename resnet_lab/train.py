@@ -147,8 +147,8 @@ LOCKED = "locked"  # a RunRecord's status (never stored) for a run another proce
 
 
 def _locked(rd: RunDir) -> RunRecord:
-    log.warning("run %s is being trained by another process: left to it (with a time budget no run waits for a "
-                "lock)", rd.cfg.name)
+    log.warning("run %s is held by another process (a trainer or an import): left to it (with a time budget no "
+                "run waits for a lock)", rd.cfg.name)
     return RunRecord(rd.cfg, rd.path, {"status": LOCKED, "name": rd.cfg.name, "hash": rd.cfg.hash}, rd.metrics())
 
 

@@ -40,7 +40,7 @@ RUN_FILES = ("config.json", "summary.json", "metrics.csv", "model.pt")  # what e
 CHECKPOINT = "checkpoint.pt"  # only with checkpoints=True, only for unfinished runs
 ARCHIVE_FILES = RUN_FILES + (CHECKPOINT,)
 HASH = re.compile(r"[0-9a-f]{12}")
-STRANDED = re.compile(r"\.([0-9a-f]{12})\.replaced-")  # a copy an interrupted import moved aside
+STRANDED = re.compile(r"\.([0-9a-f]{12})\.(replaced|importing)-")  # what an interrupted import left
 EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 PART_NUMBER = re.compile(r"[0-9]+")
 MIN_PART_MB, MAX_PART_MB = 1 / 1024, 15.0  # 1 KiB .. the device tool's file limit, with a margin
@@ -568,7 +568,7 @@ def import_runs(parts: list[str | os.PathLike], root: str | os.PathLike | None =
 def _recover_all(dst: Path) -> None:
     """`_recover` for every run an interrupted import left copies of, not only those this archive brings (those
     are recovered again, harmlessly, by `_merge_run`); a run someone is training is left alone."""
-    for h in sorted({m.group(1) for p in dst.glob(".*.replaced-*") if (m := STRANDED.match(p.name))}):
+    for h in sorted({m.group(1) for p in dst.glob(".*") if (m := STRANDED.match(p.name))}):
         try:
             with lock_run(dst / h, wait=False):
                 _recover(dst, h)

@@ -395,4 +395,4 @@ def test_a_failed_run_reached_by_no_sitting_prints_its_error_not_a_traceback(cap
     cli._print_run(rec)
     assert capsys.readouterr().out.startswith("resnet-8 seed 0: failed (RuntimeError: boom; see ")
     cli._print_run(RunRecord(rec.config, tmp_path, {"status": "locked"}, pd.DataFrame()))  # held elsewhere
-    assert capsys.readouterr().out == "resnet-8 seed 0: being trained by another process: left to it\n"
+    assert capsys.readouterr().out == "resnet-8 seed 0: held by another process (a trainer or an import): left to it\n"

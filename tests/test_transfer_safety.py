@@ -285,9 +285,12 @@ def test_recovery_takes_the_best_whole_copy_an_interrupted_import_left(tmp_path)
     restarted = make_run(store, A, "running", 2)  # a trainer started it again at step 0 meanwhile
     (restarted / "checkpoint.pt").write_bytes(b"restart")
     (store / ".0123456789abcdef.replaced-y").mkdir()  # not `.<12 hex>.replaced-`
+    cut = store / f".{B.hash}.importing-z"  # cut off while staging (no twin): removed, never used
+    cut.mkdir()
+    (cut / "config.json").write_text("{}")
     other = make_run(tmp_path / "gpu", B, "done", 6).parent
     assert import_runs(export_runs(tmp_path / "out", root=other), root=store) == {B.hash: "imported"}
     s = json.loads((store / H / "summary.json").read_text())
     assert s["status"] == "done" and (store / H / "model.pt").exists() and not (store / H / "checkpoint.pt").exists()
-    assert not list(store.glob(f".{H}.*")) and sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) \
+    assert not list(store.glob(f".{H}.*")) and not cut.exists() and sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) \
         == sorted([H, B.hash])
