@@ -261,11 +261,10 @@ def _device(a: argparse.Namespace, grids: list[Any], need: bool = True) -> str:
 
 
 def _check_notebook(nb: str, params: dict[str, Any], command: str = "train") -> None:
-    """A --notebook stem the suite knows, given only parameters it declares and this command uses, with
-    values it takes (ValueError otherwise): `train` uses those that name the runs, `analyse` those and the
-    analysis settings; any other (train_missing, a figure's setting) would be accepted and ignored."""
+    """A --notebook stem the suite knows, given only parameters it declares and this command uses (ValueError
+    otherwise): `train` uses those that name the runs, `analyse` those and the analysis settings; any other
+    (train_missing, a figure's setting) would be accepted and ignored. Values: `sweep.check_params`."""
     from . import experiments as ex
-    from .sweep import check_params
 
     if nb not in ex.NOTEBOOK_CONFIGS:
         raise ValueError(f"notebook {nb!r} is unknown: use one of {sorted(ex.NOTEBOOK_CONFIGS)}")
@@ -281,7 +280,6 @@ def _check_notebook(nb: str, params: dict[str, Any], command: str = "train") -> 
         raise ValueError(f"{nb}'s {', '.join(ignored)} would change nothing `{command}` does: it takes "
                          f"{', '.join(sorted(used)) or 'no parameter'} (the rest are the notebook's own, set when "
                          "it runs)")
-    check_params(params)
 
 
 def _train_notebooks(a: argparse.Namespace) -> int:
@@ -290,7 +288,7 @@ def _train_notebooks(a: argparse.Namespace) -> int:
     from . import experiments as ex
     from .data import DataError
     from .runs import FINISHED, RunDir
-    from .sweep import grid_configs
+    from .sweep import check_params, grid_configs
     from .transfer import finished_in
 
     grids, params = _grids_and_params(a)
@@ -300,6 +298,7 @@ def _train_notebooks(a: argparse.Namespace) -> int:
         cfgs = [c for grid in grids for c in grid_configs(grid)]
         for nb in a.notebook or []:
             _check_notebook(nb, params)
+            check_params(params)  # counts and device: what a value passes types with and still fails later
             cfgs += ex.configs_for(nb, params)
         speed = _overrides(a.set or [])  # speed-only fields (checked above): hashes, so runs, unchanged
         cfgs = [dataclasses.replace(c, **speed) for c in ex.with_dataset(ex.unique_runs(cfgs))]

@@ -207,8 +207,9 @@ def unfinished(runs: pd.DataFrame, root: str | os.PathLike | None = None) -> tup
 def output_dir(preset: str, notebook: str) -> Path:
     """results/<preset>/<notebook>/, created; a sweep point's own folder where $RESNET_LAB_OUTPUT_DIR names one
     (`resnet-lab sweep` sets it beside the point's executed notebook, so points never share tables)."""
-    d = Path(os.environ["RESNET_LAB_OUTPUT_DIR"]) if os.environ.get("RESNET_LAB_OUTPUT_DIR") else \
-        results_dir() / preset / notebook
+    from .sweep import OUTPUT_VAR
+
+    d = Path(os.environ[OUTPUT_VAR]) if os.environ.get(OUTPUT_VAR) else results_dir() / preset / notebook
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -154,8 +154,9 @@ class GroupedNets(nn.Module):
         shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in models]
         first = _signature(models[0])
         for i, (s, m) in enumerate(zip(shapes[1:], models[1:]), 1):
-            differs = next((_difference(a, b) for a, b in zip(first, _signature(m)) if a != b), None) \
-                or ("its layers" if len(_signature(m)) != len(first) else None)
+            sig = _signature(m)
+            differs = next((_difference(a, b) for a, b in zip(first, sig) if a != b), None) \
+                or ("its layers" if len(sig) != len(first) else None)
             if s != shapes[0] or differs:  # one set of kernels runs member 0's code for every member
                 raise ValueError(f"model {i} differs from model 0 in {differs or 'its shapes'}: only nets of one "
                                  "architecture (same arch, depth, shortcut, block, width) can be grouped")

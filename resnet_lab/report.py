@@ -75,23 +75,27 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
             raise ValueError(f"unknown notebook(s) {bad}: use some of {names}")
         names = [n for n in names if n in only]
     wanted = report_parameters(preset)  # a bad grid stops the report before any notebook runs
-    from .claims import check
-    from .page import write_page
-
     try:
         with absolute_path_vars():
             status = pd.DataFrame([_build_one(name, preset, kernel, directory, wanted.get(name, {}))
                                    for name in names])
     except BaseException:  # a Ctrl-C, say: the notebooks done by then have new tables, which the claims must describe
         try:
-            check(preset)
-            write_page(preset)
+            _describe(preset)
         except Exception:  # logged, so that it does not hide what ended the report
             log.exception("the claims or RESULTS.md of %s could not be rewritten", preset)
         raise
-    check(preset)  # results/<preset>/claims.csv and .md, from the tables just written
-    write_page(preset)  # results/<preset>/RESULTS.md, from the same tables
+    _describe(preset)
     return status
+
+
+def _describe(preset: str) -> None:
+    """results/<preset>/claims.csv and .md, and RESULTS.md, from the tables the notebooks just wrote."""
+    from .claims import check
+    from .page import write_page
+
+    check(preset)
+    write_page(preset)
 
 
 def _build_one(name: str, preset: str, kernel: str | None, directory: Path,

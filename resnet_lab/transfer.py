@@ -485,9 +485,9 @@ def _swap_in(dst: Path, h: str, files: dict[str, bytes]) -> None:
     """Replace `<dst>/<h>` (which exists: the lock made it) by the imported files.
 
     The new folder gets a hard link to the old folder's lock file, so a trainer already waiting on
-    that lock and one that opens it after the swap contend for the same lock."""
+    that lock and one that opens it after the swap contend for the same lock. Leftovers of an earlier,
+    interrupted import were dealt with by `_recover` under the same lock."""
     local = dst / h
-    _remove_leftovers(dst, h)
     staged = Path(tempfile.mkdtemp(prefix=f".{h}.importing-", dir=dst))
     old = dst / staged.name.replace(".importing-", ".replaced-", 1)
     try:
