@@ -289,7 +289,8 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
     images: training images both loops draw from; all 50k by default, so the baseline's DataLoader
     starts a new epoch (and refills its workers' queue) every 390 steps, as in real training.
     Order, for a call that a time limit may cut: the nets up to DEEP layers, the packed runs, the deeper
-    nets, then the profiles (a profiler leaves CUPTI attached, which would slow every later timing); the
+    nets, then fp16 and compile for each net (a capture failing there must not turn the graph rows eager), then
+    the profiles (a profiler leaves CUPTI attached, which would slow every later timing); the
     files are rewritten after every measurement. checkpointing: timed with CKPT_SEGMENTS segments for nets
     of ckpt_min_depth layers or more (the shallower ones fit without it). compile: also time our step with
     each residual block through torch.compile (blocks of one shape share a compiled graph, so deep nets too).
@@ -353,6 +354,22 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
                                                                     fast=False)[0])
             row.update(ours_eager_img_s=eager, graph_gain=_ratio(ours, eager))
             save()
+        if checkpointing and depth >= ckpt_min_depth:
+            ck = attempt(row, "ckpt", lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds,
+                                                                activation_checkpointing=CKPT_SEGMENTS))
+            row.update(ckpt_segments=CKPT_SEGMENTS, ckpt_step_ms=None if ck is None else 1000 * ck[1],
+                       ckpt_schedule_min=_schedule_min(ck[1] if ck else None, ev),
+                       **{f"ckpt_{k}": v for k, v in (ck[2] if ck else peak_mb(None)).items()})
+        if reason and mode != "graph":
+            row["ours_mode_reason"] = reason
+        _errors_last(row)
+        log.info("%s", row)
+        save()
+
+    def variants_row(depth: int, row: dict[str, Any]) -> None:
+        """fp16 and torch.compile beside the graph step: after every graph row and pack, since a capture that
+        raises marks the process (`fast._capture_failed`) and every later step would be eager."""
+        ours, ev = row.get("ours_img_s"), row.get("eval_10k_s")
         if fp16:
             h = attempt(row, "fp16", lambda: fp16_images_per_s(depth, x, y, dev, batch_size, seconds))
             if h:
@@ -372,14 +389,6 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
                 if comp[4] and comp[3] != "graph+compile":
                     row["compiled_mode_reason"] = comp[4]
             save()
-        if checkpointing and depth >= ckpt_min_depth:
-            ck = attempt(row, "ckpt", lambda: ours_images_per_s(depth, x, y, dev, batch_size, seconds,
-                                                                activation_checkpointing=CKPT_SEGMENTS))
-            row.update(ckpt_segments=CKPT_SEGMENTS, ckpt_step_ms=None if ck is None else 1000 * ck[1],
-                       ckpt_schedule_min=_schedule_min(ck[1] if ck else None, ev),
-                       **{f"ckpt_{k}": v for k, v in (ck[2] if ck else peak_mb(None)).items()})
-        if reason and mode != "graph":
-            row["ours_mode_reason"] = reason
         _errors_last(row)
         log.info("%s", row)
         save()
@@ -405,6 +414,9 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
         pack_row(n)
     for depth in deep:
         model_row(depth)
+    if fp16 or compile:  # the paths not yet seen on a GPU, after what the graph step measures (see variants_row)
+        for depth, row in zip(shallow + deep, rows):
+            variants_row(depth, row)
     if profile:  # last: see the docstring
         for depth, row in zip(shallow + deep, rows):
             prof = attempt(row, "profile", lambda: profile_ours(depth, x, y, dev, batch_size,

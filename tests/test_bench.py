@@ -112,7 +112,8 @@ def test_a_bench_cut_off_keeps_the_rows_it_finished(cifar, tmp_path, monkeypatch
 @needs_data
 def test_the_bench_measures_packs_before_deep_nets_and_profiles_last(cifar, tmp_path, monkeypatch):
     """A call's time limit cuts the end: the packed table (a target) must not wait behind ResNet-1202, and a
-    profiler (which leaves CUPTI attached) must not run before any timing. Checkpointing: deep nets only."""
+    profiler (which leaves CUPTI attached) must not run before any timing. Checkpointing: deep nets only.
+    fp16 and compile after every graph timing: a capture that raises there leaves the process eager."""
     import resnet_lab.bench as bench
 
     order = []
@@ -124,10 +125,14 @@ def test_the_bench_measures_packs_before_deep_nets_and_profiles_last(cifar, tmp_
     monkeypatch.setattr(bench, "grouped_images_per_s", lambda d, n, *a, **k: (1.0, "eager"))
     monkeypatch.setattr(bench, "profile_ours", lambda depth, *a, steps, **k: order.append(f"prof-{depth}-{steps}")
                         or ("table", None))
+    monkeypatch.setattr(bench, "fp16_images_per_s", lambda depth, *a, **k: order.append(f"fp16-{depth}")
+                        or (1.0, 0.01, "eager", None, 0))
+    monkeypatch.setattr(bench, "compiled_images_per_s", lambda depth, *a, **k: order.append(f"compile-{depth}")
+                        or (1.0, 0.01, 1.0, "eager+compile", None, 0))
     run_bench([1202, 20], device="cpu", seconds=0.1, images=256, out=tmp_path, data=cifar, packs=[1, 2],
-              checkpointing=True, profile=True)
+              checkpointing=True, profile=True, fp16=True, compile=True)
     assert order == ["base-20", "ours-20", "pack-1", "pack-2", "base-1202", "ours-1202", "ckpt-1202",
-                     "prof-20-20", "prof-1202-3"]
+                     "fp16-20", "compile-20", "fp16-1202", "compile-1202", "prof-20-20", "prof-1202-3"]
     header = [c.strip() for c in next(tmp_path.glob("*.md")).read_text().splitlines()[2].split("|")]
     assert header.index("ckpt_step_ms") < header.index("gpu_busy")  # the deep row's numbers before the texts
 
