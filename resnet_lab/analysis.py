@@ -91,7 +91,7 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     logits, which says nothing about the net. `runs` counts the runs the means are over.
     """
     columns = by + ["runs", "params", "macs", "train_err_%", "train_err_ci95", "test_err_%", "test_err_ci95",
-                    "diverged", "wall_min", "packed", "device", "dataset"]
+                    "diverged", "wall_min", "packed", "device", "dataset", "pixels"]
     done = runs[runs["status"].isin(["done", "diverged"])] if not runs.empty else runs
     if done.empty:  # no run finished yet (all stopped part-way, say): the table's columns, no rows
         return pd.DataFrame(columns=columns)
@@ -117,8 +117,16 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
             "device": " + ".join(sorted({str(d) for d in g.get("device", pd.Series(dtype=str)).dropna()})),
             # which CIFAR-10 copy (sha256 prefix, as the run folders' summaries hold it): the JPEG one or another
             "dataset": ", ".join(sorted({str(s)[:16] for s in g.get("dataset_sha256", pd.Series(dtype=str)).dropna()})),
+            "pixels": _pixels(g),
         })
     return pd.DataFrame(rows)
+
+
+def _pixels(g: pd.DataFrame) -> str:
+    """'official' or 're-encoded' (a lossy copy such as the JPEG tarball: absolute errors are not the paper's),
+    both joined where the runs of a row differ; '' where the summaries predate the field."""
+    flags = {bool(v) for v in g.get("official_pixels", pd.Series(dtype=object)).dropna()}
+    return ", ".join(name for flag, name in ((True, "official"), (False, "re-encoded")) if flag in flags)
 
 
 # Config fields that may differ between the runs of one table row: the seed, and how a run was computed
@@ -166,8 +174,10 @@ def _run_with_hooks(model: nn.Module, hooks, batches, max_images: int | None) ->
     try:
         with torch.no_grad():
             for x, _y in batches:
-                if max_images is not None and seen >= max_images:
-                    break
+                if max_images is not None:
+                    if seen >= max_images:
+                        break
+                    x = x[:max_images - seen]  # the last batch cut to the budget: stats over exactly max_images
                 model(normalize(x))
                 seen += len(x)
     finally:

@@ -79,16 +79,20 @@ PROVENANCE_TABLES = [("01_degradation", "table"), ("02_depth", "table"), ("03_sh
 def _provenance(base: Path) -> list[str]:
     """The devices and CIFAR-10 copies (sha256 prefixes) the tables' runs used, from the tables' own columns,
     so the page says the same wherever it is rebuilt."""
-    devices, copies = set(), set()
+    devices, copies, pixels = set(), set(), set()
     for notebook, table in PROVENANCE_TABLES:
         df = _read(base, notebook, table)
-        for col, sep, into in (("device", " + ", devices), ("dataset", ",", copies)):  # as summarize joins them
-            if df is not None and col in df:
+        for col, sep, into in (("device", " + ", devices), ("dataset", ",", copies), ("pixels", ",", pixels)):
+            if df is not None and col in df:  # split as summarize joins them
                 into.update(x.strip() for v in df[col].dropna() for x in str(v).split(sep) if x.strip())
     if not devices:
         return ["Runs: none finished in the tables yet."]
-    return [f"Devices: {'; '.join(sorted(devices))}. CIFAR-10 copies (sha256): "
-            f"{', '.join(f'`{s}…`' for s in sorted(copies)) or 'not recorded in these tables (written before the column)'}."]
+    line = (f"Devices: {'; '.join(sorted(devices))}. CIFAR-10 copies (sha256): "
+            f"{', '.join(f'`{s}…`' for s in sorted(copies)) or 'not recorded in these tables (written before the column)'}.")
+    if "re-encoded" in pixels:
+        line += (" **Runs here trained and tested on a re-encoded (lossy, JPEG) copy of CIFAR-10, not the official "
+                 "pixels**: absolute errors sit above the paper's; comparisons inside a table are fair.")
+    return [line]
 
 
 def build_page(preset: str, root: str | Path | None = None) -> str:

@@ -121,6 +121,8 @@ def save(fig, out_dir: str | os.PathLike, name: str, note_text: str = "") -> lis
         return []
     fig._save_note = note_text
     _place_note(fig)  # also: the figure may have changed since its notes were added
+    for leg in fig.legends:  # seaborn's grid legend sits at the figure's right middle: pinned to the figure as drawn,
+        leg.set_bbox_to_anchor((1, 0.5), transform=fig.transFigure)  # not to the tight box, which takes the note in
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -328,7 +330,8 @@ def paths_figure(paths: pd.DataFrame, gradient: pd.DataFrame, effective: pd.Data
     axes[0].set(xlabel="path length", ylabel="share of paths")
     per_run = [c for c in ("net", "seed", "k") if c in gradient]
     g = gradient.drop_duplicates(per_run)  # one total per run and length; the line is the mean over seeds
-    sns.lineplot(data=gradient, x="k", y="grad_norm", hue="net", errorbar="sd", ax=axes[1], legend=False)
+    # the middle half of the sampled paths: a mean ± 1 sd band of skewed norms reaches below zero, off a log axis
+    sns.lineplot(data=gradient, x="k", y="grad_norm", hue="net", errorbar=("pi", 50), ax=axes[1], legend=False)
     axes[1].set(xlabel="path length", ylabel="input-gradient norm of one path", yscale="log")
     sns.lineplot(data=g, x="k", y="total", hue="net", errorbar=t_interval, ax=axes[2], legend=False)
     colour = {net: sns.color_palette(PALETTE)[i % 10] for i, net in enumerate(pd.unique(g["net"]))}
@@ -337,4 +340,5 @@ def paths_figure(paths: pd.DataFrame, gradient: pd.DataFrame, effective: pd.Data
     axes[2].set(xlabel="path length (shaded: effective, 90% of the gradient)",
                 ylabel="total gradient\n(mean norm × C(m, k) paths)")
     fig.tight_layout()
-    return note(fig, f"middle: mean ± 1 sd over the sampled paths of each length; right: band {CI_BAND}")
+    return note(fig, f"middle: mean over the sampled paths of each length, band their middle 50% (25th-75th "
+                     f"percentile); right: band {CI_BAND}")

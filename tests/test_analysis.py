@@ -36,6 +36,14 @@ def test_a_config_whose_every_seed_diverged_shows_no_error():
     assert row["runs"] == 0 and row["diverged"] == 1 and math.isnan(row["test_err_%"])
 
 
+def test_a_row_says_whether_its_runs_saw_the_official_pixels():
+    r = runs(["done", "done"], [0.08, 0.1])
+    assert summarize(r, ["arch", "depth"]).iloc[0]["pixels"] == ""  # summaries from before the field
+    assert summarize(r.assign(official_pixels=[False, False]), ["arch", "depth"]).iloc[0]["pixels"] == "re-encoded"
+    assert summarize(r.assign(official_pixels=[True, False]), ["arch", "depth"]).iloc[0]["pixels"] == \
+        "official, re-encoded"
+
+
 def test_figures_draw_the_tables_t_interval_not_a_bootstrap():
     v = [7.0, 8.0, 9.5]
     lo, hi = t_interval(v)

@@ -38,6 +38,18 @@ def test_response_std_is_the_per_channel_std_averaged():
     assert abs(df["std"].iloc[0] - float(ref)) < 1e-9
 
 
+def test_response_std_uses_exactly_max_images_when_the_last_batch_overshoots():
+    torch.manual_seed(0)
+    m = build_model("resnet", 8).eval()
+    x = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    y = torch.zeros(12, dtype=torch.long)
+    capped = layer_responses(m, eval_batches(x, y, 8), max_images=5)  # one batch of 8, of which 5 count
+    exact = layer_responses(m, eval_batches(x[:5], y[:5], 5))
+    assert capped["std"].tolist() == pytest.approx(exact["std"].tolist(), rel=1e-12)
+    assert layer_responses(m, eval_batches(x, y, 4), max_images=12)["std"].tolist() == pytest.approx(
+        layer_responses(m, eval_batches(x, y, 12))["std"].tolist(), rel=1e-12)
+
+
 def test_projection_shortcut_bns_are_not_responses():
     assert len(response_layers(build_model("resnet", 20, shortcut="C"))) == 19
 

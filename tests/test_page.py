@@ -40,4 +40,8 @@ def test_the_page_names_the_devices_and_dataset_copies_from_the_tables(tmp_path)
     text = page.build_page("paper", root=tmp_path)
     assert ("Devices: NVIDIA H200; cpu (AMD EPYC, x86_64, 2 threads). CIFAR-10 copies (sha256): "
             "`0123456789abcdef…`, `ff26949c34c4e67d…`." in text)
+    assert "lossy" not in text  # tables from before the `pixels` column say nothing they cannot back
+    _write(base, "02_depth", "table", pd.DataFrame([dict(depth=20, device="NVIDIA H200", dataset="ff26949c34c4e67d",
+                                                         pixels="re-encoded", **row)]))
+    assert "re-encoded (lossy, JPEG) copy of CIFAR-10, not the official pixels" in page.build_page("paper", root=tmp_path)
     assert page.build_page("paper", root=tmp_path / "elsewhere").count("Runs: none finished in the tables yet") == 1

@@ -126,3 +126,37 @@ def test_numeric_curve_hues_are_categories_in_the_order_of_their_values():
     labels = [t.get_text() for t in fig.legends[0].get_texts()] if fig.legends else \
         [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels.index("20") < labels.index("110")
+
+
+def test_a_grid_legend_stays_beside_its_axes_and_off_the_note_in_the_saved_image(tmp_path):
+    """`bbox_inches="tight"` swaps the figure's box for the cropped one, which takes in the note under the axes:
+    a legend anchored to that box's middle slid down over the note (03's ten variants hid its first line)."""
+    import io
+
+    names = [f"variant-{i}" for i in range(10)]
+    curves = pd.DataFrame([dict(step=s, train_err=0.5 - 0.01 * i, test_err=0.55 - 0.01 * i, name=n, seed=0, depth=20)
+                           for i, n in enumerate(names) for s in (1000, 2000, 3000)])
+    fig = plots.curves_figure(curves, hue="name", col="depth")
+    seen = {}
+
+    def grab(event):
+        seen["legend"] = fig.legends[0].get_window_extent(event.renderer)
+        seen["note"] = fig._note_artist.get_window_extent(event.renderer)
+        seen["axes"] = fig.axes[0].get_window_extent(event.renderer)
+
+    fig.canvas.mpl_connect("draw_event", grab)
+    plots.save(fig, tmp_path, "curves", "quick preset: 640 iterations of batch 32 (0.41 epoch); seeds 0, 1, 2; "
+                                       "errors on 1,000 test images")
+    fig.savefig(io.BytesIO(), bbox_inches="tight", dpi=100, format="png")  # the draw a saved file gets
+    assert not seen["legend"].overlaps(seen["note"])
+    middle = (seen["legend"].y0 + seen["legend"].y1) / 2
+    assert seen["axes"].y0 < middle < seen["axes"].y1
+
+
+def test_gates_of_several_seeds_are_one_line_per_net_with_its_band():
+    """The note promises a band over seeds: `highway_gates` names a net without its seed, so seeds pool."""
+    gates = pd.DataFrame([dict(block=b, mean_gate=0.1 * b + 0.01 * s, net=n, seed=s)
+                          for n in ("highway-20", "gated-20") for s in (0, 1) for b in range(3)])
+    fig = plots.gates_figure(gates)
+    assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == ["gated-20", "highway-20"]
+    assert len(fig.axes[0].collections) >= 2  # a band under each line

@@ -191,6 +191,10 @@ def test_report_parameters_come_from_the_grids_report_sections(tmp_path, monkeyp
     paper = sweep.report_parameters("paper")  # the committed grids
     assert paper["02_depth"] == {"depths": [20, 32, 44, 56, 110], "seeds": [0, 1, 2]}
     assert paper["01_degradation"]["seeds"] == [0, 1, 2] and "05_thousand_layers" not in paper
+    assert paper["06_layer_responses"] == {"depths": [20, 56], "seeds": [0, 1, 2]}
+    # 06 reads 01's nets: its grid trains nothing the degradation grid does not
+    reads = {c.hash for c in sweep.grid_configs(load_grid(ROOT / "sweeps" / "layer_responses.yaml"))}
+    assert reads and reads <= {c.hash for c in sweep.grid_configs(load_grid(ROOT / "sweeps" / "degradation.yaml"))}
     assert sweep.report_parameters("quick") == {}
     grids = tmp_path / "grids"
     grids.mkdir()
