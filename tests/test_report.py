@@ -90,7 +90,7 @@ def test_report_executes_with_the_grids_report_parameters(tmp_path, monkeypatch)
     monkeypatch.setattr(pm, "execute_notebook", fake_execute)
     table = report.build("paper", only=["02_depth", "04_unraveled_ensemble", "05_thousand_layers"], kernel="python3")
     assert table["status"].tolist() == ["done", "done", "done"]
-    assert seen["04_unraveled_ensemble"] == {"preset": "paper", "depth": 110, "arch": "resnet", "grad_samples": 100,
+    assert seen["04_unraveled_ensemble"] == {"preset": "paper", "depth": 110, "arch": "preact", "grad_samples": 100,
                                              "train_missing": False, "analyse_missing": False}  # hours on a CPU
     assert seen["02_depth"] == {"preset": "paper", "depths": [20, 32, 44, 56, 110], "seeds": [0, 1, 2],
                                 "train_missing": False}
