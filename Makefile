@@ -14,6 +14,10 @@ export RESNET_LAB_DATA := $(SHARED_DATA)
 endif
 endif
 
+# A relative RESNET_LAB_* path names a place under the folder make runs in; kernels (JupyterLab's, papermill's)
+# start in notebooks/, where it would name nothing: pass them on absolute (from the environment or `make V=...`).
+$(foreach v,RESNET_LAB_DATA RESNET_LAB_DATA_DIR RESNET_LAB_RESULTS,$(if $(strip $($(v))),$(eval override $(v) := $(abspath $($(v))))$(eval export $(v))))
+
 PAPERMILL := $(BIN)/papermill -k $(KERNEL) --log-level WARNING
 
 .PHONY: install test reproduce figures lab clean-venv gpu-in gpu-back

@@ -63,8 +63,8 @@ def _section(base: Path, title: str, notebook: str, table: str, columns: list[tu
         out += [intro, ""]
     df = _read(base, notebook, table)
     if df is None:
-        out += [f"No `{notebook}/{table}.csv` rows yet: its nets are not trained (or not analysed) in this "
-                "preset.", ""]
+        out += [f"No `{notebook}/{table}.csv` rows yet: none of the runs its last execution asked for (the "
+                f"parameters in `executed/{notebook}.ipynb`) is stored (or analysed) in this preset.", ""]
         return out
     out += [markdown_table(df, columns), ""]
     for name, caption in figures:

@@ -749,6 +749,14 @@ def _run_ray(todo: list[Point], jobs: int, kernel_name: str, address: str | None
             ray.init(address=address)  # the cluster: its nodes need this checkout and a shared results dir
         started = True
     try:
+        gpus = float(ray.cluster_resources().get("GPU", 0)) if gpus_per_task else 0.0
+        if gpus < gpus_per_task:  # Ray would queue every point for a GPU that never comes, without a word
+            where = f"the Ray cluster at {address}" if address else "this machine's Ray"
+            if address is None:
+                raise ValueError(f"gpus_per_task={gpus_per_task:g}: {where} has {gpus:g} GPUs, so no point could "
+                                 f"start; use --gpus-per-task 0 (points on the CPU) or a machine with a GPU")
+            log.warning("gpus_per_task=%g: %s has %g GPUs now; points wait until a GPU node joins", gpus_per_task,
+                        where, gpus)
         remote = ray.remote(_run_point_process).options(num_cpus=threads, num_gpus=gpus_per_task, max_retries=0)
         queue, refs, pending = list(todo), {}, []
 
@@ -846,8 +854,9 @@ def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool =
             else:
                 _run_ray(todo, jobs, kernel_name, address, gpus_per_task, on_result)
         except KeyboardInterrupt:
-            for p in todo:  # queued, or stopped while running: their output notebooks are not executed_ok
-                rows.setdefault(p.hash, {"status": "interrupted", "seconds": 0.0, "error": ""})
+            for p in todo:  # queued, or stopped while running (not executed_ok); or finished, its result not
+                # yet reported when the Ctrl-C came: its notebook says so
+                rows.setdefault(p.hash, {"status": "done" if is_done(p) else "interrupted", "seconds": 0.0, "error": ""})
             raise SweepInterrupted(_table(points, rows)) from None
         finally:
             bar.close()

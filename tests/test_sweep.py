@@ -390,6 +390,24 @@ def test_ctrl_c_cancels_queued_points_and_stops_the_running_one(tiny_grid, tmp_p
     assert "0 of 3 points finished" in str(e.value)
 
 
+def test_a_point_that_finished_before_its_result_came_is_done_after_ctrl_c(tiny_grid, tmp_path, monkeypatch):
+    """Ctrl-C reaches the points too: one whose notebook had just finished clean is done, not 'interrupted'."""
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
+    grid = Grid(tiny_grid.notebook, tiny_grid.notebook_path, "smoke", parameters={"x": [1, 2, 3]})
+    finished = set()
+
+    def run_local(todo, jobs, kernel, on_result):
+        finished.add(todo[1].hash)  # its notebook ran clean; the Ctrl-C came before its result was read
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "_run_local", run_local)
+    monkeypatch.setattr(sweep, "is_done", lambda p: p.hash in finished)
+    with pytest.raises(sweep.SweepInterrupted) as e:
+        run_sweep(grid, jobs=1, kernel_name=KERNEL)
+    assert list(e.value.table["status"]) == ["interrupted", "done", "interrupted"]
+    assert "1 of 3 points finished" in str(e.value)
+
+
 def test_cli_after_ctrl_c_prints_what_finished_and_exits_130(tmp_path, monkeypatch, capsys):
     table = pd.DataFrame({"point": ["x=1", "x=2"], "status": ["done", "interrupted"], "seconds": [1.0, 0.0],
                           "output": ["a.ipynb", "b.ipynb"], "error": ["", ""]})
@@ -472,6 +490,17 @@ def test_ray_backend_keeps_at_most_jobs_points_in_flight(monkeypatch):
     points = list(range(13))
     sweep._run_ray(points, 6, "k", None, 0.0, lambda p, r: results.append(p))
     assert most[0] == 6 and sorted(results) == points
+
+    # a GPU share asked of a Ray without GPUs: every point would wait forever; said at once, nothing submitted
+    fake.cluster_resources = lambda: {"CPU": 16.0}
+    in_flight.clear()
+    with pytest.raises(ValueError, match=r"gpus_per_task=0.25: this machine's Ray has 0 GPUs"):
+        sweep._run_ray(points, 6, "k", None, 0.25, lambda p, r: None)
+    assert most[0] == 6 and not in_flight
+    fake.cluster_resources = lambda: {"CPU": 16.0, "GPU": 1.0}
+    results.clear()
+    sweep._run_ray(points, 6, "k", None, 0.25, lambda p, r: results.append(p))
+    assert sorted(results) == points
 
 
 def test_ray_backend_runs_the_same_executions(tiny_grid, tmp_path, monkeypatch):
