@@ -27,6 +27,12 @@ def real_source() -> Path | None:
     return Path(p) if p and Path(p).exists() else None
 
 
+# CI (.ci/run) sets RESNET_LAB_REQUIRE_DATA=1: there a missing copy must fail the run, not skip the ~90 tests
+# that train (a green CI that trained nothing); a machine without the data may still run the rest.
+if os.environ.get("RESNET_LAB_REQUIRE_DATA") == "1" and real_source() is None:
+    where = os.environ.get("RESNET_LAB_DATA") or SHARED
+    raise pytest.UsageError(f"RESNET_LAB_REQUIRE_DATA=1 but there is no CIFAR-10 copy at {where} (set RESNET_LAB_DATA)")
+
 needs_data = pytest.mark.skipif(real_source() is None,
                                 reason="no CIFAR-10 copy: set RESNET_LAB_DATA (CI uses ../shared/data/cifar10-jpeg.tar.gz)")
 

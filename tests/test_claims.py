@@ -158,6 +158,13 @@ def test_a_plain_net_collapses_only_near_chance_and_well_above_its_intact_error(
     assert dict(zip(paths.index, paths["holds"])) == {
         "the gradient comes from paths much shorter than the net (ResNet-110)": "yes",
         "the gradient comes from paths much shorter than the net (preact-110)": "NO"}
+    # a second seed whose range reaches past m/2: the claim holds only if it holds for every seed
+    _write(base, "04_unraveled_ensemble", "effective", pd.DataFrame([
+        dict(net="ResNet-110", arch="resnet", depth=110, seed=s, blocks=54, effective_from=5, effective_to=hi)
+        for s, hi in ((0, 17), (1, 28))]))
+    t = claims.check("paper", root=tmp_path).set_index("claim")
+    row = t.loc["the gradient comes from paths much shorter than the net (ResNet-110)"]
+    assert row["holds"] == "NO" and row["ours"] == "effective 5-17, 5-28 of 54 blocks (m/2 = 27)"
 
 
 def test_verdict_names_a_bad_expectation():

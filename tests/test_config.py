@@ -11,6 +11,29 @@ def test_hash_is_stable_and_ignores_speed_only_fields():
     assert RunConfig.from_json(a.to_json()) == a
 
 
+# Another valid value of every field that changes what a run learns: each must move the hash, or a run trained
+# one way would be handed back for a config asking another (a field added to RunConfig must be added here).
+OTHER_VALUE = dict(preset="quick", arch="plain", depth=32, block_layers=1, shortcut="B", width=32, dataset="0123456789abcdef",
+                   split="45k5k", train_subset=1000, eval_subset=500, iterations=50_000, batch_size=64, lr=0.05,
+                   momentum=0.8, weight_decay=5e-4, milestones=(30_000, 45_000), warmup_lr=0.01, warmup_err=0.7,
+                   eval_every=500, seed=1, precision="fp32")
+OTHER_BASE = dict(bottleneck=({"depth": 20}, True), gate_bias=({"arch": "highway"}, -3.0))  # fields valid elsewhere
+
+
+def test_every_field_that_changes_results_changes_the_hash():
+    import dataclasses
+
+    from resnet_lab.config import NON_RESULT_FIELDS
+
+    assert NON_RESULT_FIELDS == {"activation_checkpointing", "fast", "compile"}  # speed and memory only
+    names = {f.name for f in dataclasses.fields(RunConfig)} - NON_RESULT_FIELDS
+    assert names == set(OTHER_VALUE) | set(OTHER_BASE), "a RunConfig field without a case here"
+    for name in sorted(names):
+        base, value = OTHER_BASE.get(name, ({}, OTHER_VALUE.get(name)))
+        a = RunConfig(**base)
+        assert RunConfig(**base, **{name: value}).hash != a.hash, name
+
+
 def test_paper_preset_is_the_papers_recipe():
     c = make_config("paper", depth=56)
     assert (c.iterations, c.batch_size, c.lr, c.momentum, c.weight_decay) == (64_000, 128, 0.1, 0.9, 1e-4)

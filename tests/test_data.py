@@ -232,6 +232,25 @@ def test_loader_varies_crops_and_covers_all_offsets():
     assert set(dxs.tolist()) == set(range(-4, 5))
     assert abs(flips.mean().item() - 0.5) < 0.02
     assert torch.equal(loader.batch(1)[0], DeviceLoader(x, torch.zeros(64, dtype=torch.long), 32, 0, "cpu").batch(1)[0])
+    orders = {tuple(p[0].tolist()) for p in plans[:5]}  # each epoch its own shuffle, of every image once
+    assert len(orders) == 5 and all(sorted(o) == list(range(64)) for o in orders)
+
+
+def test_the_45k5k_split_holds_5000_class_balanced_images_out_of_training():
+    """The paper chose 64k iterations on a 45k/5k split: the 5k validation images must never be trained on."""
+    import types
+
+    from resnet_lab.data import split_data
+
+    y = torch.arange(50_000) % 10
+    data = types.SimpleNamespace(train_x=torch.arange(50_000), train_y=y, test_x=torch.arange(10_000) + 10**6,
+                                 test_y=torch.arange(10_000) % 10)
+    tx, ty, vx, vy = split_data(data, "45k5k")
+    assert len(tx) == 45_000 and len(vx) == 5_000 and set(tx.tolist()).isdisjoint(vx.tolist())
+    assert torch.equal(ty, y[tx]) and torch.equal(vy, y[vx]) and torch.bincount(vy).tolist() == [500] * 10
+    assert split_data(data, "45k5k", train_subset=100)[0].tolist() == tx[:100].tolist()  # subsets of the 45k
+    fx, _, ex, _ = split_data(data, "full")
+    assert len(fx) == 50_000 and ex.min() >= 10**6  # full: all 50k train, evaluated on the test set
 
 
 def test_balanced_subset_refuses_a_count_that_is_not_one():

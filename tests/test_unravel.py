@@ -340,3 +340,21 @@ def test_post_and_pre_activation_nets_of_one_depth_get_their_own_labels():
 
     labels = [net_label(make_config("quick", arch=a, depth=110)) for a in ("plain", "resnet", "preact", "gated")]
     assert labels == ["plain-110", "ResNet-110", "pre-act ResNet-110", "gated-110"]
+
+
+def test_a_runs_effective_range_holds_90_percent_of_its_gradient():
+    """04's effective range (and its claim) is Veit et al.'s: the shortest run of lengths with 90% of the gradient,
+    checked here against every range of the run's own gradient table."""
+    from resnet_lab.config import make_config
+    from resnet_lab.experiments import _unravel_run
+
+    model = tiny("resnet", 14)
+    cfg = make_config("smoke", arch="resnet", depth=14, width=4)
+    out = _unravel_run(model, cfg, data(8), data(16, seed=2), dict(draws=1, grad_samples=2, grad_batch=8))
+    totals = out["gradient"].groupby("k")["total"].first().sort_index().tolist()
+    ranges = [(b - a, -sum(totals[a:b + 1]), a, b) for a in range(len(totals)) for b in range(a, len(totals))
+              if sum(totals[a:b + 1]) >= 0.9 * sum(totals) * (1 - 1e-12)]
+    _, _, lo, hi = min(ranges)
+    row = out["effective"].iloc[0]
+    assert (row["effective_from"], row["effective_to"], row["blocks"]) == (lo, hi, 6)
+    assert row["share_of_paths_%"] == pytest.approx(100 * sum(math.comb(6, k) for k in range(lo, hi + 1)) / 64)
