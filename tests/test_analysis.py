@@ -24,6 +24,13 @@ def test_diverged_runs_are_counted_not_averaged():
     assert row["test_err_ci95"] == pytest.approx(100 * ci95([0.08, 0.10]))
 
 
+def test_wall_time_is_of_the_finished_runs_and_packed_the_most_a_run_shared():
+    r = runs(["done", "done", "diverged"], [0.08, 0.10, 0.9]).assign(wall_seconds=[60.0, 120.0, 6.0],
+                                                                    packed_runs=[1, 4, 2])
+    row = summarize(r, ["arch", "depth"]).iloc[0]
+    assert row["wall_min"] == pytest.approx(1.5) and row["packed"] == 4  # a diverged run's short clock is no net's time
+
+
 def test_one_run_has_no_interval_rather_than_a_zero_one():
     row = summarize(runs(["done"], [0.08]), ["arch", "depth"]).iloc[0]
     assert row["runs"] == 1 and row["test_err_%"] == pytest.approx(8.0)

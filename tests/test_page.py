@@ -45,3 +45,13 @@ def test_the_page_names_the_devices_and_dataset_copies_from_the_tables(tmp_path)
                                                          pixels="re-encoded", **row)]))
     assert "re-encoded (lossy, JPEG) copy of CIFAR-10, not the official pixels" in page.build_page("paper", root=tmp_path)
     assert page.build_page("paper", root=tmp_path / "elsewhere").count("Runs: none finished in the tables yet") == 1
+
+
+def test_the_page_lists_runs_stopped_part_way_apart_from_the_tables(tmp_path):
+    """05's ResNet-1202 trains over several GPU sessions: its progress shows, never averaged into a table."""
+    base = tmp_path / "paper"
+    _write(base, "05_thousand_layers", "unfinished", pd.DataFrame([dict(net="ResNet-1202", seed=0,
+                                                                         steps_done=12_000, iterations=64_000)]))
+    text = page.build_page("paper", root=tmp_path)
+    assert "Stopped part-way (not averaged into any table):" in text
+    assert "| ResNet-1202 | 0 | 12,000 | 64,000 |" in text
