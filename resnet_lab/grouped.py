@@ -129,7 +129,8 @@ def _signature(model: nn.Module) -> list[tuple]:
 
 
 def _difference(a: tuple, b: tuple) -> str:
-    """'blocks.0 (Block: gate_only False, not True)': where two signatures first part, in words."""
+    """'blocks.0 (Block: gate_only False, not True)': where two signatures first part, in words (a's values, not
+    b's)."""
     where = f"{a[0] or 'the net'} ({a[1]}" + ("" if a[1] == b[1] else f", not {b[1]}")
     mine, theirs = dict(a[2]), dict(b[2])
     keys = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k, "-") != theirs.get(k, "-")][:3]
@@ -155,7 +156,7 @@ class GroupedNets(nn.Module):
         first = _signature(models[0])
         for i, (s, m) in enumerate(zip(shapes[1:], models[1:]), 1):
             sig = _signature(m)
-            differs = next((_difference(a, b) for a, b in zip(first, sig) if a != b), None) \
+            differs = next((_difference(b, a) for a, b in zip(first, sig) if a != b), None) \
                 or ("its layers" if len(sig) != len(first) else None)
             if s != shapes[0] or differs:  # one set of kernels runs member 0's code for every member
                 raise ValueError(f"model {i} differs from model 0 in {differs or 'its shapes'}: only nets of one "

@@ -75,9 +75,13 @@ def test_nets_of_different_architectures_are_refused():
     # or no shortcut at all)
     for other in ("gated", "plain"):
         with pytest.raises(ValueError, match=rf"model 1 differs from model 0 in the net \(CifarResNet: arch "
-                                             rf"'(highway|resnet)', not '{other}'"):
+                                             rf"'{other}', not '(highway|resnet)'"):
             GroupedNets([build_model("highway" if other == "gated" else "resnet", 8), build_model(other, 8)])
     GroupedNets([build_model("highway", 8), build_model("highway", 8)])  # seeds of one net still group
+    lesioned = build_model("resnet", 8)  # a flag, not a string, sets what a block computes
+    lesioned.blocks[1].lesioned = True
+    with pytest.raises(ValueError, match=r"model 1 differs from model 0 in blocks\.1 \(Block: lesioned True, not False\)"):
+        GroupedNets([build_model("resnet", 8), lesioned])
     with pytest.raises(ValueError, match="cannot group a Dropout"):
         GroupedNets([torch.nn.Sequential(torch.nn.Dropout())])
 
