@@ -207,7 +207,7 @@ def fidelity(table: pd.DataFrame | None) -> list[dict]:
     return [_row(nb, claim, crit, ours, True if said == "yes" else False if said == "NO" else said)]
 
 
-def _read(base: Path, notebook: str, name: str) -> pd.DataFrame | None:
+def read_table(base: Path, notebook: str, name: str) -> pd.DataFrame | None:
     """The table, or None where it is missing or holds no row (a notebook run before any of its nets were)."""
     p = base / notebook / f"{name}.csv"
     try:
@@ -230,7 +230,7 @@ def check(preset: str, root: str | Path | None = None) -> pd.DataFrame:
     """Every claim of the suite on results/<preset>/'s tables (root: another results folder); writes
     claims.csv and claims.md beside them."""
     base = (Path(root) if root is not None else results_dir()) / preset
-    rows = [r for fn, nb, name in CHECKS for r in fn(_read(base, nb, name))]
+    rows = [r for fn, nb, name in CHECKS for r in fn(read_table(base, nb, name))]
     table = pd.DataFrame(rows, columns=COLUMNS)
     base.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(table, base / "claims.csv")

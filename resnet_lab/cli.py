@@ -188,10 +188,11 @@ def _pct(v: float | None) -> str:
 
 def _print_run(rec) -> None:
     from .runs import can_resume
+    from .train import LOCKED
 
     s, cfg = rec.summary, rec.config
     status = s.get("status")
-    if status == "locked":  # another process holds it (a time budget waits for no lock)
+    if status == LOCKED:  # another process holds it (a time budget waits for no lock)
         print(f"{cfg.name} seed {cfg.seed}: held by another process (a trainer or an import): left to it")
         return
     if status == "failed":  # e.g. a run that could not start, reached by no sitting since: no metrics to show

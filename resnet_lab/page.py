@@ -2,7 +2,7 @@
 
 Numbers typed into a README go stale as runs come in; this page is rebuilt by `report` and `make reproduce`
 from the same CSVs the notebooks wrote, so what it says is what the runs measured. A table not there yet
-(its nets not trained) is named as missing, never filled in.
+(no run it asks for stored) is named as missing, never filled in.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .claims import _read
+from .claims import read_table
 from .runs import atomic_write_text, results_dir
 
-# (notebook, table) -> (title, columns shown: (column, header)); "±" joins a mean column with its CI column
+# the error columns every run table has, each shown as "mean ± CI" (markdown_table joins it with its _ci95)
 MEAN_CI = (("train_err_%", "train error %"), ("test_err_%", "test error %"))
 
 
@@ -61,7 +61,7 @@ def _section(base: Path, title: str, notebook: str, table: str, columns: list[tu
     out = [f"## {title}", ""]
     if intro:
         out += [intro, ""]
-    df = _read(base, notebook, table)
+    df = read_table(base, notebook, table)
     if df is None:
         out += [f"No `{notebook}/{table}.csv` rows yet: none of the runs its last execution asked for (the "
                 f"parameters in `executed/{notebook}.ipynb`) is stored (or analysed) in this preset.", ""]
@@ -81,7 +81,7 @@ def _provenance(base: Path) -> list[str]:
     so the page says the same wherever it is rebuilt."""
     devices, copies, pixels = set(), set(), set()
     for notebook, table in PROVENANCE_TABLES:
-        df = _read(base, notebook, table)
+        df = read_table(base, notebook, table)
         for col, sep, into in (("device", " + ", devices), ("dataset", ",", copies), ("pixels", ",", pixels)):
             if df is not None and col in df:  # split as summarize joins them
                 into.update(x.strip() for v in df[col].dropna() for x in str(v).split(sep) if x.strip())
@@ -102,7 +102,7 @@ def build_page(preset: str, root: str | Path | None = None) -> str:
            "Written by `resnet_lab.page` from the tables in this folder (rebuilt by `resnet-lab report` and "
            "`make reproduce`; never edited by hand). Errors are % with the Student-t 95% CI over seeds where "
            "there are several; `–`: not measured.", "", *_provenance(base), ""]
-    claims = _read(base, ".", "claims")
+    claims = read_table(base, ".", "claims")
     out += ["## Claims", ""]
     out += [markdown_table(claims, [("notebook", "notebook"), ("claim", "claim"), ("ours", "ours"),
                                     ("holds", "holds")]), ""] if claims is not None else ["No claims.csv yet.", ""]
@@ -131,7 +131,7 @@ def build_page(preset: str, root: str | Path | None = None) -> str:
     out += _section(base, "1000 layers (05)", "05_thousand_layers", "table",
                     [("depth", "ResNet"), ("paper_test_err_%", "paper test error %"), ("iterations", "iterations"),
                      ("diverged_at", "diverged at"), *RUN_COLUMNS], figures=(("curves", "curves"),))
-    stopped = _read(base, "05_thousand_layers", "unfinished")
+    stopped = read_table(base, "05_thousand_layers", "unfinished")
     if stopped is not None:
         out += ["Stopped part-way (not averaged into any table):", "",
                 markdown_table(stopped, [(c, c) for c in stopped.columns]), ""]
