@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pandas as pd
@@ -11,6 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import NON_RESULT_FIELDS
 from .models import count_params
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (uint8 images, labels) chunks, e.g. data.eval_batches
 
 
 def count_macs(model: nn.Module, image_size: int = 32) -> int:
@@ -69,7 +72,7 @@ def t975(dof: float) -> float:
     return (lo + hi) / 2
 
 
-def ci95(values) -> float:
+def ci95(values: Sequence[float] | pd.Series) -> float:
     """Half-width of the 95% confidence interval of the mean (Student t).
 
     NaN for fewer than two values: one run says nothing about seed noise, and 0 would claim there is none.
@@ -202,7 +205,7 @@ def response_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     return layers
 
 
-def layer_responses(model: nn.Module, batches, max_images: int | None = None) -> pd.DataFrame:
+def layer_responses(model: nn.Module, batches: Batches, max_images: int | None = None) -> pd.DataFrame:
     """Std of each 3x3 layer's BN output (before addition and ReLU) over the given images.
 
     Per channel, the std over images and positions; then the mean over channels (the layer's response
@@ -291,7 +294,7 @@ def time_model(model: nn.Module, batch_size: int, device: str | torch.device = "
     return float(sorted(times)[len(times) // 2])
 
 
-def gate_means(model: nn.Module, batches, max_images: int | None = None) -> pd.DataFrame:
+def gate_means(model: nn.Module, batches: Batches, max_images: int | None = None) -> pd.DataFrame:
     """Mean gate value g(x) per block over the images. highway: the branch's share (0 = shortcut only,
     1 = branch only); gated: the shortcut is scaled by 1 - g (0 = a plain identity shortcut). Blocks are
     numbered from 0 in the net's order, as the lesion tables number them."""

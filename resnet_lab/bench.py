@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import MEAN, STD, DeviceLoader, balanced_subset, eval_batches
+from .data import MEAN, STD, Cifar10, DeviceLoader, balanced_subset, eval_batches
 from .fast import Stepper, error_line, make_optimizer, to_device
 from .grouped import CatLoader, GroupedNets
 from .models import build_model
@@ -281,7 +281,7 @@ def check_tag(tag: str | None) -> None:
 
 def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, batch_size: int = 128,
               num_workers: int = 4, images: int = 50_000, checkpointing: bool = False, out: Path | None = None,
-              data=None, packs: list[int] | None = None, pack_depth: int = 20, profile: bool = False,
+              data: Cifar10 | None = None, packs: list[int] | None = None, pack_depth: int = 20, profile: bool = False,
               ckpt_min_depth: int = DEEP + 1, compile: bool = False, fp16: bool = False, tag: str | None = None
               ) -> dict[str, Any]:
     """Benchmark each depth: baseline vs ours (graph and eager), checkpointing, packed runs; JSON + markdown.

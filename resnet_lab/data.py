@@ -8,7 +8,7 @@ import logging
 import os
 import pickle
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -457,7 +457,8 @@ def eval_batch_size(device: str | torch.device) -> int:
     return GPU_EVAL_BATCH if torch.device(device).type == "cuda" else CPU_EVAL_BATCH
 
 
-def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None):
+def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Un-augmented (images, labels) chunks, in order; batch_size None: `eval_batch_size(x.device)`."""
     batch_size = eval_batch_size(x.device) if batch_size is None else batch_size
     for i in range(0, len(x), batch_size):

@@ -92,7 +92,7 @@ def compute_dtype(device: torch.device, precision: str) -> str:
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast(device: torch.device, precision: str, cache: bool = True):
+def autocast(device: torch.device, precision: str, cache: bool = True) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA ("auto") or when asked ("bf16"), fp16 when asked; nothing for fp32.
 
     cache=False inside graph capture: the autocast weight cache would hold casts of the capture-time

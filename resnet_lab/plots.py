@@ -5,16 +5,18 @@ import math
 import os
 import tempfile
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 import pandas as pd
 import seaborn as sns
 
 PALETTE = "colorblind"
 
 
-def t_interval(values) -> tuple[float, float]:
+def t_interval(values: Sequence[float] | pd.Series) -> tuple[float, float]:
     """Mean ± the Student-t 95% half-width: the interval the tables print (`analysis.ci95`), and the
     one every errorbar over seeds draws.
 
@@ -29,7 +31,7 @@ def t_interval(values) -> tuple[float, float]:
     return mean - half, mean + half
 
 
-def t_interval_error(values) -> tuple[float, float]:
+def t_interval_error(values: Sequence[float] | pd.Series) -> tuple[float, float]:
     """`t_interval` for an error rate in %, clipped to [0, 100]: with two or three seeds the t-interval
     of a noisy early evaluation can pass both ends, which no error rate can."""
     lo, hi = t_interval(values)
@@ -60,7 +62,7 @@ def set_style() -> None:
                          "axes.spines.top": False, "axes.spines.right": False})
 
 
-def no_data_figure(what: str):
+def no_data_figure(what: str) -> Figure:
     """What a figure function returns when nothing is stored for it yet (the paper runs arrive a GPU session at
     a time): a notebook still runs to the end and says so; `save` writes no file for it."""
     set_style()
@@ -76,7 +78,7 @@ ERROR_BAND = f"{CI_BAND}, clipped to 0-100%"  # what `t_interval_error` draws
 CHANCE_ERR = 90.0  # % test error of guessing among CIFAR-10's 10 classes
 
 
-def note(fig, text: str):
+def note(fig: Figure, text: str) -> Figure:
     """Add a line of small grey text under the figure: a PNG read on its own says which runs it draws
     (`experiments.runs_note`) and what its bands are. Returns the figure."""
     if not text or getattr(fig, "no_data", False):
@@ -90,7 +92,7 @@ NOTE_FONT_PT = 7
 NOTE_CHAR_IN = 0.55 * NOTE_FONT_PT / 72  # an average character's width at that size, inches
 
 
-def _place_note(fig) -> None:
+def _place_note(fig: Figure) -> None:
     """Put the notes just under everything else drawn (tick labels and axis titles spill below the figure's
     own edge, which `bbox_inches="tight"` then takes in), wrapped to that width: a long line would widen
     the saved image and carry a legend anchored to the figure's edge away from its axes."""
@@ -108,7 +110,7 @@ def _place_note(fig) -> None:
     art.set_position((box.x0 / fig.get_figwidth(), box.y0 / fig.get_figheight() - 0.02))
 
 
-def save(fig, out_dir: str | os.PathLike, name: str, note_text: str = "") -> list[Path]:
+def save(fig: Figure, out_dir: str | os.PathLike, name: str, note_text: str = "") -> list[Path]:
     """Save `fig` as PNG and PDF (300 dpi, tight) under out_dir, with `note_text` (what runs it shows) under
     it; returns the paths (none for a no-data figure, which removes the files an earlier save left: a
     figure of runs no longer in the store must not sit beside a table that has none).
@@ -160,7 +162,7 @@ def _curves_to_draw(metrics: pd.DataFrame) -> pd.DataFrame | None:
     return None if long is None or long["error (%)"].isna().all() else long
 
 
-def degradation_figure(metrics: pd.DataFrame):
+def degradation_figure(metrics: pd.DataFrame) -> Figure:
     """He et al. Fig. 6: training (dashed) and test (solid) error vs iterations; plain left, ResNet right."""
     long = _curves_to_draw(metrics)
     if long is None:
@@ -179,7 +181,8 @@ def degradation_figure(metrics: pd.DataFrame):
                           f"bands: {ERROR_BAND}")
 
 
-def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = None, title: str | None = None):
+def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = None,
+                  title: str | None = None) -> Figure:
     """Training (dashed) and test (solid) error vs iterations, one line per `hue`."""
     long = _curves_to_draw(metrics)
     if long is None:
@@ -197,7 +200,7 @@ def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = No
     return note(g.figure, f"dashed: training error, solid: test error; bands: {ERROR_BAND}")
 
 
-def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None):
+def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None) -> Figure:
     """Test error vs depth, mean with a 95% CI band over seeds (Student t), the paper's numbers as crosses."""
     d = runs[runs["status"] == "done"].assign(**{"test error (%)": lambda x: 100 * x["final_test_err"].astype(float)})
     if d.empty:
@@ -216,7 +219,7 @@ def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None):
 
 
 def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue: str | None = "depth",
-                y: str = "final_test_err", ylabel: str = "test error (%)"):
+                y: str = "final_test_err", ylabel: str = "test error (%)") -> Figure:
     """Bars of final error per category (mean with a Student-t 95% CI over seeds)."""
     d = runs[runs["status"] == "done"].assign(**{ylabel: lambda r: 100 * r[y].astype(float)})
     if d.empty:
@@ -232,7 +235,7 @@ def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue:
     return note(g.figure, f"bars: mean; whiskers: {ERROR_BAND}")
 
 
-def gates_figure(gates: pd.DataFrame):
+def gates_figure(gates: pd.DataFrame) -> Figure:
     """Mean gate per block: a highway block's share of its residual branch; a gated block's shortcut x (1 - g)."""
     if gates.empty:
         return no_data_figure("gates")
@@ -243,7 +246,7 @@ def gates_figure(gates: pd.DataFrame):
     return note(g.figure, f"band: {CI_BAND}")
 
 
-def responses_figure(resp: pd.DataFrame):
+def responses_figure(resp: pd.DataFrame) -> Figure:
     """He et al. Fig. 7: std of each 3x3 layer's response, in layer order (top) and sorted (bottom); colour by
     depth, solid ResNet and dashed plain (the pair the figure compares), one line per seed (a t band over
     2-3 seeds would run below zero)."""
@@ -269,7 +272,7 @@ def responses_figure(resp: pd.DataFrame):
     return note(fig, "one line per seed")
 
 
-def imagenet_figure(table: pd.DataFrame):
+def imagenet_figure(table: pd.DataFrame) -> Figure:
     """GMACs per ImageNet ResNet: both stride placements and the paper's numbers."""
     set_style()
     cols = [c for c in table.columns if c.startswith("GMACs")]
@@ -278,7 +281,7 @@ def imagenet_figure(table: pd.DataFrame):
     return g.figure
 
 
-def lesion_figure(lesion: pd.DataFrame):
+def lesion_figure(lesion: pd.DataFrame) -> Figure:
     """Veit et al. Fig. 3: test error after deleting each single block (mean over seeds); dashed lines: no
     deletion; a gap where a plain net cannot lose a block (it changes the shape)."""
     if lesion.empty:
@@ -300,7 +303,7 @@ def lesion_figure(lesion: pd.DataFrame):
     return note(fig, "dashed: the intact net; dotted: chance (90%); mean over seeds")
 
 
-def deletion_figure(delete: pd.DataFrame, reorder: pd.DataFrame):
+def deletion_figure(delete: pd.DataFrame, reorder: pd.DataFrame) -> Figure:
     """Veit et al. Fig. 4: error vs number of deleted blocks, and vs number of swapped pairs (band: ±1 sd
     over the random draws, seeds pooled: how much the choice of blocks matters)."""
     if delete.empty and reorder.empty:
@@ -319,7 +322,7 @@ def deletion_figure(delete: pd.DataFrame, reorder: pd.DataFrame):
     return note(fig, "band: ±1 sd over the distinct random draws of each k (seeds pooled)")
 
 
-def paths_figure(paths: pd.DataFrame, gradient: pd.DataFrame, effective: pd.DataFrame):
+def paths_figure(paths: pd.DataFrame, gradient: pd.DataFrame, effective: pd.DataFrame) -> Figure:
     """Veit et al. Fig. 6: path-length distribution, gradient per path, total gradient per length."""
     if gradient.empty:
         return no_data_figure("path lengths and their gradient")
