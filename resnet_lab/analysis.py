@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -274,6 +275,8 @@ def time_model(model: nn.Module, batch_size: int, device: str | torch.device = "
     """Median seconds per batch of forward (or forward+backward), after one warm-up pass."""
     import time
 
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r} is not valid: use a positive integer")
     device = torch.device(device)
     model = model.to(device).train(backward)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
@@ -291,7 +294,7 @@ def time_model(model: nn.Module, batch_size: int, device: str | torch.device = "
             torch.cuda.synchronize(device)
         if i:
             times.append(time.perf_counter() - t)
-    return float(sorted(times)[len(times) // 2])
+    return float(statistics.median(times))  # of an even count, the mean of the middle two
 
 
 def gate_means(model: nn.Module, batches: Batches, max_images: int | None = None) -> pd.DataFrame:

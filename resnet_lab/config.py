@@ -258,10 +258,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_config(preset: str = "quick", **overrides: Any) -> RunConfig:
-    """A `RunConfig` from a preset plus explicit overrides; unknown names fail loudly."""
+def check_preset(preset: str) -> str:
+    """The preset, or a ValueError naming it and the presets there are."""
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is not valid: use one of {sorted(PRESETS)}")
+    return preset
+
+
+def make_config(preset: str = "quick", **overrides: Any) -> RunConfig:
+    """A `RunConfig` from a preset plus explicit overrides; unknown names fail loudly."""
+    check_preset(preset)
     known = {f.name for f in dataclasses.fields(RunConfig)} - {"preset"}  # the preset is the first argument
     bad = sorted(set(overrides) - known)
     if bad:

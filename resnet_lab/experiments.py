@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from .analysis import summarize
-from .config import GATED_ARCHS, SPLIT_IMAGES, RunConfig, make_config
+from .config import GATED_ARCHS, SPLIT_IMAGES, RunConfig, check_preset, make_config
 from .data import balanced_subset, load_cifar10, resolve_source
 from .runs import RunDir, atomic_write_csv, load_metrics, load_runs, results_dir
 from .train import RunRecord, deadline_after, default_device, train_many
@@ -39,6 +39,21 @@ def check_grid(name: str, values: list, allowed: Iterable | None = None, positiv
         if positive and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             raise ValueError(f"{name} contains {v!r}: use integers >= 0")
     return list(values)
+
+
+# A notebook's counts and their upper bound (the test set's 10,000 images; None: none): the notebook's own
+# functions check them under the notebook's parameter name, and `resnet-lab sweep` before any point runs.
+COUNT_PARAMS = {"draws": None, "grad_samples": None, "grad_batch": None, "eval_images": 10_000,
+                "max_images": 10_000, "batch_size": None, "repeats": None}
+
+
+def check_count(name: str, value: Any) -> int:
+    """A positive integer within COUNT_PARAMS[name]'s bound, or a ValueError naming the parameter."""
+    most = COUNT_PARAMS[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or (most is not None and value > most):
+        bound = f" up to {most:,} (the test set)" if most is not None else ""
+        raise ValueError(f"{name}={value!r} is not valid: use a positive integer{bound}")
+    return value
 
 
 # -- dataset identity without decoding ----------------------------------------------------------------
@@ -209,6 +224,7 @@ def output_dir(preset: str, notebook: str) -> Path:
     (`resnet-lab sweep` sets it beside the point's executed notebook, so points never share tables)."""
     from .sweep import OUTPUT_VAR
 
+    check_preset(preset)  # 07 trains nothing, so no config checks its preset: a typo made results/<typo>/
     d = Path(os.environ[OUTPUT_VAR]) if os.environ.get(OUTPUT_VAR) else results_dir() / preset / notebook
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -222,11 +238,12 @@ def _epochs(e: float) -> str:
     return f"{e:.2g} epoch{'' if e <= 1 else 's'}" if e < 10 else f"{e:.0f} epochs"
 
 
-def runs_note(runs: pd.DataFrame, stopped: bool = False) -> str:
+def runs_note(runs: pd.DataFrame, stopped: bool = False, measured: str | None = None) -> str:
     """One line naming what a figure's runs are (preset, each schedule, seeds, evaluation images), so a
     figure read on its own, as a committed PNG, says whether it shows 0.4 epoch or the paper's 164.
     The finished runs, which the figures draw, and the diverged ones they leave out, by name; `stopped`:
-    also the runs stopped part-way that 05 draws."""
+    also the runs stopped part-way that 05 draws. `measured` replaces the runs' evaluation images for a
+    figure measured on other images (04's lesions, 06's responses)."""
     d, diverged = runs, runs.iloc[:0]
     if "status" in runs:
         drawn = runs["status"] == "done"
@@ -256,7 +273,7 @@ def runs_note(runs: pd.DataFrame, stopped: bool = False) -> str:
     seeds = sorted({int(v) for v in d["seed"]})
     presets = ", ".join(sorted(set(d["preset"])))
     return (f"{presets} preset: " + "; ".join(parts) + f"; seed{'s' if len(seeds) > 1 else ''} "
-            f"{', '.join(map(str, seeds))}; errors on {', '.join(sorted(evals))}" + left_out)
+            f"{', '.join(map(str, seeds))}; {measured or 'errors on ' + ', '.join(sorted(evals))}" + left_out)
 
 
 def save_table(df: pd.DataFrame, out_dir: str | os.PathLike, name: str) -> Path:
@@ -443,7 +460,7 @@ def responses(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_i
     from .data import eval_batches
     from .runs import RunDir
 
-    p = dict(revision=RESPONSE_REVISION, max_images=max_images, dataset=dataset_id(source))
+    p = dict(revision=RESPONSE_REVISION, max_images=check_count("max_images", max_images), dataset=dataset_id(source))
     test = None
     frames = []
     for r in runs[runs["status"] == "done"].to_dict("records"):
@@ -517,8 +534,9 @@ UNRAVEL_REVISION = 4
 def unravel_params(draws: int = 5, eval_images: int = 10_000, grad_samples: int = 10, grad_batch: int = 128,
                    source: str | os.PathLike | None = None) -> dict[str, Any]:
     """What a cached unravel analysis depends on besides the model: its settings and the CIFAR-10 copy."""
-    if not isinstance(draws, int) or isinstance(draws, bool) or draws <= 0:
-        raise ValueError(f"draws={draws!r} is not valid: use a positive integer")
+    for name, v in (("draws", draws), ("eval_images", eval_images), ("grad_samples", grad_samples),
+                    ("grad_batch", grad_batch)):
+        check_count(name, v)  # before any analysis: a bad count failed after minutes of lesions, or never
     return dict(revision=UNRAVEL_REVISION, draws=draws, eval_images=eval_images, grad_samples=grad_samples,
                 grad_batch=grad_batch, dataset=dataset_id(source))
 
@@ -622,9 +640,11 @@ def lesion_summary(lesion: pd.DataFrame) -> pd.DataFrame:
 
 
 def imagenet_configs(preset: str, depths: list[int]) -> list[RunConfig]:
-    """None: 07 times untrained nets. Its depths are checked here, so a sweep refuses a bad one before it runs."""
+    """None: 07 times untrained nets. Its preset (the output folder) and depths are checked here, so a sweep
+    refuses a bad one before it runs."""
     from .analysis import IMAGENET_PAPER_GMACS
 
+    check_preset(preset)
     check_grid("depths", depths, allowed=sorted(IMAGENET_PAPER_GMACS))
     return []
 
@@ -636,6 +656,7 @@ def imagenet_architectures(depths: list[int], batch_size: int = 8, device: str =
     from .analysis import imagenet_model, imagenet_table, time_model
     from .train import device_name
 
+    check_count("batch_size", batch_size), check_count("repeats", repeats)
     dev = default_device() if device in (None, "auto") else torch.device(device)
     table = imagenet_table(depths)
     table["forward_s"] = [time_model(imagenet_model(d), batch_size, dev, repeats=repeats) for d in depths]

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from .config import PRESETS
+from .config import check_preset
 from .experiments import NOTEBOOKS_DIR
 from .runs import results_dir
 from .sweep import PATH_VARS, absolute_path_env, notebook_parameters, report_parameters
@@ -66,8 +66,7 @@ def absolute_path_vars() -> Iterator[None]:
 def build(preset: str = "quick", only: list[str] | None = None, kernel: str | None = None,
           directory: Path = NOTEBOOKS_DIR) -> pd.DataFrame:
     """Re-execute each notebook for `preset` from stored runs; one row per notebook with its status."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is not valid: use one of {sorted(PRESETS)}")
+    check_preset(preset)
     names = notebooks(directory)
     if only:
         bad = sorted(set(only) - set(names))

@@ -70,8 +70,6 @@ DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # what --device and a notebook'
 # notebook parameters that count something (04's analysis settings, 06's images, 07's timing): positive integers
 # up to a bound (None: none); a bad one would pass the grid's type check and fail (or run for minutes on nonsense,
 # or quietly measure something else: max_images=-5 took all but 5 images) deep inside the notebook
-COUNT_PARAMS = {"draws": None, "grad_samples": None, "eval_images": 10_000, "max_images": 10_000,
-                "batch_size": None, "repeats": None}
 _TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
                                        "list": (list, tuple), "tuple": (list, tuple), "dict": (dict,)}
 
@@ -399,11 +397,11 @@ def check_params(params: Mapping[str, Any]) -> None:
     device = params.get("device", "auto")
     if not isinstance(device, str) or not DEVICE.fullmatch(device):
         raise ValueError(f"device={device!r} is not valid: use auto, cpu, cuda or cuda:N")
-    for name, most in COUNT_PARAMS.items():
-        v = params.get(name, 1)
-        if not _is_a(v, int) or v <= 0 or (most is not None and v > most):
-            bound = f" up to {most:,} (the test set)" if most is not None else ""
-            raise ValueError(f"{name}={v!r} is not valid: use a positive integer{bound}")
+    from .experiments import COUNT_PARAMS, check_count
+
+    for name in COUNT_PARAMS:
+        if name in params:
+            check_count(name, params[name])
 
 
 def _point_configs(notebook: str, params: Mapping[str, Any]) -> list[RunConfig]:

@@ -51,6 +51,21 @@ def test_missing_tables_and_runs_are_not_run_rather_than_a_verdict(tmp_path):
     _write(base, "01_degradation", "table", _table([("plain", 20, 1, 2.0, 9.5), ("plain", 56, 0, None, None)]))
     t = claims.check("quick", root=tmp_path)
     assert set(t["holds"]) == {"not run"} and len(t) == 7
+    # a table that exists but lacks a net says which, rather than reading as a missing table
+    assert list(t.loc[:1, "ours"]) == ["no finished plain-56 in the table",
+                                       "no finished resnet-20 or resnet-56 in the table"]
+    assert t.loc[2, "ours"] == ""  # 02's table is missing
+
+
+def test_each_criterion_says_what_its_verdict_does():
+    """'not higher' holds for any difference <= 0, inside the noise or not: its criterion must not say otherwise."""
+    t = claims.degradation(_ci_table([("resnet", 20, 3, 10.0, 3.0, 12.0, 1.0), ("resnet", 56, 3, 9.5, 3.0, 11.0, 1.0),
+                                      ("plain", 20, 3, 10.0, 3.0, 12.0, 1.0), ("plain", 56, 3, 10.5, 3.0, 13.0, 1.0)]))
+    plain, resnet = t
+    assert plain["holds"] == "within noise" and "inside its 95% CI (Welch) is 'within noise'" in plain["criterion"]
+    assert resnet["holds"] == "yes" and "-0.50 ±" in resnet["ours"]  # inside its CI, yet a yes: the criterion says so
+    assert "'yes' where 56's mean is not above 20's" in resnet["criterion"]
+    assert "inside its 95% CI (Welch) is" not in resnet["criterion"]
 
 
 def _ci_table(rows):
