@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import NON_RESULT_FIELDS
 from .models import count_params
+from .runs import JOINED
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (uint8 images, labels) chunks, e.g. data.eval_batches
 
@@ -115,15 +116,25 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
             "test_err_ci95": 100 * ci95(ok["final_test_err"].astype(float)),
             "diverged": int((g["status"] == "diverged").sum()),
             # wall time per run; a packed run's clock also ran while its neighbours stepped
-            "wall_min": ok["wall_seconds"].astype(float).mean() / 60 if "wall_seconds" in g else float("nan"),
+            "wall_min": _wall_min(ok),
             "packed": int(pd.to_numeric(g["packed_runs"], errors="coerce").fillna(1).max()) if "packed_runs" in g else 1,
-            # " + " as a run's summary joins its sittings' devices: a CPU's name has commas of its own
-            "device": " + ".join(sorted({str(d) for d in g.get("device", pd.Series(dtype=str)).dropna()})),
+            # every device once, a run's joined ones split (runs.JOINED)
+            "device": JOINED.join(sorted({d for v in g.get("device", pd.Series(dtype=str)).dropna()
+                                         for d in str(v).split(JOINED)})),
             # which CIFAR-10 copy (sha256 prefix, as the run folders' summaries hold it): the JPEG one or another
             "dataset": ", ".join(sorted({str(s)[:16] for s in g.get("dataset_sha256", pd.Series(dtype=str)).dropna()})),
             "pixels": _pixels(g),
         })
     return pd.DataFrame(rows)
+
+
+def _wall_min(ok: pd.DataFrame) -> float:
+    """Mean minutes per run over the finished runs that trained on one device: a run that moved (a GPU's
+    start finished on a CPU) has no one device's time, and its hours would pass for the GPU's."""
+    if "wall_seconds" not in ok:
+        return float("nan")
+    one = ~ok["device"].astype(str).str.contains(JOINED, regex=False) if "device" in ok else True
+    return ok.loc[one, "wall_seconds"].astype(float).mean() / 60
 
 
 def _pixels(g: pd.DataFrame) -> str:

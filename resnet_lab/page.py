@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .claims import read_table
-from .runs import atomic_write_text, results_dir
+from .runs import JOINED, atomic_write_text, results_dir
 
 # the error columns every run table has, each shown as "mean ± CI" (markdown_table joins it with its _ci95)
 MEAN_CI = (("train_err_%", "train error %"), ("test_err_%", "test error %"))
@@ -82,7 +82,7 @@ def _provenance(base: Path) -> list[str]:
     devices, copies, pixels = set(), set(), set()
     for notebook, table in PROVENANCE_TABLES:
         df = read_table(base, notebook, table)
-        for col, sep, into in (("device", " + ", devices), ("dataset", ",", copies), ("pixels", ",", pixels)):
+        for col, sep, into in (("device", JOINED, devices), ("dataset", ",", copies), ("pixels", ",", pixels)):
             if df is not None and col in df:  # split as summarize joins them
                 into.update(x.strip() for v in df[col].dropna() for x in str(v).split(sep) if x.strip())
     if not devices:
@@ -101,7 +101,8 @@ def build_page(preset: str, root: str | Path | None = None) -> str:
     out = [f"# Results: the `{preset}` preset", "",
            "Written by `resnet_lab.page` from the tables in this folder (rebuilt by `resnet-lab report` and "
            "`make reproduce`; never edited by hand). Errors are % with the Student-t 95% CI over seeds where "
-           "there are several; `–`: not measured.", "", *_provenance(base), ""]
+           "there are several; `–`: not measured. Wall time is per run, over the runs that trained on one "
+           "device (a packed run's clock ran while its neighbours stepped too).", "", *_provenance(base), ""]
     claims = read_table(base, ".", "claims")
     out += ["## Claims", ""]
     out += [markdown_table(claims, [("notebook", "notebook"), ("claim", "claim"), ("ours", "ours"),

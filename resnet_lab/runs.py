@@ -20,6 +20,10 @@ import torch
 
 from .config import RunConfig
 
+# how a summary joins its sittings' devices, dtypes and step modes ("NVIDIA H200 + cpu (...)"): not a comma,
+# which a CPU's name has of its own; tables join and the results page splits their devices the same way
+JOINED = " + "
+
 PROJECT_RESULTS = Path(__file__).resolve().parent.parent / "results"
 METRIC_COLUMNS = ["step", "epoch", "lr", "train_loss", "train_err", "test_loss", "test_err", "seconds"]
 STATUSES = ("running", "done", "failed", "diverged")

@@ -25,7 +25,7 @@ from .config import RunConfig
 from .data import Cifar10, DeviceLoader, eval_batches, load_cifar10, normalize, split_data
 from .fast import LossScaler, Stepper, autocast, compute_dtype, make_optimizer, match_momentum_layout, step_body, to_device
 from .models import count_params, model_from_config
-from .runs import (CHECKPOINT_FILES, FINISHED, METRIC_COLUMNS, RunDir, RunLocked, atomic_save_torch,
+from .runs import (CHECKPOINT_FILES, FINISHED, JOINED, METRIC_COLUMNS, RunDir, RunLocked, atomic_save_torch,
                    atomic_write_csv, atomic_write_json, lock_run)
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def _earlier_sittings(summary: dict, start: int, seconds: float) -> list[dict[st
         return [dict(x) for x in listed]
     fields = {k: summary.get(k) for k in SITTING_FIELDS}
     for k in ("device", "compute_dtype"):  # a joined name is not one sitting's
-        if isinstance(fields[k], str) and " + " in fields[k]:
+        if isinstance(fields[k], str) and JOINED in fields[k]:
             fields[k] = None
     return [{"from_step": 0, "to_step": start, **fields, "step_mode": summary.get("step_mode"),
              "seconds": round(seconds, 3)}]
@@ -521,10 +521,10 @@ class _Run:
         last = next((r for r in reversed(self.rows) if r["step"] <= step), {})
         for k in ("device", "compute_dtype"):  # a run trained on two devices says so where tables read it
             seen = list(dict.fromkeys(str(x[k]) for x in sittings or [self.here] if x.get(k) is not None))
-            self.summary[k] = " + ".join(seen)  # only sittings that trained: a start killed at once names none
+            self.summary[k] = JOINED.join(seen)  # only sittings that trained: a start killed at once names none
         modes = list(dict.fromkeys(str(x["step_mode"]) for x in sittings if x.get("step_mode")))
         if modes:  # likewise a run stepped eagerly in one sitting and as a graph in another ("eager + graph")
-            self.summary["step_mode"] = " + ".join(modes)
+            self.summary["step_mode"] = JOINED.join(modes)
         self.summary.update(steps_done=step, wall_seconds=seconds, sittings=sittings,
                             warmup_end_step=self.warmup_end, final_train_err=last.get("train_err"),
                             final_test_err=last.get("test_err"), final_train_loss=last.get("train_loss"),

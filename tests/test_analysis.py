@@ -31,6 +31,18 @@ def test_wall_time_is_of_the_finished_runs_and_packed_the_most_a_run_shared():
     assert row["wall_min"] == pytest.approx(1.5) and row["packed"] == 4  # a diverged run's short clock is no net's time
 
 
+def test_a_run_that_moved_between_devices_names_each_once_and_lends_no_wall_time():
+    gpu, cpu = "NVIDIA H200", "cpu (AMD EPYC, x86_64, 2 threads)"
+    r = runs(["done"] * 3, [0.12, 0.12, 0.13]).assign(wall_seconds=[270.0, 276.0, 7200.0],
+                                                     device=[gpu, gpu, f"{gpu} + {cpu}"])
+    row = summarize(r, ["arch", "depth"]).iloc[0]
+    assert row["device"] == f"{gpu} + {cpu}"  # not 'NVIDIA H200 + NVIDIA H200 + cpu (...)'
+    assert row["wall_min"] == pytest.approx(4.55)  # the H200's runs: the moved run's CPU hours are not its time
+    assert row["runs"] == 3  # its error still counts
+    moved = summarize(r.iloc[2:], ["arch", "depth"]).iloc[0]
+    assert pd.isna(moved["wall_min"]) and moved["device"] == f"{gpu} + {cpu}"
+
+
 def test_one_run_has_no_interval_rather_than_a_zero_one():
     row = summarize(runs(["done"], [0.08]), ["arch", "depth"]).iloc[0]
     assert row["runs"] == 1 and row["test_err_%"] == pytest.approx(8.0)
