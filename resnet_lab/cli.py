@@ -61,13 +61,10 @@ def _check_device(device: str, need: bool = True, what: str = "--device") -> str
 
     if not DEVICE.fullmatch(device):
         usage_error(f"{what} {device!r} is not valid: use auto, cpu, cuda or cuda:N")
-    if need and device.startswith("cuda"):
-        import torch
+    from .sweep import device_missing
 
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if int(device.partition(":")[2] or 0) >= n:
-            usage_error(f"{what} {device}: this machine has no CUDA device: use cpu or auto" if n == 0 else
-                        f"{what} {device}: this machine has {n} CUDA device(s): use cuda:0 to cuda:{n - 1}")
+    if need and (why := device_missing(device)):
+        usage_error(f"{what} {device}: {why}")
     return device
 
 

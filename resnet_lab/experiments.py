@@ -867,8 +867,9 @@ def analyse_notebook(notebook: str, params: dict[str, Any], device: str | None =
 
 def highway_gates(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_images: int = 2_000,
                   root: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Mean gate per block of every finished highway or gated run (empty when there are none); `net` names the
-    architecture and depth, `seed` the run, so a figure averages the seeds of one net."""
+    """Mean gate per block of every finished highway or gated run over `max_images` test images (empty when
+    there are none); `net` names the architecture and depth, `seed` the run, so a figure averages the seeds
+    of one net."""
     from .analysis import gate_means
     from .data import eval_batches
     from .runs import RunDir

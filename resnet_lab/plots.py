@@ -38,6 +38,12 @@ def t_interval_error(values: Sequence[float] | pd.Series) -> tuple[float, float]
     return max(lo, 0.0), min(hi, 100.0)
 
 
+def t_interval_gate(values: Sequence[float] | pd.Series) -> tuple[float, float]:
+    """`t_interval` for a mean gate, clipped to [0, 1], the range of the sigmoid it averages."""
+    lo, hi = t_interval(values)
+    return max(lo, 0.0), min(hi, 1.0)
+
+
 def _iterations_axis(g, long: pd.DataFrame, lines: list[str]) -> None:
     """Iterations in thousands ("32k"), as the paper's figures write them; and an error axis from 0 that
     fits the curves after their first tenth, so a 64k-iteration run's last points (a few %) stay
@@ -240,10 +246,10 @@ def gates_figure(gates: pd.DataFrame) -> Figure:
     if gates.empty:
         return no_data_figure("gates")
     set_style()
-    g = sns.relplot(data=gates, x="block", y="mean_gate", hue="net", kind="line", marker="o", errorbar=t_interval, height=3.0,
-                    aspect=1.5)
+    g = sns.relplot(data=gates, x="block", y="mean_gate", hue="net", kind="line", marker="o",
+                    errorbar=t_interval_gate, height=3.0, aspect=1.5)
     g.set_axis_labels("block (from 0)", "mean gate g(x)")
-    return note(g.figure, f"band: {CI_BAND}")
+    return note(g.figure, f"band: {CI_BAND}, clipped to 0-1")
 
 
 def responses_figure(resp: pd.DataFrame) -> Figure:

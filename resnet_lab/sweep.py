@@ -391,6 +391,34 @@ def grid_configs(grid: Grid) -> list[RunConfig]:
     return unique_runs(check_points(grid))
 
 
+def device_missing(device: str) -> str | None:
+    """Why this machine cannot give `device` (auto|cpu|cuda|cuda:N), or None where it can."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(device.partition(":")[2] or 0) < n:
+        return None
+    return ("this machine has no CUDA device: use cpu or auto" if n == 0 else
+            f"this machine has {n} CUDA device(s): use cuda:0 to cuda:{n - 1}")
+
+
+def check_notebook(notebook: str, values: Mapping[str, Any]) -> None:
+    """A notebook run directly (JupyterLab, papermill) checks its parameters as `resnet-lab sweep` checks a
+    point's, before any training: each has the type of its default (papermill's `-p train_missing false`
+    injects the string 'false', which is true), the counts their bounds, the device its format and, here,
+    its presence (a run that cannot start is caught, and the notebook would end clean with empty tables)."""
+    declared = notebook_parameters(notebooks_dir() / f"{notebook}.ipynb")
+    given = {name: values[name] for name in declared if name in values}
+    for name, v in given.items():
+        _check_value(notebook, v, declared[name])
+    check_params(given)
+    why = device_missing(given.get("device", "auto"))
+    if why:
+        raise ValueError(f"device={given['device']!r}: {why}")
+
+
 def check_params(params: Mapping[str, Any]) -> None:
     """ValueError naming a value a notebook would take only to fail later: a device that is not
     auto|cpu|cuda|cuda:N, or a count (COUNT_PARAMS) that is not a positive integer within its bound."""
@@ -464,6 +492,23 @@ def is_done(point: Point) -> bool:
         log.warning("%s %s: cannot read the run store (%s): will run", point.notebook, point.label, e)
         return False
     return not missing
+
+
+def runs_left(point: Point) -> str | None:
+    """None where the run store holds every run the point's notebook needs; else what the notebook's top says
+    of them. A notebook runs to its end when a run cannot start (no CUDA, out of memory): it draws what
+    finished, so only the store tells that the point is not done."""
+    from .experiments import collect, configs_for, store_status
+
+    try:
+        cfgs = configs_for(point.notebook, point.params)
+        runs, _, missing = collect(cfgs) if cfgs else (None, None, [])
+    except Exception as e:  # cannot tell (as is_done): the clean execution stands
+        log.warning("%s %s: cannot read the run store (%s)", point.notebook, point.label, e)
+        return None
+    if not missing:
+        return None
+    return f"the notebook ran to its end, but not every run it needs finished: {store_status(cfgs, runs, missing)}"
 
 
 # -- one point, in its own process ---------------------------------------------------------------------
@@ -836,9 +881,10 @@ def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool =
                    disable=bool(os.environ.get("CI")) or None)
 
         def on_result(point: Point, res: dict[str, Any]) -> None:
-            status = "done" if res.get("ok") else "failed"
+            left = runs_left(point) if res.get("ok") else None
+            status = "done" if res.get("ok") and left is None else "failed"
             rows[point.hash] = {"status": status, "seconds": round(float(res.get("seconds", 0.0)), 2),
-                                "error": res.get("error", "")}
+                                "error": left or res.get("error", "")}
             if res.get("attempts", 1) > 1:
                 log.warning("%s %s: the kernel failed to start once and was retried", point.notebook, point.label)
             if status == "failed":

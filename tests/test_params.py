@@ -66,3 +66,50 @@ def test_a_figure_measured_on_other_images_says_which():
     assert ex.runs_note(runs).endswith("; seed 0; errors on 1,000 test images")
     note = ex.runs_note(runs, measured="errors on 10,000 test images")
     assert note.endswith("; seed 0; errors on 10,000 test images") and "1,000" not in note
+
+
+NOTEBOOKS = [f"{n}" for n in ("01_degradation", "02_depth", "03_shortcut_ablations", "04_unraveled_ensemble",
+                              "05_thousand_layers", "06_layer_responses", "07_imagenet_architectures",
+                              "08_fast_path_fidelity")]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_each_notebook_checks_its_parameters_before_any_work(notebook):
+    """The first cell after the parameters calls sweep.check_notebook, and its defaults pass it."""
+    import nbformat
+
+    from resnet_lab import sweep
+
+    nb = nbformat.read(ex.NOTEBOOKS_DIR / f"{notebook}.ipynb", as_version=4)
+    codes = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in codes[0].metadata.get("tags", [])
+    first = [ln for ln in codes[1].source.splitlines() if ln and not ln.startswith(("from ", "import "))][0]
+    assert first.startswith(f'sweep.check_notebook("{notebook}", globals())'), first
+    sweep.check_notebook(notebook, {**ex.notebook_defaults(notebook), "device": "cpu"})
+
+
+@pytest.mark.parametrize("notebook, bad, needle", [
+    ("01_degradation", dict(train_missing="false"), "'false' is str but the notebook's train_missing is bool"),
+    ("04_unraveled_ensemble", dict(analyse_missing="False"), "analyse_missing is bool"),
+    ("04_unraveled_ensemble", dict(draws=0), "draws=0 is not valid"),
+    ("06_layer_responses", dict(max_images=20_000), "max_images=20000 is not valid: use a positive integer up to"),
+    ("02_depth", dict(device="gpu"), "device='gpu' is not valid: use auto, cpu, cuda or cuda:N"),
+    ("02_depth", dict(device="cuda"), "device='cuda': this machine has no CUDA device: use cpu or auto"),
+    ("07_imagenet_architectures", dict(repeats=0), "repeats=0 is not valid"),
+    ("03_shortcut_ablations", dict(seeds=0), "value 0 is int but the notebook's seeds is list"),
+])
+def test_a_bad_parameter_of_a_notebook_run_directly_is_named(notebook, bad, needle, monkeypatch):
+    from resnet_lab import sweep
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # whatever machine runs this
+    with pytest.raises(ValueError) as e:
+        sweep.check_notebook(notebook, {**ex.notebook_defaults(notebook), **bad})
+    assert needle in str(e.value), str(e.value)
+
+
+def test_the_gate_band_stays_inside_a_sigmoids_range():
+    from resnet_lab import plots
+
+    lo, hi = plots.t_interval(pd.Series([0.0, 0.1]))
+    assert lo < 0 and (plots.t_interval_gate(pd.Series([0.0, 0.1])) == (0.0, hi))  # two seeds: t(1) = 12.7
+    assert plots.t_interval_gate(pd.Series([1.0, 0.9]))[1] == 1.0

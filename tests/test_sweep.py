@@ -284,6 +284,19 @@ def test_failing_point_is_recorded_and_the_others_go_on(store, cifar, tmp_path, 
     assert (rerun.drop(index="depths=[9]")["status"] == "skipped").all()
 
 
+@needs_data
+def test_a_clean_notebook_whose_runs_did_not_finish_is_a_failed_point(tmp_path, monkeypatch):
+    """A run that cannot start (no CUDA, out of memory) is caught inside the notebook, which then draws what
+    finished and ends clean: the point is failed, by the store, not done by the notebook's exit."""
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(sweep, "_run_local", lambda todo, jobs, kernel, on_result: [
+        on_result(p, {"ok": True, "error": "", "seconds": 1.0}) for p in todo])  # ran clean, trained nothing
+    table = run_sweep(load_grid(write(tmp_path, SMOKE_GRID)), kernel_name=KERNEL)
+    assert list(table["status"]) == ["failed"] * 4, table.to_string()
+    assert all(e.startswith("the notebook ran to its end, but not every run it needs finished: ")
+               and "not trained yet" in e for e in table["error"]), table["error"][0]
+
+
 def test_cli_exit_code_is_1_when_points_failed(tmp_path, monkeypatch, capsys):
     """Every point fails fast here (the kernel is not registered): 1, not the count (2 would read as bad input)."""
     monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
