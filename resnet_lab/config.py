@@ -93,7 +93,7 @@ class RunConfig:
     dataset: str = ""  # sha256 prefix of the CIFAR-10 copy; filled in by `train` from the source
     split: str = "full"  # "full" = 50k train / 10k test; "45k5k" = 45k train / 5k val held out of train
     train_subset: int | None = None  # first N images of a fixed class-balanced permutation
-    eval_subset: int | None = None  # evaluate on the first N test (or val) images
+    eval_subset: int | None = None  # evaluate on a class-balanced N of the test (or val) images
     # optimisation (He et al. 2015: SGD, batch 128, lr 0.1, /10 at 32k and 48k, stop at 64k)
     iterations: int = 64_000
     batch_size: int = 128

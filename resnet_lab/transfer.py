@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .runs import (ANALYSIS_FILE, CHECKPOINT_FILES, FINISHED, RunLocked, _umask, atomic_write_bytes,
-                   atomic_write_json, can_resume, iter_runs, lock_run, runs_dir)
+                   atomic_write_json, atomic_write_text, can_resume, iter_runs, lock_run, runs_dir)
 
 log = logging.getLogger(__name__)
 
@@ -447,6 +447,9 @@ def _read_part(path: Path) -> bytes:
                          f"export") from None
 
 
+RECOVERING = ".recovering"  # in a run folder while `_recover` moves a copy in: that copy's folder name
+
+
 def _recover(dst: Path, h: str) -> None:
     """Put back the best whole copy of run `h` an interrupted import left, if it beats the folder's, then remove
     the leftovers (the caller holds h's lock, so they are stale).
@@ -455,22 +458,32 @@ def _recover(dst: Path, h: str) -> None:
     renames, `.<h>.importing-X` (the new copy, whole: staging ends before the old one moves aside) beside an
     empty folder; an `.importing-X` without its twin was cut off while staging and is never used. A copy
     trained since in the folder is kept unless a leftover is further along (`_progress`). config.json is moved
-    last, so a kill during this leaves a folder without it, which the next import recovers again."""
+    last, so a kill during this leaves a folder without it, and RECOVERING names the copy being moved in: the
+    next import finishes moving that one, keeping what already came (ranked again, the copy that lost its
+    summary.json to the folder would lose to its twin, and the files it gave would read as a restart's)."""
     local = dst / h
+    mark = local / RECOVERING
     whole = []
     for old in dst.glob(f".{h}.replaced-*"):
         twin = dst / old.name.replace(".replaced-", ".importing-", 1)
         whole += [c for c in (old, twin) if (c / "config.json").is_file()]
+    named = mark.read_text().strip() if mark.is_file() and not (local / "config.json").exists() else None
+    resumed = next((c for c in whole if c.name == named), None)
+    if resumed is None:
+        mark.unlink(missing_ok=True)  # a recovery killed after its last move, or nothing to resume
     if whole:
         rank = lambda c: _progress(_summary(c), can_resume(c))  # noqa: E731
-        best = max(whole, key=lambda c: (rank(c), c.name))
-        if not (local / "config.json").exists() or rank(best) > rank(local):
+        best = resumed or max(whole, key=lambda c: (rank(c), c.name))
+        if resumed or not (local / "config.json").exists() or rank(best) > rank(local):
             moved = {f.name for f in best.iterdir() if f.is_file() and f.name != ".lock"}
-            for f in local.iterdir():  # what the folder holds that the copy does not (a checkpoint of a restart)
-                if f.is_file() and f.name != ".lock" and f.name not in moved:
-                    f.unlink()
+            if resumed is None:
+                for f in local.iterdir():  # what the folder holds that the copy does not (a checkpoint of a restart)
+                    if f.is_file() and f.name != ".lock" and f.name not in moved:
+                        f.unlink()
+                atomic_write_text(mark, best.name)
             for name in sorted(moved, key=lambda n: n == "config.json"):
                 os.replace(best / name, local / name)
+            mark.unlink()
             log.warning("run %s: put back the copy an interrupted import left aside (%s)", h, best.name)
     _remove_leftovers(dst, h)
 
