@@ -133,7 +133,8 @@ def _wall_min(ok: pd.DataFrame) -> float:
     start finished on a CPU) has no one device's time, and its hours would pass for the GPU's."""
     if "wall_seconds" not in ok:
         return float("nan")
-    one = ~ok["device"].astype(str).str.contains(JOINED, regex=False) if "device" in ok else True
+    one = (~ok["device"].astype(str).str.contains(JOINED, regex=False) if "device" in ok
+           else pd.Series(True, index=ok.index))
     return ok.loc[one, "wall_seconds"].astype(float).mean() / 60
 
 

@@ -41,8 +41,10 @@ def check_grid(name: str, values: list, allowed: Iterable | None = None, positiv
     return list(values)
 
 
-# A notebook's counts and their upper bound (the test set's 10,000 images; None: none): the notebook's own
-# functions check them under the notebook's parameter name, and `resnet-lab sweep` before any point runs.
+# A notebook's counts (04's analysis settings, 06's images, 07's timing) and their upper bound (the test set's
+# 10,000 images; None: none): a bad one would pass a type check and fail, or run for minutes on nonsense, or
+# quietly measure something else (max_images=-5 took all but 5 images) deep inside the notebook. The notebook's
+# functions check them under its parameter names, and `sweep.check_params` before any point runs.
 COUNT_PARAMS = {"draws": None, "grad_samples": None, "grad_batch": None, "eval_images": 10_000,
                 "max_images": 10_000, "batch_size": None, "repeats": None}
 

@@ -34,14 +34,17 @@ def t_interval(values: Sequence[float] | pd.Series) -> tuple[float, float]:
 def t_interval_error(values: Sequence[float] | pd.Series) -> tuple[float, float]:
     """`t_interval` for an error rate in %, clipped to [0, 100]: with two or three seeds the t-interval
     of a noisy early evaluation can pass both ends, which no error rate can."""
-    lo, hi = t_interval(values)
-    return max(lo, 0.0), min(hi, 100.0)
+    return _clipped(values, 100.0)
 
 
 def t_interval_gate(values: Sequence[float] | pd.Series) -> tuple[float, float]:
     """`t_interval` for a mean gate, clipped to [0, 1], the range of the sigmoid it averages."""
+    return _clipped(values, 1.0)
+
+
+def _clipped(values: Sequence[float] | pd.Series, top: float) -> tuple[float, float]:
     lo, hi = t_interval(values)
-    return max(lo, 0.0), min(hi, 1.0)
+    return max(lo, 0.0), min(hi, top)
 
 
 def _iterations_axis(g, long: pd.DataFrame, lines: list[str]) -> None:

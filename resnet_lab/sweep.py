@@ -41,7 +41,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, MutableMapping
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,9 +67,6 @@ OUTPUT_VAR = "RESNET_LAB_OUTPUT_DIR"  # where a notebook writes its tables and f
 STOP_GRACE_S = 10.0  # after Ctrl-C, how long running points get to shut their kernels down before SIGKILL
 _RESULT_MARK = "@@resnet-lab-sweep-result@@ "
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # what --device and a notebook's `device` parameter take
-# notebook parameters that count something (04's analysis settings, 06's images, 07's timing): positive integers
-# up to a bound (None: none); a bad one would pass the grid's type check and fail (or run for minutes on nonsense,
-# or quietly measure something else: max_images=-5 took all but 5 images) deep inside the notebook
 _TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
                                        "list": (list, tuple), "tuple": (list, tuple), "dict": (dict,)}
 
@@ -404,15 +401,15 @@ def device_missing(device: str) -> str | None:
             f"this machine has {n} CUDA device(s): use cuda:0 to cuda:{n - 1}")
 
 
-def check_notebook(notebook: str, values: Mapping[str, Any]) -> None:
+def check_notebook(notebook: str, values: MutableMapping[str, Any]) -> None:
     """A notebook run directly (JupyterLab, papermill) checks its parameters as `resnet-lab sweep` checks a
     point's, before any training: each has the type of its default (papermill's `-p train_missing false`
     injects the string 'false', which is true), the counts their bounds, the device its format and, here,
-    its presence (a run that cannot start is caught, and the notebook would end clean with empty tables)."""
+    its presence (a run that cannot start is caught, and the notebook would end clean with empty tables).
+    Whole floats of int parameters become ints in `values` (the notebook's globals), as a sweep injects them."""
     declared = notebook_parameters(notebooks_dir() / f"{notebook}.ipynb")
-    given = {name: values[name] for name in declared if name in values}
-    for name, v in given.items():
-        _check_value(notebook, v, declared[name])
+    given = {name: _check_value(notebook, values[name], declared[name]) for name in declared if name in values}
+    values.update(given)
     check_params(given)
     why = device_missing(given.get("device", "auto"))
     if why:
@@ -888,8 +885,8 @@ def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool =
             if res.get("attempts", 1) > 1:
                 log.warning("%s %s: the kernel failed to start once and was retried", point.notebook, point.label)
             if status == "failed":
-                log.error("%s %s failed: %s (notebook kept: %s)", point.notebook, point.label, res.get("error"),
-                          point.output)
+                log.error("%s %s failed: %s (notebook kept: %s)", point.notebook, point.label,
+                          rows[point.hash]["error"], point.output)
             bar.update(1)
 
         try:

@@ -457,18 +457,19 @@ def _recover(dst: Path, h: str) -> None:
     A kill inside `_swap_in` leaves `.<h>.replaced-X` (the old copy, whole) and, if it came between the two
     renames, `.<h>.importing-X` (the new copy, whole: staging ends before the old one moves aside) beside an
     empty folder; an `.importing-X` without its twin was cut off while staging and is never used. A copy
-    trained since in the folder is kept unless a leftover is further along (`_progress`). config.json is moved
-    last, so a kill during this leaves a folder without it, and RECOVERING names the copy being moved in: the
-    next import finishes moving that one, keeping what already came (ranked again, the copy that lost its
-    summary.json to the folder would lose to its twin, and the files it gave would read as a restart's)."""
+    trained since in the folder is kept unless a leftover is further along (`_progress`). The folder's own
+    config.json goes first and the copy's moves in last, so a kill during this leaves a folder without one,
+    and RECOVERING names the copy being moved in: the next import finishes moving that one, keeping what
+    already came (ranked again, the copy that lost its summary.json to the folder would lose to its twin,
+    and the files it gave would read as a restart's)."""
     local = dst / h
     mark = local / RECOVERING
     whole = []
     for old in dst.glob(f".{h}.replaced-*"):
         twin = dst / old.name.replace(".replaced-", ".importing-", 1)
         whole += [c for c in (old, twin) if (c / "config.json").is_file()]
-    named = mark.read_text().strip() if mark.is_file() and not (local / "config.json").exists() else None
-    resumed = next((c for c in whole if c.name == named), None)
+    named = mark.read_text().strip() if mark.is_file() else None
+    resumed = next((c for c in whole if c.name == named), None)  # it keeps its config.json until its last move
     if resumed is None:
         mark.unlink(missing_ok=True)  # a recovery killed after its last move, or nothing to resume
     if whole:
@@ -481,6 +482,7 @@ def _recover(dst: Path, h: str) -> None:
                     if f.is_file() and f.name != ".lock" and f.name not in moved:
                         f.unlink()
                 atomic_write_text(mark, best.name)
+                (local / "config.json").unlink(missing_ok=True)  # a folder half-replaced must not look whole
             for name in sorted(moved, key=lambda n: n == "config.json"):
                 os.replace(best / name, local / name)
             mark.unlink()

@@ -41,6 +41,7 @@ def test_a_run_that_moved_between_devices_names_each_once_and_lends_no_wall_time
     assert row["runs"] == 3  # its error still counts
     moved = summarize(r.iloc[2:], ["arch", "depth"]).iloc[0]
     assert pd.isna(moved["wall_min"]) and moved["device"] == f"{gpu} + {cpu}"
+    assert summarize(r.drop(columns="device"), ["arch", "depth"]).iloc[0]["wall_min"] == pytest.approx(7746 / 180)
 
 
 def test_one_run_has_no_interval_rather_than_a_zero_one():

@@ -376,3 +376,27 @@ def test_a_recovery_killed_part_way_finishes_the_copy_it_began_not_its_twin(tmp_
     assert json.loads((store / h / "summary.json").read_text()) == {"status": "done", "steps_done": 6}
     assert (store / h / "model.pt").read_bytes() == bytes(range(256)) * 40
     assert not (store / h / transfer.RECOVERING).exists() and not list(store.glob(f".{h}.*"))
+
+
+def test_a_recovery_killed_part_way_over_a_restarted_run_finishes_the_copy_it_began(tmp_path, monkeypatch):
+    """The folder holds a restart (its own config.json) that a leftover beats: killed part-way, the folder must
+    not look whole with two copies' files in it, and the next recovery must finish the same copy."""
+    from resnet_lab import transfer
+
+    from .test_transfer import HASH, make_run
+    store, h = tmp_path / "store", HASH["aaa"]
+    make_run(store, "aaa", "running", 2)
+    (store / h / "checkpoint.pt").write_bytes(b"restart")
+    os.replace(make_run(tmp_path / "a", "aaa", "done", 6), store / f".{h}.replaced-x")
+    os.replace(make_run(tmp_path / "b", "aaa", "running", 5), store / f".{h}.importing-x")
+    _failing_replace(monkeypatch, lambda src, dst: (store / h / "summary.json").exists()
+                     and json.loads((store / h / "summary.json").read_text())["steps_done"] == 6)
+    with pytest.raises(OSError):
+        transfer._recover(store, h)
+    assert not (store / h / "config.json").exists()  # half-replaced: not whole, so the next import recovers
+    monkeypatch.undo()
+    transfer._recover(store, h)
+    assert json.loads((store / h / "summary.json").read_text()) == {"status": "done", "steps_done": 6}
+    assert (store / h / "model.pt").read_bytes() == bytes(range(256)) * 40
+    assert (store / h / "checkpoint.pt").read_bytes() != b"restart"
+    assert not (store / h / transfer.RECOVERING).exists() and not list(store.glob(f".{h}.*"))

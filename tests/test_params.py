@@ -113,3 +113,14 @@ def test_the_gate_band_stays_inside_a_sigmoids_range():
     lo, hi = plots.t_interval(pd.Series([0.0, 0.1]))
     assert lo < 0 and (plots.t_interval_gate(pd.Series([0.0, 0.1])) == (0.0, hi))  # two seeds: t(1) = 12.7
     assert plots.t_interval_gate(pd.Series([1.0, 0.9]))[1] == 1.0
+
+
+def test_whole_floats_of_int_parameters_become_ints_as_a_sweep_injects_them():
+    from resnet_lab import sweep
+
+    ns = {**ex.notebook_defaults("06_layer_responses"), "max_images": 200.0, "depths": [8.0, 14], "device": "cpu"}
+    sweep.check_notebook("06_layer_responses", ns)
+    assert ns["max_images"] == 200 and type(ns["max_images"]) is int
+    assert ns["depths"] == [8, 14] and all(type(d) is int for d in ns["depths"])
+    with pytest.raises(ValueError, match="8.5"):
+        sweep.check_notebook("06_layer_responses", {**ns, "depths": [8.5]})

@@ -285,7 +285,7 @@ def test_failing_point_is_recorded_and_the_others_go_on(store, cifar, tmp_path, 
 
 
 @needs_data
-def test_a_clean_notebook_whose_runs_did_not_finish_is_a_failed_point(tmp_path, monkeypatch):
+def test_a_clean_notebook_whose_runs_did_not_finish_is_a_failed_point(tmp_path, monkeypatch, caplog):
     """A run that cannot start (no CUDA, out of memory) is caught inside the notebook, which then draws what
     finished and ends clean: the point is failed, by the store, not done by the notebook's exit."""
     monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
@@ -295,6 +295,7 @@ def test_a_clean_notebook_whose_runs_did_not_finish_is_a_failed_point(tmp_path, 
     assert list(table["status"]) == ["failed"] * 4, table.to_string()
     assert all(e.startswith("the notebook ran to its end, but not every run it needs finished: ")
                and "not trained yet" in e for e in table["error"]), table["error"][0]
+    assert "failed: the notebook ran to its end" in caplog.text  # the log says why, not an empty reason
 
 
 def test_cli_exit_code_is_1_when_points_failed(tmp_path, monkeypatch, capsys):
