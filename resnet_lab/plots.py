@@ -246,8 +246,8 @@ def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue:
 
 def gates_figure(gates: pd.DataFrame) -> Figure:
     """Mean gate per block: a highway block's share of its residual branch; a gated block's shortcut x (1 - g)."""
-    if gates.empty:
-        return no_data_figure("gates")
+    if gates.empty:  # also where the variants asked for hold no gated net
+        return no_data_figure("gates (highway and gated nets)")
     set_style()
     g = sns.relplot(data=gates, x="block", y="mean_gate", hue="net", kind="line", marker="o",
                     errorbar=t_interval_gate, height=3.0, aspect=1.5)
