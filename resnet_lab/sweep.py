@@ -171,6 +171,9 @@ def _check_value(where: str, value: Any, spec: Mapping[str, Any]) -> Any:
         hint = ""
         if name in ("list", "tuple") and "parameters." in where and isinstance(value, (int, float)):
             hint = f"; a list-valued parameter is swept as a list of lists, e.g. [[{value!r}]]"
+        elif name == "bool" and isinstance(value, str) and value.lower() in ("true", "false"):
+            hint = (f"; papermill's -p makes only True and False bools: -p {spec['name']} {value.capitalize()}, "
+                    f"or -y '{spec['name']}: {value.lower()}'")
         raise ValueError(f"{where}: value {value!r} is {_type_name(value)} but the notebook's {spec['name']} is "
                          f"{name} (default {spec.get('default')}){hint}")
     item = _element_type(spec) if name in ("list", "tuple") else None

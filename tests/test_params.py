@@ -89,7 +89,9 @@ def test_each_notebook_checks_its_parameters_before_any_work(notebook):
 
 
 @pytest.mark.parametrize("notebook, bad, needle", [
-    ("01_degradation", dict(train_missing="false"), "'false' is str but the notebook's train_missing is bool"),
+    ("01_degradation", dict(train_missing="false"), "'false' is str but the notebook's train_missing is bool "
+                                                   "(default True); papermill's -p makes only True and False bools: "
+                                                   "-p train_missing False, or -y 'train_missing: false'"),
     ("04_unraveled_ensemble", dict(analyse_missing="False"), "analyse_missing is bool"),
     ("04_unraveled_ensemble", dict(draws=0), "draws=0 is not valid"),
     ("06_layer_responses", dict(max_images=20_000), "max_images=20000 is not valid: use a positive integer up to"),
