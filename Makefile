@@ -19,6 +19,9 @@ endif
 $(foreach v,RESNET_LAB_DATA RESNET_LAB_DATA_DIR RESNET_LAB_RESULTS,$(if $(strip $($(v))),$(eval override $(v) := $(abspath $($(v))))$(eval export $(v))))
 
 PAPERMILL := $(BIN)/papermill -k $(KERNEL) --log-level WARNING
+# the committed tables and figures: a notebook executed here writes into results/<preset>/<notebook>/ (one run by
+# hand, in JupyterLab or papermill, into the git-ignored results/<preset>/scratch/<notebook>/ instead)
+TABLES := $(or $(RESNET_LAB_RESULTS),$(CURDIR)/results)/$(PRESET)
 
 .PHONY: install test reproduce figures lab clean-venv gpu-in gpu-back
 
@@ -53,14 +56,14 @@ endif
 # Executes every notebook through papermill with the $(PRESET) preset; finished runs are reused.
 reproduce: install
 	mkdir -p $(OUT)
-	$(PAPERMILL) notebooks/01_degradation.ipynb $(OUT)/01_degradation.ipynb -p preset $(PRESET) $(ARGS_01)
-	$(PAPERMILL) notebooks/02_depth.ipynb $(OUT)/02_depth.ipynb -p preset $(PRESET) $(ARGS_02)
-	$(PAPERMILL) notebooks/03_shortcut_ablations.ipynb $(OUT)/03_shortcut_ablations.ipynb -p preset $(PRESET) $(ARGS_03)
-	$(PAPERMILL) notebooks/04_unraveled_ensemble.ipynb $(OUT)/04_unraveled_ensemble.ipynb -p preset $(PRESET) $(ARGS_04)
-	$(PAPERMILL) notebooks/05_thousand_layers.ipynb $(OUT)/05_thousand_layers.ipynb -p preset $(PRESET) $(ARGS_05)
-	$(PAPERMILL) notebooks/06_layer_responses.ipynb $(OUT)/06_layer_responses.ipynb -p preset $(PRESET) $(ARGS_06)
-	$(PAPERMILL) notebooks/07_imagenet_architectures.ipynb $(OUT)/07_imagenet_architectures.ipynb -p preset $(PRESET) $(ARGS_07)
-	$(PAPERMILL) notebooks/08_fast_path_fidelity.ipynb $(OUT)/08_fast_path_fidelity.ipynb -p preset $(PRESET) $(ARGS_08)
+	RESNET_LAB_OUTPUT_DIR=$(TABLES)/01_degradation $(PAPERMILL) notebooks/01_degradation.ipynb $(OUT)/01_degradation.ipynb -p preset $(PRESET) $(ARGS_01)
+	RESNET_LAB_OUTPUT_DIR=$(TABLES)/02_depth $(PAPERMILL) notebooks/02_depth.ipynb $(OUT)/02_depth.ipynb -p preset $(PRESET) $(ARGS_02)
+	RESNET_LAB_OUTPUT_DIR=$(TABLES)/03_shortcut_ablations $(PAPERMILL) notebooks/03_shortcut_ablations.ipynb $(OUT)/03_shortcut_ablations.ipynb -p preset $(PRESET) $(ARGS_03)
+	RESNET_LAB_OUTPUT_DIR=$(TABLES)/04_unraveled_ensemble $(PAPERMILL) notebooks/04_unraveled_ensemble.ipynb $(OUT)/04_unraveled_ensemble.ipynb -p preset $(PRESET) $(ARGS_04)
+	RESNET_LAB_OUTPUT_DIR=$(TABLES)/05_thousand_layers $(PAPERMILL) notebooks/05_thousand_layers.ipynb $(OUT)/05_thousand_layers.ipynb -p preset $(PRESET) $(ARGS_05)
+	RESNET_LAB_OUTPUT_DIR=$(TABLES)/06_layer_responses $(PAPERMILL) notebooks/06_layer_responses.ipynb $(OUT)/06_layer_responses.ipynb -p preset $(PRESET) $(ARGS_06)
+	RESNET_LAB_OUTPUT_DIR=$(TABLES)/07_imagenet_architectures $(PAPERMILL) notebooks/07_imagenet_architectures.ipynb $(OUT)/07_imagenet_architectures.ipynb -p preset $(PRESET) $(ARGS_07)
+	RESNET_LAB_OUTPUT_DIR=$(TABLES)/08_fast_path_fidelity $(PAPERMILL) notebooks/08_fast_path_fidelity.ipynb $(OUT)/08_fast_path_fidelity.ipynb -p preset $(PRESET) $(ARGS_08)
 	$(BIN)/python -c 'from resnet_lab import claims, page; claims.check("$(PRESET)"); page.write_page("$(PRESET)")'
 	@cat results/$(PRESET)/claims.md
 	@echo "tables and figures under results/$(PRESET)/, all on one page: results/$(PRESET)/RESULTS.md"

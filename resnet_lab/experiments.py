@@ -221,13 +221,18 @@ def unfinished(runs: pd.DataFrame, root: str | os.PathLike | None = None) -> tup
     return table, curves.assign(depth=curves["hash"].map(label))
 
 
+SCRATCH = "scratch"  # results/<preset>/scratch/<notebook>/: the tables and figures of a notebook run by hand
+
+
 def output_dir(preset: str, notebook: str) -> Path:
-    """results/<preset>/<notebook>/, created; a sweep point's own folder where $RESNET_LAB_OUTPUT_DIR names one
-    (`resnet-lab sweep` sets it beside the point's executed notebook, so points never share tables)."""
+    """Where a notebook writes its tables and figures, created: $RESNET_LAB_OUTPUT_DIR where set (`report` and
+    `make reproduce` set the committed results/<preset>/<notebook>/, which RESULTS.md and the claims are read
+    from; `sweep` a point's folder beside its executed notebook), else results/<preset>/scratch/<notebook>/
+    (git-ignored): a notebook explored by hand never writes over the tables of the executed notebooks."""
     from .sweep import OUTPUT_VAR
 
     check_preset(preset)  # 07 trains nothing, so no config checks its preset: a typo made results/<typo>/
-    d = Path(os.environ[OUTPUT_VAR]) if os.environ.get(OUTPUT_VAR) else results_dir() / preset / notebook
+    d = Path(os.environ[OUTPUT_VAR]) if os.environ.get(OUTPUT_VAR) else results_dir() / preset / SCRATCH / notebook
     d.mkdir(parents=True, exist_ok=True)
     return d
 

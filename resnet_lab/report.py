@@ -24,7 +24,7 @@ import pandas as pd
 from .config import check_preset
 from .experiments import NOTEBOOKS_DIR
 from .runs import results_dir
-from .sweep import PATH_VARS, absolute_path_env, notebook_parameters, report_parameters
+from .sweep import OUTPUT_VAR, PATH_VARS, absolute_path_env, notebook_parameters, report_parameters
 
 log = logging.getLogger(__name__)
 NOT_REPORTED = {"00_report"}  # the report notebook itself
@@ -51,8 +51,15 @@ def absolute_path_vars() -> Iterator[None]:
     papermill starts the kernel in notebooks/ with this process's environment: a relative path (the README's
     `RESNET_LAB_DATA=../shared/...`) would resolve from there, or point the kernel at another run store.
     """
-    before = {k: os.environ.get(k) for k in PATH_VARS}
-    os.environ.update({k: v for k, v in absolute_path_env(os.environ).items() if k in PATH_VARS})
+    with environ({k: v for k, v in absolute_path_env(os.environ).items() if k in PATH_VARS}):
+        yield
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set (what a kernel papermill starts inherits), restored after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -128,8 +135,9 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
     params = {k: v for k, v in params.items() if k in declared}
     t0 = time.time()
     try:
-        pm.execute_notebook(str(directory / f"{name}.ipynb"), str(tmp), parameters=params, kernel_name=kernel,
-                            cwd=str(directory), progress_bar=False)
+        with environ({OUTPUT_VAR: str(tables.absolute())}):  # the committed folder (by hand: scratch/)
+            pm.execute_notebook(str(directory / f"{name}.ipynb"), str(tmp), parameters=params, kernel_name=kernel,
+                                cwd=str(directory), progress_bar=False)
         _record_output_path(tmp, out)
         os.replace(tmp, out)
         ok = True  # from here on its tables are those of the executed notebook

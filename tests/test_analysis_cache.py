@@ -197,7 +197,7 @@ def test_the_gpu_session_path_train_analyse_export_import_report(tmp_path, monke
                                         train_missing=False, analyse_missing=False),
                         cwd=str(ROOT / "notebooks"), progress_bar=False)
     assert "left out" not in out_nb.read_text()
-    lesion = pd.read_csv(here / "smoke" / "04_unraveled_ensemble" / "lesion.csv")
+    lesion = pd.read_csv(here / "smoke" / "scratch" / "04_unraveled_ensemble" / "lesion.csv")
     assert set(lesion["net"]) == {"ResNet-8", "plain-8"}
 
 

@@ -8,7 +8,7 @@ import pytest
 from .conftest import ROOT, needs_data
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-OUTPUTS = {  # notebook -> (extra parameters, files it must write under results/smoke/<notebook>/)
+OUTPUTS = {  # notebook -> (extra parameters, files it must write under results/smoke/scratch/<notebook>/)
     "01_degradation": ({}, ["table.csv", "degradation.png", "degradation.pdf"]),
     "02_depth": ({"depths": [20, 32]}, ["table.csv", "test_error_vs_depth.png", "curves.pdf"]),
     "03_shortcut_ablations": ({"depths": [20], "variants": ["plain", "A", "B", "skip3", "highway", "gated"]},
@@ -49,9 +49,10 @@ def test_notebook_runs_with_smoke_preset(name, tmp_path, monkeypatch):
     out_nb = tmp_path / f"{name}.ipynb"
     pm.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(out_nb), parameters={"preset": "smoke", **OUTPUTS[name][0]},
                         kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
-    out = Path(os.environ["RESNET_LAB_RESULTS"]) / "smoke" / name
+    out = Path(os.environ["RESNET_LAB_RESULTS"]) / "smoke" / "scratch" / name  # run by hand: not the report's
     for f in OUTPUTS[name][1]:
         assert (out / f).exists() and (out / f).stat().st_size > 0, f
+    assert not (out.parent.parent / name).exists()  # results/smoke/<notebook>/ is the report's (and make's)
     if name in ex.NOTEBOOK_ANALYSES:  # the notebook cached its analyses where `resnet-lab analyse` looks for them
         monkeypatch.setattr(RunDir, "load_model_and_sha256", lambda *a, **k: pytest.fail("analysis not cached"))
         done, _, missing = ex.analyse_notebook(name, {"preset": "smoke", **OUTPUTS[name][0]})

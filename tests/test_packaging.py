@@ -103,3 +103,19 @@ def test_cli_trains_a_notebooks_runs_without_jupyter(tmp_path):
     assert r.returncode != 0 and "dephts" in r.stderr and "depths" in r.stderr
     r = run("--depth", "20")
     assert r.returncode != 0 and "-p NAME=VALUE" in r.stderr
+
+
+def test_make_reproduce_writes_each_notebooks_tables_into_the_committed_folder():
+    """A notebook run by hand writes into results/<preset>/scratch/; `make reproduce` must name the committed
+    results/<preset>/<notebook>/ for every notebook it executes, or its tables would land in scratch."""
+    make = (ROOT / "Makefile").read_text()
+    lines = [ln for ln in make.splitlines() if "$(PAPERMILL) notebooks/" in ln]
+    assert len(lines) == 8
+    for ln in lines:
+        nb = re.search(r"notebooks/(\w+)\.ipynb", ln).group(1)
+        assert ln.strip().startswith(f"RESNET_LAB_OUTPUT_DIR=$(TABLES)/{nb} "), ln
+    out = subprocess.run(["make", "-s", "-f", "-", "show"], input=make + "\nshow:\n\t@echo $(TABLES)\n",
+                         capture_output=True, text=True, cwd=ROOT,
+                         env={**{k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "PRESET")},
+                              "RESNET_LAB_RESULTS": ""})  # under `make test PRESET=...` too
+    assert out.stdout.strip() == f"{ROOT}/results/quick", out.stderr

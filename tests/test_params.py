@@ -40,7 +40,10 @@ def test_an_unknown_preset_makes_no_results_folder(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="preset='bogus'"):
         ex.imagenet_configs("bogus", [18])
     assert not any(tmp_path.iterdir())
-    assert ex.output_dir("quick", "07_imagenet_architectures") == tmp_path / "quick" / "07_imagenet_architectures"
+    by_hand = ex.output_dir("quick", "07_imagenet_architectures")
+    assert by_hand == tmp_path / "quick" / "scratch" / "07_imagenet_architectures"
+    monkeypatch.setenv("RESNET_LAB_OUTPUT_DIR", str(tmp_path / "there"))  # what report, make and sweep set
+    assert ex.output_dir("quick", "07_imagenet_architectures") == tmp_path / "there"
 
 
 def test_the_median_timing_of_an_even_count_is_the_middle_twos_mean(monkeypatch):
