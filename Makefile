@@ -4,7 +4,6 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 KERNEL := resnet-lab
 PRESET ?= quick
-OUT    := results/$(PRESET)/executed
 
 # Offline machines: use the shared JPEG copy of CIFAR-10 unless RESNET_LAB_DATA says otherwise.
 SHARED_DATA := $(abspath ../shared/data/cifar10-jpeg.tar.gz)
@@ -22,6 +21,7 @@ PAPERMILL := $(BIN)/papermill -k $(KERNEL) --log-level WARNING
 # the committed tables and figures: a notebook executed here writes into results/<preset>/<notebook>/ (one run by
 # hand, in JupyterLab or papermill, into the git-ignored results/<preset>/scratch/<notebook>/ instead)
 TABLES := $(or $(RESNET_LAB_RESULTS),$(CURDIR)/results)/$(PRESET)
+OUT    := $(TABLES)/executed
 
 .PHONY: install test reproduce figures lab clean-venv gpu-in gpu-back
 
@@ -65,8 +65,8 @@ reproduce: install
 	RESNET_LAB_OUTPUT_DIR=$(TABLES)/07_imagenet_architectures $(PAPERMILL) notebooks/07_imagenet_architectures.ipynb $(OUT)/07_imagenet_architectures.ipynb -p preset $(PRESET) $(ARGS_07)
 	RESNET_LAB_OUTPUT_DIR=$(TABLES)/08_fast_path_fidelity $(PAPERMILL) notebooks/08_fast_path_fidelity.ipynb $(OUT)/08_fast_path_fidelity.ipynb -p preset $(PRESET) $(ARGS_08)
 	$(BIN)/python -c 'from resnet_lab import claims, page; claims.check("$(PRESET)"); page.write_page("$(PRESET)")'
-	@cat results/$(PRESET)/claims.md
-	@echo "tables and figures under results/$(PRESET)/, all on one page: results/$(PRESET)/RESULTS.md"
+	@cat $(TABLES)/claims.md
+	@echo "tables and figures under $(TABLES)/, all on one page: $(TABLES)/RESULTS.md"
 
 # Tables and figures of every notebook rebuilt from results/runs/ without training.
 figures: install

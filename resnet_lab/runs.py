@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def results_dir() -> Path:
-    """$RESNET_LAB_RESULTS, else the project's results/."""
-    return Path(os.environ.get("RESNET_LAB_RESULTS", PROJECT_RESULTS))
+    """$RESNET_LAB_RESULTS, else (unset or empty, as make reads it) the project's results/."""
+    return Path(os.environ.get("RESNET_LAB_RESULTS") or PROJECT_RESULTS)
 
 
 def runs_dir(root: str | os.PathLike | None = None) -> Path:

@@ -105,7 +105,7 @@ def test_cli_trains_a_notebooks_runs_without_jupyter(tmp_path):
     assert r.returncode != 0 and "-p NAME=VALUE" in r.stderr
 
 
-def test_make_reproduce_writes_each_notebooks_tables_into_the_committed_folder():
+def test_make_reproduce_writes_each_notebooks_tables_into_the_committed_folder(monkeypatch):
     """A notebook run by hand writes into results/<preset>/scratch/; `make reproduce` must name the committed
     results/<preset>/<notebook>/ for every notebook it executes, or its tables would land in scratch."""
     make = (ROOT / "Makefile").read_text()
@@ -119,3 +119,11 @@ def test_make_reproduce_writes_each_notebooks_tables_into_the_committed_folder()
                          env={**{k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "PRESET")},
                               "RESNET_LAB_RESULTS": ""})  # under `make test PRESET=...` too
     assert out.stdout.strip() == f"{ROOT}/results/quick", out.stderr
+    from resnet_lab.runs import results_dir
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", "")  # empty: the project's folder, to make and to the package alike
+    assert results_dir() == ROOT / "results"
+    dry = subprocess.run(["make", "-n", "reproduce", "RESNET_LAB_RESULTS=/elsewhere"], capture_output=True, text=True,
+                         cwd=ROOT, env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL")})
+    papermill = [ln for ln in dry.stdout.splitlines() if "papermill" in ln]
+    assert len(papermill) == 8 and all(" /elsewhere/quick/executed/" in ln for ln in papermill), dry.stdout[-2000:]
