@@ -663,7 +663,8 @@ def imagenet_architectures(depths: list[int], batch_size: int = 8, device: str =
     from .analysis import imagenet_model, imagenet_table, time_model
     from .train import device_name
 
-    check_count("batch_size", batch_size), check_count("repeats", repeats)
+    check_count("batch_size", batch_size)
+    check_count("repeats", repeats)
     dev = default_device() if device in (None, "auto") else torch.device(device)
     table = imagenet_table(depths)
     table["forward_s"] = [time_model(imagenet_model(d), batch_size, dev, repeats=repeats) for d in depths]

@@ -469,46 +469,48 @@ def executed_ok(path: str | os.PathLike) -> bool:
     return all(c.get("status") == "completed" and c.get("start_time") for c in cells)
 
 
-def is_done(point: Point) -> bool:
-    """Done = the run store has every run the notebook trains for these parameters AND its notebook ran clean.
-
-    A notebook `configs_for` does not know (or parameters it rejects) counts as not done: running it is the
-    only way to get its tables, and a bad value then fails there with the notebook's own message.
-    """
+def _stored(point: Point) -> tuple[list, Any, list] | None:
+    """(the runs the point's notebook needs, the store's rows of them, those not finished); None where the store
+    cannot tell (a notebook `configs_for` does not know, parameters it rejects, no dataset to fingerprint)."""
     from .experiments import collect, configs_for
 
-    if not executed_ok(point.output):
-        return False
     try:
         cfgs = configs_for(point.notebook, point.params)
     except ValueError as e:
-        log.info("%s %s: run store cannot tell (%s): will run", point.notebook, point.label, e)
-        return False
+        log.info("%s %s: run store cannot tell (%s)", point.notebook, point.label, e)
+        return None
     if not cfgs:
-        return True
+        return [], None, []
     try:
-        _, _, missing = collect(cfgs)
-    except Exception as e:  # e.g. no dataset to fingerprint: running the point is the safe answer
-        log.warning("%s %s: cannot read the run store (%s): will run", point.notebook, point.label, e)
+        runs, _, missing = collect(cfgs)
+    except Exception as e:  # e.g. no dataset to fingerprint
+        log.warning("%s %s: cannot read the run store (%s)", point.notebook, point.label, e)
+        return None
+    return cfgs, runs, missing
+
+
+def is_done(point: Point) -> bool:
+    """Done = the run store has every run the notebook trains for these parameters AND its notebook ran clean.
+
+    Where the store cannot tell, the point is not done: running it is the only way to get its tables, and a
+    bad value then fails there with the notebook's own message.
+    """
+    if not executed_ok(point.output):
         return False
-    return not missing
+    stored = _stored(point)
+    return stored is not None and not stored[2]
 
 
 def runs_left(point: Point) -> str | None:
-    """None where the run store holds every run the point's notebook needs; else what the notebook's top says
-    of them. A notebook runs to its end when a run cannot start (no CUDA, out of memory): it draws what
-    finished, so only the store tells that the point is not done."""
-    from .experiments import collect, configs_for, store_status
+    """None where the run store holds every run the point's notebook needs (or cannot tell: the clean
+    execution stands); else what the notebook's top says of them. A notebook runs to its end when a run
+    cannot start (no CUDA, out of memory): it draws what finished, so only the store tells."""
+    from .experiments import store_status
 
-    try:
-        cfgs = configs_for(point.notebook, point.params)
-        runs, _, missing = collect(cfgs) if cfgs else (None, None, [])
-    except Exception as e:  # cannot tell (as is_done): the clean execution stands
-        log.warning("%s %s: cannot read the run store (%s)", point.notebook, point.label, e)
+    stored = _stored(point)
+    if stored is None or not stored[2]:
         return None
-    if not missing:
-        return None
-    return f"the notebook ran to its end, but not every run it needs finished: {store_status(cfgs, runs, missing)}"
+    return f"the notebook ran to its end, but not every run it needs finished: {store_status(*stored)}"
 
 
 # -- one point, in its own process ---------------------------------------------------------------------
