@@ -119,7 +119,7 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = results_dir() / preset / name
     try:
-        backup, guarded = _backup(tables), True
+        backup, guarded = _backup(tables, out_dir / f"{name}.ipynb"), True
     except OSError as e:  # a full disk, say: the notebook still runs, unguarded
         backup, guarded = None, False
         log.warning("could not copy %s aside (%s): if this execution fails, its tables stay as it leaves them",
@@ -182,27 +182,54 @@ def _leftovers(folder: Path, kind: str) -> list[Path]:
     return out
 
 
-def _backup(folder: Path) -> Path | None:
+STAMP = ".backup.json"  # inside a copy aside: written last, so a copy without it is incomplete
+
+
+def _identity(path: Path) -> list[int] | None:
+    """Which file `path` is now (inode, mtime): a notebook replaced by a finished execution is another file."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return [st.st_ino, st.st_mtime_ns]
+
+
+def _backup(folder: Path, executed: Path) -> Path | None:
     """A copy of a notebook's output folder beside it (hidden), or None when it has none yet.
 
     A copy left by a report killed outright (`kill -9`, a lost machine) holds the last good tables, which that
-    report never put back: they are restored first."""
+    report never put back: they are restored first, but only where the copy is whole (its stamp, written last,
+    is there) and the execution it guarded never finished (the executed notebook is still the one the stamp
+    names). A copy killed part-way, or one whose execution had already replaced the notebook, is dropped."""
     for old in _leftovers(folder, "before"):
-        log.warning("%s: a report was killed while executing this notebook; its last good tables are put back",
-                    folder)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(old, folder)
-    for old in _leftovers(folder, "failed"):
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            stamp = json.loads((old / STAMP).read_text())
+        except (OSError, ValueError):
+            stamp = None
+        if isinstance(stamp, dict) and stamp.get("executed") == _identity(executed):
+            log.warning("%s: a report was killed while executing this notebook; its last good tables are put back",
+                        folder)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(old, folder)
+            (folder / STAMP).unlink(missing_ok=True)
+        else:  # a copy killed part-way, or its execution finished (its tables are those in the folder)
+            shutil.rmtree(old, ignore_errors=True)
+    for kind in ("failed", "copying"):
+        for old in _leftovers(folder, kind):
+            shutil.rmtree(old, ignore_errors=True)
     if not folder.is_dir():
         return None
     backup = folder.parent / f".{folder.name}.before-{os.getpid()}"
-    shutil.rmtree(backup, ignore_errors=True)
+    partial = folder.parent / f".{folder.name}.copying-{os.getpid()}"
+    for p in (backup, partial):
+        shutil.rmtree(p, ignore_errors=True)
     try:
-        shutil.copytree(folder, backup)
+        shutil.copytree(folder, partial, ignore=shutil.ignore_patterns(STAMP))
+        (partial / STAMP).write_text(json.dumps({"executed": _identity(executed)}))  # the folder's rename commits it
+        os.replace(partial, backup)
     except BaseException:
-        shutil.rmtree(backup, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
         raise
     return backup
 
@@ -215,6 +242,7 @@ def _settle(folder: Path, backup: Path | None, ok: bool) -> None:
             os.replace(folder, aside)
         if backup is not None:
             os.replace(backup, folder)
+            (folder / STAMP).unlink(missing_ok=True)
         shutil.rmtree(aside, ignore_errors=True)
     elif backup is not None:
         shutil.rmtree(backup, ignore_errors=True)

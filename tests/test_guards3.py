@@ -331,7 +331,7 @@ def test_a_report_leaves_the_backup_of_a_report_still_running_alone(tmp_path):
     other = tmp_path / f".02_depth.before-{os.getppid()}"  # a live process (this one's parent)
     other.mkdir()
     (other / "table.csv").write_text("old\n")
-    backup = report._backup(folder)
+    backup = report._backup(folder, tmp_path / "executed" / "02_depth.ipynb")
     assert (folder / "table.csv").read_text() == "new\n" and (other / "table.csv").read_text() == "old\n"
     report._settle(folder, backup, ok=True)
 

@@ -1,4 +1,6 @@
 """`report` rebuilds figures from stored runs and trains nothing."""
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -179,6 +181,7 @@ def test_a_report_killed_outright_has_its_last_good_tables_put_back_by_the_next(
     for folder, text in ((tables, "half-written"), (dead, "last good")):
         folder.mkdir(parents=True)
         (folder / "table.csv").write_text(text)
+    (dead / report.STAMP).write_text('{"executed": null}')  # whole, made before any executed notebook
     (smoke / f".01_degradation.failed-{2**22 + 7}").mkdir()
 
     def fail(src, out, parameters, **kw):
@@ -243,3 +246,49 @@ def test_the_report_notebook_shows_every_table_and_figure_under_a_heading(tmp_pa
     kinds = [type(x).__name__ for x in shown]
     assert kinds == ["Markdown", "Image", "Markdown", "DataFrame"]  # sorted by file name: .png before table
     assert shown[0].data == "### 01_degradation · degradation" and shown[3].iloc[0, 0] == 0.123
+
+
+def test_a_copy_aside_killed_part_way_or_outlived_by_its_execution_is_never_put_back(tmp_path, caplog):
+    """A report killed while copying the tables aside left a partial copy, which the next report put back over the
+    whole folder (figures lost); one killed after its execution had replaced the executed notebook put the old
+    tables back beside the new notebook. Only a whole copy whose execution never finished is restored."""
+    from resnet_lab import report
+
+    dead = 2**22 + 7  # above any pid_max
+    executed = tmp_path / "executed" / "01_degradation.ipynb"
+    executed.parent.mkdir()
+    executed.write_text("{}")
+    folder = tmp_path / "01_degradation"
+    folder.mkdir()
+    for f in ("table.csv", "degradation.png"):
+        (folder / f).write_text("good")
+
+    def leave(kind, files, stamp):
+        aside = tmp_path / f".01_degradation.{kind}-{dead}"
+        aside.mkdir()
+        for f in files:
+            (aside / f).write_text("old")
+        if stamp is not None:
+            (aside / report.STAMP).write_text(stamp)
+        return aside
+
+    leave("copying", ["table.csv"], None)  # killed inside the copy
+    leave("before", ["table.csv"], None)  # a copy without its stamp (made by a copy killed before it was stamped)
+    backup = report._backup(folder, executed)
+    assert sorted(p.name for p in folder.iterdir()) == ["degradation.png", "table.csv"]
+    assert (folder / "table.csv").read_text() == "good" and "was killed" not in caplog.text
+    report._settle(folder, backup, ok=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["01_degradation", "executed"]
+
+    stale = json.dumps({"executed": report._identity(executed)})
+    new = executed.with_name(".new.ipynb")
+    new.write_text('{"new": 1}')
+    leave("before", ["table.csv", "degradation.png"], stale)  # whole, but its execution then finished
+    os.replace(new, executed)
+    report._backup(folder, executed)
+    assert (folder / "table.csv").read_text() == "good" and "was killed" not in caplog.text
+
+    leave("before", ["table.csv", "degradation.png"], json.dumps({"executed": report._identity(executed)}))
+    backup = report._backup(folder, executed)  # whole, and the notebook is still the one it guarded
+    assert (folder / "table.csv").read_text() == "old" and "was killed" in caplog.text
+    assert not (folder / report.STAMP).exists() and (backup / report.STAMP).exists()
