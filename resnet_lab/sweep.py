@@ -584,8 +584,26 @@ def _execute_in_child(spec: dict[str, Any]) -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
-def _child_main(spec_json: str) -> int:
+def _die_with_parent(parent: int) -> None:
+    """Linux: end this point's process when the sweep's ends, however it ends (`kill -9`, a lost session): in its
+    own session nothing else reaches it, and it would train on unsupervised beside the next sweep's run of the
+    same point. Its kernel then exits too (ipykernel polls its parent)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the sweep ended before the line above took effect
+        os._exit(1)
+
+
+def _child_main(spec_json: str, parent: int | None = None) -> int:
     """Entry point of a point's process: pin CPUs, execute, print one result line for the parent."""
+    if parent is not None:
+        _die_with_parent(parent)
     spec = json.loads(spec_json)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if spec.get("cpus") and hasattr(os, "sched_setaffinity"):
@@ -668,8 +686,8 @@ def _child_command(spec: dict[str, Any]) -> list[str]:
     # `import resnet_lab` would import torch: seconds per point for nothing.
     boot = ("import importlib.util as u, sys; s = u.spec_from_file_location('_resnet_lab_sweep_point', sys.argv[1]); "
             "m = sys.modules[s.name] = u.module_from_spec(s); s.loader.exec_module(m); "
-            "sys.exit(m._child_main(sys.argv[2]))")
-    return [sys.executable, "-c", boot, str(Path(__file__).resolve()), json.dumps(spec)]
+            "sys.exit(m._child_main(sys.argv[2], int(sys.argv[3])))")
+    return [sys.executable, "-c", boot, str(Path(__file__).resolve()), json.dumps(spec), str(os.getpid())]
 
 
 def _run_point_process(spec: dict[str, Any], children: _Children | None = None) -> dict[str, Any]:
@@ -733,9 +751,32 @@ def _cpu_slots(jobs: int) -> list[list[int] | None]:
     return [cores[i * per:(i + 1) * per] for i in range(jobs)]
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, taken as Ctrl-C."""
+
+
+def _terminate_as_interrupt() -> Callable[[], None]:
+    """Make SIGTERM (`kill`, `timeout`, a batch scheduler) and SIGHUP (a closed terminal) stop a sweep as Ctrl-C
+    does, its points with it: they run in sessions of their own, which those signals never reach. Returns the
+    function that puts the old handlers back (a no-op outside the main thread, where none can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGHUP")) if s}
+
+    def restore() -> None:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return restore
+
+
 def _run_local(todo: list[Point], jobs: int, kernel_name: str, on_result: Callable[[Point, dict], None]) -> None:
-    """Points in child processes, `jobs` at a time. Ctrl-C (KeyboardInterrupt here, in the main thread) cancels
-    the queued points and stops the running ones, instead of waiting for all of them, then re-raises."""
+    """Points in child processes, `jobs` at a time. Ctrl-C (KeyboardInterrupt here, in the main thread), SIGTERM
+    or SIGHUP cancels the queued points and stops the running ones, instead of waiting for all of them, then
+    re-raises."""
     slots: queue.Queue = queue.Queue()
     for s in _cpu_slots(jobs):
         slots.put(s)
@@ -752,6 +793,7 @@ def _run_local(todo: list[Point], jobs: int, kernel_name: str, on_result: Callab
             slots.put(cpus)
 
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sweep")
+    restore = _terminate_as_interrupt()
     try:
         futures = {pool.submit(task, p): p for p in todo}
         pending = set(futures)
@@ -771,6 +813,7 @@ def _run_local(todo: list[Point], jobs: int, kernel_name: str, on_result: Callab
         raise
     finally:
         pool.shutdown(wait=True)  # after a stop: only threads whose child is already gone are left
+        restore()
 
 
 def _import_ray() -> Any:

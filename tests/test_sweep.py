@@ -553,3 +553,75 @@ def test_sweep_builds_every_points_configs_before_anything_runs(tmp_path, capsys
         out, err = capsys.readouterr()
         assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err.strip() and not out
     assert not (tmp_path / "results").exists()
+
+
+def test_sigterm_stops_a_sweep_and_its_points_as_ctrl_c_does(tiny_grid, tmp_path, monkeypatch):
+    """`kill PID`, `timeout` or a batch scheduler's SIGTERM (or a closed terminal's SIGHUP) never reach the points,
+    which run in sessions of their own: they went on training, unsupervised, beside the next sweep's run of them."""
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
+    grid = Grid(tiny_grid.notebook, tiny_grid.notebook_path, "smoke", parameters={"x": [1, 2]})
+    started: list[subprocess.Popen] = []
+    real_start = sweep._Children.start
+
+    def start_sleeper(self, cmd, env):
+        proc = real_start(self, [sys.executable, "-c", "import time; time.sleep(60)"], env)
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(sweep._Children, "start", start_sleeper)
+
+    def term() -> None:
+        deadline = time.monotonic() + 60
+        while not started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if started:
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(signum, frame):  # without the sweep's own handler: fail here, not by terminating pytest
+        raise RuntimeError("SIGTERM reached the handler the sweep should have replaced")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        threading.Thread(target=term, daemon=True).start()
+        with pytest.raises(sweep.SweepInterrupted):
+            run_sweep(grid, jobs=1, kernel_name=KERNEL)
+        assert len(started) == 1 and started[0].poll() is not None, "the running point's process was left behind"
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_points_process_ends_when_its_sweep_is_killed_outright(tmp_path):
+    """`kill -9` of the sweep (or of its process group) left every running point and its kernel training on."""
+    load = (f"import importlib.util as u, sys, time; s = u.spec_from_file_location('s', {str(Path(sweep.__file__))!r}); "
+            "m = sys.modules[s.name] = u.module_from_spec(s); s.loader.exec_module(m); ")  # as _child_command's
+    point = load + "m._die_with_parent(int(sys.argv[1])); open(sys.argv[2], 'w').close(); time.sleep(60)"
+    ready = tmp_path / "ready"
+    parent = subprocess.Popen([sys.executable, "-c",
+                               "import os, subprocess, sys, time; "
+                               f"p = subprocess.Popen([sys.executable, '-c', {point!r}, str(os.getpid()), {str(ready)!r}], "
+                               "start_new_session=True); print(p.pid, flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline and Path(f"/proc/{child}").exists():
+        time.sleep(0.05)
+    assert ready.exists(), "the point never started"
+    parent.kill()
+    parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gone = not alive(child)
+    if not gone:
+        os.kill(child, signal.SIGKILL)
+    assert gone, "the point outlived its sweep"
