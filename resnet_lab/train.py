@@ -246,6 +246,19 @@ def _save_checkpoint(rd: RunDir, state: dict) -> None:
     atomic_save_torch(state, rd.checkpoint_file)
 
 
+def _drop_checkpoints(rd: RunDir) -> None:
+    for f in (rd.path / n for n in CHECKPOINT_FILES):
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+
+
+def _finished(rd: RunDir) -> RunRecord:
+    """A finished run's record. A run killed between writing its final summary and deleting its checkpoints
+    kept them for good (a ResNet-1202's are 310 MB): they go now."""
+    _drop_checkpoints(rd)
+    return _record(rd)
+
+
 def train(cfg: RunConfig, root: str | os.PathLike | None = None, device: str | torch.device | None = None,
           data: Cifar10 | None = None, progress: bool | None = None, stop_after: int | None = None,
           checkpoint_every_s: float = 120.0, time_budget_s: float | None = None) -> RunRecord:
@@ -261,11 +274,11 @@ def train(cfg: RunConfig, root: str | os.PathLike | None = None, device: str | t
     cfg = resolve_dataset(cfg, data)
     rd = RunDir(cfg, root)
     if rd.status() in FINISHED:
-        return _record(rd)
+        return _finished(rd)
     try:
         with lock_run(rd.path, wait=deadline is None):  # with a time budget, no wait for another process
             if rd.status() in FINISHED:  # another process finished it while we waited
-                return _record(rd)
+                return _finished(rd)
             return _train_locked(cfg, rd, device, data, progress, stop_after, checkpoint_every_s, deadline)
     except RunLocked:
         return _locked(rd)
@@ -577,9 +590,7 @@ class _Run:
         self._loss_scale()  # fp16: the scale, and the steps skipped for inf/NaN gradients over every sitting
         self.progress(done_steps, seconds)  # diverged: its last evaluation is where the run stands
         if status in FINISHED:
-            for f in (rd.path / n for n in CHECKPOINT_FILES):
-                with contextlib.suppress(FileNotFoundError):
-                    f.unlink()
+            _drop_checkpoints(rd)
         self.group = None  # run <-> group is a cycle: without this, a grouped pack's GPU memory waits for gc
         return _record(rd)
 
@@ -640,7 +651,7 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
             continue
         rd = RunDir(cfg, root)
         if rd.status() in FINISHED:
-            out[i] = _record(rd)
+            out[i] = _finished(rd)
         else:
             todo.append(i)
     slow = [cfgs[i] for i in todo if cfgs[i].preset == "paper"] if device.type == "cpu" else []
@@ -784,7 +795,7 @@ def _train_pack(cfgs: list[RunConfig], index: list[int], root, device: torch.dev
                 out[index[k]] = _locked(rd)
                 continue
             if rd.status() in FINISHED:  # another process finished it while we waited
-                out[index[k]] = _record(rd)
+                out[index[k]] = _finished(rd)
                 continue
             try:
                 runs[k] = _Run(cfg, rd, device, data, progress, stop_after, checkpoint_every_s, streams[k],

@@ -74,6 +74,22 @@ def test_finished_config_is_not_retrained(cifar, results, monkeypatch):
     assert again.summary == first.summary and (first.path / "summary.json").stat().st_mtime_ns == mtime
 
 
+def test_checkpoints_a_kill_left_beside_a_finished_run_go_at_its_next_call(cifar, results):
+    """Killed between its final summary and deleting its checkpoints, a run kept them for good: every later call
+    returned the stored run at once (a ResNet-1202's are 310 MB, and `runs manifest` said it had one)."""
+    from resnet_lab.train import train_many
+
+    cfg = tiny(iterations=2, eval_every=2)
+    for call in (lambda: train(cfg, root=results, data=cifar, device="cpu"),
+                 lambda: train_many([cfg], root=results, data=cifar, device="cpu")[0]):
+        rec = call()
+        for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+            (rec.path / name).write_bytes(b"left by a kill")
+        again = call()
+        assert again.status == "done" and again.summary == rec.summary
+        assert not any((rec.path / n).exists() for n in ("checkpoint.pt", "checkpoint.prev.pt"))
+
+
 def test_divergence_is_recorded_not_raised(cifar, results):
     rec = train(tiny(lr=1e6, iterations=4), root=results, data=cifar, device="cpu")
     assert rec.status == "diverged"
