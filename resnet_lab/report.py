@@ -23,7 +23,7 @@ import pandas as pd
 
 from .config import check_preset
 from .experiments import NOTEBOOKS_DIR
-from .runs import results_dir
+from .runs import results_dir, runs_dir
 from .sweep import OUTPUT_VAR, PATH_VARS, absolute_path_env, notebook_parameters, report_parameters
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,11 @@ def environ(values: dict[str, str]) -> Iterator[None]:
 
 
 def build(preset: str = "quick", only: list[str] | None = None, kernel: str | None = None,
-          directory: Path = NOTEBOOKS_DIR) -> pd.DataFrame:
-    """Re-execute each notebook for `preset` from stored runs; one row per notebook with its status."""
+          directory: Path = NOTEBOOKS_DIR, force: bool = False) -> pd.DataFrame:
+    """Re-execute each notebook for `preset` from stored runs; one row per notebook with its status.
+
+    A notebook whose runs the store holds fewer of than its last execution read is `kept`, not redrawn
+    (force: redraw it anyway)."""
     check_preset(preset)
     names = notebooks(directory)
     if only:
@@ -83,7 +86,7 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
     wanted = report_parameters(preset)  # a bad grid stops the report before any notebook runs
     try:
         with absolute_path_vars():
-            status = pd.DataFrame([_build_one(name, preset, kernel, directory, wanted.get(name, {}))
+            status = pd.DataFrame([_build_one(name, preset, kernel, directory, wanted.get(name, {}), force)
                                    for name in names])
     except BaseException:  # a Ctrl-C, say: the notebooks done by then have new tables, which the claims must describe
         try:
@@ -105,7 +108,7 @@ def _describe(preset: str) -> None:
 
 
 def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
-               wanted: dict[str, Any]) -> dict[str, Any]:
+               wanted: dict[str, Any], force: bool = False) -> dict[str, Any]:
     """Re-execute one notebook into results/<preset>/executed/<name>.ipynb; its row of `build`'s table.
 
     papermill writes its output as it goes, so it executes into a hidden file beside it that replaces the
@@ -118,13 +121,6 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
     out_dir = results_dir() / preset / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = results_dir() / preset / name
-    try:
-        backup, guarded = _backup(tables, out_dir / f"{name}.ipynb"), True
-    except OSError as e:  # a full disk, say: the notebook still runs, unguarded
-        backup, guarded = None, False
-        log.warning("could not copy %s aside (%s): if this execution fails, its tables stay as it leaves them",
-                    tables, e)
-    ok = False
     out, failed = out_dir / f"{name}.ipynb", out_dir / f"{name}.failed.ipynb"
     tmp = out_dir / f".{name}.executing-{os.getpid()}.ipynb"
     params = {**executed_parameters(out), **wanted, "preset": preset}
@@ -135,10 +131,24 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
     params = {k: v for k, v in params.items() if k in declared}
     t0 = time.time()
     try:
+        backup, guarded = _backup(tables, out), True
+    except OSError as e:  # a full disk, say: the notebook still runs, unguarded
+        backup, guarded = None, False
+        log.warning("could not copy %s aside (%s): if this execution fails, its tables stay as it leaves them",
+                    tables, e)
+    stored = _runs_stored(name, params)
+    why = None if force else _fewer_runs(out, tables, stored)
+    if why:  # nothing ran: the copy aside goes, the folder is as it was
+        if guarded:
+            _settle(tables, backup, ok=True)
+        log.warning("%s: %s", name, why)
+        return {"notebook": name, "status": "kept", "seconds": 0.0, "output": str(out), "error": why}
+    ok = False
+    try:
         with environ({OUTPUT_VAR: str(tables.absolute())}):  # the committed folder (by hand: scratch/)
             pm.execute_notebook(str(directory / f"{name}.ipynb"), str(tmp), parameters=params, kernel_name=kernel,
                                 cwd=str(directory), progress_bar=False)
-        _record_output_path(tmp, out)
+        _record_output_path(tmp, out, stored[0] if stored else None)
         os.replace(tmp, out)
         ok = True  # from here on its tables are those of the executed notebook
         failed.unlink(missing_ok=True)  # the log of an earlier failure no longer describes the notebook
@@ -160,6 +170,49 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
                 log.error("could not put %s back as it was (%s); the earlier tables are in %s", tables, e, backup)
     return {"notebook": name, "status": status, "seconds": round(time.time() - t0, 1),
             "output": str(written or out), "error": error}
+
+
+RECORD = "resnet_lab"  # an executed notebook's metadata: {"runs_stored": how many of its runs the store held}
+
+
+def _runs_stored(name: str, params: dict[str, Any]) -> tuple[int, int] | None:
+    """(the finished runs the store holds of those this notebook reads, how many it reads); None where the
+    store cannot tell (a notebook that reads no runs, parameters it rejects, no dataset to fingerprint)."""
+    from .experiments import collect, configs_for
+
+    try:
+        cfgs = configs_for(name, params)
+        if not cfgs:
+            return None
+        missing = collect(cfgs)[2]
+    except Exception as e:  # noqa: BLE001 - the notebook itself then says what is wrong
+        log.info("%s: the run store cannot tell how many of its runs it holds (%s)", name, e)
+        return None
+    return len(cfgs) - len(missing), len(cfgs)
+
+
+def _fewer_runs(executed: Path, tables: Path, stored: tuple[int, int] | None) -> str | None:
+    """Why a notebook's tables and figures are kept rather than redrawn: the store holds fewer of its runs
+    than the execution that wrote them read. A clone has no run store (it is git-ignored), so redrawing there
+    would replace committed results with empty tables and delete the figures. None: redraw."""
+    if stored is None:
+        return None
+    have, need = stored
+    try:
+        before = json.loads(executed.read_text(encoding="utf-8"))["metadata"][RECORD]["runs_stored"]
+    except (OSError, ValueError, KeyError, TypeError):
+        before = None
+    if before is None:  # written before executions recorded it: keep only what no stored run could redraw
+        if have > 0 or not (tables.is_dir() and any(tables.iterdir())):
+            return None
+        before_text = "its tables come from runs it does not hold"
+    elif have >= before:
+        return None
+    else:
+        before_text = f"the execution that wrote them read {before}"
+    return (f"its tables and figures are kept: the run store ({runs_dir()}) holds {have} of the {need} "
+            f"finished runs it reads, and {before_text}. A clone has no runs (they are git-ignored): bring them "
+            "with `resnet-lab runs import`, or train them; `report --force` redraws from what is stored")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -248,13 +301,16 @@ def _settle(folder: Path, backup: Path | None, ok: bool) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def _record_output_path(executed: Path, path: Path) -> None:
+def _record_output_path(executed: Path, path: Path, runs_stored: int | None = None) -> None:
     """papermill records the path it wrote in the notebook's metadata: make it the one the notebook is kept
-    under, not the temporary name it was executed into (which also changed with every run)."""
+    under, not the temporary name it was executed into (which also changed with every run). Beside it, how
+    many of its runs the store held (`_fewer_runs` reads it back)."""
     nb = json.loads(executed.read_text(encoding="utf-8"))  # notebooks are UTF-8 whatever the locale
     if not isinstance(nb, dict):
         return
     nb.setdefault("metadata", {}).setdefault("papermill", {})["output_path"] = str(path)
+    if runs_stored is not None:
+        nb["metadata"][RECORD] = {"runs_stored": runs_stored}
     # nbformat's own layout, as papermill wrote it
     executed.write_text(json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False, separators=(",", ": ")) + "\n",
                         encoding="utf-8")

@@ -189,7 +189,7 @@ def test_a_report_killed_outright_has_its_last_good_tables_put_back_by_the_next(
         (tables / "table.csv").write_text("from a failed run")
         raise RuntimeError("boom")
     monkeypatch.setattr(pm, "execute_notebook", fail)
-    assert report.build("smoke", only=["01_degradation"], kernel="python3")["status"].tolist() == ["failed"]
+    assert report.build("smoke", only=["01_degradation"], kernel="python3", force=True)["status"].tolist() == ["failed"]
     assert (tables / "table.csv").read_text() == "last good" and "was killed while executing" in caplog.text
     assert sorted(p.name for p in smoke.iterdir()) == ["01_degradation", "RESULTS.md", "claims.csv", "claims.md", "executed"]
     (smoke / ".02_depth.before-1").mkdir()
@@ -201,7 +201,7 @@ def test_a_report_killed_outright_has_its_last_good_tables_put_back_by_the_next(
         (tables / "table.csv").write_text("new")
     monkeypatch.setattr(pm, "execute_notebook", ok)
     monkeypatch.setattr(shutil, "copytree", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
-    assert report.build("smoke", only=["01_degradation"], kernel="python3")["status"].tolist() == ["done"]
+    assert report.build("smoke", only=["01_degradation"], kernel="python3", force=True)["status"].tolist() == ["done"]
     assert (tables / "table.csv").read_text() == "new" and "could not copy" in caplog.text
 
 
@@ -292,3 +292,58 @@ def test_a_copy_aside_killed_part_way_or_outlived_by_its_execution_is_never_put_
     backup = report._backup(folder, executed)  # whole, and the notebook is still the one it guarded
     assert (folder / "table.csv").read_text() == "old" and "was killed" in caplog.text
     assert not (folder / report.STAMP).exists() and (backup / report.STAMP).exists()
+
+
+def test_a_report_without_the_runs_keeps_the_tables_it_cannot_redraw(tmp_path, monkeypatch, caplog):
+    """A clone has no run store (git-ignored): `report --preset paper` there replaced the committed tables with
+    empty ones and deleted the figures. A notebook whose store holds fewer of its runs than the execution that
+    wrote its tables read is kept (exit 1: not redrawn), unless forced; an execution records how many it read."""
+    import papermill as pm
+
+    from resnet_lab import report
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    smoke = tmp_path / "smoke"
+    tables, executed = smoke / "01_degradation", smoke / "executed" / "01_degradation.ipynb"
+    tables.mkdir(parents=True)
+    (tables / "table.csv").write_text("committed")
+    (tables / "degradation.png").write_text("committed")
+    executed.parent.mkdir()
+    executed.write_text('{"metadata": {}}')  # written before executions recorded their runs
+    ran = []
+
+    def fake(src, out, parameters, **kw):
+        ran.append(parameters)
+        Path(out).write_text('{"metadata": {}}')
+        (tables / "degradation.png").unlink(missing_ok=True)  # no runs: no figure
+        (tables / "table.csv").write_text("empty")
+
+    monkeypatch.setattr(pm, "execute_notebook", fake)
+    stored = {"n": (0, 4)}
+    monkeypatch.setattr(report, "_runs_stored", lambda name, params: stored["n"])
+    status = report.build("smoke", only=["01_degradation"], kernel="python3")
+    assert status["status"].tolist() == ["kept"] and "report --force" in status["error"][0] and not ran
+    assert sorted(p.name for p in tables.iterdir()) == ["degradation.png", "table.csv"]
+    assert (tables / "table.csv").read_text() == "committed" and "holds 0 of the 4" in caplog.text
+    assert sorted(p.name for p in smoke.iterdir()) == ["01_degradation", "RESULTS.md", "claims.csv", "claims.md",
+                                                      "executed"]  # no copy left beside them
+
+    stored["n"] = (3, 4)  # some stored, and no record: redrawn, and the count recorded
+    assert report.build("smoke", only=["01_degradation"], kernel="python3")["status"].tolist() == ["done"]
+    assert json.loads(executed.read_text())["metadata"][report.RECORD] == {"runs_stored": 3}
+    stored["n"] = (2, 4)  # fewer than that execution read
+    assert report.build("smoke", only=["01_degradation"], kernel="python3")["status"].tolist() == ["kept"]
+    assert len(ran) == 1 and "read 3" in caplog.text
+    assert report.build("smoke", only=["01_degradation"], kernel="python3", force=True)["status"].tolist() == ["done"]
+    assert len(ran) == 2 and json.loads(executed.read_text())["metadata"][report.RECORD] == {"runs_stored": 2}
+    stored["n"] = None  # a notebook that reads no runs (07), or a store that cannot tell: redrawn
+    assert report.build("smoke", only=["01_degradation"], kernel="python3")["status"].tolist() == ["done"]
+
+
+@needs_data
+def test_the_runs_a_notebook_reads_are_counted_in_the_store(tmp_path, monkeypatch):
+    from resnet_lab import report
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    assert report._runs_stored("01_degradation", {"preset": "smoke", "seeds": [0, 1]}) == (0, 8)
+    assert report._runs_stored("07_imagenet_architectures", {"preset": "smoke"}) is None  # it reads no runs
