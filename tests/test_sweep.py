@@ -369,11 +369,9 @@ def test_absolute_path_env_leaves_absolute_empty_urls_and_other_vars_alone(tmp_p
 
 
 # -- Ctrl-C ---------------------------------------------------------------------------------------------
-def test_ctrl_c_cancels_queued_points_and_stops_the_running_one(tiny_grid, tmp_path, monkeypatch):
-    """Each point's process sleeps a minute; SIGINT to this process (a terminal's Ctrl-C) once the first runs
-    must end the sweep in seconds, start none of the queued points and leave no point process behind."""
-    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
-    grid = Grid(tiny_grid.notebook, tiny_grid.notebook_path, "smoke", parameters={"x": [1, 2, 3]})
+def _sleeping_points(monkeypatch, sig: int) -> list[subprocess.Popen]:
+    """Each point's process sleeps a minute; `sig` reaches this process once the first one runs. Returns the
+    point processes started."""
     started: list[subprocess.Popen] = []
     real_start = sweep._Children.start
 
@@ -384,15 +382,24 @@ def test_ctrl_c_cancels_queued_points_and_stops_the_running_one(tiny_grid, tmp_p
 
     monkeypatch.setattr(sweep._Children, "start", start_sleeper)
 
-    def ctrl_c() -> None:
+    def send() -> None:
         deadline = time.monotonic() + 60
         while not started and time.monotonic() < deadline:
             time.sleep(0.05)
         if started:  # never signal pytest itself outside the sweep
             time.sleep(0.2)
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
 
-    threading.Thread(target=ctrl_c, daemon=True).start()
+    threading.Thread(target=send, daemon=True).start()
+    return started
+
+
+def test_ctrl_c_cancels_queued_points_and_stops_the_running_one(tiny_grid, tmp_path, monkeypatch):
+    """Each point's process sleeps a minute; SIGINT to this process (a terminal's Ctrl-C) once the first runs
+    must end the sweep in seconds, start none of the queued points and leave no point process behind."""
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
+    grid = Grid(tiny_grid.notebook, tiny_grid.notebook_path, "smoke", parameters={"x": [1, 2, 3]})
+    started = _sleeping_points(monkeypatch, signal.SIGINT)
     t0 = time.monotonic()
     with pytest.raises(sweep.SweepInterrupted) as e:
         run_sweep(grid, jobs=1, kernel_name=KERNEL)
@@ -560,30 +567,12 @@ def test_sigterm_stops_a_sweep_and_its_points_as_ctrl_c_does(tiny_grid, tmp_path
     which run in sessions of their own: they went on training, unsupervised, beside the next sweep's run of them."""
     monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
     grid = Grid(tiny_grid.notebook, tiny_grid.notebook_path, "smoke", parameters={"x": [1, 2]})
-    started: list[subprocess.Popen] = []
-    real_start = sweep._Children.start
-
-    def start_sleeper(self, cmd, env):
-        proc = real_start(self, [sys.executable, "-c", "import time; time.sleep(60)"], env)
-        started.append(proc)
-        return proc
-
-    monkeypatch.setattr(sweep._Children, "start", start_sleeper)
-
-    def term() -> None:
-        deadline = time.monotonic() + 60
-        while not started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if started:
-            time.sleep(0.2)
-            os.kill(os.getpid(), signal.SIGTERM)
-
     def unhandled(signum, frame):  # without the sweep's own handler: fail here, not by terminating pytest
         raise RuntimeError("SIGTERM reached the handler the sweep should have replaced")
 
     before = signal.signal(signal.SIGTERM, unhandled)
     try:
-        threading.Thread(target=term, daemon=True).start()
+        started = _sleeping_points(monkeypatch, signal.SIGTERM)
         with pytest.raises(sweep.SweepInterrupted):
             run_sweep(grid, jobs=1, kernel_name=KERNEL)
         assert len(started) == 1 and started[0].poll() is not None, "the running point's process was left behind"
