@@ -64,7 +64,7 @@ reproduce: install
 	RESNET_LAB_OUTPUT_DIR=$(TABLES)/06_layer_responses $(PAPERMILL) notebooks/06_layer_responses.ipynb $(OUT)/06_layer_responses.ipynb -p preset $(PRESET) $(ARGS_06)
 	RESNET_LAB_OUTPUT_DIR=$(TABLES)/07_imagenet_architectures $(PAPERMILL) notebooks/07_imagenet_architectures.ipynb $(OUT)/07_imagenet_architectures.ipynb -p preset $(PRESET) $(ARGS_07)
 	RESNET_LAB_OUTPUT_DIR=$(TABLES)/08_fast_path_fidelity $(PAPERMILL) notebooks/08_fast_path_fidelity.ipynb $(OUT)/08_fast_path_fidelity.ipynb -p preset $(PRESET) $(ARGS_08)
-	$(BIN)/python -c 'from resnet_lab import claims, page; claims.check("$(PRESET)"); page.write_page("$(PRESET)")'
+	$(BIN)/python -c 'from pathlib import Path; from resnet_lab import claims, page, report; report.stamp("$(PRESET)", Path("$(OUT)")); claims.check("$(PRESET)"); page.write_page("$(PRESET)")'
 	@cat $(TABLES)/claims.md
 	@echo "tables and figures under $(TABLES)/, all on one page: $(TABLES)/RESULTS.md"
 

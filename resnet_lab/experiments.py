@@ -857,6 +857,24 @@ NOTEBOOK_ANALYSES: dict[str, Any] = {"04_unraveled_ensemble": _unravel_from_para
 ANALYSIS_PARAMS = {"04_unraveled_ensemble": ("draws", "eval_images", "grad_samples")}  # what those read
 
 
+def drawn_runs(notebook: str, params: dict[str, Any]) -> tuple[list[str], int]:
+    """(the hashes of the runs a notebook's tables would be drawn from now, how many runs it reads): the
+    finished ones; for a notebook whose analyses are cached (04), the done ones whose analysis for these
+    settings is cached, since a report (analyse_missing=False) leaves the others out. Trains nothing;
+    raises ValueError for a notebook that reads no runs, or parameters it rejects."""
+    merged = {**notebook_defaults(notebook), **params}
+    cfgs = with_dataset(configs_for(notebook, merged))
+    if not cfgs:
+        raise ValueError(f"notebook {notebook!r} reads no runs")
+    runs = collect(cfgs)[0]
+    if notebook not in NOTEBOOK_ANALYSES:
+        return sorted(runs.loc[runs["status"].isin(["done", "diverged"]), "hash"]), len(cfgs)
+    p = unravel_params(**{n: merged[n] for n in ANALYSIS_PARAMS[notebook]})
+    done = runs[runs["status"] == "done"].to_dict("records")
+    return sorted(r["hash"] for r in done if RunDir(RunConfig.from_json(r)).read_analysis("unravel", p) is not None), \
+        len(cfgs)
+
+
 def analyse_notebook(notebook: str, params: dict[str, Any], device: str | None = None
                      ) -> tuple[list[RunConfig], list[RunConfig], list[RunConfig]]:
     """Compute and cache the analyses a notebook's execution with these parameters reads, on its finished

@@ -23,7 +23,7 @@ import pandas as pd
 
 from .config import check_preset
 from .experiments import NOTEBOOKS_DIR
-from .runs import results_dir, runs_dir
+from .runs import atomic_write_text, results_dir, runs_dir
 from .sweep import OUTPUT_VAR, PATH_VARS, absolute_path_env, notebook_parameters, report_parameters
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,8 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
         backup, guarded = None, False
         log.warning("could not copy %s aside (%s): if this execution fails, its tables stay as it leaves them",
                     tables, e)
-    stored = _runs_stored(name, params)
-    why = None if force else _fewer_runs(out, tables, stored)
+    drawn = _runs_drawn(name, params)
+    why = None if force else _fewer_runs(out, tables, drawn)
     if why:  # nothing ran: the copy aside goes, the folder is as it was
         if guarded:
             _settle(tables, backup, ok=True)
@@ -148,7 +148,7 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
         with environ({OUTPUT_VAR: str(tables.absolute())}):  # the committed folder (by hand: scratch/)
             pm.execute_notebook(str(directory / f"{name}.ipynb"), str(tmp), parameters=params, kernel_name=kernel,
                                 cwd=str(directory), progress_bar=False)
-        _record_output_path(tmp, out, stored[0] if stored else None)
+        _record_output_path(tmp, out, drawn[0] if drawn else None)
         os.replace(tmp, out)
         ok = True  # from here on its tables are those of the executed notebook
         failed.unlink(missing_ok=True)  # the log of an earlier failure no longer describes the notebook
@@ -172,47 +172,70 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
             "output": str(written or out), "error": error}
 
 
-RECORD = "resnet_lab"  # an executed notebook's metadata: {"runs_stored": how many of its runs the store held}
+RECORD = "resnet_lab"  # an executed notebook's metadata: {"runs": the hashes of the runs its tables were drawn from}
 
 
-def _runs_stored(name: str, params: dict[str, Any]) -> tuple[int, int] | None:
-    """(the finished runs the store holds of those this notebook reads, how many it reads); None where the
-    store cannot tell (a notebook that reads no runs, parameters it rejects, no dataset to fingerprint)."""
-    from .experiments import collect, configs_for
+def _runs_drawn(name: str, params: dict[str, Any]) -> tuple[list[str], int] | None:
+    """`experiments.drawn_runs`, or None where the store cannot tell (a notebook that reads no runs, parameters
+    it rejects, no dataset to fingerprint: the notebook itself then says what is wrong)."""
+    from .experiments import drawn_runs
 
     try:
-        cfgs = configs_for(name, params)
-        if not cfgs:
-            return None
-        missing = collect(cfgs)[2]
-    except Exception as e:  # noqa: BLE001 - the notebook itself then says what is wrong
-        log.info("%s: the run store cannot tell how many of its runs it holds (%s)", name, e)
+        return drawn_runs(name, params)
+    except Exception as e:  # noqa: BLE001
+        log.info("%s: the run store cannot tell which of its runs it holds (%s)", name, e)
         return None
-    return len(cfgs) - len(missing), len(cfgs)
 
 
-def _fewer_runs(executed: Path, tables: Path, stored: tuple[int, int] | None) -> str | None:
-    """Why a notebook's tables and figures are kept rather than redrawn: the store holds fewer of its runs
-    than the execution that wrote them read. A clone has no run store (it is git-ignored), so redrawing there
-    would replace committed results with empty tables and delete the figures. None: redraw."""
-    if stored is None:
+def _has_rows(tables: Path) -> bool:
+    """Whether any table in the folder has a row (a notebook run with no runs stored writes only headers)."""
+    for f in tables.glob("*.csv"):
+        try:
+            if len(pd.read_csv(f)) > 0:
+                return True
+        except (OSError, ValueError):  # an empty or unreadable file: no rows to lose
+            continue
+    return False
+
+
+def _fewer_runs(executed: Path, tables: Path, drawn: tuple[list[str], int] | None) -> str | None:
+    """Why a notebook's tables and figures are kept rather than redrawn: a run the execution that wrote them
+    read is not in the store (or, for 04, lacks its cached analysis), so redrawing would lose it. A clone has
+    no run store (it is git-ignored): redrawing there replaced committed results with empty tables and deleted
+    the figures. Without a record (an execution by make reproduce before it stamped them, or by papermill),
+    only tables with rows where the store holds none of the runs are kept. None: redraw."""
+    if drawn is None:
         return None
-    have, need = stored
+    have, need = drawn
     try:
-        before = json.loads(executed.read_text(encoding="utf-8"))["metadata"][RECORD]["runs_stored"]
+        before = json.loads(executed.read_text(encoding="utf-8"))["metadata"][RECORD]["runs"]
     except (OSError, ValueError, KeyError, TypeError):
         before = None
-    if before is None:  # written before executions recorded it: keep only what no stored run could redraw
-        if have > 0 or not (tables.is_dir() and any(tables.iterdir())):
+    if isinstance(before, list):
+        lost = sorted(set(map(str, before)) - set(have))
+        if not lost:
             return None
-        before_text = "its tables come from runs it does not hold"
-    elif have >= before:
+        why = (f"{len(lost)} of the {len(before)} runs its tables were drawn from are missing "
+               f"({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''})")
+    elif have or not _has_rows(tables):
         return None
     else:
-        before_text = f"the execution that wrote them read {before}"
-    return (f"its tables and figures are kept: the run store ({runs_dir()}) holds {have} of the {need} "
-            f"finished runs it reads, and {before_text}. A clone has no runs (they are git-ignored): bring them "
-            "with `resnet-lab runs import`, or train them; `report --force` redraws from what is stored")
+        why = "its tables have rows drawn from runs it does not hold"
+    return (f"its tables and figures are kept: the run store ({runs_dir()}) holds {len(have)} of the {need} runs it "
+            f"reads, and {why}. A clone has no runs (they are git-ignored): bring them with `resnet-lab runs "
+            "import`, or train them; `report --force` redraws from what is stored")
+
+
+def stamp(preset: str, executed_dir: Path | None = None) -> None:
+    """Record in each executed notebook of `preset` the runs its tables are drawn from, as `report` does for
+    its own executions: `make reproduce` executes them with papermill and calls this after."""
+    folder = executed_dir or results_dir() / preset / "executed"
+    for name in notebooks():
+        nb = folder / f"{name}.ipynb"
+        if nb.exists():
+            drawn = _runs_drawn(name, {**executed_parameters(nb), "preset": preset})
+            if drawn is not None:
+                _record_output_path(nb, nb, drawn[0])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -301,19 +324,19 @@ def _settle(folder: Path, backup: Path | None, ok: bool) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def _record_output_path(executed: Path, path: Path, runs_stored: int | None = None) -> None:
+def _record_output_path(executed: Path, path: Path, runs: list[str] | None = None) -> None:
     """papermill records the path it wrote in the notebook's metadata: make it the one the notebook is kept
-    under, not the temporary name it was executed into (which also changed with every run). Beside it, how
-    many of its runs the store held (`_fewer_runs` reads it back)."""
+    under, not the temporary name it was executed into (which also changed with every run). Beside it, the
+    runs its tables were drawn from (`_fewer_runs` reads them back)."""
     nb = json.loads(executed.read_text(encoding="utf-8"))  # notebooks are UTF-8 whatever the locale
     if not isinstance(nb, dict):
         return
     nb.setdefault("metadata", {}).setdefault("papermill", {})["output_path"] = str(path)
-    if runs_stored is not None:
-        nb["metadata"][RECORD] = {"runs_stored": runs_stored}
+    if runs is not None:
+        nb["metadata"][RECORD] = {"runs": list(runs)}
     # nbformat's own layout, as papermill wrote it
-    executed.write_text(json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False, separators=(",", ": ")) + "\n",
-                        encoding="utf-8")
+    atomic_write_text(executed, json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False,
+                                           separators=(",", ": ")) + "\n")
 
 
 def show(preset: str) -> None:

@@ -757,15 +757,18 @@ class _Terminated(KeyboardInterrupt):
 
 def _terminate_as_interrupt() -> Callable[[], None]:
     """Make SIGTERM (`kill`, `timeout`, a batch scheduler) and SIGHUP (a closed terminal) stop a sweep as Ctrl-C
-    does, its points with it: they run in sessions of their own, which those signals never reach. Returns the
-    function that puts the old handlers back (a no-op outside the main thread, where none can be set)."""
+    does, its points with it: they run in sessions of their own, which those signals never reach. A signal
+    ignored (nohup) stays ignored. Returns the function that puts the old handlers back (a no-op outside the
+    main thread, where none can be set)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def handler(signum: int, frame: Any) -> None:
         raise _Terminated(signal.Signals(signum).name)
 
-    old = {s: signal.signal(s, handler) for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGHUP")) if s}
+    sigs = [s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGHUP")) if s is not None]
+    # one ignored stays ignored: `nohup resnet-lab sweep ...` must outlive its terminal
+    old = {s: signal.signal(s, handler) for s in sigs if signal.getsignal(s) is not signal.SIG_IGN}
 
     def restore() -> None:
         for s, h in old.items():

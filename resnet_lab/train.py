@@ -248,8 +248,12 @@ def _save_checkpoint(rd: RunDir, state: dict) -> None:
 
 def _drop_checkpoints(rd: RunDir) -> None:
     for f in (rd.path / n for n in CHECKPOINT_FILES):
-        with contextlib.suppress(FileNotFoundError):
+        try:
             f.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # a read-only store: the finished run is still the result
+            log.warning("cannot remove %s (%s)", f, e)
 
 
 def _finished(rd: RunDir) -> RunRecord:

@@ -296,8 +296,9 @@ def test_a_copy_aside_killed_part_way_or_outlived_by_its_execution_is_never_put_
 
 def test_a_report_without_the_runs_keeps_the_tables_it_cannot_redraw(tmp_path, monkeypatch, caplog):
     """A clone has no run store (git-ignored): `report --preset paper` there replaced the committed tables with
-    empty ones and deleted the figures. A notebook whose store holds fewer of its runs than the execution that
-    wrote its tables read is kept (exit 1: not redrawn), unless forced; an execution records how many it read."""
+    empty ones and deleted the figures. A notebook is kept (exit 1: not redrawn), unless forced, where a run its
+    tables were drawn from is missing; without that record, where tables with rows meet a store with none of
+    its runs. An execution records its runs; fewer runs, or other parameters, are redrawn when none is lost."""
     import papermill as pm
 
     from resnet_lab import report
@@ -307,6 +308,7 @@ def test_a_report_without_the_runs_keeps_the_tables_it_cannot_redraw(tmp_path, m
     tables, executed = smoke / "01_degradation", smoke / "executed" / "01_degradation.ipynb"
     tables.mkdir(parents=True)
     (tables / "table.csv").write_text("committed")
+    (tables / "rows.csv").write_text("run\n1\n")
     (tables / "degradation.png").write_text("committed")
     executed.parent.mkdir()
     executed.write_text('{"metadata": {}}')  # written before executions recorded their runs
@@ -315,35 +317,61 @@ def test_a_report_without_the_runs_keeps_the_tables_it_cannot_redraw(tmp_path, m
     def fake(src, out, parameters, **kw):
         ran.append(parameters)
         Path(out).write_text('{"metadata": {}}')
-        (tables / "degradation.png").unlink(missing_ok=True)  # no runs: no figure
-        (tables / "table.csv").write_text("empty")
+        (tables / "rows.csv").write_text("run\n")
 
     monkeypatch.setattr(pm, "execute_notebook", fake)
-    stored = {"n": (0, 4)}
-    monkeypatch.setattr(report, "_runs_stored", lambda name, params: stored["n"])
+    drawn = {"now": ([], 4)}
+    monkeypatch.setattr(report, "_runs_drawn", lambda name, params: drawn["now"])
+    build = lambda **kw: report.build("smoke", only=["01_degradation"], kernel="python3", **kw)["status"].tolist()  # noqa: E731
     status = report.build("smoke", only=["01_degradation"], kernel="python3")
     assert status["status"].tolist() == ["kept"] and "report --force" in status["error"][0] and not ran
-    assert sorted(p.name for p in tables.iterdir()) == ["degradation.png", "table.csv"]
-    assert (tables / "table.csv").read_text() == "committed" and "holds 0 of the 4" in caplog.text
+    assert sorted(p.name for p in tables.iterdir()) == ["degradation.png", "rows.csv", "table.csv"]
+    assert (tables / "rows.csv").read_text() == "run\n1\n" and "holds 0 of the 4" in caplog.text
     assert sorted(p.name for p in smoke.iterdir()) == ["01_degradation", "RESULTS.md", "claims.csv", "claims.md",
                                                       "executed"]  # no copy left beside them
+    record = lambda: json.loads(executed.read_text())["metadata"][report.RECORD]["runs"]  # noqa: E731
 
-    stored["n"] = (3, 4)  # some stored, and no record: redrawn, and the count recorded
-    assert report.build("smoke", only=["01_degradation"], kernel="python3")["status"].tolist() == ["done"]
-    assert json.loads(executed.read_text())["metadata"][report.RECORD] == {"runs_stored": 3}
-    stored["n"] = (2, 4)  # fewer than that execution read
-    assert report.build("smoke", only=["01_degradation"], kernel="python3")["status"].tolist() == ["kept"]
-    assert len(ran) == 1 and "read 3" in caplog.text
-    assert report.build("smoke", only=["01_degradation"], kernel="python3", force=True)["status"].tolist() == ["done"]
-    assert len(ran) == 2 and json.loads(executed.read_text())["metadata"][report.RECORD] == {"runs_stored": 2}
-    stored["n"] = None  # a notebook that reads no runs (07), or a store that cannot tell: redrawn
-    assert report.build("smoke", only=["01_degradation"], kernel="python3")["status"].tolist() == ["done"]
+    drawn["now"] = (["a", "b", "c"], 4)  # some stored, and no record: redrawn, and its runs recorded
+    assert build() == ["done"] and record() == ["a", "b", "c"]
+    drawn["now"] = (["a", "c"], 4)  # one of them gone
+    assert build() == ["kept"] and len(ran) == 1 and "1 of the 3 runs its tables were drawn from are missing (b)" \
+        in caplog.text
+    assert build(force=True) == ["done"] and len(ran) == 2 and record() == ["a", "c"]
+    drawn["now"] = (["a"], 1)  # other parameters, every run they read stored, none of the old ones lost but c
+    assert build() == ["kept"]
+    drawn["now"] = (["a", "c", "d"], 3)  # more runs: redrawn
+    assert build() == ["done"] and record() == ["a", "c", "d"]
+    drawn["now"] = None  # a notebook that reads no runs (07), or a store that cannot tell: redrawn
+    assert build() == ["done"]
+    executed.write_text('{"metadata": {}}')  # no record, tables without rows (written from no runs): redrawn
+    drawn["now"] = ([], 4)
+    assert build() == ["done"]
 
 
 @needs_data
-def test_the_runs_a_notebook_reads_are_counted_in_the_store(tmp_path, monkeypatch):
-    from resnet_lab import report
+def test_the_runs_a_notebook_draws_from_are_those_stored_and_for_04_analysed(cifar, tmp_path, monkeypatch):
+    """04 leaves out a run without its cached analysis (a report does not compute them): such a run would be
+    lost to its tables as surely as a missing one. `stamp` records what make reproduce's executions drew."""
+    import nbformat
+
+    from resnet_lab import experiments as ex, report
 
     monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
-    assert report._runs_stored("01_degradation", {"preset": "smoke", "seeds": [0, 1]}) == (0, 8)
-    assert report._runs_stored("07_imagenet_architectures", {"preset": "smoke"}) is None  # it reads no runs
+    assert ex.drawn_runs("01_degradation", {"preset": "smoke", "seeds": [0, 1]}) == ([], 8)
+    assert report._runs_drawn("07_imagenet_architectures", {"preset": "smoke"}) is None  # it reads no runs
+    p = {"preset": "smoke", "depth": 8, "seeds": [0], "draws": 1, "eval_images": 16, "grad_samples": 1}
+    cfgs = ex.unravel_configs("smoke", 8, [0], "resnet")
+    ex.train_all(cfgs, device="cpu")
+    hashes = sorted(c.hash for c in ex.with_dataset(cfgs))  # the ResNet and its plain twin
+    assert ex.drawn_runs("04_unraveled_ensemble", p) == ([], 2)
+    ex.analyse_notebook("04_unraveled_ensemble", p, device="cpu")
+    assert ex.drawn_runs("04_unraveled_ensemble", p) == (hashes, 2)
+
+    executed = tmp_path / "smoke" / "executed"
+    executed.mkdir(parents=True)
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["papermill"] = {"parameters": {k: v for k, v in p.items() if k != "preset"}}
+    nbformat.write(nb, executed / "04_unraveled_ensemble.ipynb")
+    report.stamp("smoke", executed)
+    stamped = json.loads((executed / "04_unraveled_ensemble.ipynb").read_text())["metadata"]
+    assert stamped[report.RECORD]["runs"] == hashes

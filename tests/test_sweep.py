@@ -614,3 +614,19 @@ def test_a_points_process_ends_when_its_sweep_is_killed_outright(tmp_path):
     if not gone:
         os.kill(child, signal.SIGKILL)
     assert gone, "the point outlived its sweep"
+
+
+def test_a_signal_ignored_before_the_sweep_stays_ignored():
+    """`nohup resnet-lab sweep ...` ignores SIGHUP so that the sweep outlives its terminal: the sweep's own
+    handler must not undo that, while SIGTERM still stops it."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM)}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        restore = sweep._terminate_as_interrupt()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) not in (before[signal.SIGTERM], signal.SIG_IGN)
+        restore()
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)

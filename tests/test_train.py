@@ -90,6 +90,26 @@ def test_checkpoints_a_kill_left_beside_a_finished_run_go_at_its_next_call(cifar
         assert not any((rec.path / n).exists() for n in ("checkpoint.pt", "checkpoint.prev.pt"))
 
 
+def test_a_finished_run_in_a_read_only_store_is_returned_with_its_leftover_checkpoints(cifar, results,
+                                                                                      monkeypatch, caplog):
+    """Removing them is tidying: where the store cannot be written, train hands the finished run back."""
+    import pathlib
+
+    cfg = tiny(iterations=2, eval_every=2)
+    rec = train(cfg, root=results, data=cifar, device="cpu")
+    (rec.path / "checkpoint.pt").write_bytes(b"left by a kill")
+    real = pathlib.Path.unlink
+
+    def read_only(self, *a, **k):
+        if self.name.startswith("checkpoint"):
+            raise OSError(30, "Read-only file system")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", read_only)
+    assert train(cfg, root=results, data=cifar, device="cpu").status == "done"
+    assert "Read-only file system" in caplog.text
+
+
 def test_divergence_is_recorded_not_raised(cifar, results):
     rec = train(tiny(lr=1e6, iterations=4), root=results, data=cifar, device="cpu")
     assert rec.status == "diverged"
