@@ -578,8 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="notebook stems, e.g. 01_degradation")
     r.add_argument("--kernel", default="resnet-lab", help="Jupyter kernel name (default: resnet-lab)")
     r.add_argument("--force", action="store_true",
-                   help="redraw a notebook even where the run store holds fewer of its runs than the execution "
-                        "that wrote its tables read (without it they are kept: a clone has no runs)")
+                   help="redraw a notebook even where a run its tables were drawn from is missing from the run "
+                        "store (without it they are kept: a clone has no runs)")
     r.set_defaults(func=cmd_report)
 
     b = sub.add_parser("bench", help="images/s of our loop vs the usual DataLoader loop, same process",

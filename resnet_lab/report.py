@@ -74,8 +74,8 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
           directory: Path = NOTEBOOKS_DIR, force: bool = False) -> pd.DataFrame:
     """Re-execute each notebook for `preset` from stored runs; one row per notebook with its status.
 
-    A notebook whose runs the store holds fewer of than its last execution read is `kept`, not redrawn
-    (force: redraw it anyway)."""
+    A notebook is `kept`, not redrawn, where a run its tables were drawn from is missing from the store
+    (`_lost_runs`; force: redraw it anyway)."""
     check_preset(preset)
     names = notebooks(directory)
     if only:
@@ -137,7 +137,7 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
         log.warning("could not copy %s aside (%s): if this execution fails, its tables stay as it leaves them",
                     tables, e)
     drawn = _runs_drawn(name, params)
-    why = None if force else _fewer_runs(out, tables, drawn)
+    why = None if force else _lost_runs(out, tables, drawn)
     if why:  # nothing ran: the copy aside goes, the folder is as it was
         if guarded:
             _settle(tables, backup, ok=True)
@@ -198,7 +198,7 @@ def _has_rows(tables: Path) -> bool:
     return False
 
 
-def _fewer_runs(executed: Path, tables: Path, drawn: tuple[list[str], int] | None) -> str | None:
+def _lost_runs(executed: Path, tables: Path, drawn: tuple[list[str], int] | None) -> str | None:
     """Why a notebook's tables and figures are kept rather than redrawn: a run the execution that wrote them
     read is not in the store (or, for 04, lacks its cached analysis), so redrawing would lose it. A clone has
     no run store (it is git-ignored): redrawing there replaced committed results with empty tables and deleted
@@ -258,7 +258,7 @@ def _leftovers(folder: Path, kind: str) -> list[Path]:
     return out
 
 
-STAMP = ".backup.json"  # inside a copy aside: written last, so a copy without it is incomplete
+BACKUP_MARK = ".backup.json"  # inside a copy aside: written last, so a copy without it is incomplete
 
 
 def _identity(path: Path) -> list[int] | None:
@@ -274,21 +274,21 @@ def _backup(folder: Path, executed: Path) -> Path | None:
     """A copy of a notebook's output folder beside it (hidden), or None when it has none yet.
 
     A copy left by a report killed outright (`kill -9`, a lost machine) holds the last good tables, which that
-    report never put back: they are restored first, but only where the copy is whole (its stamp, written last,
-    is there) and the execution it guarded never finished (the executed notebook is still the one the stamp
+    report never put back: they are restored first, but only where the copy is whole (its mark, written last,
+    is there) and the execution it guarded never finished (the executed notebook is still the one the mark
     names). A copy killed part-way, or one whose execution had already replaced the notebook, is dropped."""
     for old in _leftovers(folder, "before"):
         try:
-            stamp = json.loads((old / STAMP).read_text())
+            mark = json.loads((old / BACKUP_MARK).read_text())
         except (OSError, ValueError):
-            stamp = None
-        if isinstance(stamp, dict) and stamp.get("executed") == _identity(executed):
+            mark = None
+        if isinstance(mark, dict) and mark.get("executed") == _identity(executed):
             log.warning("%s: a report was killed while executing this notebook; its last good tables are put back",
                         folder)
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(old, folder)
-            (folder / STAMP).unlink(missing_ok=True)
+            (folder / BACKUP_MARK).unlink(missing_ok=True)
         else:  # a copy killed part-way, or its execution finished (its tables are those in the folder)
             shutil.rmtree(old, ignore_errors=True)
     for kind in ("failed", "copying"):
@@ -301,8 +301,8 @@ def _backup(folder: Path, executed: Path) -> Path | None:
     for p in (backup, partial):
         shutil.rmtree(p, ignore_errors=True)
     try:
-        shutil.copytree(folder, partial, ignore=shutil.ignore_patterns(STAMP))
-        (partial / STAMP).write_text(json.dumps({"executed": _identity(executed)}))  # the folder's rename commits it
+        shutil.copytree(folder, partial, ignore=shutil.ignore_patterns(BACKUP_MARK))
+        (partial / BACKUP_MARK).write_text(json.dumps({"executed": _identity(executed)}))  # the folder's rename commits it
         os.replace(partial, backup)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -318,7 +318,7 @@ def _settle(folder: Path, backup: Path | None, ok: bool) -> None:
             os.replace(folder, aside)
         if backup is not None:
             os.replace(backup, folder)
-            (folder / STAMP).unlink(missing_ok=True)
+            (folder / BACKUP_MARK).unlink(missing_ok=True)
         shutil.rmtree(aside, ignore_errors=True)
     elif backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
@@ -327,7 +327,7 @@ def _settle(folder: Path, backup: Path | None, ok: bool) -> None:
 def _record_output_path(executed: Path, path: Path, runs: list[str] | None = None) -> None:
     """papermill records the path it wrote in the notebook's metadata: make it the one the notebook is kept
     under, not the temporary name it was executed into (which also changed with every run). Beside it, the
-    runs its tables were drawn from (`_fewer_runs` reads them back)."""
+    runs its tables were drawn from (`_lost_runs` reads them back)."""
     nb = json.loads(executed.read_text(encoding="utf-8"))  # notebooks are UTF-8 whatever the locale
     if not isinstance(nb, dict):
         return

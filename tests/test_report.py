@@ -181,7 +181,7 @@ def test_a_report_killed_outright_has_its_last_good_tables_put_back_by_the_next(
     for folder, text in ((tables, "half-written"), (dead, "last good")):
         folder.mkdir(parents=True)
         (folder / "table.csv").write_text(text)
-    (dead / report.STAMP).write_text('{"executed": null}')  # whole, made before any executed notebook
+    (dead / report.BACKUP_MARK).write_text('{"executed": null}')  # whole, made before any executed notebook
     (smoke / f".01_degradation.failed-{2**22 + 7}").mkdir()
 
     def fail(src, out, parameters, **kw):
@@ -269,7 +269,7 @@ def test_a_copy_aside_killed_part_way_or_outlived_by_its_execution_is_never_put_
         for f in files:
             (aside / f).write_text("old")
         if stamp is not None:
-            (aside / report.STAMP).write_text(stamp)
+            (aside / report.BACKUP_MARK).write_text(stamp)
         return aside
 
     leave("copying", ["table.csv"], None)  # killed inside the copy
@@ -291,7 +291,7 @@ def test_a_copy_aside_killed_part_way_or_outlived_by_its_execution_is_never_put_
     leave("before", ["table.csv", "degradation.png"], json.dumps({"executed": report._identity(executed)}))
     backup = report._backup(folder, executed)  # whole, and the notebook is still the one it guarded
     assert (folder / "table.csv").read_text() == "old" and "was killed" in caplog.text
-    assert not (folder / report.STAMP).exists() and (backup / report.STAMP).exists()
+    assert not (folder / report.BACKUP_MARK).exists() and (backup / report.BACKUP_MARK).exists()
 
 
 def test_a_report_without_the_runs_keeps_the_tables_it_cannot_redraw(tmp_path, monkeypatch, caplog):
