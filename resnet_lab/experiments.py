@@ -198,12 +198,17 @@ UNFINISHED_COLUMNS = ["name", "depth", "seed", "steps_done", "iterations", "done
                       "wall_min", "device"]
 
 
+def stopped_part_way(runs: pd.DataFrame) -> pd.Series:
+    """Which runs stopped part-way through their schedule (a checkpoint's worth of steps, not finished)."""
+    return (runs["status"] == "running") & (pd.to_numeric(runs["steps_done"], errors="coerce").fillna(0) > 0)
+
+
 def unfinished(runs: pd.DataFrame, root: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(table, curves) of the runs in `runs` that stopped part-way through their schedule, each curve's
     `depth` a label saying where it stands. ResNet-1202's schedule can outlast a GPU lease, and its
     checkpoint is too big to go on to the next one, so what it reached is shown for what it is: beside
     the finished runs, never in their tables or means. Errors are those of its last evaluation."""
-    u = runs[(runs["status"] == "running") & (pd.to_numeric(runs["steps_done"], errors="coerce").fillna(0) > 0)]
+    u = runs[stopped_part_way(runs)]
     if u.empty:
         return pd.DataFrame(columns=UNFINISHED_COLUMNS), load_metrics(root, hash=[])
     u = u.sort_values(["depth", "seed"])
@@ -857,9 +862,13 @@ NOTEBOOK_ANALYSES: dict[str, Any] = {"04_unraveled_ensemble": _unravel_from_para
 ANALYSIS_PARAMS = {"04_unraveled_ensemble": ("draws", "eval_images", "grad_samples")}  # what those read
 
 
+DRAWS_STOPPED = {"05_thousand_layers"}  # notebooks that draw runs stopped part-way too (`unfinished`)
+
+
 def drawn_runs(notebook: str, params: dict[str, Any]) -> tuple[list[str], int]:
     """(the hashes of the runs a notebook's tables would be drawn from now, how many runs it reads): the
-    finished ones; for a notebook whose analyses are cached (04), the done ones whose analysis for these
+    finished ones (05: and those stopped part-way, which it shows apart); for a notebook whose analyses are
+    cached (04), the done ones whose analysis for these
     settings is cached, since a report (analyse_missing=False) leaves the others out. Trains nothing;
     raises ValueError for a notebook that reads no runs, or parameters it rejects."""
     merged = {**notebook_defaults(notebook), **params}
@@ -868,7 +877,10 @@ def drawn_runs(notebook: str, params: dict[str, Any]) -> tuple[list[str], int]:
         raise ValueError(f"notebook {notebook!r} reads no runs")
     runs = collect(cfgs)[0]
     if notebook not in NOTEBOOK_ANALYSES:
-        return sorted(runs.loc[runs["status"].isin(["done", "diverged"]), "hash"]), len(cfgs)
+        drawn = runs["status"].isin(["done", "diverged"])
+        if notebook in DRAWS_STOPPED and not runs.empty:
+            drawn |= stopped_part_way(runs)
+        return sorted(runs.loc[drawn, "hash"]), len(cfgs)
     p = unravel_params(**{n: merged[n] for n in ANALYSIS_PARAMS[notebook]})
     done = runs[runs["status"] == "done"].to_dict("records")
     return sorted(r["hash"] for r in done if RunDir(RunConfig.from_json(r)).read_analysis("unravel", p) is not None), \

@@ -23,7 +23,7 @@ import pandas as pd
 
 from .config import check_preset
 from .experiments import NOTEBOOKS_DIR
-from .runs import atomic_write_text, results_dir, runs_dir
+from .runs import atomic_write_text, load_runs, results_dir, runs_dir
 from .sweep import OUTPUT_VAR, PATH_VARS, absolute_path_env, notebook_parameters, report_parameters
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,8 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
         with environ({OUTPUT_VAR: str(tables.absolute())}):  # the committed folder (by hand: scratch/)
             pm.execute_notebook(str(directory / f"{name}.ipynb"), str(tmp), parameters=params, kernel_name=kernel,
                                 cwd=str(directory), progress_bar=False)
-        _record_output_path(tmp, out, drawn[0] if drawn else None)
+        after = _runs_drawn(name, params) if drawn else None  # a run that finished meanwhile was drawn too
+        _record_output_path(tmp, out, sorted(set(drawn[0]) | set(after[0] if after else [])) if drawn else None)
         os.replace(tmp, out)
         ok = True  # from here on its tables are those of the executed notebook
         failed.unlink(missing_ok=True)  # the log of an earlier failure no longer describes the notebook
@@ -204,26 +205,45 @@ def _lost_runs(executed: Path, tables: Path, drawn: tuple[list[str], int] | None
     no run store (it is git-ignored): redrawing there replaced committed results with empty tables and deleted
     the figures. Without a record (an execution by make reproduce before it stamped them, or by papermill),
     only tables with rows where the store holds none of the runs are kept. None: redraw."""
-    if drawn is None:
+    if drawn is None or not (tables.is_dir() and any(tables.glob("*.csv"))):  # nothing there to lose
         return None
     have, need = drawn
     try:
         before = json.loads(executed.read_text(encoding="utf-8"))["metadata"][RECORD]["runs"]
     except (OSError, ValueError, KeyError, TypeError):
         before = None
-    if isinstance(before, list):
-        lost = sorted(set(map(str, before)) - set(have))
-        if not lost:
+    head = f"its tables and figures are kept: the run store ({runs_dir()}) holds {len(have)} of the {need} runs it reads"
+    absent = ("a clone has no runs (they are git-ignored): bring them with `resnet-lab runs import`, or train them; "
+              "`report --force` redraws from what is stored")
+    if not isinstance(before, list):
+        if have or not _has_rows(tables):
             return None
-        why = (f"{len(lost)} of the {len(before)} runs its tables were drawn from are missing "
-               f"({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''})")
-    elif have or not _has_rows(tables):
+        return f"{head}, and its tables have rows drawn from runs it does not hold; {absent}"
+    lost = set(map(str, before)) - set(have)
+    if not lost:
         return None
-    else:
-        why = "its tables have rows drawn from runs it does not hold"
-    return (f"its tables and figures are kept: the run store ({runs_dir()}) holds {len(have)} of the {need} runs it "
-            f"reads, and {why}. A clone has no runs (they are git-ignored): bring them with `resnet-lab runs "
-            "import`, or train them; `report --force` redraws from what is stored")
+    stored = set(load_runs()["hash"])
+    out, there = sorted(lost - stored), sorted(lost & stored)
+    parts = []
+    if out:
+        parts.append(f"{len(out)} of the {len(before)} runs its tables were drawn from are not in it ({_few(out)}): "
+                     + absent)
+    if there:
+        parts.append(f"{len(there)} of the {len(before)} runs its tables were drawn from are stored but not drawn now ({_few(there)}: other parameters, not "
+                     "finished" + (", or no cached analysis: `resnet-lab analyse`" if _reads_cache(executed) else "")
+                     + "); `report --force` redraws without them")
+    return f"{head}; " + "; ".join(parts)
+
+
+def _few(hashes: list[str]) -> str:
+    return ", ".join(hashes[:3]) + (", ..." if len(hashes) > 3 else "")
+
+
+def _reads_cache(executed: Path) -> bool:
+    """Whether the notebook executed here reads cached analyses (04)."""
+    from .experiments import NOTEBOOK_ANALYSES
+
+    return executed.stem in NOTEBOOK_ANALYSES
 
 
 def stamp(preset: str, executed_dir: Path | None = None) -> None:

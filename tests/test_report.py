@@ -299,6 +299,7 @@ def test_a_report_without_the_runs_keeps_the_tables_it_cannot_redraw(tmp_path, m
     empty ones and deleted the figures. A notebook is kept (exit 1: not redrawn), unless forced, where a run its
     tables were drawn from is missing; without that record, where tables with rows meet a store with none of
     its runs. An execution records its runs; fewer runs, or other parameters, are redrawn when none is lost."""
+    import pandas as pd
     import papermill as pm
 
     from resnet_lab import report
@@ -317,6 +318,7 @@ def test_a_report_without_the_runs_keeps_the_tables_it_cannot_redraw(tmp_path, m
     def fake(src, out, parameters, **kw):
         ran.append(parameters)
         Path(out).write_text('{"metadata": {}}')
+        tables.mkdir(exist_ok=True)
         (tables / "rows.csv").write_text("run\n")
 
     monkeypatch.setattr(pm, "execute_notebook", fake)
@@ -334,7 +336,7 @@ def test_a_report_without_the_runs_keeps_the_tables_it_cannot_redraw(tmp_path, m
     drawn["now"] = (["a", "b", "c"], 4)  # some stored, and no record: redrawn, and its runs recorded
     assert build() == ["done"] and record() == ["a", "b", "c"]
     drawn["now"] = (["a", "c"], 4)  # one of them gone
-    assert build() == ["kept"] and len(ran) == 1 and "1 of the 3 runs its tables were drawn from are missing (b)" \
+    assert build() == ["kept"] and len(ran) == 1 and "1 of the 3 runs its tables were drawn from are not in it (b)" \
         in caplog.text
     assert build(force=True) == ["done"] and len(ran) == 2 and record() == ["a", "c"]
     drawn["now"] = (["a"], 1)  # other parameters, every run they read stored, none of the old ones lost but c
@@ -347,12 +349,24 @@ def test_a_report_without_the_runs_keeps_the_tables_it_cannot_redraw(tmp_path, m
     drawn["now"] = ([], 4)
     assert build() == ["done"]
 
+    calls = iter([(["a"], 4), (["a", "e"], 4)])  # e finished while the notebook ran (a sweep beside it): drawn too
+    monkeypatch.setattr(report, "_runs_drawn", lambda name, params: next(calls))
+    assert build() == ["done"] and record() == ["a", "e"]
+    monkeypatch.setattr(report, "_runs_drawn", lambda name, params: (["a"], 4))
+    monkeypatch.setattr(report, "load_runs", lambda: pd.DataFrame({"hash": ["e"]}))
+    assert build() == ["kept"] and "1 of the 2 runs its tables were drawn from are stored but not drawn now (e:" \
+        in caplog.text
+    import shutil
+    shutil.rmtree(tables)  # nothing left to keep: drawn from what is stored
+    assert build() == ["done"]
+
 
 @needs_data
 def test_the_runs_a_notebook_draws_from_are_those_stored_and_for_04_analysed(cifar, tmp_path, monkeypatch):
     """04 leaves out a run without its cached analysis (a report does not compute them): such a run would be
     lost to its tables as surely as a missing one. `stamp` records what make reproduce's executions drew."""
     import nbformat
+    import pandas as pd
 
     from resnet_lab import experiments as ex, report
 
@@ -366,6 +380,13 @@ def test_the_runs_a_notebook_draws_from_are_those_stored_and_for_04_analysed(cif
     assert ex.drawn_runs("04_unraveled_ensemble", p) == ([], 2)
     ex.analyse_notebook("04_unraveled_ensemble", p, device="cpu")
     assert ex.drawn_runs("04_unraveled_ensemble", p) == (hashes, 2)
+
+    stopped = pd.DataFrame({"hash": ["f", "r", "s"], "status": ["done", "running", "running"], "steps_done": [6, 0, 3]})
+    monkeypatch.setattr(ex, "collect", lambda cfgs: (stopped, None, []))  # 05 shows the runs stopped part-way too
+    assert ex.drawn_runs("05_thousand_layers", {"preset": "smoke"})[0] == ["f", "s"]
+    assert ex.drawn_runs("01_degradation", {"preset": "smoke"})[0] == ["f"]
+    monkeypatch.undo()
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
 
     executed = tmp_path / "smoke" / "executed"
     executed.mkdir(parents=True)
