@@ -359,7 +359,8 @@ def cmd_analyse(a: argparse.Namespace) -> int:
     todo = [t for t in targets if t[0] in ex.NOTEBOOK_ANALYSES]
     if not todo:
         usage_error(f"nothing to analyse in {sorted({t[0] for t in targets})}: only "
-                    f"{', '.join(sorted(ex.NOTEBOOK_ANALYSES))} cache(s) analyses for a report (the others' notebooks compute theirs when they run)")
+                    f"{', '.join(sorted(ex.NOTEBOOK_ANALYSES))} cache(s) analyses for a report "
+                    "(the others' notebooks compute theirs when they run)")
     for nb in sorted({t[0] for t in targets} - set(ex.NOTEBOOK_ANALYSES)):  # said, not silently dropped
         print(f"{nb}: caches no analysis for a report (its notebook computes its tables when it runs): nothing to do")
     not_done = 0

@@ -868,11 +868,11 @@ DRAWS_STOPPED = {"05_thousand_layers"}  # notebooks that draw runs stopped part-
 def drawn_runs(notebook: str, params: dict[str, Any]) -> tuple[list[str], int]:
     """(the hashes of the runs a notebook's tables would be drawn from now, how many runs it reads): the
     finished ones (05: and those stopped part-way, which it shows apart); for a notebook whose analyses are
-    cached (04), the done ones whose analysis for these
-    settings is cached, since a report (analyse_missing=False) leaves the others out. Trains nothing;
-    raises ValueError for a notebook that reads no runs, or parameters it rejects."""
+    cached (04), the done ones whose analysis for these settings is cached, since a report
+    (analyse_missing=False) leaves the others out. Trains nothing; raises ValueError for a notebook that
+    reads no runs, or parameters it rejects."""
     merged = {**notebook_defaults(notebook), **params}
-    cfgs = with_dataset(configs_for(notebook, merged))
+    cfgs = configs_for(notebook, merged)  # collect names their dataset
     if not cfgs:
         raise ValueError(f"notebook {notebook!r} reads no runs")
     runs = collect(cfgs)[0]
