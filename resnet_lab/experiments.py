@@ -270,22 +270,28 @@ def runs_note(runs: pd.DataFrame, stopped: bool = False, measured: str | None = 
         left_out = f"; diverged, not drawn: {', '.join(names)}"
     if d.empty:
         return left_out[2:]
-    schedules: dict[tuple[int, int, int], set[str]] = {}
-    evals = set()
+    schedules: dict[tuple[int, int, int, bool, str], set[str]] = {}
     for r in d.to_dict("records"):
         sub, ev = r.get("train_subset"), r.get("eval_subset")
         n = TRAIN_IMAGES[r["split"]] if sub is None or pd.isna(sub) else int(sub)
-        schedules.setdefault((int(r["iterations"]), int(r["batch_size"]), n), set()).add(r["name"])
         full, kind = EVAL_IMAGES[r["split"]]
-        evals.add(f"{full if ev is None or pd.isna(ev) else int(ev):,} {kind} images")
+        evals = f"{full if ev is None or pd.isna(ev) else int(ev):,} {kind} images"
+        key = (int(r["iterations"]), int(r["batch_size"]), n, not (sub is None or pd.isna(sub)), evals)
+        schedules.setdefault(key, set()).add(r["name"])
+    # one evaluation for all is said once at the end; otherwise each schedule says its own, so a 100-image
+    # plumbing check is not read as measured on the 1,000 images of the nets beside it
+    per_schedule = measured is None and len({k[4] for k in schedules}) > 1
     parts = []
-    for (it, bs, n), names in sorted(schedules.items(), reverse=True):
-        text = f"{it:,} iterations of batch {bs} ({_epochs(it * bs / n)})"
+    for (it, bs, n, subset, evals), names in sorted(schedules.items(), reverse=True):
+        # an epoch of a subset is not an epoch of CIFAR-10: 6 steps of 8 on 512 images are 0.094 of that subset
+        text = f"{it:,} iterations of batch {bs} ({_epochs(it * bs / n)}{f' of a {n:,}-image subset' if subset else ''})"
+        text += f", errors on {evals}" if per_schedule else ""
         parts.append(text if len(schedules) == 1 else f"{', '.join(sorted(names))}: {text}")
     seeds = sorted({int(v) for v in d["seed"]})
     presets = ", ".join(sorted(set(d["preset"])))
+    tail = measured or ("" if per_schedule else "errors on " + next(iter(schedules))[4])
     return (f"{presets} preset: " + "; ".join(parts) + f"; seed{'s' if len(seeds) > 1 else ''} "
-            f"{', '.join(map(str, seeds))}; {measured or 'errors on ' + ', '.join(sorted(evals))}" + left_out)
+            f"{', '.join(map(str, seeds))}" + (f"; {tail}" if tail else "") + left_out)
 
 
 def save_table(df: pd.DataFrame, out_dir: str | os.PathLike, name: str) -> Path:
@@ -930,11 +936,17 @@ def thousand_curves(curves: pd.DataFrame, unfinished_curves: pd.DataFrame) -> pd
 
 def thousand_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Final train/test error of the 110 and 1202 runs; `iterations`: what the finished runs trained (none
-    finished: NaN), `diverged_at`: the last evaluated step of each run that diverged (a 1202-layer net can)."""
+    finished: NaN), `eval_images`: the images their errors are over, `diverged_at`: the last evaluated step of each run that diverged (a 1202-layer net can)."""
     t = depth_table(runs)
     if not t.empty:
         done = runs[runs["status"] == "done"]
         t["iterations"] = t["depth"].map(done.groupby("depth")["iterations"].max()).astype("Int64")
+        # the images its errors were measured on: quick's ResNet-1202 is a 100-image plumbing check beside
+        # nets evaluated on 1,000, and the table should say so where it shows the numbers
+        imgs = done.assign(n=[EVAL_IMAGES[r["split"]][0] if r.get("eval_subset") is None or pd.isna(r["eval_subset"])
+                              else int(r["eval_subset"]) for r in done.to_dict("records")])
+        per = imgs.groupby("depth")["n"].agg(lambda s: ", ".join(f"{v:,}" for v in sorted(set(s))))
+        t["eval_images"] = [per.get(d, "") for d in t["depth"]]
         div = runs[runs["status"] == "diverged"].sort_values("steps_done")
         at = div.groupby("depth")["steps_done"].agg(lambda s: ", ".join(f"{int(v):,}" for v in s.dropna()))
         t["diverged_at"] = [at.get(d, "") for d in t["depth"]]

@@ -248,6 +248,8 @@ def test_the_thousand_table_says_where_runs_diverged_and_what_finished_ones_trai
     t = ex.thousand_table(runs).set_index("depth")
     assert t.loc[110, "iterations"] == cfgs[0].iterations and t.loc[110, "diverged_at"] == ""
     assert pd.isna(t.loc[1202, "iterations"]) and t.loc[1202, "diverged_at"] == "4, 6"
+    # the finished depth's errors name the images they are over (smoke evaluates on a subset); none finished: ""
+    assert t.loc[110, "eval_images"] == f"{cfgs[0].eval_subset:,}" and t.loc[1202, "eval_images"] == ""
     assert t.loc[1202, "runs"] == 0 and t.loc[1202, "diverged"] == 2
 
 

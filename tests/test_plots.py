@@ -25,8 +25,13 @@ def test_runs_note_names_the_schedule_seeds_and_evaluation_images():
                                    "errors on 10,000 test images")
     mixed = pd.DataFrame([_runs(name="resnet-56"), _runs(name="resnet-1202", iterations=6, batch_size=8,
                                                           train_subset=512, eval_subset=100)])
-    assert ex.runs_note(mixed).startswith("quick preset: resnet-56: 640 iterations of batch 32 (0.41 epoch); "
-                                          "resnet-1202: 6 iterations of batch 8 (0.094 epoch)")
+    # each schedule its own evaluation where they differ, and an epoch of a subset said to be one (6 steps of
+    # 8 saw 48 images, not 9.4% of CIFAR-10)
+    assert ex.runs_note(mixed) == ("quick preset: resnet-56: 640 iterations of batch 32 (0.41 epoch), errors on "
+                                   "1,000 test images; resnet-1202: 6 iterations of batch 8 (0.094 epoch of a "
+                                   "512-image subset), errors on 100 test images; seed 0")
+    assert ex.runs_note(mixed, measured="std over 10 test images").endswith(
+        "(0.094 epoch of a 512-image subset); seed 0; std over 10 test images")
     assert ex.runs_note(runs.iloc[:0]) == ""
 
 
