@@ -451,7 +451,18 @@ RESPONSE_COLUMNS = ["layer", "std", "channels", "rank", "arch", "depth", "seed",
 def _measure(rd: RunDir, kind: str, p: dict[str, Any], compute: Callable[[torch.nn.Module], dict[str, pd.DataFrame]],
              device: str = "cpu") -> dict[str, pd.DataFrame]:
     """compute(model) on a finished run's model, stored in its folder as its cached `kind` analysis for
-    settings p (`RunDir.write_analysis`: tied to the sha256 of the model.pt it ran on, with where, how long)."""
+    settings p (`RunDir.write_analysis`: tied to the sha256 of the model.pt it ran on, with where, how long).
+    Under the analysis's lock: a process that waited for another computing it reads that one's tables."""
+    with rd.analysis_lock(kind, p):
+        if (cached := rd.read_analysis(kind, p)) is not None:
+            log.info("%s seed %d (run %s): %s analysis read from the cache another process wrote", rd.cfg.name,
+                     rd.cfg.seed, rd.cfg.hash, kind)
+            return cached
+        return _compute_and_store(rd, kind, p, compute, device)
+
+
+def _compute_and_store(rd: RunDir, kind: str, p: dict[str, Any],
+                       compute: Callable[[torch.nn.Module], dict[str, pd.DataFrame]], device: str) -> dict[str, pd.DataFrame]:
     from .train import device_name
 
     model, sha = rd.load_model_and_sha256(device)

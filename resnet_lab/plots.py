@@ -1,9 +1,9 @@
 """Paper-style figures: one style, one function per figure, each taking a DataFrame and returning the figure."""
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 import pandas as pd
 import seaborn as sns
+
+from .runs import atomic_write_bytes
 
 PALETTE = "colorblind"
 
@@ -139,16 +141,11 @@ def save(fig: Figure, out_dir: str | os.PathLike, name: str, note_text: str = ""
     paths = []
     for ext in ("png", "pdf"):
         p = out / f"{name}.{ext}"
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=f".{ext}")  # unique: sweep points run at once
-        os.close(fd)
-        try:
-            # no creation date in the PDF: a regenerated figure that did not change stays byte-identical
-            meta = {"CreationDate": None} if ext == "pdf" else None
-            fig.savefig(tmp, bbox_inches="tight", dpi=300, format=ext, metadata=meta)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        # no creation date in the PDF: a regenerated figure that did not change stays byte-identical
+        fig.savefig(buf, bbox_inches="tight", dpi=300, format=ext,
+                    metadata={"CreationDate": None} if ext == "pdf" else None)
+        atomic_write_bytes(p, buf.getvalue())  # the mode a table beside it gets (a bare mkstemp file is 0600)
         paths.append(p)
     return paths
 

@@ -129,27 +129,44 @@ class RunLocked(RuntimeError):
     """Another process holds a run's lock (raised only to callers that asked not to wait)."""
 
 
-@contextlib.contextmanager
-def lock_run(folder: str | os.PathLike, wait: bool = True) -> Iterator[None]:
-    """Exclusive flock on `<folder>/.lock`, the one lock trainers and imports share.
+LOCKS = ".locks"  # <runs>/.locks/: every lock file of a store, outside the run folders an import swaps
 
-    wait=False raises RunLocked at once instead of waiting. The lock file is never followed through a
-    symlink (O_NOFOLLOW), so a planted `.lock` link cannot make the open truncate another file.
-    """
+
+def lock_file(folder: str | os.PathLike, name: str | None = None) -> Path:
+    """`<runs>/.locks/<hash>.lock` (or `<hash>.<name>.lock`): beside the run folder, not in it, so the file
+    keeps its inode when an import swaps the folder, and one process's mkdir in the gap between the import's
+    two renames cannot give it a fresh, uncontended lock."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    return folder.parent / LOCKS / f"{folder.name}{'.' + name if name else ''}.lock"
+
+
+@contextlib.contextmanager
+def _flock(path: Path, wait: bool, busy: str) -> Iterator[None]:
+    """Exclusive flock on `path` (made if absent, never followed through a symlink: O_NOFOLLOW, so a planted
+    link cannot make the open truncate another file); RunLocked(busy) at once when wait=False and it is held."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError as e:
-            raise RunLocked(f"run {folder.name} is locked by another process (a trainer or an import)") from e
+            raise RunLocked(busy) from e
         try:
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def lock_run(folder: str | os.PathLike, wait: bool = True) -> Iterator[None]:
+    """Exclusive lock of a run (`lock_file(folder)`), the one lock trainers and imports share; the run folder
+    is made if absent. wait=False raises RunLocked at once instead of waiting."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _flock(lock_file(folder), wait, f"run {folder.name} is locked by another process (a trainer or an import)"):
+        yield
 
 
 # -- one run ----------------------------------------------------------------------------------------
@@ -235,6 +252,25 @@ class RunDir:
         except (TypeError, ValueError, pd.errors.ParserError) as e:
             log.warning("cached analysis %s is unreadable (%s): computing it again", f, e)
             return None
+
+    @contextlib.contextmanager
+    def analysis_lock(self, kind: str, params: Mapping[str, Any]) -> Iterator[None]:
+        """Held while one process computes this analysis, so a second one (a notebook beside `resnet-lab
+        analyse`, two reports) waits and reads the cached tables instead of spending as long again. Not the
+        run's lock: an import must not skip a finished run because it is being analysed. A store this user
+        may only read has no lock to take: each process then computes its own."""
+        path = lock_file(self.path, self.analysis_file(kind, params).stem)
+        with contextlib.ExitStack() as held:
+            try:
+                try:
+                    held.enter_context(_flock(path, False, ""))
+                except RunLocked:
+                    log.info("run %s: another process is computing its %s analysis: waiting for it", self.cfg.hash,
+                             kind)
+                    held.enter_context(_flock(path, True, ""))
+            except OSError as e:
+                log.debug("analysis of run %s computed without a lock: %s", self.cfg.hash, e)
+            yield
 
     def write_analysis(self, kind: str, params: Mapping[str, Any], tables: Mapping[str, pd.DataFrame],
                        model_sha256: str, **meta: Any) -> dict[str, pd.DataFrame]:

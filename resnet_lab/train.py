@@ -418,6 +418,12 @@ class _Run:
             self.rows = [r for r in stored if r["step"] <= self.start]  # drop rows past it
             if len(self.rows) < len(stored):  # evaluations of a sitting killed after them: not this run's curve
                 atomic_write_csv(pd.DataFrame(self.rows, columns=METRIC_COLUMNS), rd.metrics_file)
+            have = {int(r["step"]) for r in self.rows}
+            gap = [s for s in range(cfg.eval_every, self.start + 1, cfg.eval_every) if s not in have]
+            if gap:  # a curve older than its checkpoint (copied apart from it): say so, the figure will show it
+                log.warning("%s: metrics.csv lacks the evaluations at step%s %s before its checkpoint (step %d): "
+                            "its curve will have a gap there", cfg.name, "s" if len(gap) > 1 else "",
+                            ", ".join(f"{s:,}" for s in gap[:5]) + (", ..." if len(gap) > 5 else ""), self.start)
             self.sittings = [dict(x) for x in ckpt.get("sittings") or []]
             if not self.sittings and self.start > 0:  # a checkpoint from before sittings were recorded
                 self.sittings = _earlier_sittings(earlier, self.start, self.seconds)

@@ -11,7 +11,6 @@ extracted by tarfile itself.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -123,6 +122,10 @@ def _run_files(run: Path, checkpoints: bool) -> dict[str, bytes] | None:
     summary.json is read first and decides the rest, so the status shipped is the status of the
     files shipped: a finished run brings model.pt (written before its summary), an unfinished one
     its newest checkpoint when asked for (checkpoint.prev.pt covers the moment a trainer swaps them).
+    No lock is taken (a trainer holds its run's for hours), so the files are read in the reverse of the
+    order a trainer writes them (metrics, then checkpoint, then summary): the checkpoint before the
+    curve, which then reaches at least its step (resuming drops the rows past it), and the summary first,
+    which says no more progress than the files shipped with it.
     """
     summary = _read(run / "summary.json")
     config = _read(run / "config.json")
@@ -144,13 +147,13 @@ def _run_files(run: Path, checkpoints: bool) -> dict[str, bytes] | None:
         for name in _analysis_names(run):
             if (data := _read(run / name)) is not None:
                 files[name] = data
-    metrics = _read(run / "metrics.csv")
-    if metrics is not None:
-        files["metrics.csv"] = metrics
     if checkpoints and not finished:
         ckpt = next((d for n in CHECKPOINT_FILES if (d := _read(run / n)) is not None), None)
         if ckpt is not None:
             files[CHECKPOINT] = ckpt
+    metrics = _read(run / "metrics.csv")
+    if metrics is not None:
+        files["metrics.csv"] = metrics
     return files
 
 
@@ -499,9 +502,10 @@ def _remove_leftovers(dst: Path, h: str) -> None:
 def _swap_in(dst: Path, h: str, files: dict[str, bytes]) -> None:
     """Replace `<dst>/<h>` (which exists: the lock made it) by the imported files.
 
-    The new folder gets a hard link to the old folder's lock file, so a trainer already waiting on
-    that lock and one that opens it after the swap contend for the same lock. Leftovers of an earlier,
-    interrupted import were dealt with by `_recover` under the same lock."""
+    The run's lock file lives outside the folder (`runs.lock_file`), so a trainer waiting on it, or one that
+    makes the folder again between the two renames, waits for this import and then reads what it brought
+    (a rename onto an empty folder succeeds). Leftovers of an earlier, interrupted import were dealt with by
+    `_recover` under the same lock."""
     local = dst / h
     staged = Path(tempfile.mkdtemp(prefix=f".{h}.importing-", dir=dst))
     old = dst / staged.name.replace(".importing-", ".replaced-", 1)
@@ -509,8 +513,6 @@ def _swap_in(dst: Path, h: str, files: dict[str, bytes]) -> None:
         os.chmod(staged, 0o777 & ~_umask())  # mkdtemp makes it 0700
         for name, data in files.items():
             atomic_write_bytes(staged / name, data)
-        with contextlib.suppress(OSError):  # no hard links here: the next open makes a fresh lock file
-            os.link(local / ".lock", staged / ".lock")
         os.replace(local, old)  # move aside first: at every moment one complete copy exists
         try:
             os.replace(staged, local)

@@ -266,7 +266,7 @@ def test_ctrl_c_during_train_exits_130_in_one_line(capsys, monkeypatch):
 def test_runs_commands_refuse_bad_paths_and_count_what_they_left_out(tmp_path, monkeypatch, capsys):
     """A path argument that is missing, a folder or a file in the way is bad input (2); a run left out (held by a
     trainer, or over --max-mb on its own) is something not done (1), with the output naming it."""
-    import fcntl
+    from resnet_lab.runs import lock_run
 
     from .test_transfer import HASH, make_run
 
@@ -288,8 +288,7 @@ def test_runs_commands_refuse_bad_paths_and_count_what_they_left_out(tmp_path, m
     parts = sorted(map(str, (tmp_path / "out").iterdir()))
     monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "here"))
     local = make_run(tmp_path / "here" / "runs", "aaa", "running", 3)
-    with open(local / ".lock", "w") as f:  # a trainer holds it
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with lock_run(local):  # a trainer holds it (flock: per open file, so this process's import too)
         assert cli.main(["runs", "import", *parts]) == 1
     assert "skipped" in capsys.readouterr().out
     assert cli.main(["runs", "import", *parts]) == 0

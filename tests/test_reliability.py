@@ -116,7 +116,7 @@ def test_concurrent_requests_train_once(cifar, tmp_path):
     assert a.returncode == 0 and b.returncode == 0, outs
     pids = {line.split()[1] for out, _ in outs for line in out.splitlines() if line.startswith("PID")}
     assert len(pids) == 1, f"trained by {pids}"
-    assert [p.name for p in tmp_path.iterdir()] == [c.hash]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", c.hash]  # one run folder, beside its lock
 
 
 def test_disk_full_is_a_clear_error_and_finished_runs_stay_intact(cifar, tmp_path, monkeypatch):
@@ -254,7 +254,8 @@ def test_with_a_time_budget_a_run_locked_elsewhere_is_left_not_waited_for(cifar,
     held, free = cfg(seed=0, dataset=cifar.info.sha256[:16]), cfg(seed=1, dataset=cifar.info.sha256[:16])
     folder = R.RunDir(held, tmp_path).path
     folder.mkdir(parents=True)
-    lock = open(folder / ".lock", "w")  # another trainer's (flock is per open file, so this process too)
+    R.lock_file(folder).parent.mkdir(parents=True)
+    lock = open(R.lock_file(folder), "w")  # another trainer's (flock is per open file, so this process too)
     fcntl.flock(lock, fcntl.LOCK_EX)
     release = threading.Timer(300, lock.close)  # had the trainer waited, it would train `held` after this
     release.start()

@@ -1,5 +1,4 @@
 """Crafted, incomplete or racing transfers fail with a clear error and never damage the store."""
-import fcntl
 import io
 import json
 import os
@@ -11,7 +10,7 @@ import tarfile
 import pytest
 
 from resnet_lab.config import make_config
-from resnet_lab.runs import atomic_write_text, iter_runs, load_runs
+from resnet_lab.runs import atomic_write_text, iter_runs, load_runs, lock_file, lock_run
 from resnet_lab.transfer import export_runs, import_runs
 
 A, B = make_config("smoke", seed=0), make_config("smoke", seed=1)
@@ -134,15 +133,14 @@ def test_a_run_locked_by_a_trainer_is_skipped_not_swapped(tmp_path):
     store = tmp_path / "store"
     parts = export_runs(tmp_path / "out", root=make_run(tmp_path / "gpu", A, "done", 6).parent)
     local = make_run(store, A, "running", 2)
-    with open(local / ".lock", "w") as f:  # what RunDir.lock() holds while training
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with lock_run(local):  # what a trainer holds while training (flock: per open file, this process's too)
         result = import_runs(parts, root=store)
     assert result[H].startswith("skipped")
     assert json.loads((local / "summary.json").read_text())["status"] == "running"
-    inode = (local / ".lock").stat().st_ino
+    inode = lock_file(local).stat().st_ino
     assert import_runs(parts, root=store) == {H: "imported"}
     assert json.loads((local / "summary.json").read_text())["status"] == "done"
-    assert (local / ".lock").stat().st_ino == inode  # waiters and newcomers share one lock
+    assert lock_file(local).stat().st_ino == inode  # waiters and newcomers share one lock: it is not in the folder
 
 
 def test_leftovers_of_an_interrupted_import_are_hidden_and_harmless(tmp_path):
@@ -160,7 +158,7 @@ def test_leftovers_of_an_interrupted_import_are_hidden_and_harmless(tmp_path):
     with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as t:
         assert all(n.startswith(f"{H}/") for n in t.getnames())
     assert import_runs(parts, root=store) == {H: "imported"}
-    assert sorted(os.listdir(store)) == [H]
+    assert sorted(os.listdir(store)) == [".locks", H]
 
 
 def test_export_ships_consistent_runs_and_only_its_own_parts(tmp_path):

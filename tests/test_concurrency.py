@@ -1,0 +1,171 @@
+"""Two processes on one run store (a concurrency review): a notebook beside `resnet-lab analyse` computes an
+analysis once, an import's folder swap keeps its lock, an export beside a trainer ships a curve that reaches its
+checkpoint, a resume says when it does not, and figures are as readable as the tables beside them.
+
+flock locks belong to an open file, not a process, so threads of one test contend as two processes would."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import threading
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from resnet_lab import experiments as ex, transfer
+from resnet_lab.config import make_config
+from resnet_lab.models import model_from_config
+from resnet_lab.runs import RunDir, RunLocked, lock_file, lock_run
+from resnet_lab.transfer import export_runs, import_runs
+
+from .test_transfer import HASH, make_run
+
+
+def _finished(tmp_path) -> RunDir:
+    cfg = make_config("smoke", depth=8)
+    rd = RunDir(cfg, tmp_path)
+    rd.path.mkdir(parents=True)
+    torch.save(model_from_config(cfg).state_dict(), rd.model_file)
+    return rd
+
+
+def test_a_second_analysis_of_one_run_waits_for_the_first_and_reads_its_tables(tmp_path):
+    """Both missed the cache and both computed (a ResNet-110's lesions: hours on a CPU each); now the second waits
+    on the analysis's lock and reads what the first wrote."""
+    rd, p = _finished(tmp_path), {"draws": 1}
+    calls, started, release = [], threading.Event(), threading.Event()
+
+    def slow(model):
+        calls.append(1)
+        started.set()
+        release.wait(10)
+        return {"t": pd.DataFrame({"a": [len(calls)]})}
+
+    first = threading.Thread(target=ex._measure, args=(rd, "lesion", p, slow))
+    first.start()
+    assert started.wait(10)
+    got = []
+    second = threading.Thread(target=lambda: got.append(ex._measure(rd, "lesion", p, slow)))
+    second.start()
+    time.sleep(0.3)
+    assert second.is_alive()  # waiting for the first, not computing
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert len(calls) == 1 and got[0]["t"]["a"].tolist() == [1]
+    # other settings are another analysis with its own lock: not held up by this one
+    with rd.analysis_lock("lesion", p):
+        assert ex._measure(rd, "lesion", {"draws": 2}, slow)["t"]["a"].tolist() == [2]
+
+
+def test_an_analysis_in_a_store_it_cannot_lock_is_still_computed(tmp_path, monkeypatch):
+    """A store this user may only read has no lock to take: the analysis is computed (and not cached), not refused."""
+    rd = _finished(tmp_path)
+    (tmp_path / ".locks").write_text("")  # in the way of the lock folder: mkdir fails with an OSError
+    out = ex._measure(rd, "lesion", {"draws": 1}, lambda m: {"t": pd.DataFrame({"a": [7]})})
+    assert out["t"]["a"].tolist() == [7]
+
+
+def test_a_trainer_that_makes_the_folder_between_an_imports_renames_waits_for_it(tmp_path, monkeypatch):
+    """The lock lived in the run folder: a trainer arriving between the import's two renames made the folder again,
+    took a fresh lock nobody held and trained from step 0, and the import died on ENOTEMPTY."""
+    store = tmp_path / "store"
+    parts = export_runs(tmp_path / "out", root=make_run(tmp_path / "gpu", "aaa", "done", 6).parent)
+    local = make_run(store, "aaa", "running", 2)
+    real, seen = os.replace, []
+
+    def replace(src, dst):
+        real(src, dst)
+        if str(src) == str(local) and not seen:  # the folder just moved aside: a trainer arrives now
+            try:
+                with lock_run(local, wait=False):
+                    seen.append("took the lock")
+            except RunLocked:
+                seen.append("waits")
+
+    monkeypatch.setattr(transfer.os, "replace", replace)
+    assert import_runs(parts, root=store) == {HASH["aaa"]: "imported"}
+    assert seen == ["waits"]
+    assert json.loads((local / "summary.json").read_text())["status"] == "done"
+    assert not [p for p in store.iterdir() if p.name.startswith(f".{HASH['aaa']}")]  # no copy left aside
+
+
+def test_an_export_beside_a_trainer_ships_a_curve_that_reaches_its_checkpoint(tmp_path, monkeypatch):
+    """The trainer writes metrics, then the checkpoint, then the summary; an export read the curve first, so an
+    evaluation and checkpoint landing in between travelled as a checkpoint at step 20 beside a curve ending at 10,
+    and the imported run finished with a gap."""
+    gpu = tmp_path / "gpu"
+    run = make_run(gpu, "bbb", "running", 10)
+    (run / "metrics.csv").write_text("step\n10\n")
+    (run / "checkpoint.pt").write_bytes(b"10")
+    (run / "checkpoint.prev.pt").unlink()
+    real, stepped = transfer._read, []
+
+    def read(path):
+        data = real(path)
+        if path.name in ("metrics.csv", "checkpoint.pt") and not stepped:  # the trainer evaluates and saves now
+            stepped.append(path.name)
+            (run / "metrics.csv").write_text("step\n10\n20\n")
+            (run / "checkpoint.pt").write_bytes(b"20")
+        return data
+
+    monkeypatch.setattr(transfer, "_read", read)
+    export_runs(tmp_path / "out", root=gpu, checkpoints=True)
+    here = tmp_path / "here"
+    import_runs(sorted((tmp_path / "out").iterdir()), root=here)
+    ckpt_step = int((here / HASH["bbb"] / "checkpoint.pt").read_bytes())
+    assert max(pd.read_csv(here / HASH["bbb"] / "metrics.csv")["step"]) >= ckpt_step
+
+
+@pytest.mark.usefixtures("cifar")
+def test_a_resume_says_when_its_curve_lacks_evaluations_before_its_checkpoint(cifar, tmp_path, caplog):
+    from resnet_lab.train import train
+
+    from .test_train import tiny
+
+    cfg = tiny()
+    part = train(cfg, root=tmp_path, data=cifar, device="cpu", stop_after=4)
+    rows = pd.read_csv(part.path / "metrics.csv")
+    rows[rows["step"] != 2].to_csv(part.path / "metrics.csv", index=False)  # a curve copied apart from it
+    with caplog.at_level(logging.WARNING, logger="resnet_lab.train"):
+        train(cfg, root=tmp_path, data=cifar, device="cpu", stop_after=5)
+    assert "lacks the evaluations at step 2 before its checkpoint (step 4)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="resnet_lab.train"):  # a whole curve: nothing to say
+        train(tiny(seed=1), root=tmp_path, data=cifar, device="cpu", stop_after=4)
+        train(tiny(seed=1), root=tmp_path, data=cifar, device="cpu", stop_after=5)
+    assert "lacks" not in caplog.text
+
+
+def test_a_figure_gets_the_mode_a_table_beside_it_gets(tmp_path):
+    """Figures were written with mkstemp's 0600: other users of a shared results folder could read the tables
+    but not the figures."""
+    import matplotlib.pyplot as plt
+
+    from resnet_lab import plots
+    from resnet_lab.experiments import save_table
+
+    old = os.umask(0o022)
+    try:
+        fig = plt.figure()
+        paths = plots.save(fig, tmp_path, "f")
+        plt.close(fig)
+        table = save_table(pd.DataFrame({"a": [1]}), tmp_path, "t")
+    finally:
+        os.umask(old)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in [*paths, table]}
+    assert modes == {0o644} and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_lock_files_sit_beside_the_run_folders_and_are_no_run(tmp_path):
+    """`.locks` is hidden: the store's listing, exports and `iter_runs` never take it for a run."""
+    from resnet_lab.runs import iter_runs
+
+    with lock_run(tmp_path / HASH["aaa"]):
+        assert lock_file(tmp_path / HASH["aaa"]) == tmp_path / ".locks" / f"{HASH['aaa']}.lock"
+    assert lock_file(tmp_path / HASH["aaa"]).exists() and not list(iter_runs(tmp_path))
+    assert not os.listdir(tmp_path / HASH["aaa"])  # nothing of the lock's in the run folder
