@@ -162,11 +162,21 @@ def _flock(path: Path, wait: bool, busy: str) -> Iterator[None]:
 @contextlib.contextmanager
 def lock_run(folder: str | os.PathLike, wait: bool = True) -> Iterator[None]:
     """Exclusive lock of a run (`lock_file(folder)`), the one lock trainers and imports share; the run folder
-    is made if absent. wait=False raises RunLocked at once instead of waiting."""
+    is made if absent. wait=False raises RunLocked at once instead of waiting.
+
+    Where the folder holds a `.lock` (where versions before `.locks` locked), that one is taken too, second,
+    so a process still running the old code (a kernel, a sweep started before an update) and this one
+    still exclude each other."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with _flock(lock_file(folder), wait, f"run {folder.name} is locked by another process (a trainer or an import)"):
-        yield
+    busy = f"run {folder.name} is locked by another process (a trainer or an import)"
+    with _flock(lock_file(folder), wait, busy):
+        legacy = folder / ".lock"
+        if legacy.is_file() and not legacy.is_symlink():
+            with _flock(legacy, wait, busy):
+                yield
+        else:
+            yield
 
 
 # -- one run ----------------------------------------------------------------------------------------

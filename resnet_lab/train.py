@@ -27,6 +27,7 @@ from .fast import LossScaler, Stepper, autocast, compute_dtype, make_optimizer, 
 from .models import count_params, model_from_config
 from .runs import (CHECKPOINT_FILES, FINISHED, JOINED, METRIC_COLUMNS, RunDir, RunLocked, atomic_save_torch,
                    atomic_write_csv, atomic_write_json, lock_run)
+from .transfer import recover_stranded
 
 log = logging.getLogger(__name__)
 WARMUP_CHECK_EVERY = 20  # steps between host reads of the training error during warm-up
@@ -281,7 +282,8 @@ def train(cfg: RunConfig, root: str | os.PathLike | None = None, device: str | t
         return _finished(rd)
     try:
         with lock_run(rd.path, wait=deadline is None):  # with a time budget, no wait for another process
-            if rd.status() in FINISHED:  # another process finished it while we waited
+            recover_stranded(rd.path)
+            if rd.status() in FINISHED:  # another process finished it while we waited (or an import brought it)
                 return _finished(rd)
             return _train_locked(cfg, rd, device, data, progress, stop_after, checkpoint_every_s, deadline)
     except RunLocked:
@@ -804,6 +806,7 @@ def _train_pack(cfgs: list[RunConfig], index: list[int], root, device: torch.dev
             if k in held:
                 out[index[k]] = _locked(rd)
                 continue
+            recover_stranded(rd.path)
             if rd.status() in FINISHED:  # another process finished it while we waited
                 out[index[k]] = _finished(rd)
                 continue

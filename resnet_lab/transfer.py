@@ -116,7 +116,7 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-def _run_files(run: Path, checkpoints: bool) -> dict[str, bytes] | None:
+def _run_files(run: Path, checkpoints: bool, again: bool = False) -> dict[str, bytes] | None:
     """The files of one run as they are now, or None when the run must not travel.
 
     summary.json is read first and decides the rest, so the status shipped is the status of the
@@ -125,7 +125,9 @@ def _run_files(run: Path, checkpoints: bool) -> dict[str, bytes] | None:
     No lock is taken (a trainer holds its run's for hours), so the files are read in the reverse of the
     order a trainer writes them (metrics, then checkpoint, then summary): the checkpoint before the
     curve, which then reaches at least its step (resuming drops the rows past it), and the summary first,
-    which says no more progress than the files shipped with it.
+    which says no more progress than the files shipped with it. A run that finished between the summary
+    and the checkpoint (which it then removed) is read `again` as the finished run it is, not shipped as one
+    running without a checkpoint (which would start again at step 0 where it lands).
     """
     summary = _read(run / "summary.json")
     config = _read(run / "config.json")
@@ -151,6 +153,8 @@ def _run_files(run: Path, checkpoints: bool) -> dict[str, bytes] | None:
         ckpt = next((d for n in CHECKPOINT_FILES if (d := _read(run / n)) is not None), None)
         if ckpt is not None:
             files[CHECKPOINT] = ckpt
+        elif not again and (_parse_summary(_read(run / "summary.json")) or {}).get("status") in FINISHED:
+            return _run_files(run, checkpoints, again=True)  # it finished meanwhile (and dropped its checkpoints)
     metrics = _read(run / "metrics.csv")
     if metrics is not None:
         files["metrics.csv"] = metrics
@@ -491,6 +495,14 @@ def _recover(dst: Path, h: str) -> None:
             mark.unlink()
             log.warning("run %s: put back the copy an interrupted import left aside (%s)", h, best.name)
     _remove_leftovers(dst, h)
+
+
+def recover_stranded(folder: str | os.PathLike) -> None:
+    """Put back the copy of this run an import killed mid-swap left aside, if any (the caller holds the run's
+    lock): a trainer coming after such a kill resumes or reuses that copy instead of training from step 0."""
+    folder = Path(folder)
+    if any(STRANDED.match(p.name) for p in folder.parent.glob(f".{folder.name}.*")):
+        _recover(folder.parent, folder.name)
 
 
 def _remove_leftovers(dst: Path, h: str) -> None:

@@ -1,6 +1,8 @@
 """Two processes on one run store (a concurrency review): a notebook beside `resnet-lab analyse` computes an
-analysis once, an import's folder swap keeps its lock, an export beside a trainer ships a curve that reaches its
-checkpoint, a resume says when it does not, and figures are as readable as the tables beside them.
+analysis once, an import's folder swap keeps its lock, a process of the old code (its lock in the run folder)
+still excludes this one, an export beside a trainer ships a curve that reaches its checkpoint and a run that
+finished meanwhile as finished, a resume says when its curve falls short, a train after an import killed
+mid-swap takes the copy it left, and figures are as readable as the tables beside them.
 
 flock locks belong to an open file, not a process, so threads of one test contend as two processes would."""
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import stat
 import threading
 import time
@@ -169,3 +172,73 @@ def test_the_lock_files_sit_beside_the_run_folders_and_are_no_run(tmp_path):
         assert lock_file(tmp_path / HASH["aaa"]) == tmp_path / ".locks" / f"{HASH['aaa']}.lock"
     assert lock_file(tmp_path / HASH["aaa"]).exists() and not list(iter_runs(tmp_path))
     assert not os.listdir(tmp_path / HASH["aaa"])  # nothing of the lock's in the run folder
+
+
+def test_a_process_of_the_old_code_still_holds_a_run_against_this_one(tmp_path):
+    """Versions before `.locks` locked `<run>/.lock`: a kernel or sweep started before an update still does, and
+    a trainer of this version must wait for it, not train the same run beside it."""
+    import fcntl
+
+    folder = tmp_path / HASH["aaa"]
+    folder.mkdir()
+    with open(folder / ".lock", "w") as old:  # the old code's lock, held
+        fcntl.flock(old, fcntl.LOCK_EX)
+        with pytest.raises(RunLocked):
+            with lock_run(folder, wait=False):
+                pass
+    with lock_run(folder, wait=False):  # released: taken
+        pass
+
+
+def test_a_run_finishing_while_an_export_reads_it_travels_finished(tmp_path, monkeypatch):
+    """Its summary read `running`, then it finished and dropped its checkpoints: it went as a run running without
+    a checkpoint, which the other machine trained again from step 0."""
+    gpu = tmp_path / "gpu"
+    run = make_run(gpu, "bbb", "running", 5)
+    real, finished = transfer._read, []
+
+    def read(path):
+        data = real(path)
+        if path.name == "summary.json" and not finished:  # the trainer finishes now
+            finished.append(1)
+            (run / "model.pt").write_bytes(b"weights")
+            (run / "summary.json").write_text(json.dumps({"status": "done", "steps_done": 8}))
+            for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+                (run / name).unlink()
+        return data
+
+    monkeypatch.setattr(transfer, "_read", read)
+    export_runs(tmp_path / "out", root=gpu, checkpoints=True)
+    here = tmp_path / "here"
+    import_runs(sorted((tmp_path / "out").iterdir()), root=here)
+    assert json.loads((here / HASH["bbb"] / "summary.json").read_text())["status"] == "done"
+    assert (here / HASH["bbb"] / "model.pt").read_bytes() == b"weights"
+
+
+@pytest.mark.usefixtures("cifar")
+def test_a_train_after_an_import_killed_mid_swap_takes_the_copy_it_left(cifar, tmp_path, caplog):
+    """Killed between its two renames, an import leaves the run aside (`.<hash>.replaced-*`) and no folder: `train`
+    read that as a run never trained and trained it again from step 0."""
+    from resnet_lab.train import train, train_many
+
+    from .test_train import tiny
+
+    cfg = tiny()
+    rec = train(cfg, root=tmp_path, data=cifar, device="cpu")
+    before = {p.name: p.read_bytes() for p in rec.path.iterdir()}
+    os.replace(rec.path, tmp_path / f".{rec.path.name}.replaced-x")
+    with caplog.at_level(logging.WARNING, logger="resnet_lab.transfer"):
+        again = train(cfg, root=tmp_path, data=cifar, device="cpu")
+    assert "put back the copy an interrupted import left aside" in caplog.text
+    assert {p.name: p.read_bytes() for p in again.path.iterdir()} == before  # not trained again
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", rec.path.name]
+    shutil.rmtree(rec.path)  # the same through train_many's packs
+    (tmp_path / f".{rec.path.name}.importing-y").mkdir()  # staging cut off part-way, no twin: never used
+    (tmp_path / f".{rec.path.name}.importing-y" / "metrics.csv").write_text("step\n")
+    whole = tmp_path / f".{rec.path.name}.replaced-z"
+    whole.mkdir()
+    for name, data in before.items():
+        (whole / name).write_bytes(data)
+    packed = train_many([cfg, tiny(seed=1)], root=tmp_path, data=cifar, device="cpu", pack=2)
+    assert {p.name: p.read_bytes() for p in packed[0].path.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{rec.path.name}")]
