@@ -284,7 +284,8 @@ def runs_note(runs: pd.DataFrame, stopped: bool = False, measured: str | None = 
     parts = []
     for (it, bs, n, subset, evals), names in sorted(schedules.items(), reverse=True):
         # an epoch of a subset is not an epoch of CIFAR-10: 6 steps of 8 on 512 images are 0.094 of that subset
-        text = f"{it:,} iterations of batch {bs} ({_epochs(it * bs / n)}{f' of a {n:,}-image subset' if subset else ''})"
+        of = f" of a {n:,}-image subset" if subset else ""
+        text = f"{it:,} iterations of batch {bs} ({_epochs(it * bs / n)}{of})"
         text += f", errors on {evals}" if per_schedule else ""
         parts.append(text if len(schedules) == 1 else f"{', '.join(sorted(names))}: {text}")
     seeds = sorted({int(v) for v in d["seed"]})
@@ -462,7 +463,8 @@ def _measure(rd: RunDir, kind: str, p: dict[str, Any], compute: Callable[[torch.
 
 
 def _compute_and_store(rd: RunDir, kind: str, p: dict[str, Any],
-                       compute: Callable[[torch.nn.Module], dict[str, pd.DataFrame]], device: str) -> dict[str, pd.DataFrame]:
+                       compute: Callable[[torch.nn.Module], dict[str, pd.DataFrame]],
+                       device: str) -> dict[str, pd.DataFrame]:
     from .train import device_name
 
     model, sha = rd.load_model_and_sha256(device)
@@ -947,7 +949,8 @@ def thousand_curves(curves: pd.DataFrame, unfinished_curves: pd.DataFrame) -> pd
 
 def thousand_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Final train/test error of the 110 and 1202 runs; `iterations`: what the finished runs trained (none
-    finished: NaN), `eval_images`: the images their errors are over, `diverged_at`: the last evaluated step of each run that diverged (a 1202-layer net can)."""
+    finished: NaN), `eval_images`: the images their errors are over, `diverged_at`: the last evaluated step
+    of each run that diverged (a 1202-layer net can)."""
     t = depth_table(runs)
     if not t.empty:
         done = runs[runs["status"] == "done"]

@@ -131,7 +131,8 @@ def build_page(preset: str, root: str | Path | None = None) -> str:
                     (("path_lengths", "path lengths and gradient by path length"),))
     out += _section(base, "1000 layers (05)", "05_thousand_layers", "table",
                     [("depth", "ResNet"), ("paper_test_err_%", "paper test error %"), ("iterations", "iterations"),
-                     ("eval_images", "evaluated on (images)"), ("diverged_at", "diverged at"), *RUN_COLUMNS], figures=(("curves", "curves"),))
+                     ("eval_images", "evaluated on (images)"), ("diverged_at", "diverged at"), *RUN_COLUMNS],
+                    figures=(("curves", "curves"),))
     stopped = read_table(base, "05_thousand_layers", "unfinished")
     if stopped is not None:
         out += ["Stopped part-way (not averaged into any table):", "",

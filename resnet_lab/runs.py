@@ -141,16 +141,22 @@ def lock_file(folder: str | os.PathLike, name: str | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def _flock(path: Path, wait: bool, busy: str) -> Iterator[None]:
+def _flock(path: Path, wait: bool, busy: str, waiting: str = "") -> Iterator[None]:
     """Exclusive flock on `path` (made if absent, never followed through a symlink: O_NOFOLLOW, so a planted
-    link cannot make the open truncate another file); RunLocked(busy) at once when wait=False and it is held."""
+    link cannot make the open truncate another file); RunLocked(busy) at once when wait=False and it is held.
+    Where it waits, it says so first (`waiting`, a warning): a notebook cell waiting in silence for another
+    kernel's hours of training reads as hung."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
-            raise RunLocked(busy) from e
+            if not wait:
+                raise RunLocked(busy) from e
+            if waiting:
+                log.warning("%s", waiting)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -164,19 +170,16 @@ def lock_run(folder: str | os.PathLike, wait: bool = True) -> Iterator[None]:
     """Exclusive lock of a run (`lock_file(folder)`), the one lock trainers and imports share; the run folder
     is made if absent. wait=False raises RunLocked at once instead of waiting.
 
-    Where the folder holds a `.lock` (where versions before `.locks` locked), that one is taken too, second,
-    so a process still running the old code (a kernel, a sweep started before an update) and this one
-    still exclude each other."""
+    The folder's own `.lock`, where versions before `.locks` locked, is taken too, second (and an import
+    hard-links it into the folder it swaps in, as they did), so a process still running the old code (a
+    kernel, a sweep started before an update) and this one exclude each other."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     busy = f"run {folder.name} is locked by another process (a trainer or an import)"
-    with _flock(lock_file(folder), wait, busy):
-        legacy = folder / ".lock"
-        if legacy.is_file() and not legacy.is_symlink():
-            with _flock(legacy, wait, busy):
-                yield
-        else:
-            yield
+    waiting = f"run {folder.name} is held by another process (a trainer or an import): waiting for it, then " \
+              f"using what it leaves"
+    with _flock(lock_file(folder), wait, busy, waiting), _flock(folder / ".lock", wait, busy, waiting):
+        yield
 
 
 # -- one run ----------------------------------------------------------------------------------------
@@ -270,14 +273,11 @@ class RunDir:
         run's lock: an import must not skip a finished run because it is being analysed. A store this user
         may only read has no lock to take: each process then computes its own."""
         path = lock_file(self.path, self.analysis_file(kind, params).stem)
+        waiting = f"{self.cfg.name} seed {self.cfg.seed} (run {self.cfg.hash}): another process is computing its " \
+                  f"{kind} analysis: waiting for it, then reading its tables"
         with contextlib.ExitStack() as held:
             try:
-                try:
-                    held.enter_context(_flock(path, False, ""))
-                except RunLocked:
-                    log.info("run %s: another process is computing its %s analysis: waiting for it", self.cfg.hash,
-                             kind)
-                    held.enter_context(_flock(path, True, ""))
+                held.enter_context(_flock(path, True, "", waiting))
             except OSError as e:
                 log.debug("analysis of run %s computed without a lock: %s", self.cfg.hash, e)
             yield

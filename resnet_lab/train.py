@@ -27,7 +27,7 @@ from .fast import LossScaler, Stepper, autocast, compute_dtype, make_optimizer, 
 from .models import count_params, model_from_config
 from .runs import (CHECKPOINT_FILES, FINISHED, JOINED, METRIC_COLUMNS, RunDir, RunLocked, atomic_save_torch,
                    atomic_write_csv, atomic_write_json, lock_run)
-from .transfer import recover_stranded
+from .transfer import recover_stranded, stranded
 
 log = logging.getLogger(__name__)
 WARMUP_CHECK_EVERY = 20  # steps between host reads of the training error during warm-up
@@ -278,8 +278,8 @@ def train(cfg: RunConfig, root: str | os.PathLike | None = None, device: str | t
     data = data if data is not None else load_cifar10()
     cfg = resolve_dataset(cfg, data)
     rd = RunDir(cfg, root)
-    if rd.status() in FINISHED:
-        return _finished(rd)
+    if rd.status() in FINISHED and not stranded(rd.path):  # unlocked: a folder an import left half-done is not
+        return _finished(rd)  # finished whatever its summary says
     try:
         with lock_run(rd.path, wait=deadline is None):  # with a time budget, no wait for another process
             recover_stranded(rd.path)
@@ -343,8 +343,16 @@ def _train_locked(cfg: RunConfig, rd: RunDir, device: torch.device, data: Cifar1
             run.fail(e)
             raise
     if interrupted() and rec.status == "running":  # stopped with a checkpoint: the caller stops too
-        raise KeyboardInterrupt
+        raise _stopped([rec])
     return rec
+
+
+def _stopped(recs: list[RunRecord]) -> KeyboardInterrupt:
+    """The KeyboardInterrupt a first Ctrl-C ends in, saying what it stopped and how to go on: in a notebook it
+    is the last line of the cell's output (a bare one read as a crash, with nothing about resuming)."""
+    runs = ", ".join(f"{r.config.name} seed {r.config.seed} at step {r.summary.get('steps_done', 0):,}" for r in recs)
+    return KeyboardInterrupt(f"stopped {runs or 'before the next runs began'}, with a checkpoint: the same call "
+                             f"(in a notebook, the cell run again) resumes from there")
 
 
 # Seconds between progress-bar refreshes when stderr is not a terminal (a notebook, a log file). An
@@ -662,7 +670,7 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
         if index_of[cfg.hash] != i:  # the same run again
             continue
         rd = RunDir(cfg, root)
-        if rd.status() in FINISHED:
+        if rd.status() in FINISHED and not stranded(rd.path):
             out[i] = _finished(rd)
         else:
             todo.append(i)
@@ -839,7 +847,7 @@ def _train_pack(cfgs: list[RunConfig], index: list[int], root, device: torch.dev
         for k, run in runs.items():  # stopped by the deadline or Ctrl-C: checkpoints, resumed by the next call
             out[index[k]] = _finish(run)
     if interrupted():  # no further pack starts
-        raise KeyboardInterrupt
+        raise _stopped([r for r in out.values() if r is not None and r.status == "running"])
     return out
 
 

@@ -11,6 +11,7 @@ extracted by tarfile itself.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -490,18 +491,27 @@ def _recover(dst: Path, h: str) -> None:
                         f.unlink()
                 atomic_write_text(mark, best.name)
                 (local / "config.json").unlink(missing_ok=True)  # a folder half-replaced must not look whole
-            for name in sorted(moved, key=lambda n: n == "config.json"):
+            # config.json last and summary.json just before it, so a kill part-way never leaves a folder that
+            # reads as finished without its model.pt; the rest by name, the same order in every process
+            for name in sorted(moved, key=lambda n: (n == "config.json", n == "summary.json", n)):
                 os.replace(best / name, local / name)
             mark.unlink()
             log.warning("run %s: put back the copy an interrupted import left aside (%s)", h, best.name)
     _remove_leftovers(dst, h)
 
 
+def stranded(folder: str | os.PathLike) -> bool:
+    """Whether an import (or a recovery) killed part-way left copies of this run aside or a folder half
+    moved in: its status then says nothing until `recover_stranded` has run under the run's lock."""
+    folder = Path(folder)
+    return (folder / RECOVERING).exists() or any(STRANDED.match(p.name) for p in folder.parent.glob(f".{folder.name}.*"))
+
+
 def recover_stranded(folder: str | os.PathLike) -> None:
     """Put back the copy of this run an import killed mid-swap left aside, if any (the caller holds the run's
     lock): a trainer coming after such a kill resumes or reuses that copy instead of training from step 0."""
     folder = Path(folder)
-    if any(STRANDED.match(p.name) for p in folder.parent.glob(f".{folder.name}.*")):
+    if stranded(folder):
         _recover(folder.parent, folder.name)
 
 
@@ -516,8 +526,10 @@ def _swap_in(dst: Path, h: str, files: dict[str, bytes]) -> None:
 
     The run's lock file lives outside the folder (`runs.lock_file`), so a trainer waiting on it, or one that
     makes the folder again between the two renames, waits for this import and then reads what it brought
-    (a rename onto an empty folder succeeds). Leftovers of an earlier, interrupted import were dealt with by
-    `_recover` under the same lock."""
+    (a rename onto an empty folder succeeds). The folder's own `.lock` (the code before `.locks` locked
+    only that one) is hard-linked into the new folder, so such a process waiting on it and one opening it
+    after the swap contend for the same lock. Leftovers of an earlier, interrupted import were dealt with
+    by `_recover` under the same lock."""
     local = dst / h
     staged = Path(tempfile.mkdtemp(prefix=f".{h}.importing-", dir=dst))
     old = dst / staged.name.replace(".importing-", ".replaced-", 1)
@@ -525,6 +537,8 @@ def _swap_in(dst: Path, h: str, files: dict[str, bytes]) -> None:
         os.chmod(staged, 0o777 & ~_umask())  # mkdtemp makes it 0700
         for name, data in files.items():
             atomic_write_bytes(staged / name, data)
+        with contextlib.suppress(OSError):  # the folder's own lock, for processes of the code before `.locks`
+            os.link(local / ".lock", staged / ".lock")
         os.replace(local, old)  # move aside first: at every moment one complete copy exists
         try:
             os.replace(staged, local)

@@ -14,6 +14,7 @@ import shutil
 import stat
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -36,7 +37,7 @@ def _finished(tmp_path) -> RunDir:
     return rd
 
 
-def test_a_second_analysis_of_one_run_waits_for_the_first_and_reads_its_tables(tmp_path):
+def test_a_second_analysis_of_one_run_waits_for_the_first_and_reads_its_tables(tmp_path, caplog):
     """Both missed the cache and both computed (a ResNet-110's lesions: hours on a CPU each); now the second waits
     on the analysis's lock and reads what the first wrote."""
     rd, p = _finished(tmp_path), {"draws": 1}
@@ -53,9 +54,11 @@ def test_a_second_analysis_of_one_run_waits_for_the_first_and_reads_its_tables(t
     assert started.wait(10)
     got = []
     second = threading.Thread(target=lambda: got.append(ex._measure(rd, "lesion", p, slow)))
-    second.start()
-    time.sleep(0.3)
-    assert second.is_alive()  # waiting for the first, not computing
+    with caplog.at_level(logging.WARNING, logger="resnet_lab.runs"):
+        second.start()
+        time.sleep(0.3)
+    assert second.is_alive()  # waiting for the first, not computing, and saying so (a notebook shows warnings)
+    assert "another process is computing its lesion analysis: waiting for it" in caplog.text
     release.set()
     first.join(10)
     second.join(10)
@@ -171,13 +174,42 @@ def test_the_lock_files_sit_beside_the_run_folders_and_are_no_run(tmp_path):
     with lock_run(tmp_path / HASH["aaa"]):
         assert lock_file(tmp_path / HASH["aaa"]) == tmp_path / ".locks" / f"{HASH['aaa']}.lock"
     assert lock_file(tmp_path / HASH["aaa"]).exists() and not list(iter_runs(tmp_path))
-    assert not os.listdir(tmp_path / HASH["aaa"])  # nothing of the lock's in the run folder
+    assert os.listdir(tmp_path / HASH["aaa"]) == [".lock"]  # the one the code before `.locks` takes
 
 
-def test_a_process_of_the_old_code_still_holds_a_run_against_this_one(tmp_path):
-    """Versions before `.locks` locked `<run>/.lock`: a kernel or sweep started before an update still does, and
-    a trainer of this version must wait for it, not train the same run beside it."""
+def test_a_process_waiting_for_a_run_says_so(tmp_path, caplog):
+    """A second kernel training a run another kernel holds sat silent for the whole wait (hours for a paper
+    run): it now says it waits, then goes on when the lock is free."""
+    folder, done = tmp_path / HASH["aaa"], threading.Event()
+
+    def take():
+        with lock_run(folder):
+            done.set()
+
+    with lock_run(folder):
+        with caplog.at_level(logging.WARNING, logger="resnet_lab.runs"):
+            waiter = threading.Thread(target=take)
+            waiter.start()
+            time.sleep(0.3)
+        assert not done.is_set()
+        assert f"run {HASH['aaa']} is held by another process (a trainer or an import): waiting for it" in caplog.text
+    waiter.join(10)
+    assert done.is_set()
+
+
+def test_a_process_of_the_old_code_and_this_one_exclude_each_other(tmp_path):
+    """Versions before `.locks` locked `<run>/.lock` only: a kernel or sweep started before an update still does.
+    Either side holding the run, the other must wait, not train it beside; and an import swapping the folder
+    keeps that lock's file, as the old code did."""
     import fcntl
+
+    def old_code_takes(folder):  # what lock_run did before `.locks`
+        with open(folder / ".lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
 
     folder = tmp_path / HASH["aaa"]
     folder.mkdir()
@@ -186,8 +218,17 @@ def test_a_process_of_the_old_code_still_holds_a_run_against_this_one(tmp_path):
         with pytest.raises(RunLocked):
             with lock_run(folder, wait=False):
                 pass
-    with lock_run(folder, wait=False):  # released: taken
-        pass
+    fresh = tmp_path / HASH["bbb"]  # a folder this version made: no `.lock` until it locks
+    with lock_run(fresh, wait=False):
+        assert not old_code_takes(fresh)
+    assert old_code_takes(fresh)
+
+    store = tmp_path / "store"
+    parts = export_runs(tmp_path / "out", root=make_run(tmp_path / "gpu", "ccc", "done", 6).parent)
+    local = make_run(store, "ccc", "running", 2)
+    inode = (local / ".lock").stat().st_ino
+    assert import_runs(parts, root=store) == {HASH["ccc"]: "imported"}
+    assert (local / ".lock").stat().st_ino == inode  # an old trainer waiting on it and a newcomer share it
 
 
 def test_a_run_finishing_while_an_export_reads_it_travels_finished(tmp_path, monkeypatch):
@@ -213,6 +254,20 @@ def test_a_run_finishing_while_an_export_reads_it_travels_finished(tmp_path, mon
     import_runs(sorted((tmp_path / "out").iterdir()), root=here)
     assert json.loads((here / HASH["bbb"] / "summary.json").read_text())["status"] == "done"
     assert (here / HASH["bbb"] / "model.pt").read_bytes() == b"weights"
+
+
+def test_a_recovery_moves_the_summary_after_everything_but_the_config(tmp_path, monkeypatch):
+    """Files moved in set order (another in each process): a recovery killed after summary.json and before
+    model.pt left a folder whose summary said done with no weights, which `train` took for finished."""
+    store, h = tmp_path / "store", HASH["aaa"]
+    store.mkdir()
+    os.replace(make_run(tmp_path / "staging", "aaa", "done", 6), store / f".{h}.replaced-x")
+    (store / h).mkdir()
+    moved, real = [], os.replace
+    monkeypatch.setattr(transfer.os, "replace", lambda src, dst: (moved.append(Path(dst).name), real(src, dst)))
+    transfer._recover(store, h)
+    assert moved[-2:] == ["summary.json", "config.json"] and "model.pt" in moved
+    assert moved[:-2] == sorted(moved[:-2])  # the same order in every process
 
 
 @pytest.mark.usefixtures("cifar")
@@ -242,3 +297,13 @@ def test_a_train_after_an_import_killed_mid_swap_takes_the_copy_it_left(cifar, t
     packed = train_many([cfg, tiny(seed=1)], root=tmp_path, data=cifar, device="cpu", pack=2)
     assert {p.name: p.read_bytes() for p in packed[0].path.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{rec.path.name}")]
+    # a recovery killed part-way: the folder holds the copy's summary (done) and the mark naming it, not its
+    # weights; the unlocked "finished?" glance must not return that as done
+    for again in (lambda: train(cfg, root=tmp_path, data=cifar, device="cpu"),
+                  lambda: train_many([cfg], root=tmp_path, data=cifar, device="cpu")[0]):
+        os.replace(rec.path, tmp_path / f".{rec.path.name}.replaced-w")
+        rec.path.mkdir()
+        os.replace(tmp_path / f".{rec.path.name}.replaced-w" / "summary.json", rec.path / "summary.json")
+        (rec.path / transfer.RECOVERING).write_text(f".{rec.path.name}.replaced-w")
+        assert {p.name: p.read_bytes() for p in again().path.iterdir()} == before
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{rec.path.name}")]

@@ -215,7 +215,8 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(cifar
     T = importlib.import_module("resnet_lab.train")
     c = T.resolve_dataset(cfg(), cifar)
     _ctrl_c_at_step(monkeypatch, T, 4)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=rf"stopped {c.name} seed 0 at step 5, with a checkpoint: the same "
+                                                r"call \(in a notebook, the cell run again\) resumes"):
         T.train(c, root=tmp_path / "a", data=cifar, device="cpu", progress=False)
     rd = R.RunDir(c, tmp_path / "a")
     assert rd.summary()["status"] == "running" and rd.summary()["steps_done"] == 5
@@ -237,7 +238,7 @@ def test_a_second_ctrl_c_stops_at_once_and_a_packed_ctrl_c_starts_no_further_run
     assert R.RunDir(c, tmp_path).summary()["status"] == "running"
     monkeypatch.undo()
     _ctrl_c_at_step(monkeypatch, T, 6)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=rf"^stopped {c.name} seed 0 at step 7, with a checkpoint"):
         T.train_many([c, d], root=tmp_path, data=cifar, device="cpu", pack=1, progress=False)
     assert R.RunDir(c, tmp_path).summary()["steps_done"] == 7 and R.RunDir(c, tmp_path).checkpoint_file.exists()
     assert R.RunDir(d, tmp_path).summary() is None  # the next pack never started
