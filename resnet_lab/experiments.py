@@ -15,7 +15,7 @@ import os
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
 import torch
@@ -246,6 +246,12 @@ TRAIN_IMAGES = {split: n for split, (n, _) in SPLIT_IMAGES.items()}
 EVAL_IMAGES = {split: (n, "test" if split == "full" else "validation") for split, (_, n) in SPLIT_IMAGES.items()}
 
 
+def eval_images(run: Mapping[str, Any]) -> int:
+    """How many images a run's errors are over (a row of `collect`/`load_runs`): its eval_subset, else its split's."""
+    ev = run.get("eval_subset")
+    return EVAL_IMAGES[run["split"]][0] if ev is None or pd.isna(ev) else int(ev)
+
+
 def _epochs(e: float) -> str:
     return f"{e:.2g} epoch{'' if e <= 1 else 's'}" if e < 10 else f"{e:.0f} epochs"
 
@@ -260,7 +266,7 @@ def runs_note(runs: pd.DataFrame, stopped: bool = False, measured: str | None = 
     if "status" in runs:
         drawn = runs["status"] == "done"
         if stopped:
-            drawn |= (runs["status"] == "running") & (pd.to_numeric(runs["steps_done"], errors="coerce") > 0)
+            drawn |= stopped_part_way(runs)
         d, diverged = runs[drawn], runs[runs["status"] == "diverged"]
     if d.empty and diverged.empty:
         return ""
@@ -272,10 +278,9 @@ def runs_note(runs: pd.DataFrame, stopped: bool = False, measured: str | None = 
         return left_out[2:]
     schedules: dict[tuple[int, int, int, bool, str], set[str]] = {}
     for r in d.to_dict("records"):
-        sub, ev = r.get("train_subset"), r.get("eval_subset")
+        sub = r.get("train_subset")
         n = TRAIN_IMAGES[r["split"]] if sub is None or pd.isna(sub) else int(sub)
-        full, kind = EVAL_IMAGES[r["split"]]
-        evals = f"{full if ev is None or pd.isna(ev) else int(ev):,} {kind} images"
+        evals = f"{eval_images(r):,} {EVAL_IMAGES[r['split']][1]} images"
         key = (int(r["iterations"]), int(r["batch_size"]), n, not (sub is None or pd.isna(sub)), evals)
         schedules.setdefault(key, set()).add(r["name"])
     # one evaluation for all is said once at the end; otherwise each schedule says its own, so a 100-image
@@ -957,8 +962,7 @@ def thousand_table(runs: pd.DataFrame) -> pd.DataFrame:
         t["iterations"] = t["depth"].map(done.groupby("depth")["iterations"].max()).astype("Int64")
         # the images its errors were measured on: quick's ResNet-1202 is a 100-image plumbing check beside
         # nets evaluated on 1,000, and the table should say so where it shows the numbers
-        imgs = done.assign(n=[EVAL_IMAGES[r["split"]][0] if r.get("eval_subset") is None or pd.isna(r["eval_subset"])
-                              else int(r["eval_subset"]) for r in done.to_dict("records")])
+        imgs = done.assign(n=[eval_images(r) for r in done.to_dict("records")])
         per = imgs.groupby("depth")["n"].agg(lambda s: ", ".join(f"{v:,}" for v in sorted(set(s))))
         t["eval_images"] = [per.get(d, "") for d in t["depth"]]
         div = runs[runs["status"] == "diverged"].sort_values("steps_done")

@@ -212,7 +212,8 @@ def _lost_runs(executed: Path, tables: Path, drawn: tuple[list[str], int] | None
         before = json.loads(executed.read_text(encoding="utf-8"))["metadata"][RECORD]["runs"]
     except (OSError, ValueError, KeyError, TypeError):
         before = None
-    head = f"its tables and figures are kept: the run store ({runs_dir()}) holds {len(have)} of the {need} runs it reads"
+    head = (f"its tables and figures are kept: the run store ({runs_dir()}) holds {len(have)} of the {need} runs "
+            "it reads")
     absent = ("a clone has no runs (they are git-ignored): bring them with `resnet-lab runs import`, or train them; "
               "`report --force` redraws from what is stored")
     if not isinstance(before, list):
@@ -229,9 +230,10 @@ def _lost_runs(executed: Path, tables: Path, drawn: tuple[list[str], int] | None
         parts.append(f"{len(out)} of the {len(before)} runs its tables were drawn from are not in it ({_few(out)}): "
                      + absent)
     if there:
-        parts.append(f"{len(there)} of the {len(before)} runs its tables were drawn from are stored but not drawn now ({_few(there)}: other parameters, not "
-                     "finished" + (", or no cached analysis: `resnet-lab analyse`" if _reads_cache(executed) else "")
-                     + "); `report --force` redraws without them")
+        analyse = ", or no cached analysis: `resnet-lab analyse`" if _reads_cache(executed) else ""
+        parts.append(f"{len(there)} of the {len(before)} runs its tables were drawn from are stored but not drawn "
+                     f"now ({_few(there)}: other parameters, not finished{analyse}); `report --force` redraws "
+                     "without them")
     return f"{head}; " + "; ".join(parts)
 
 
@@ -322,7 +324,8 @@ def _backup(folder: Path, executed: Path) -> Path | None:
         shutil.rmtree(p, ignore_errors=True)
     try:
         shutil.copytree(folder, partial, ignore=shutil.ignore_patterns(BACKUP_MARK))
-        (partial / BACKUP_MARK).write_text(json.dumps({"executed": _identity(executed)}))  # the folder's rename commits it
+        # the mark goes in last, and the folder's rename commits the copy
+        (partial / BACKUP_MARK).write_text(json.dumps({"executed": _identity(executed)}))
         os.replace(partial, backup)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

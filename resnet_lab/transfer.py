@@ -504,7 +504,8 @@ def stranded(folder: str | os.PathLike) -> bool:
     """Whether an import (or a recovery) killed part-way left copies of this run aside or a folder half
     moved in: its status then says nothing until `recover_stranded` has run under the run's lock."""
     folder = Path(folder)
-    return (folder / RECOVERING).exists() or any(STRANDED.match(p.name) for p in folder.parent.glob(f".{folder.name}.*"))
+    return (folder / RECOVERING).exists() or \
+        any(STRANDED.match(p.name) for p in folder.parent.glob(f".{folder.name}.*"))
 
 
 def recover_stranded(folder: str | os.PathLike) -> None:
