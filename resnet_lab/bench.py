@@ -150,7 +150,7 @@ def fp16_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torc
 
 
 def compiled_images_per_s(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int,
-                          seconds: float) -> tuple[float, float, float, str, str | None]:
+                          seconds: float) -> tuple[float, float, float, str, str | None, int]:
     """Our step with each block through torch.compile: (images/s, seconds per step, seconds of the first
     step (compile from an empty dynamo cache, its check against the plain step, capture), step label, why
     it is not compiled or not a graph, graphs dynamo compiled for the net)."""

@@ -124,9 +124,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         if a.notebook or a.sweep:
             return _train_notebooks(a)
         return _train_one(a)
-    except KeyboardInterrupt:  # train stopped the runs under way at a step boundary, with a checkpoint
-        print("interrupted (Ctrl-C): the same command resumes each run from its last checkpoint",
-              file=sys.stderr)
+    except KeyboardInterrupt as e:  # a first Ctrl-C: train stopped the runs at a step boundary, with a checkpoint,
+        # and its message names them; a second one ended at once, and they resume from their last periodic one
+        print(f"interrupted (Ctrl-C): {e}" if str(e) else
+              "interrupted (Ctrl-C): the same command resumes each run from its last checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -580,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--kernel", default="resnet-lab", help="Jupyter kernel name (default: resnet-lab)")
     r.add_argument("--force", action="store_true",
                    help="redraw a notebook even where a run its tables were drawn from is missing from the run "
-                        "store (without it they are kept: a clone has no runs)")
+                        "store, or is no longer drawn with these parameters (other seeds or depths, not finished, "
+                        "no cached analysis); without it such a notebook is kept (a clone has no runs)")
     r.set_defaults(func=cmd_report)
 
     b = sub.add_parser("bench", help="images/s of our loop vs the usual DataLoader loop, same process",

@@ -31,6 +31,12 @@ MAX_SEED = 2**32  # the loader's seeds (seed * 1_000_003 + epoch) must stay insi
 # they are left out of the hash so a run trained with them is found by a run asked without.
 NON_RESULT_FIELDS = frozenset({"activation_checkpointing", "fast", "compile"})
 
+# Fields that change results, added to RunConfig after runs were stored: {field: the value every earlier run
+# had, its default}. At that value a field is left out of the hash, so the runs stored before it existed keep
+# their folders (and are found by a config asking for it); any other value is hashed as usual. A new result
+# field goes here, and into tests/test_config.py's OTHER_VALUE (README: Extending).
+ADDED_FIELDS: dict[str, Any] = {}
+
 # Bumped when `models.py` changes what an architecture computes, so that runs stored from the old
 # net hash to other folders and are not reused (an arch missing here is at revision 1, and its
 # hashes are those of before this table existed). preact 2: BN-ReLU before the split in the first
@@ -47,6 +53,8 @@ def valid_depths(block_layers: int = 2, bottleneck: bool = False, limit: int = 1
 
 def check_depth(depth: int, block_layers: int = 2, bottleneck: bool = False) -> int:
     """Return n (blocks' worth of layers per stage) or raise a ValueError naming the valid form."""
+    if isinstance(block_layers, bool) or not isinstance(block_layers, int):  # 2.0 or True pass `in` and `!=`
+        raise ValueError(f"block_layers={block_layers!r} is not valid: use one of {list(BLOCK_LAYERS)}")
     if bottleneck:
         if block_layers != 2:
             raise ValueError(f"block_layers={block_layers!r} is not valid for bottleneck blocks, which have 3 layers "
@@ -139,8 +147,6 @@ class RunConfig:
         for name in BOOL_FIELDS:  # --set fast=no would otherwise be a (true) string
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid: use true or false")
-        if isinstance(self.block_layers, bool) or not isinstance(self.block_layers, int):  # 2.0 or True pass `in`
-            raise ValueError(f"block_layers={self.block_layers!r} is not valid: use one of {list(BLOCK_LAYERS)}")
         check_depth(self.depth, self.block_layers, self.bottleneck)
         for name in ("width", "iterations", "batch_size", "eval_every"):
             v = getattr(self, name)
@@ -186,7 +192,8 @@ class RunConfig:
         d["milestones"] = list(self.milestones)
         if self.arch in MODEL_REVISIONS:
             d["model_revision"] = MODEL_REVISIONS[self.arch]
-        return {k: v for k, v in sorted(d.items()) if k not in NON_RESULT_FIELDS}
+        return {k: v for k, v in sorted(d.items())
+                if k not in NON_RESULT_FIELDS and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
 
     @property
     def hash(self) -> str:
@@ -196,7 +203,7 @@ class RunConfig:
 
     @property
     def name(self) -> str:
-        """Short human label, e.g. 'resnet-56', 'plain-20 skip1 B' or 'resnet-20 fp32' (a precision asked)."""
+        """Short human label, e.g. 'resnet-56', 'resnet-20 skip1 B' or 'resnet-20 fp32' (a precision asked)."""
         s = f"{self.arch}-{self.depth}"
         if self.bottleneck:
             s += " bottleneck"

@@ -260,7 +260,7 @@ def runs_note(runs: pd.DataFrame, stopped: bool = False, measured: str | None = 
     """One line naming what a figure's runs are (preset, each schedule, seeds, evaluation images), so a
     figure read on its own, as a committed PNG, says whether it shows 0.4 epoch or the paper's 164.
     The finished runs, which the figures draw, and the diverged ones they leave out, by name; `stopped`:
-    also the runs stopped part-way that 05 draws. `measured` replaces the runs' evaluation images for a
+    also the runs stopped part-way that 05 draws, each with the step it stopped at. `measured` replaces the runs' evaluation images for a
     figure measured on other images (04's lesions, 06's responses)."""
     d, diverged = runs, runs.iloc[:0]
     if "status" in runs:
@@ -276,21 +276,25 @@ def runs_note(runs: pd.DataFrame, stopped: bool = False, measured: str | None = 
         left_out = f"; diverged, not drawn: {', '.join(names)}"
     if d.empty:
         return left_out[2:]
-    schedules: dict[tuple[int, int, int, bool, str], set[str]] = {}
-    for r in d.to_dict("records"):
+    schedules: dict[tuple[int, int, int, bool, str, int], set[str]] = {}
+    part_way = stopped_part_way(d) if stopped and "status" in d else pd.Series(False, index=d.index)
+    for r, cut in zip(d.to_dict("records"), part_way):
         sub = r.get("train_subset")
         n = TRAIN_IMAGES[r["split"]] if sub is None or pd.isna(sub) else int(sub)
         evals = f"{eval_images(r):,} {EVAL_IMAGES[r['split']][1]} images"
-        key = (int(r["iterations"]), int(r["batch_size"]), n, not (sub is None or pd.isna(sub)), evals)
+        at = int(r["steps_done"]) if cut else 0  # a run stopped part-way is its own schedule: where it stands
+        key = (int(r["iterations"]), int(r["batch_size"]), n, not (sub is None or pd.isna(sub)), evals, at)
         schedules.setdefault(key, set()).add(r["name"])
     # one evaluation for all is said once at the end; otherwise each schedule says its own, so a 100-image
     # plumbing check is not read as measured on the 1,000 images of the nets beside it
     per_schedule = measured is None and len({k[4] for k in schedules}) > 1
     parts = []
-    for (it, bs, n, subset, evals), names in sorted(schedules.items(), reverse=True):
+    for (it, bs, n, subset, evals, at), names in sorted(schedules.items(), reverse=True):
         # an epoch of a subset is not an epoch of CIFAR-10: 6 steps of 8 on 512 images are 0.094 of that subset
         of = f" of a {n:,}-image subset" if subset else ""
         text = f"{it:,} iterations of batch {bs} ({_epochs(it * bs / n)}{of})"
+        if at:
+            text = f"stopped at {at:,} of {text[:-1]}: {_epochs(at * bs / n)} done)"
         text += f", errors on {evals}" if per_schedule else ""
         parts.append(text if len(schedules) == 1 else f"{', '.join(sorted(names))}: {text}")
     seeds = sorted({int(v) for v in d["seed"]})
@@ -383,16 +387,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def variant_of(row: dict[str, Any]) -> str:
-    """Name the ablation variant of a stored run (inverse of VARIANTS)."""
-    if row["arch"] == "plain":
-        return "plain"
-    if row["arch"] in ("preact", "highway", "gated"):
-        return row["arch"]
-    if row.get("bottleneck"):
-        return "bottleneck"
-    if row["block_layers"] != 2:
-        return f"skip{row['block_layers']}"
-    return row["shortcut"]
+    """Name the ablation variant of a stored run (a row of `load_runs`/`load_metrics`): the VARIANTS entry
+    whose fields it has, every other field a variant sets at its RunConfig default; a run no entry describes
+    (a config asked by hand) goes by its name, so it is never drawn as another variant's seed."""
+    for name, fields in VARIANTS.items():
+        if all(_same(row.get(k), v) for k, v in {**_VARIANT_BASE, **fields}.items()):
+            return name
+    return str(row.get("name") or RunConfig.from_json(row).name)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """A row's value (numpy's bool from a DataFrame, NaN where missing) against a variant's."""
+    if isinstance(b, bool):
+        return a is not None and not pd.isna(a) and bool(a) == b
+    return bool(a == b)
+
+
+# the fields some variant sets, at their defaults: what every other variant has
+_VARIANT_BASE = {k: RunConfig.__dataclass_fields__[k].default for v in VARIANTS.values() for k in v}
 
 
 def ablation_configs(preset: str, variants: list[str], depths: list[int], seeds: list[int]) -> list[RunConfig]:
@@ -704,8 +716,6 @@ def imagenet_architectures(depths: list[int], batch_size: int = 8, device: str =
     return table
 
 
-# -- which runs a notebook needs (sweeps and reports ask this without executing the notebook) ----------
-# notebook -> (the function that names its runs, the notebook parameters it takes, in order)
 # -- 08 fast-path fidelity (issue #8) ---------------------------------------------------------------------
 # The reference loop: fp32 and the eager step, what `train_step` computes and the graph is checked against.
 REFERENCE_LOOP = dict(precision="fp32", fast=False)
@@ -840,6 +850,8 @@ def fidelity_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     return curves.assign(loop=curves["hash"].map(label))
 
 
+# -- which runs a notebook needs (sweeps and reports ask this without executing the notebook) ----------
+# notebook -> (the function that names its runs, the notebook parameters it takes, in order)
 NOTEBOOK_CONFIGS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "01_degradation": (degradation_configs, ("preset", "depths", "seeds")),
     "02_depth": (depth_configs, ("preset", "depths", "seeds")),

@@ -4,9 +4,9 @@ Small CIFAR nets on a big GPU are bound by kernel launches, not FLOPs: a ResNet-
 thousand small kernels (forward, backward, optimizer). Capturing forward + backward + fused SGD
 into one CUDA graph launches them all at once. The learning rate lives in a device tensor, so
 the schedule changes without re-capture. Whatever stops capture (a CPU device, an op that needs
-the host, a failed self-check) leaves the eager step in place, with the reason logged and kept in
-`Stepper.reason` (the run summary stores it). A capture that raises inside `torch.cuda.graph` also
-keeps every later step of the process eager (`graph_unavailable` says why).
+the host, a failed self-check) leaves the eager step in place, with the reason kept in `Stepper.reason`
+(the run summary stores it) and logged where a capture was tried and failed. A capture that raises
+inside `torch.cuda.graph` also keeps every later step of the process eager (`graph_unavailable` says why).
 
 Optionally (`compile=True`) each residual block runs through `torch.compile` (inductor, without
 cudagraphs of its own) inside that captured step: blocks of one shape share one compiled graph (a
@@ -82,8 +82,8 @@ def match_momentum_layout(opt: torch.optim.Optimizer) -> None:
 
 
 def compute_dtype(device: torch.device, precision: str) -> str:
-    """What a run's `precision` means on this device: "bf16" (autocast) on CUDA for "auto", "fp16" when
-    asked, else "fp32"."""
+    """What a run's `precision` means on this device: "bf16" or "fp16" (autocast) when asked for, on any
+    device; "bf16" on CUDA for "auto"; else "fp32"."""
     if precision in ("bf16", "fp16"):
         return precision
     return "bf16" if precision == "auto" and device.type == "cuda" else "fp32"
@@ -454,10 +454,13 @@ def _allow_many_nets() -> None:
     """Raise dynamo's limit of compiled versions per forward to COMPILE_RECOMPILE_LIMIT, and make passing
     it an error (which `_try_compile` reports) rather than a forward silently left uncompiled."""
     cfg = torch._dynamo.config
-    if hasattr(cfg, "recompile_limit"):
-        cfg.recompile_limit = max(cfg.recompile_limit, COMPILE_RECOMPILE_LIMIT)
-    if hasattr(cfg, "fail_on_recompile_limit_hit"):
-        cfg.fail_on_recompile_limit_hit = True
+    # torch before 2.7 names them cache_size_limit and fail_on_cache_limit_hit
+    limit = next((n for n in ("recompile_limit", "cache_size_limit") if hasattr(cfg, n)), None)
+    if limit:
+        setattr(cfg, limit, max(getattr(cfg, limit), COMPILE_RECOMPILE_LIMIT))
+    fail = next((n for n in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit") if hasattr(cfg, n)), None)
+    if fail:
+        setattr(cfg, fail, True)
 
 
 def _require_agreement(check: dict, what: str) -> None:

@@ -129,8 +129,8 @@ def _signature(model: nn.Module) -> list[tuple]:
 
 
 def _difference(a: tuple, b: tuple) -> str:
-    """'blocks.0 (Block: gate_only False, not True)': where two signatures first part, in words (a's values, not
-    b's)."""
+    """'blocks.0 (Block: shortcut_gate_only False, not True)': where two signatures first part, in words
+    (a's values, not b's)."""
     where = f"{a[0] or 'the net'} ({a[1]}" + ("" if a[1] == b[1] else f", not {b[1]}")
     mine, theirs = dict(a[2]), dict(b[2])
     keys = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k, "-") != theirs.get(k, "-")][:3]

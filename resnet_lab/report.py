@@ -24,7 +24,7 @@ import pandas as pd
 from .config import check_preset
 from .experiments import NOTEBOOKS_DIR
 from .runs import atomic_write_text, load_runs, results_dir, runs_dir
-from .sweep import OUTPUT_VAR, PATH_VARS, absolute_path_env, notebook_parameters, report_parameters
+from .sweep import OUTPUT_VAR, kernel_env, notebook_parameters, report_parameters
 
 log = logging.getLogger(__name__)
 NOT_REPORTED = {"00_report"}  # the report notebook itself
@@ -46,12 +46,13 @@ def executed_parameters(path: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def absolute_path_vars() -> Iterator[None]:
-    """Relative RESNET_LAB_DATA/_RESULTS/... made absolute in os.environ while notebooks execute, then restored.
+    """Relative RESNET_LAB_DATA/_RESULTS/... and PYTHONPATH entries made absolute in os.environ while notebooks
+    execute, and the package named for the kernel to compare with its own (`sweep.kernel_env`), then restored.
 
     papermill starts the kernel in notebooks/ with this process's environment: a relative path (the README's
     `RESNET_LAB_DATA=../shared/...`) would resolve from there, or point the kernel at another run store.
     """
-    with environ({k: v for k, v in absolute_path_env(os.environ).items() if k in PATH_VARS}):
+    with environ(kernel_env()):
         yield
 
 
@@ -74,8 +75,9 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
           directory: Path = NOTEBOOKS_DIR, force: bool = False) -> pd.DataFrame:
     """Re-execute each notebook for `preset` from stored runs; one row per notebook with its status.
 
-    A notebook is `kept`, not redrawn, where a run its tables were drawn from is missing from the store
-    (`_lost_runs`; force: redraw it anyway)."""
+    A notebook is `kept`, not redrawn, where a run its tables were drawn from is missing from the store, or
+    is no longer drawn with these parameters (other seeds or depths, not finished, no cached analysis:
+    `_lost_runs`; force: redraw it from what is drawn now)."""
     check_preset(preset)
     names = notebooks(directory)
     if only:

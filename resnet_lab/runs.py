@@ -301,7 +301,8 @@ def _plain(params: Mapping[str, Any]) -> Any:
 
 
 FINISHED = ("done", "diverged")  # a diverged run is a result too: trained again, it diverges again
-CHECKPOINT_FILES = ("checkpoint.pt", "checkpoint.prev.pt")  # the newest, and the one before while a trainer swaps
+# the newest, and the one before it (kept as a fallback until the run finishes)
+CHECKPOINT_FILES = ("checkpoint.pt", "checkpoint.prev.pt")
 
 
 def can_resume(folder: Path) -> bool:
@@ -329,13 +330,30 @@ def _read_metrics(path: Path) -> pd.DataFrame:
 
 
 # -- many runs ---------------------------------------------------------------------------------------
+_warned: set[tuple[str, str]] = set()  # (folder, why): a notebook reads the store often, and says each once
+
+
+def _warn_once(folder: Path, why: str) -> None:
+    if (str(folder), why) not in _warned:
+        _warned.add((str(folder), why))
+        log.warning("%s", why)
+
+
 def iter_runs(root: str | os.PathLike | None = None) -> Iterator[tuple[Path, dict, dict | None]]:
     """(folder, config, summary or None) of every run folder; hidden folders and stray files are skipped,
-    and so, with a warning, is a folder whose config is damaged: one bad folder must not stop every table
-    of the store. An unreadable summary reads as None (not finished)."""
+    and so, with a warning, is a folder whose config is damaged or hashes to another name (a run of another
+    version of the code: an architecture revised since, a field this version does not know, or hashed as
+    numbers were before; no config of this version asks for it): one bad folder must not stop every table
+    of the store, nor pass for the run its config reads as here. An unreadable summary reads as None (not
+    finished). `root` is the run store itself (results/runs), not the results folder above it."""
     d = runs_dir(root)
-    if not d.exists():
+    if not d.is_dir():
+        if root is not None:  # the default store simply does not exist yet; a folder named by hand is a typo
+            _warn_once(d, f"no run store at {d}: no runs read (the store is the folder of run hashes, "
+                          "results/runs by default)")
         return
+    if root is not None and (d / "runs").is_dir():
+        _warn_once(d, f"{d} holds a runs/ folder: if it is the results folder, the run store is {d / 'runs'}")
     for p in sorted(d.iterdir()):
         if p.name.startswith(".") or not p.is_dir():  # `.<hash>.importing` / `.replaced`: an import's staging
             continue
@@ -345,9 +363,14 @@ def iter_runs(root: str | os.PathLike | None = None) -> Iterator[tuple[Path, dic
         try:
             if cfg is None:
                 raise ValueError("config.json is not a readable JSON object")
-            RunConfig.from_json(cfg)
+            h = RunConfig.from_json(cfg).hash
         except (TypeError, ValueError) as e:
-            log.warning("run folder %s skipped: %s", p, e)
+            _warn_once(p, f"run folder {p} skipped: {e}")
+            continue
+        if h != p.name:
+            _warn_once(p, f"run folder {p} skipped: its config.json hashes to {h} here, so it is a run of another "
+                          "version of the code (an architecture revised since, a field this version does not "
+                          "know, or an older hashing), which no config of this version names")
             continue
         yield p, cfg, _read_json_dict(p / "summary.json")
 
@@ -361,7 +384,8 @@ FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.
 
 
 def load_runs(root: str | os.PathLike | None = None, **where: Any) -> pd.DataFrame:
-    """One row per run: config columns + final metrics. `where` filters on columns, e.g. preset='quick'."""
+    """One row per run: config columns + final metrics + name. `where` filters on columns, e.g.
+    preset='quick'. `root`: the run store (results/runs by default), not the results folder."""
     rows = []
     for p, cfg, summ in iter_runs(root):
         row = {"hash": p.name, **FIELD_DEFAULTS, **cfg}  # a run stored before a field existed: its default
@@ -374,11 +398,11 @@ def load_runs(root: str | os.PathLike | None = None, **where: Any) -> pd.DataFra
     # an empty store still has the columns, so `runs[runs["status"] == "done"]` is simply empty
     df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["hash", *RunConfig.__dataclass_fields__,
                                                                *SUMMARY_COLUMNS])
+    df["name"] = [RunConfig.from_json(r).name for r in df.to_dict("records")]  # before filtering: a column too
     for k, v in where.items():
         if k not in df.columns:
             raise KeyError(f"no column {k!r} in runs; columns are {sorted(df.columns)}")
         df = df[_where(df[k], v)]
-    df["name"] = [RunConfig.from_json(r).name for r in df.to_dict("records")]
     return df.reset_index(drop=True)
 
 
@@ -394,18 +418,24 @@ def _where(col: pd.Series, v: Any) -> pd.Series:
     return col == v
 
 
+# the run columns each row of `load_metrics` carries: every config field (but `lr`, the evaluation's own
+# learning rate there), so curves of two configs never merge; the hash, name and status
+RUN_COLUMNS = ("hash", "name", *(f.name for f in dataclasses.fields(RunConfig) if f.name not in METRIC_COLUMNS),
+               "status")
+
+
 def load_metrics(root: str | os.PathLike | None = None, **where: Any) -> pd.DataFrame:
-    """Long-form curves: one row per evaluation of every selected run, with its config columns."""
+    """Long-form curves: one row per evaluation of every selected run, with its config columns (`lr` is the
+    evaluation's learning rate; the run's base rate is in `load_runs`)."""
     runs = load_runs(root, **where)
     frames = []
     base = runs_dir(root)
     for r in runs.to_dict("records"):
         m = _read_metrics(base / r["hash"] / "metrics.csv")
         if not m.empty:
-            for k in ("hash", "name", "arch", "depth", "block_layers", "shortcut", "bottleneck", "seed", "preset",
-                      "status"):
-                m[k] = r[k]
+            for k in RUN_COLUMNS:
+                m[k] = [r[k]] * len(m)  # a tuple (milestones) is one value per row, not a column of values
             frames.append(m)
-    if not frames:
-        return pd.DataFrame(columns=METRIC_COLUMNS + ["hash", "name", "arch", "depth", "seed", "preset"])
+    if not frames:  # the columns of a non-empty result, so a filter or groupby on one works either way
+        return pd.DataFrame(columns=[*METRIC_COLUMNS, *RUN_COLUMNS])
     return pd.concat(frames, ignore_index=True)

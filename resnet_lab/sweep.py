@@ -64,6 +64,9 @@ THREAD_VARS = ("RESNET_LAB_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # value is made absolute against the caller's cwd before a point's process or a report's kernel sees it.
 PATH_VARS = ("RESNET_LAB_DATA", "RESNET_LAB_DATA_DIR", "RESNET_LAB_RESULTS")
 OUTPUT_VAR = "RESNET_LAB_OUTPUT_DIR"  # where a notebook writes its tables and figures (experiments.output_dir)
+# the resnet_lab package a sweep or report runs from: a kernel importing another copy (another checkout's editable
+# install, a relative PYTHONPATH that resolves elsewhere from notebooks/) would train that copy's code unnoticed
+PACKAGE_VAR = "RESNET_LAB_PACKAGE"
 STOP_GRACE_S = 10.0  # after Ctrl-C, how long running points get to shut their kernels down before SIGKILL
 _RESULT_MARK = "@@resnet-lab-sweep-result@@ "
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # what --device and a notebook's `device` parameter take
@@ -410,6 +413,12 @@ def check_notebook(notebook: str, values: MutableMapping[str, Any]) -> None:
     injects the string 'false', which is true), the counts their bounds, the device its format and, here,
     its presence (a run that cannot start is caught, and the notebook would end clean with empty tables).
     Whole floats of int parameters become ints in `values` (the notebook's globals), as a sweep injects them."""
+    parent = os.environ.get(PACKAGE_VAR)
+    if parent and Path(parent).resolve() != package_dir():
+        raise RuntimeError(f"this kernel imported resnet_lab from {package_dir()}, but the sweep or report that "
+                           f"started it runs {parent}: it would train and draw that other copy's code. Start it "
+                           "from the checkout whose kernel this is, or give the kernel that checkout "
+                           f"(PYTHONPATH={Path(parent).parent}, or that checkout's own `make install`)")
     declared = notebook_parameters(notebooks_dir() / f"{notebook}.ipynb")
     given = {name: _check_value(notebook, values[name], declared[name]) for name in declared if name in values}
     values.update(given)
@@ -515,26 +524,47 @@ def runs_left(point: Point) -> str | None:
 
 # -- one point, in its own process ---------------------------------------------------------------------
 def absolute_path_env(env: Mapping[str, str], cwd: str | os.PathLike | None = None) -> dict[str, str]:
-    """`env` with relative values of PATH_VARS made absolute against `cwd` (default: this process's cwd).
+    """`env` with relative values of PATH_VARS, and relative entries of PYTHONPATH, made absolute against
+    `cwd` (default: this process's cwd).
 
     A point's kernel (and a report's) runs in notebooks/: `RESNET_LAB_DATA=../shared/...` as the README
-    suggests would resolve from there, and a relative RESNET_LAB_RESULTS would give the kernel another
-    store than the parent's. Empty values and anything with a scheme (`s3://...`) pass unchanged.
+    suggests would resolve from there, a relative RESNET_LAB_RESULTS would give the kernel another
+    store than the parent's, and `PYTHONPATH=.` another resnet_lab than the parent's (or none). Empty
+    values and anything with a scheme (`s3://...`) pass unchanged.
     """
     out = dict(env)
-    for name in PATH_VARS:
-        value = out.get(name)
+    here = Path(cwd if cwd is not None else os.getcwd())
+
+    def absolute(value: str) -> str:
         if not value or "://" in value:
-            continue
+            return value
         path = Path(value).expanduser()
-        if not path.is_absolute():
-            path = Path(cwd if cwd is not None else os.getcwd()) / path
-        out[name] = str(path)
+        return str(path if path.is_absolute() else here / path)
+
+    for name in PATH_VARS:
+        if out.get(name):
+            out[name] = absolute(out[name])
+    if out.get("PYTHONPATH"):
+        out["PYTHONPATH"] = os.pathsep.join(absolute(v) for v in out["PYTHONPATH"].split(os.pathsep))
     return out
 
 
+def kernel_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a point's or a report's kernel is given: RESNET_LAB_* and PYTHONPATH, their paths absolute, and
+    PACKAGE_VAR naming this process's resnet_lab (`check_notebook` compares the kernel's with it)."""
+    env = os.environ if env is None else env
+    out = absolute_path_env({k: v for k, v in env.items() if k.startswith("RESNET_LAB_") or k == "PYTHONPATH"})
+    out[PACKAGE_VAR] = str(package_dir())
+    return out
+
+
+def package_dir() -> Path:
+    """The folder of the resnet_lab package this process imported."""
+    return Path(__file__).resolve().parent
+
+
 def _point_spec(point: Point, kernel_name: str, threads: int) -> dict[str, Any]:
-    env = absolute_path_env({k: v for k, v in os.environ.items() if k.startswith("RESNET_LAB_")})
+    env = kernel_env()
     env.update({k: str(threads) for k in THREAD_VARS})
     # the point's tables and figures beside its executed notebook: points of one notebook would otherwise all
     # write results/<preset>/<notebook>/ (at once, with --jobs), over the report's tables and each other's
@@ -886,8 +916,8 @@ def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool =
               gpus_per_task: float = 0.0, kernel_name: str = DEFAULT_KERNEL) -> pd.DataFrame:
     """Execute every point that is not done; one row per point: point, status, seconds, output, error.
 
-    status: done (executed now), skipped (done before), failed (error kept in the output notebook),
-    would-run (dry run). A failure never stops the other points. Ctrl-C does: queued points are cancelled,
+    status: done (executed now), skipped (done before), failed (error kept in the output notebook; or its
+    notebook ran clean but a run it needs did not finish: the error column says which), would-run (dry run). A failure never stops the other points. Ctrl-C does: queued points are cancelled,
     running ones stopped, and SweepInterrupted (a KeyboardInterrupt) carries the table, the rest 'interrupted'.
     jobs: points at once (on a Ray cluster too: across all its nodes); each point's process gets
     cores // jobs threads (locally: pinned to its own cores; with Ray: that many num_cpus per task, plus

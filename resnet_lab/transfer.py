@@ -598,8 +598,9 @@ def import_runs(parts: list[str | os.PathLike], root: str | os.PathLike | None =
     A run is taken when the store lacks it or has it less far along: failed < running < unfinished with a
     checkpoint (failed or running: it resumes) < done, then fewer steps < more. So a local copy that can
     resume is never replaced by one that would start again at step 0 (an export over --max-mb drops
-    checkpoints), a finished local run is never replaced (it only gains the cached analyses it lacks),
-    and a run whose lock a local process holds is skipped. A damaged, incomplete, missing or crafted
+    checkpoints), a local run done is never replaced (it only gains the cached analyses it lacks; a
+    diverged one gives way to a copy that got further), and a run whose lock a local process holds is
+    skipped. A damaged, incomplete, missing or crafted
     archive raises ValueError before the store is touched.
     """
     runs = _read_archive(_ordered_parts(parts))

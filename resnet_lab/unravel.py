@@ -306,8 +306,8 @@ def gradient_by_path_length(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     """Input-gradient norm carried by single paths of length k, and by all C(m,k) of them: which lengths train the net.
 
     Veit et al.'s scheme: for each k and sample, draw k of the m blocks (a path not measured yet for
-    this k, until all C(m,k) have been; then round again on new batches); in the backward pass the
-    gradient goes only through the residual branch of those k blocks and only through the
+    this k, until all C(m,k) have been; then round again, on new batches when `batch` is given); in the
+    backward pass the gradient goes only through the residual branch of those k blocks and only through the
     shortcut of the others (`Block.route`; forward values are unchanged), so it follows exactly
     one path of length k. With the model in eval mode (BN on running statistics), compute the mean
     cross-entropy on a batch of uint8 images with labels, backpropagate and record the norm of the

@@ -1,0 +1,178 @@
+"""What two docstring reviews and a contributor's walkthrough found the code did not do as it said: a run store
+that names folders by hash must skip one whose config hashes elsewhere, curves keep every config column, a
+kernel imports the checkout its sweep runs, a stopped run's caption says where it stopped, a Ctrl-C names the
+runs it stopped, variants are named by their fields, and a field added to RunConfig keeps the stored hashes."""
+import dataclasses
+import json
+import logging
+import os
+import types
+
+import pandas as pd
+import pytest
+
+
+def _store(root, cfg, status="done", steps=None, rows=2):
+    """A run folder as train leaves it (config, summary, metrics), without training."""
+    from resnet_lab.runs import METRIC_COLUMNS
+
+    d = root / cfg.hash
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg.to_json()))
+    steps = cfg.iterations if steps is None else steps
+    (d / "summary.json").write_text(json.dumps({"status": status, "steps_done": steps, "final_test_err": 0.5}))
+    pd.DataFrame([[i + 1] + [0.5] * (len(METRIC_COLUMNS) - 1) for i in range(rows)],
+                 columns=METRIC_COLUMNS).to_csv(d / "metrics.csv", index=False)
+    return d
+
+
+# -- the run store -----------------------------------------------------------------------------------------
+def test_a_folder_whose_config_hashes_elsewhere_is_skipped_once_with_a_warning(results, caplog):
+    """A run of another version of the code (a revised architecture, a field this one does not know) read as
+    the config its JSON parses to here would be pooled with that config's runs as one more seed."""
+    from resnet_lab.config import make_config
+    from resnet_lab.runs import load_runs
+
+    good = make_config("smoke", depth=8)
+    _store(results, good)
+    other = _store(results, make_config("smoke", depth=8, seed=1))
+    other.rename(results / "0123456789ab")
+    with caplog.at_level(logging.WARNING, logger="resnet_lab.runs"):
+        assert list(load_runs(results)["hash"]) == [good.hash]
+        assert list(load_runs(results)["hash"]) == [good.hash]
+    said = [r.getMessage() for r in caplog.records if "0123456789ab" in r.getMessage()]
+    assert len(said) == 1 and "hashes to" in said[0]
+
+
+def test_a_store_named_by_hand_that_is_not_one_says_so(tmp_path, caplog):
+    from resnet_lab.runs import load_runs
+
+    (tmp_path / "results" / "runs").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="resnet_lab.runs"):
+        assert load_runs(tmp_path / "typo").empty
+        assert load_runs(tmp_path / "results").empty
+    text = caplog.text
+    assert "no run store at" in text and str(tmp_path / "results" / "runs") in text
+
+
+def test_curves_carry_every_config_column_stored_or_not(results):
+    """Two runs that differ only in precision (08's reference loop) must not merge into one curve with a band."""
+    from resnet_lab.config import make_config
+    from resnet_lab.runs import load_metrics
+
+    a, b = make_config("smoke", depth=8), make_config("smoke", depth=8, precision="fp32")
+    _store(results, a), _store(results, b)
+    curves = load_metrics(results)
+    assert set(curves.groupby("precision")["hash"].unique().map(tuple)) == {(a.hash,), (b.hash,)}
+    assert (curves["milestones"] == a.milestones).all() and "width" in curves
+    assert list(load_metrics(results, hash=[]).columns) == list(curves.columns)
+
+
+def test_runs_filter_on_their_name(results):
+    from resnet_lab.config import make_config
+    from resnet_lab.runs import load_runs
+
+    a, b = make_config("smoke", depth=8), make_config("smoke", depth=8, arch="plain")
+    _store(results, a), _store(results, b)
+    assert list(load_runs(results, name="plain-8")["hash"]) == [b.hash]
+
+
+# -- the config ---------------------------------------------------------------------------------------------
+def test_a_whole_float_block_layers_is_refused_by_the_model_too():
+    from resnet_lab.config import RunConfig
+    from resnet_lab.models import build_model
+
+    for make in (lambda: build_model("resnet", 20, block_layers=2.0), lambda: RunConfig(block_layers=2.0),
+                 lambda: build_model("resnet", 20, block_layers=True)):
+        with pytest.raises(ValueError, match=r"block_layers=.* is not valid: use one of \[1, 2, 3\]"):
+            make()
+
+
+def test_a_field_added_at_its_old_behaviour_keeps_every_stored_hash(monkeypatch):
+    """How a new result field joins RunConfig (README: Extending): at its default the hash is the one before."""
+    from resnet_lab import config
+    from resnet_lab.config import RunConfig
+
+    Scaled = dataclasses.make_dataclass("Scaled", [("shortcut_scale", float, 1.0)], bases=(RunConfig,), frozen=True)
+    monkeypatch.setitem(config.ADDED_FIELDS, "shortcut_scale", 1.0)
+    for kw in ({}, {"arch": "plain", "depth": 56}, {"arch": "preact", "seed": 3}):
+        assert Scaled(**kw).hash == RunConfig(**kw).hash
+        assert Scaled(**kw, shortcut_scale=0.5).hash != RunConfig(**kw).hash
+    assert RunConfig().hash == "fcb22df1aed5"
+
+
+def test_each_variant_is_named_by_its_fields_and_a_hand_config_by_its_name():
+    from resnet_lab import experiments as ex
+    from resnet_lab.config import make_config
+
+    cfgs = ex.ablation_configs("smoke", list(ex.VARIANTS), [20], [0])
+    rows = [{**c.to_json(), "name": c.name} for c in cfgs]
+    assert [ex.variant_of(r) for r in rows] == list(ex.VARIANTS)
+    odd = make_config("smoke", depth=20, block_layers=1, shortcut="B")
+    assert ex.variant_of({**odd.to_json(), "name": odd.name}) == "resnet-20 skip1 B"  # not drawn as skip1's seed
+    frame = pd.DataFrame([{**odd.to_json(), "bottleneck": float("nan")}])  # a row of a run from before the field
+    assert ex.variant_of(frame.to_dict("records")[0]) != "bottleneck"
+
+
+# -- what a reader is told ------------------------------------------------------------------------------------
+def test_a_stopped_runs_caption_says_where_it_stopped(results):
+    from resnet_lab import experiments as ex
+    from resnet_lab.config import make_config
+    from resnet_lab.runs import load_runs
+
+    done, cut = make_config("paper", depth=20), make_config("paper", depth=32)
+    _store(results, done), _store(results, cut, status="running", steps=31_544)
+    note = ex.runs_note(load_runs(results), stopped=True)
+    assert "resnet-32: stopped at 31,544 of 64,000 iterations of batch 128 (164 epochs: 81 epochs done)" in note
+    assert "resnet-20: 64,000 iterations of batch 128 (164 epochs)" in note
+
+
+def test_a_ctrl_c_on_the_command_line_names_the_runs_it_stopped(monkeypatch, capsys):
+    from resnet_lab import cli
+
+    for raised, said in ((KeyboardInterrupt("stopped resnet-56 seed 1 at step 31,544, with a checkpoint"),
+                          "interrupted (Ctrl-C): stopped resnet-56 seed 1 at step 31,544"),
+                         (KeyboardInterrupt(), "resumes each run from its last checkpoint")):
+        def stop(a, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(cli, "_train_one", stop)
+        assert cli.main(["train", "--preset", "smoke", "--depth", "8"]) == cli.EXIT_INTERRUPTED
+        assert said in capsys.readouterr().err
+
+
+# -- the kernel a sweep or report starts ------------------------------------------------------------------------
+def test_a_relative_pythonpath_reaches_the_kernel_absolute(tmp_path, monkeypatch):
+    from resnet_lab import sweep
+
+    env = sweep.absolute_path_env({"PYTHONPATH": f"src{os.pathsep}/abs/lib"}, cwd=tmp_path)
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "src"), "/abs/lib"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", ".")
+    got = sweep.kernel_env()
+    assert got["PYTHONPATH"] == str(tmp_path / ".") and got[sweep.PACKAGE_VAR] == str(sweep.package_dir())
+
+
+def test_a_kernel_of_another_checkout_stops_at_its_first_call(monkeypatch, tmp_path):
+    from resnet_lab import sweep
+
+    params = {"preset": "smoke", "depths": [8], "seeds": [0], "device": "cpu", "train_missing": False}
+    monkeypatch.setenv(sweep.PACKAGE_VAR, str(sweep.package_dir()))
+    sweep.check_notebook("01_degradation", dict(params))
+    monkeypatch.setenv(sweep.PACKAGE_VAR, str(tmp_path / "other" / "resnet_lab"))
+    with pytest.raises(RuntimeError, match=r"imported resnet_lab from .*, but the sweep or report that started it runs "
+                                           + str(tmp_path)):
+        sweep.check_notebook("01_degradation", dict(params))
+
+
+# -- the fast path's compile limit on older torch ------------------------------------------------------------------
+def test_the_compile_limit_is_raised_under_torchs_older_names(monkeypatch):
+    """torch before 2.7 names the settings cache_size_limit and fail_on_cache_limit_hit (pyproject allows 2.4)."""
+    import torch._dynamo
+
+    from resnet_lab import fast
+
+    old = types.SimpleNamespace(cache_size_limit=8, fail_on_cache_limit_hit=False)
+    monkeypatch.setattr(torch._dynamo, "config", old)
+    fast._allow_many_nets()
+    assert (old.cache_size_limit, old.fail_on_cache_limit_hit) == (fast.COMPILE_RECOMPILE_LIMIT, True)
