@@ -273,7 +273,7 @@ def _check_notebook(nb: str, params: dict[str, Any], command: str = "train") -> 
                          f"{sorted(declared)}")
     used = set(ex.NOTEBOOK_CONFIGS[nb][1]) - {"preset"}
     if command == "analyse":
-        used |= set(ex.ANALYSIS_PARAMS.get(nb, ()))
+        used |= set(ex.NOTEBOOK_ANALYSES[nb].reads if nb in ex.NOTEBOOK_ANALYSES else ())
     ignored = sorted(set(params) - used - {"preset"})
     if ignored:
         raise ValueError(f"{nb}'s {', '.join(ignored)} would change nothing `{command}` does: it takes "

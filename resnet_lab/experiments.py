@@ -44,7 +44,8 @@ def check_grid(name: str, values: list, allowed: Iterable | None = None, positiv
 # A notebook's counts (04's analysis settings, 06's images, 07's timing) and their upper bound (the test set's
 # 10,000 images; None: none): a bad one would pass a type check and fail, or run for minutes on nonsense, or
 # quietly measure something else (max_images=-5 took all but 5 images) deep inside the notebook. The notebook's
-# functions check them under its parameter names, and `sweep.check_params` before any point runs.
+# functions check them under its parameter names, and `sweep.check_params` before any point runs. Keyed by name
+# across notebooks: a new notebook's count parameter is checked only once its name is here.
 COUNT_PARAMS = {"draws": None, "grad_samples": None, "grad_batch": None, "eval_images": 10_000,
                 "max_images": 10_000, "batch_size": None, "repeats": None}
 
@@ -893,9 +894,21 @@ def _unravel_from_params(runs: pd.DataFrame, p: dict[str, Any], device: str | No
                      device=device)  # as notebook 04 calls it, so that it finds what this caches
 
 
-# notebook -> what computes and caches its slow analyses from (its finished runs, its parameters, a device)
-NOTEBOOK_ANALYSES: dict[str, Any] = {"04_unraveled_ensemble": _unravel_from_params}
-ANALYSIS_PARAMS = {"04_unraveled_ensemble": ("draws", "eval_images", "grad_samples")}  # what those read
+@dataclasses.dataclass(frozen=True)
+class CachedAnalysis:
+    """A notebook's slow analysis, cached in each finished run's folder (`_measure`): what `resnet-lab analyse`
+    computes ahead (on the GPU) and what a report reads (`drawn_runs`: the runs whose cache exists)."""
+
+    compute: Callable[[pd.DataFrame, dict[str, Any], str | None], None]  # (runs, notebook parameters, device)
+    kind: str  # the cache's kind (RunDir.analysis_file: lowercase letters)
+    reads: tuple[str, ...]  # the notebook parameters it depends on
+    key: Callable[..., dict[str, Any]]  # those parameters -> the parameters its cache is keyed on
+
+
+# notebook -> its cached analysis
+NOTEBOOK_ANALYSES: dict[str, CachedAnalysis] = {
+    "04_unraveled_ensemble": CachedAnalysis(_unravel_from_params, "unravel", ("draws", "eval_images", "grad_samples"),
+                                            unravel_params)}
 
 
 DRAWS_STOPPED = {"05_thousand_layers"}  # notebooks that draw runs stopped part-way too (`unfinished`)
@@ -917,9 +930,10 @@ def drawn_runs(notebook: str, params: dict[str, Any]) -> tuple[list[str], int]:
         if notebook in DRAWS_STOPPED and not runs.empty:
             drawn |= stopped_part_way(runs)
         return sorted(runs.loc[drawn, "hash"]), len(cfgs)
-    p = unravel_params(**{n: merged[n] for n in ANALYSIS_PARAMS[notebook]})
+    a = NOTEBOOK_ANALYSES[notebook]
+    p = a.key(**{n: merged[n] for n in a.reads})
     done = runs[runs["status"] == "done"].to_dict("records")
-    return sorted(r["hash"] for r in done if RunDir(RunConfig.from_json(r)).read_analysis("unravel", p) is not None), \
+    return sorted(r["hash"] for r in done if RunDir(RunConfig.from_json(r)).read_analysis(a.kind, p) is not None), \
         len(cfgs)
 
 
@@ -933,7 +947,7 @@ def analyse_notebook(notebook: str, params: dict[str, Any], device: str | None =
     merged = {**notebook_defaults(notebook), **params}
     cfgs = with_dataset(configs_for(notebook, merged))
     runs = collect(cfgs)[0]
-    NOTEBOOK_ANALYSES[notebook](runs, merged, device)
+    NOTEBOOK_ANALYSES[notebook].compute(runs, merged, device)
     status = dict(zip(runs["hash"], runs["status"]))
     return ([c for c in cfgs if status.get(c.hash) == "done"], [c for c in cfgs if status.get(c.hash) == "diverged"],
             [c for c in cfgs if status.get(c.hash) not in ("done", "diverged")])

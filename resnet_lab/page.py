@@ -85,8 +85,10 @@ def _provenance(base: Path) -> list[str]:
         for col, sep, into in (("device", JOINED, devices), ("dataset", ",", copies), ("pixels", ",", pixels)):
             if df is not None and col in df:  # split as summarize joins them
                 into.update(x.strip() for v in df[col].dropna() for x in str(v).split(sep) if x.strip())
-    if not devices:
-        return ["Runs: none finished in the tables yet."]
+    if not devices:  # other notebooks' tables (06's) may hold finished runs: say only what these tables say
+        read = ", ".join(n.split("_")[0] for n, _ in PROVENANCE_TABLES)
+        return [f"Devices and CIFAR-10 copies: none recorded yet (they are read from the tables of {read}, which "
+                "hold no finished run)."]
     line = (f"Devices: {'; '.join(sorted(devices))}. CIFAR-10 copies (sha256): "
             f"{', '.join(f'`{s}…`' for s in sorted(copies)) or 'not recorded in these tables (written before the column)'}.")
     if "re-encoded" in pixels:

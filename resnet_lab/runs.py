@@ -285,7 +285,10 @@ class RunDir:
     def write_analysis(self, kind: str, params: Mapping[str, Any], tables: Mapping[str, pd.DataFrame],
                        model_sha256: str, **meta: Any) -> dict[str, pd.DataFrame]:
         """Store a finished run's analysis tables (atomically) and return them as read_analysis will: read
-        back from CSV text, so a fresh result and a cached one are the same frames."""
+        back from CSV text, so a fresh result and a cached one are the same frames. A notebook's analysis goes
+        through `experiments._measure`, which takes the analysis lock, loads the model with the sha256 this
+        needs and records where and how long; `kind` is lowercase letters, and `params` should carry a
+        revision of the measure (e.g. UNRAVEL_REVISION), so that changing it ignores the older caches."""
         text = {name: df.to_csv(index=False) for name, df in tables.items()}
         rec = {"kind": kind, "params": _plain(params), "model_sha256": model_sha256, **meta, "tables": text}
         try:

@@ -544,8 +544,9 @@ def absolute_path_env(env: Mapping[str, str], cwd: str | os.PathLike | None = No
     for name in PATH_VARS:
         if out.get(name):
             out[name] = absolute(out[name])
+    # an empty PYTHONPATH entry (`PYTHONPATH=$PYTHONPATH:/x` with none before) is the cwd, as Python reads it
     if out.get("PYTHONPATH"):
-        out["PYTHONPATH"] = os.pathsep.join(absolute(v) for v in out["PYTHONPATH"].split(os.pathsep))
+        out["PYTHONPATH"] = os.pathsep.join(absolute(v or ".") for v in out["PYTHONPATH"].split(os.pathsep))
     return out
 
 

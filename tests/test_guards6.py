@@ -145,8 +145,9 @@ def test_a_ctrl_c_on_the_command_line_names_the_runs_it_stopped(monkeypatch, cap
 def test_a_relative_pythonpath_reaches_the_kernel_absolute(tmp_path, monkeypatch):
     from resnet_lab import sweep
 
-    env = sweep.absolute_path_env({"PYTHONPATH": f"src{os.pathsep}/abs/lib"}, cwd=tmp_path)
-    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "src"), "/abs/lib"]
+    env = sweep.absolute_path_env({"PYTHONPATH": f"src{os.pathsep}/abs/lib{os.pathsep}"}, cwd=tmp_path)
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "src"), "/abs/lib", str(tmp_path / ".")]
+    assert sweep.absolute_path_env({"RESNET_LAB_DATA": ""}, cwd=tmp_path) == {"RESNET_LAB_DATA": ""}
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", ".")
     got = sweep.kernel_env()
@@ -176,3 +177,51 @@ def test_the_compile_limit_is_raised_under_torchs_older_names(monkeypatch):
     monkeypatch.setattr(torch._dynamo, "config", old)
     fast._allow_many_nets()
     assert (old.cache_size_limit, old.fail_on_cache_limit_hit) == (fast.COMPILE_RECOMPILE_LIMIT, True)
+
+
+# -- a notebook added (a second contributor's walkthrough) --------------------------------------------------------
+def test_every_notebook_is_registered_where_notebooks_are_listed():
+    """A notebook missing from NOTEBOOK_CONFIGS trains nothing in a sweep and loses the report's guard of its
+    committed tables; missing from the test tables, it is never executed or checked by the suite."""
+    from resnet_lab import experiments as ex
+    from resnet_lab.report import notebooks
+
+    from . import test_notebooks, test_params
+    from .conftest import ROOT
+
+    names = notebooks()
+    assert set(ex.NOTEBOOK_CONFIGS) == set(names) == set(test_notebooks.OUTPUTS) == set(test_params.NOTEBOOKS)
+    readme = (ROOT / "README.md").read_text()
+    assert [n for n in names if f"| `{n}` |" not in readme] == []
+
+
+def test_a_second_cached_analysis_is_read_under_its_own_kind(monkeypatch, cifar):
+    """drawn_runs once read every cached analysis as 04's unravel one: a second notebook registered in
+    NOTEBOOK_ANALYSES made it raise, which the report took for "cannot tell" and so redrew over its tables."""
+    from resnet_lab import experiments as ex
+    from resnet_lab.runs import RunDir, runs_dir
+
+    cfgs = ex.with_dataset(ex.response_configs("smoke", [8], [0]))
+    for c in cfgs:
+        _store(runs_dir(), c)
+    asked = []
+
+    def read(self, kind, params):
+        asked.append((kind, params))
+        return {} if self.cfg.arch == "plain" else None
+
+    monkeypatch.setattr(RunDir, "read_analysis", read)
+    monkeypatch.setitem(ex.NOTEBOOK_ANALYSES, "06_layer_responses", ex.CachedAnalysis(
+        lambda runs, p, device: None, "norms", ("max_images",), lambda max_images: {"n": max_images}))
+    drawn, need = ex.drawn_runs("06_layer_responses", {"preset": "smoke", "depths": [8], "seeds": [0],
+                                                        "max_images": 300})
+    assert drawn == [c.hash for c in cfgs if c.arch == "plain"] and need == len(cfgs) == 2
+    assert asked and all(a == ("norms", {"n": 300}) for a in asked)
+
+
+def test_the_page_says_which_tables_its_provenance_comes_from(tmp_path):
+    """06's tables can hold finished runs while 01-05 and 08 hold none: 'none finished' was false there."""
+    from resnet_lab.page import _provenance
+
+    (line,) = _provenance(tmp_path)
+    assert "none finished" not in line and "01, 02, 03, 05, 08" in line
