@@ -225,6 +225,9 @@ def _grids_and_params(a: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]
             grids.append(grid)
     except ValueError as e:
         usage_error(e)
+    if a.notebook and a.preset is None and len(presets) > 1:  # which one a --notebook takes is not ours to guess
+        usage_error(f"the --sweep grids name presets {sorted(presets)}, so --notebook has none to take: train the "
+                    "notebook in a call of its own, with --preset")
     params = {"preset": a.preset or (presets.pop() if len(presets) == 1 else "quick")}
     for pair in a.param or []:
         key, sep, val = pair.partition("=")

@@ -225,3 +225,15 @@ def test_the_page_says_which_tables_its_provenance_comes_from(tmp_path):
 
     (line,) = _provenance(tmp_path)
     assert "none finished" not in line and "01, 02, 03, 05, 08" in line
+
+
+# -- a third contributor's walkthrough: a new preset ------------------------------------------------------------
+def test_a_notebook_beside_grids_of_two_presets_is_refused_not_given_quick(capsys):
+    from resnet_lab import cli
+
+    from .conftest import ROOT
+
+    grids = [str(ROOT / "sweeps" / g) for g in ("fidelity.yaml", "smoke_example.yaml")]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--sweep", grids[0], "--sweep", grids[1], "--notebook", "02_depth", "--list"])
+    assert e.value.code == 2 and "presets ['paper', 'smoke']" in capsys.readouterr().err

@@ -300,11 +300,17 @@ def test_the_paper_preset_on_the_cpu_is_announced_before_it_starts(cifar, tmp_pa
 
     paper = [make_config("paper", depth=20, seed=s) for s in (0, 1)]
     train_many(paper + [tiny()], root=tmp_path, data=cifar, device="cpu", time_budget_s=0)
-    warned = [r.getMessage() for r in caplog.records if "paper preset on the CPU" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "long schedule on the CPU" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("2 run(s)") and "resnet-20" in warned[0] and "64,000" in warned[0]
+    assert "preset paper" in warned[0]
     caplog.clear()
-    train_many([tiny()], root=tmp_path, data=cifar, device="cpu", time_budget_s=0)
-    assert "paper preset" not in caplog.text
+    train_many([tiny(), make_config("paper", depth=8, iterations=2, milestones=(1,))], root=tmp_path, data=cifar,
+               device="cpu", time_budget_s=0)
+    assert "long schedule" not in caplog.text  # the preset's name alone does not make a run long
+    # the schedule does: a quick config given the paper's length is as long
+    train_many([make_config("quick", depth=8, iterations=64_000, batch_size=128, milestones=(32_000,))],
+               root=tmp_path, data=cifar, device="cpu", time_budget_s=0)
+    assert "preset quick" in caplog.text
 
 
 def _close_curves(a, b):
