@@ -8,8 +8,9 @@ import logging
 import os
 import pickle
 import tarfile
+import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,22 @@ log = logging.getLogger(__name__)
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 N_TRAIN, N_TEST = 50_000, 10_000
-# Bumped when decoding changes (labels, checks), so a cache made by the old decoder is not reused.
-CACHE_VERSION = 2
+# Bumped when decoding changes (labels, checks), so a cache made by the old decoder is not reused. 3: the official
+# format's pixels are official only where every batch has its published md5.
+CACHE_VERSION = 3
 # Official CIFAR-10 per-channel statistics; the JPEG copy differs by < 0.002 (see shared/data/README.md).
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
 OFFICIAL_NAMES = ("cifar-10-python.tar.gz", "cifar-10-batches-py")
+BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+# The md5 of each batch of the official python archive, as its publisher (and torchvision) list them: a copy in
+# the official format with other bytes (re-encoded, repacked, damaged) is not the official pixels.
+OFFICIAL_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+                "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+                "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
+# what reading a damaged archive raises (zlib's error is not an OSError)
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 PROJECT_DATA = Path(__file__).resolve().parent.parent / "data"
 
 
@@ -74,6 +84,9 @@ def resolve_source(source: str | os.PathLike | None = None) -> Path | None:
                 f"CIFAR-10 source {str(p)!r} does not exist: give the official cifar-10-python.tar.gz, "
                 f"its extracted cifar-10-batches-py/, or an image-folder tree/tarball laid out {{train,test}}/<class>/*.jpg"
             )
+        inner = p / OFFICIAL_NAMES[1]  # the folder torchvision is given (`root`), which holds the extracted one
+        if p.is_dir() and inner.is_dir() and not (p / "train").exists():
+            return inner
         return p
     d = data_dir()
     for name in (*OFFICIAL_NAMES, "cifar10-jpeg.tar.gz", "cifar10-jpeg"):
@@ -111,9 +124,13 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
 
 def _read_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """One batch's (images, labels); `name` says where it is (the archive or folder, and the batch)."""
     try:
         d = _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
-        x = np.asarray(d[b"data"], dtype=np.uint8)
+        x = np.asarray(d[b"data"])
+        if x.dtype != np.uint8:  # floats in [0, 1] would become black images without a word
+            raise DataError(f"CIFAR-10 batch {name!r} holds {x.dtype} data; the official batches hold uint8 "
+                            "pixels (0-255)")
         y = np.asarray(d[b"labels"], dtype=np.int64)
     except DataError:
         raise
@@ -124,8 +141,9 @@ def _read_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 3, 32, 32), y
 
 
-def _load_official(path: Path) -> tuple[np.ndarray, ...]:
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+def _load_official(path: Path) -> tuple[tuple[np.ndarray, ...], bool]:
+    """The arrays, and whether every batch has its published md5 (the official pixels)."""
+    names = list(BATCHES)
     raws: dict[str, bytes] = {}
     if path.is_dir():
         for n in names:
@@ -140,21 +158,34 @@ def _load_official(path: Path) -> tuple[np.ndarray, ...]:
                     base = m.name.rsplit("/", 1)[-1]
                     if base in names and m.isfile():
                         raws[base] = tar.extractfile(m).read()
-            except (tarfile.TarError, EOFError, OSError) as e:
+                _read_to_the_end(tar)
+            except ARCHIVE_ERRORS as e:
                 raise DataError(f"archive {str(path)!r} is truncated or corrupt: {e}") from e
         missing = [n for n in names if n not in raws]
         if missing:
             raise DataError(f"archive {str(path)!r} lacks {missing}: not the official CIFAR-10 python archive")
-    parts = [_read_batch(raws[n], n) for n in names]
+    parts = [_read_batch(raws[n], f"{path}/{n}") for n in names]
     tx = np.concatenate([p[0] for p in parts[:5]])
     ty = np.concatenate([p[1] for p in parts[:5]])
-    return tx, ty, parts[5][0], parts[5][1]
+    other = [n for n in names if hashlib.md5(raws[n]).hexdigest() != OFFICIAL_MD5[n]]
+    if other:
+        log.warning("%s: %s differ(s) from the published CIFAR-10 batches (md5): read as a re-encoded copy "
+                    "(runs record official_pixels false), not the official pixels", path, ", ".join(other))
+    return (tx, ty, parts[5][0], parts[5][1]), not other
+
+
+def _read_to_the_end(tar: tarfile.TarFile) -> None:
+    """Read a tarball past its members to the end of the file, so that gzip checks its CRC and length: tarfile
+    stops at the archive's end marker, and a flipped byte in a member would otherwise load as other pixels."""
+    f = tar.fileobj
+    while f is not None and f.read(1 << 20):
+        pass
 
 
 def _open_tar(path: Path) -> tarfile.TarFile:
     try:
         return tarfile.open(path, "r:*")
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except ARCHIVE_ERRORS as e:
         raise DataError(f"{str(path)!r} is not a readable tar archive (truncated or corrupt?): {e}") from e
 
 
@@ -189,7 +220,8 @@ def _iter_image_folder(path: Path):
             for m in tar:
                 if m.isfile() and _is_image(tuple(m.name.split("/"))):
                     yield tuple(m.name.split("/")), tar.extractfile(m).read()
-        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            _read_to_the_end(tar)
+        except (*ARCHIVE_ERRORS, ValueError) as e:
             raise DataError(f"archive {str(path)!r} is truncated or corrupt: {e}") from e
 
 
@@ -252,19 +284,22 @@ def load_cifar10(source: str | os.PathLike | None = None, cache: bool = True) ->
             return data
         path = _download(copies)
     sha = _sha256(path)
-    kind = "official" if (path.is_dir() and (path / "data_batch_1").exists()) or path.name.startswith("cifar-10-python") \
-        else None
+    official_folder = path.is_dir() and any((path / n).exists() for n in (*BATCHES, "batches.meta"))
+    kind = "official" if official_folder or path.name.startswith("cifar-10-python") else None
     cache_file = _cache_file(sha[:16])
     if cache and cache_file.exists():
         data = _read_cache(cache_file)
-        if data is not None:
-            return data
+        if data is not None:  # the path this load was given, not the one the first decode was
+            return replace(data, info=replace(data.info, path=str(path)))
     if kind is None:
         kind = _sniff(path)
-    arrays = _load_official(path) if kind == "official" else _load_image_folder(path)
+    if kind == "official":
+        arrays, official = _load_official(path)
+    else:
+        arrays, official = _load_image_folder(path), False
     _validate(*arrays, path)
     tx, ty, vx, vy = (torch.from_numpy(a) for a in arrays)
-    info = DataInfo(kind=kind, path=str(path), sha256=sha, official_pixels=(kind == "official"),
+    info = DataInfo(kind=kind, path=str(path), sha256=sha, official_pixels=official,
                     n_train=len(tx), n_test=len(vx))
     if cache:
         from .runs import atomic_save_torch
@@ -272,6 +307,9 @@ def load_cifar10(source: str | os.PathLike | None = None, cache: bool = True) ->
         try:
             atomic_save_torch({"train_x": tx, "train_y": ty, "test_x": vx, "test_y": vy, "info": info.to_json()},
                               cache_file)
+            for old in cache_file.parent.glob(f"cifar10-{sha[:16]}-v*.pt"):  # the older decoders' copies of it
+                if old != cache_file:
+                    old.unlink(missing_ok=True)
         except OSError as e:  # the decoded data are good: use them, and say why the next load decodes again
             log.warning("cannot write the decoded CIFAR-10 cache %s (%s): using it uncached; set "
                         "RESNET_LAB_DATA_DIR to a writable folder to keep it", cache_file, e.strerror or e)
@@ -304,7 +342,7 @@ def _sniff(path: Path) -> str:
                     return "official"
                 if m.name.lower().endswith(IMAGE_EXT):
                     return "image-folder"
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except ARCHIVE_ERRORS as e:
             raise DataError(f"archive {str(path)!r} is truncated or corrupt: {e}") from e
     raise DataError(f"archive {str(path)!r} holds neither CIFAR-10 batches nor images")
 

@@ -138,14 +138,27 @@ def _official_dir(tmp_path, n_train=50_000, side=32):
     return d
 
 
-def test_official_batches_are_read(tmp_path, monkeypatch):
+def test_official_batches_are_read(tmp_path, monkeypatch, caplog):
+    """The official format's pixels are the official ones only where every batch has its published md5: these
+    batches are made up, so they read as a copy (a repacked or damaged archive was recorded as official)."""
+    import hashlib
+
+    from resnet_lab import data
+
     monkeypatch.setenv("RESNET_LAB_DATA_DIR", str(tmp_path / "cache"))
     d = _official_dir(tmp_path)
-    c = load_cifar10(d)
-    assert c.info.kind == "official" and c.info.official_pixels
+    with caplog.at_level("WARNING"):
+        c = load_cifar10(d, cache=False)
+    assert c.info.kind == "official" and not c.info.official_pixels
+    assert "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch differ" in caplog.text
     assert c.train_x.shape == (50_000, 3, 32, 32) and c.test_y[:3].tolist() == [0, 1, 2]
     raw = pickle.load(open(d / "test_batch", "rb"))[b"data"][0].reshape(3, 32, 32)
     assert torch.equal(c.test_x[0], torch.from_numpy(raw))
+    published = {n: hashlib.md5((d / n).read_bytes()).hexdigest() for n in data.BATCHES}
+    monkeypatch.setattr(data, "OFFICIAL_MD5", published)  # as if these were the published bytes
+    assert load_cifar10(d, cache=False).info.official_pixels
+    monkeypatch.setitem(published, "data_batch_3", "0" * 32)
+    assert not load_cifar10(d, cache=False).info.official_pixels
 
 
 def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_decoded_data(tmp_path, monkeypatch, caplog):

@@ -8,6 +8,7 @@ import logging
 import os
 import types
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -237,3 +238,81 @@ def test_a_notebook_beside_grids_of_two_presets_is_refused_not_given_quick(capsy
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--sweep", grids[0], "--sweep", grids[1], "--notebook", "02_depth", "--list"])
     assert e.value.code == 2 and "presets ['paper', 'smoke']" in capsys.readouterr().err
+
+
+# -- the official archive, at full size (a review that built one from the JPEG copy) ----------------------------------
+def _official_tarball(path, n=20, dtype=np.uint8):
+    """A small official-format tarball (its batches made up: not the published bytes)."""
+    import io
+    import pickle
+    import tarfile
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            x = rng.integers(0, 256, (n, 3072), dtype=np.uint8).astype(dtype)
+            raw = pickle.dumps({b"data": x, b"labels": [i % 10 for i in range(n)]}, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_a_damaged_archive_is_refused_not_read_as_other_pixels(tmp_path):
+    """tarfile stops at the archive's end marker and never reaches the gzip trailer, so a flipped byte inside a
+    member loaded as changed pixels; a damaged deflate stream raised zlib.error, a traceback, not a DataError."""
+    from resnet_lab.data import DataError, _load_official
+
+    good = _official_tarball(tmp_path / "cifar-10-python.tar.gz")
+    arrays, official = _load_official(good)
+    assert arrays[0].shape == (100, 3, 32, 32) and not official
+    data = bytearray(good.read_bytes())
+    for where, mend in ((len(data) // 2, lambda d, i: d.__setitem__(slice(i, i + 64), b"\xff" * 64)),  # in a member
+                        (len(data) // 3, lambda d, i: d.__setitem__(slice(i, i + 64), b"\xff" * 64)),  # its deflate
+                        (len(data) - 8, lambda d, i: d.__setitem__(i, d[i] ^ 1))):  # the CRC itself
+        bad = bytearray(data)
+        mend(bad, where)
+        (tmp_path / "bad.tar.gz").write_bytes(bytes(bad))
+        with pytest.raises(DataError, match=r"bad\.tar\.gz' is truncated or corrupt"):
+            _load_official(tmp_path / "bad.tar.gz")
+
+
+def test_a_batch_of_other_pixels_than_uint8_is_refused_by_name(tmp_path):
+    from resnet_lab.data import DataError, _load_official
+
+    path = _official_tarball(tmp_path / "cifar-10-python.tar.gz", dtype=np.float32)
+    with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz/data_batch_1' holds float32 data; .* uint8"):
+        _load_official(path)
+
+
+def test_the_official_folder_is_found_from_its_parent_and_by_any_batch(tmp_path):
+    from resnet_lab.data import DataError, load_cifar10, resolve_source
+
+    inner = tmp_path / "root" / "cifar-10-batches-py"
+    inner.mkdir(parents=True)
+    (inner / "data_batch_2").write_bytes(b"")
+    assert resolve_source(tmp_path / "root") == inner  # what torchvision's CIFAR10(root) is given
+    with pytest.raises(DataError, match=r"is missing 'data_batch_1': not an extracted cifar-10-batches-py folder"):
+        load_cifar10(tmp_path / "root", cache=False)
+
+
+def test_a_cached_copy_says_the_path_this_load_was_given(tmp_path, monkeypatch):
+    from resnet_lab import data
+
+    monkeypatch.setenv("RESNET_LAB_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_validate", lambda *a: None)  # a small archive: its counts are not CIFAR-10's
+    (tmp_path / "a").mkdir()
+    first = _official_tarball(tmp_path / "a" / "cifar-10-python.tar.gz")
+    stale = data._cache_file(data._sha256(first)[:16]).with_name(
+        f"cifar10-{data._sha256(first)[:16]}-v{data.CACHE_VERSION - 1}.pt")
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an older decoder's copy")
+    assert data.load_cifar10(first).info.path == str(first)
+    assert not stale.exists()  # the older decoder's copy of the same source goes once the new one is written
+    (tmp_path / "b").mkdir()
+    second = tmp_path / "b" / "cifar-10-python.tar.gz"
+    second.write_bytes(first.read_bytes())
+    first.unlink()
+    assert data.load_cifar10(second).info.path == str(second)  # read from the cache: not the deleted first
