@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import lzma
 import os
 import pickle
 import tarfile
@@ -34,8 +35,8 @@ BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 OFFICIAL_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
                 "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
                 "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
-# what reading a damaged archive raises (zlib's error is not an OSError)
-ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+# what reading a damaged archive raises (zlib's and lzma's errors are not OSErrors; bz2's is)
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 PROJECT_DATA = Path(__file__).resolve().parent.parent / "data"
 
 
@@ -84,9 +85,10 @@ def resolve_source(source: str | os.PathLike | None = None) -> Path | None:
                 f"CIFAR-10 source {str(p)!r} does not exist: give the official cifar-10-python.tar.gz, "
                 f"its extracted cifar-10-batches-py/, or an image-folder tree/tarball laid out {{train,test}}/<class>/*.jpg"
             )
-        inner = p / OFFICIAL_NAMES[1]  # the folder torchvision is given (`root`), which holds the extracted one
-        if p.is_dir() and inner.is_dir() and not (p / "train").exists():
-            return inner
+        if p.is_dir() and not (p / "train").exists():  # the folder torchvision is given (`root`), which holds the
+            for name in OFFICIAL_NAMES:  # archive and the extracted folder: the one data/ would give, tarball first
+                if (p / name).exists():
+                    return p / name
         return p
     d = data_dir()
     for name in (*OFFICIAL_NAMES, "cifar10-jpeg.tar.gz", "cifar10-jpeg"):
@@ -282,7 +284,7 @@ def load_cifar10(source: str | os.PathLike | None = None, cache: bool = True) ->
             log.info("no CIFAR-10 source given: using the decoded copy of %s (sha256 %s) in %s",
                      data.info.path, data.info.sha256[:16], copies[0])
             return data
-        path = _download(copies)
+        path = (_source_of_older_copy(every.parent) if cache and not copies else None) or _download(copies)
     sha = _sha256(path)
     official_folder = path.is_dir() and any((path / n).exists() for n in (*BATCHES, "batches.meta"))
     kind = "official" if official_folder or path.name.startswith("cifar-10-python") else None
@@ -307,13 +309,46 @@ def load_cifar10(source: str | os.PathLike | None = None, cache: bool = True) ->
         try:
             atomic_save_torch({"train_x": tx, "train_y": ty, "test_x": vx, "test_y": vy, "info": info.to_json()},
                               cache_file)
-            for old in cache_file.parent.glob(f"cifar10-{sha[:16]}-v*.pt"):  # the older decoders' copies of it
-                if old != cache_file:
-                    old.unlink(missing_ok=True)
         except OSError as e:  # the decoded data are good: use them, and say why the next load decodes again
             log.warning("cannot write the decoded CIFAR-10 cache %s (%s): using it uncached; set "
                         "RESNET_LAB_DATA_DIR to a writable folder to keep it", cache_file, e.strerror or e)
+        else:
+            _remove_older_copies(cache_file.parent, sha[:16])
     return Cifar10(tx, ty, vx, vy, info)
+
+
+def _older_copies(folder: Path, key: str = "*") -> list[Path]:
+    """Decoded copies an older decoder (a lower CACHE_VERSION) wrote, of the source `key` or of any."""
+    found = []
+    for p in folder.glob(f"cifar10-{key}-v*.pt"):
+        version = p.stem.rsplit("-v", 1)[-1]
+        if version.isdigit() and int(version) < CACHE_VERSION:
+            found.append(p)
+    return sorted(found)
+
+
+def _remove_older_copies(folder: Path, key: str) -> None:
+    """Once this decoder's copy of a source is written, the older ones of it are dead weight (185 MB each); a
+    newer decoder's (another checkout sharing the folder) is its own, and stays."""
+    for old in _older_copies(folder, key):
+        try:
+            old.unlink(missing_ok=True)
+        except OSError as e:  # another user's file in a shared folder, say: harmless, and not this load's concern
+            log.debug("older decoded copy %s left: %s", old, e)
+
+
+def _source_of_older_copy(folder: Path) -> Path | None:
+    """With no source given and no copy of this decoder's: the source the one older decoder's copy was made from,
+    where it still exists (decoded again, so that a version bump keeps `make reproduce`'s offline promise)."""
+    older = _older_copies(folder)
+    if len(older) != 1:
+        return None
+    data = _read_cache(older[0])
+    src = Path(data.info.path) if data is not None else None
+    if src is None or not src.exists():
+        return None
+    log.info("no CIFAR-10 source given: decoding %s again, the source of the older copy %s", src, older[0])
+    return src
 
 
 def _cache_file(key: str) -> Path:

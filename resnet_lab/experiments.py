@@ -261,8 +261,8 @@ def runs_note(runs: pd.DataFrame, stopped: bool = False, measured: str | None = 
     """One line naming what a figure's runs are (preset, each schedule, seeds, evaluation images), so a
     figure read on its own, as a committed PNG, says whether it shows 0.4 epoch or the paper's 164.
     The finished runs, which the figures draw, and the diverged ones they leave out, by name; `stopped`:
-    also the runs stopped part-way that 05 draws, each with the step it stopped at. `measured` replaces the runs' evaluation images for a
-    figure measured on other images (04's lesions, 06's responses)."""
+    also the runs stopped part-way that 05 draws, each with the step it stopped at. `measured` replaces the
+    runs' evaluation images for a figure measured on other images (04's lesions, 06's responses)."""
     d, diverged = runs, runs.iloc[:0]
     if "status" in runs:
         drawn = runs["status"] == "done"

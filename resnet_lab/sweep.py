@@ -918,8 +918,9 @@ def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool =
     """Execute every point that is not done; one row per point: point, status, seconds, output, error.
 
     status: done (executed now), skipped (done before), failed (error kept in the output notebook; or its
-    notebook ran clean but a run it needs did not finish: the error column says which), would-run (dry run). A failure never stops the other points. Ctrl-C does: queued points are cancelled,
-    running ones stopped, and SweepInterrupted (a KeyboardInterrupt) carries the table, the rest 'interrupted'.
+    notebook ran clean but a run it needs did not finish: the error column says which), would-run (dry run).
+    A failure never stops the other points. Ctrl-C does: queued points are cancelled, running ones stopped,
+    and SweepInterrupted (a KeyboardInterrupt) carries the table, the rest 'interrupted'.
     jobs: points at once (on a Ray cluster too: across all its nodes); each point's process gets
     cores // jobs threads (locally: pinned to its own cores; with Ray: that many num_cpus per task, plus
     gpus_per_task of a GPU). address: a Ray cluster,

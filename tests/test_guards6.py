@@ -241,7 +241,7 @@ def test_a_notebook_beside_grids_of_two_presets_is_refused_not_given_quick(capsy
 
 
 # -- the official archive, at full size (a review that built one from the JPEG copy) ----------------------------------
-def _official_tarball(path, n=20, dtype=np.uint8):
+def _official_tarball(path, n=20, dtype=np.uint8, mode="w:gz"):
     """A small official-format tarball (its batches made up: not the published bytes)."""
     import io
     import pickle
@@ -249,7 +249,7 @@ def _official_tarball(path, n=20, dtype=np.uint8):
 
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
             x = rng.integers(0, 256, (n, 3072), dtype=np.uint8).astype(dtype)
             raw = pickle.dumps({b"data": x, b"labels": [i % 10 for i in range(n)]}, protocol=2)
@@ -316,3 +316,80 @@ def test_a_cached_copy_says_the_path_this_load_was_given(tmp_path, monkeypatch):
     second.write_bytes(first.read_bytes())
     first.unlink()
     assert data.load_cifar10(second).info.path == str(second)  # read from the cache: not the deleted first
+
+
+def test_an_xz_archive_damaged_is_a_data_error_too(tmp_path):
+    from resnet_lab.data import DataError, _load_official
+
+    good = _official_tarball(tmp_path / "c.tar.xz", mode="w:xz")
+    bad = bytearray(good.read_bytes())
+    bad[len(bad) // 2:len(bad) // 2 + 64] = b"\xff" * 64
+    good.write_bytes(bytes(bad))
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        _load_official(good)
+
+
+def test_torchvisions_root_gives_the_form_data_would_give_the_tarball_first(tmp_path):
+    """torchvision leaves both forms in its root; data/ takes the tarball, so must the root (one dataset id)."""
+    from resnet_lab.data import resolve_source
+
+    root = tmp_path / "root"
+    (root / "cifar-10-batches-py").mkdir(parents=True)
+    (root / "cifar-10-python.tar.gz").write_bytes(b"")
+    assert resolve_source(root) == root / "cifar-10-python.tar.gz"
+
+
+def _copy(path, source, version):
+    """A decoded copy (tiny) as `load_cifar10` writes it, recording its source."""
+    import torch
+
+    from resnet_lab import data
+
+    info = data.DataInfo("official", str(source), "0" * 64, False, 1, 1)
+    z = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"train_x": z, "train_y": torch.zeros(1, dtype=torch.long), "test_x": z,
+                "test_y": torch.zeros(1, dtype=torch.long), "info": info.to_json()}, path)
+    return path
+
+
+def test_a_decoder_bump_keeps_the_offline_fallback_and_a_newer_copy(tmp_path, monkeypatch, caplog):
+    """After `make reproduce` the CLI runs offline from the one decoded copy; a CACHE_VERSION bump made that copy
+    an older one, ignored, and the CLI tried a download. Now its recorded source is decoded again, the older copy
+    goes, and a newer decoder's copy (another checkout sharing the folder) stays."""
+    from resnet_lab import data
+
+    monkeypatch.delenv("RESNET_LAB_DATA", raising=False)
+    monkeypatch.setenv("RESNET_LAB_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.setattr(data, "_validate", lambda *a: None)
+    monkeypatch.setattr(data, "_download", lambda *a: pytest.fail("tried a download"))
+    src = _official_tarball(tmp_path / "elsewhere.tar.gz")
+    key = data._sha256(src)[:16]
+    cache = tmp_path / "d" / "cache"
+    older = _copy(cache / f"cifar10-{key}-v{data.CACHE_VERSION - 1}.pt", src, data.CACHE_VERSION - 1)
+    newer = _copy(cache / f"cifar10-{'f' * 16}-v{data.CACHE_VERSION + 1}.pt", src, data.CACHE_VERSION + 1)
+    got = data.load_cifar10()
+    assert got.info.path == str(src) and got.train_x.shape == (100, 3, 32, 32)
+    assert not older.exists() and newer.exists() and data._cache_file(key).exists()
+
+
+def test_an_older_copy_that_cannot_be_removed_costs_no_false_warning(tmp_path, monkeypatch, caplog):
+    from pathlib import Path
+
+    from resnet_lab import data
+
+    monkeypatch.setenv("RESNET_LAB_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.setattr(data, "_validate", lambda *a: None)
+    src = _official_tarball(tmp_path / "cifar-10-python.tar.gz")
+    older = _copy(tmp_path / "d" / "cache" / f"cifar10-{data._sha256(src)[:16]}-v1.pt", src, 1)
+    real = Path.unlink
+
+    def refuse(self, *a, **k):
+        if self == older:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with caplog.at_level("WARNING"):
+        data.load_cifar10(src)
+    assert "cannot write" not in caplog.text and older.exists()
