@@ -79,7 +79,7 @@ def resolve_source(source: str | os.PathLike | None = None) -> Path | None:
     if source is None:
         source = os.environ.get("RESNET_LAB_DATA") or None
     if source is not None:
-        p = Path(source).expanduser()
+        p = Path(os.path.abspath(Path(source).expanduser()))  # recorded in the cache: read back from elsewhere too
         if not p.exists():
             raise DataError(
                 f"CIFAR-10 source {str(p)!r} does not exist: give the official cifar-10-python.tar.gz, "
@@ -93,7 +93,7 @@ def resolve_source(source: str | os.PathLike | None = None) -> Path | None:
     d = data_dir()
     for name in (*OFFICIAL_NAMES, "cifar10-jpeg.tar.gz", "cifar10-jpeg"):
         if (d / name).exists():
-            return d / name
+            return Path(os.path.abspath(d / name))
     return None
 
 
@@ -292,7 +292,8 @@ def load_cifar10(source: str | os.PathLike | None = None, cache: bool = True) ->
     if cache and cache_file.exists():
         data = _read_cache(cache_file)
         if data is not None:  # the path this load was given, not the one the first decode was
-            return replace(data, info=replace(data.info, path=str(path)))
+            _remove_older_copies(cache_file.parent, sha[:16])  # an older decoder's copy beside it (a checkout
+            return replace(data, info=replace(data.info, path=str(path)))  # not yet updated wrote it): dead weight
     if kind is None:
         kind = _sniff(path)
     if kind == "official":
