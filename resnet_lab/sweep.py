@@ -550,11 +550,10 @@ def absolute_path_env(env: Mapping[str, str], cwd: str | os.PathLike | None = No
     return out
 
 
-def kernel_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+def kernel_env() -> dict[str, str]:
     """What a point's or a report's kernel is given: RESNET_LAB_* and PYTHONPATH, their paths absolute, and
     PACKAGE_VAR naming this process's resnet_lab (`check_notebook` compares the kernel's with it)."""
-    env = os.environ if env is None else env
-    out = absolute_path_env({k: v for k, v in env.items() if k.startswith("RESNET_LAB_") or k == "PYTHONPATH"})
+    out = absolute_path_env({k: v for k, v in os.environ.items() if k.startswith("RESNET_LAB_") or k == "PYTHONPATH"})
     out[PACKAGE_VAR] = str(package_dir())
     return out
 

@@ -600,8 +600,7 @@ def import_runs(parts: list[str | os.PathLike], root: str | os.PathLike | None =
     resume is never replaced by one that would start again at step 0 (an export over --max-mb drops
     checkpoints), a local run done is never replaced (it only gains the cached analyses it lacks; a
     diverged one gives way to a copy that got further), and a run whose lock a local process holds is
-    skipped. A damaged, incomplete, missing or crafted
-    archive raises ValueError before the store is touched.
+    skipped. A damaged, incomplete, missing or crafted archive raises ValueError before the store is touched.
     """
     runs = _read_archive(_ordered_parts(parts))
     dst = runs_dir(root)
