@@ -79,6 +79,7 @@ lab: install
 # .gpu-in: with the repository, within the tool's 64 MiB), `bash .ci/gpu-session` runs there, and
 # `make gpu-back FROM=<the folder the call's files came back to>` takes them in here.
 # The unfinished runs go in what the 64 MiB a call carries leaves after the tree and the dataset (2 MiB spare).
+PAPER_RECORDS := $(or $(RESNET_LAB_RESULTS),$(CURDIR)/results)/paper/runs
 gpu-in: install
 	@test -f "$(RESNET_LAB_DATA)" || { echo "set RESNET_LAB_DATA to a CIFAR-10 archive or tarball"; exit 2; }
 	mkdir -p .data .gpu-in
@@ -86,6 +87,7 @@ gpu-in: install
 	src="$$(realpath "$(RESNET_LAB_DATA)")"; dst="$$(realpath -m ".data/$$(basename "$$src")")"; \
 	if [ "$$src" != "$$dst" ]; then find .data -maxdepth 1 -type f -delete && cp "$$src" .data/.copy.tmp && \
 	  mv .data/.copy.tmp "$$dst"; fi
+	test ! -d "$(PAPER_RECORDS)" || $(BIN)/resnet-lab runs import "$(PAPER_RECORDS)" >/dev/null
 	$(BIN)/resnet-lab runs manifest .gpu-in/have.json
 	mb=$$($(BIN)/python -c 'import os, subprocess as sp; \
 	  tree = sum(os.path.getsize(p) for p in sp.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], \

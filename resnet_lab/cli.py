@@ -501,14 +501,19 @@ def cmd_runs_manifest(a: argparse.Namespace) -> int:
 
 
 def cmd_runs_import(a: argparse.Namespace) -> int:
-    from .transfer import import_runs
+    from .records import restore
+    from .transfer import PART_NUMBER, import_runs
 
+    # one folder, not named like a part (.000, .001, ...): run records (results/<preset>/runs)
+    folder = len(a.parts) == 1 and Path(a.parts[0]).is_dir() and not PART_NUMBER.fullmatch(a.parts[0].rpartition(".")[2])
     try:
-        done = import_runs(a.parts)
+        done = restore(a.parts[0]) if folder else import_runs(a.parts)
     except ValueError as e:
         usage_error(e)
     except OSError as e:  # the store's disk (an unreadable part is a ValueError: bad input)
         raise SystemExit(f"error: {e}")
+    if folder and not done:
+        print(f"no run records in {a.parts[0]} (folders named by a run's 12-hex hash)", file=sys.stderr)
     for h, what in done.items():
         print(h, what)
     return EXIT_INCOMPLETE if any(what.startswith("skipped") for what in done.values()) else 0
@@ -633,8 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     mf = rsub.add_parser("manifest", help="which runs this store has, how far along (JSON), for export --skip")
     mf.add_argument("out", nargs="?", help="file to write (default: stdout)")
     mf.set_defaults(func=cmd_runs_manifest)
-    im = rsub.add_parser("import", help="merge exported parts; the copy further along wins")
-    im.add_argument("parts", nargs="+")
+    im = rsub.add_parser("import", help="merge exported parts, or a folder of run records (results/<preset>/runs); "
+                         "the copy further along wins")
+    im.add_argument("parts", nargs="+", help="every <name>.tar.gz.NNN of one export, or one folder of run records")
     im.set_defaults(func=cmd_runs_import)
 
     from .sweep import add_sweep_parser

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import lzma
 import os
 import pickle
 import tarfile
@@ -36,7 +35,12 @@ OFFICIAL_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_
                 "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
                 "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
 # what reading a damaged archive raises (zlib's and lzma's errors are not OSErrors; bz2's is)
-ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
+try:  # a Python built without _lzma still reads every other archive (.tar.xz then fails in tarfile, by name)
+    import lzma
+    _LZMA_ERRORS: tuple[type[Exception], ...] = (lzma.LZMAError,)
+except ImportError:
+    _LZMA_ERRORS = ()
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, *_LZMA_ERRORS)
 PROJECT_DATA = Path(__file__).resolve().parent.parent / "data"
 
 

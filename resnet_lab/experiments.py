@@ -15,7 +15,7 @@ import os
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import pandas as pd
 import torch
@@ -506,23 +506,33 @@ def responses(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_i
     tied to the sha256 of its model.pt): a report reads it back instead of passing the images through every
     net again (quick's 12 nets, 2,000 images, on a 2-core CPU: 27 s, 3.8 s cached)."""
     from .analysis import layer_responses
+
+    p = dict(revision=RESPONSE_REVISION, max_images=check_count("max_images", max_images), dataset=dataset_id(source))
+    frames = [t["responses"].assign(arch=cfg.arch, depth=cfg.depth, seed=cfg.seed, net=net_label(cfg))
+              for cfg, t in _per_run(runs[runs["status"] == "done"], "responses", p, source, max_images, root,
+                                     lambda m, batches: {"responses": layer_responses(m, batches)})]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESPONSE_COLUMNS)
+
+
+def _per_run(runs: pd.DataFrame, kind: str, p: dict[str, Any], source: str | os.PathLike | None, max_images: int,
+             root: str | os.PathLike | None,
+             compute: Callable[[torch.nn.Module, Any], dict[str, pd.DataFrame]]) -> Iterator[tuple[RunConfig, dict]]:
+    """(config, tables) of each run: its cached `kind` analysis (`RunDir.read_analysis`), else compute(model,
+    batches of up to max_images test images) through `_measure`, which caches it. The images are decoded only
+    when some run is not cached; a run restored from its record (no weights) needs its cache."""
     from .data import eval_batches
     from .runs import RunDir
 
-    p = dict(revision=RESPONSE_REVISION, max_images=check_count("max_images", max_images), dataset=dataset_id(source))
     test = None
-    frames = []
-    for r in runs[runs["status"] == "done"].to_dict("records"):
+    for r in runs.to_dict("records"):
         rd = RunDir(RunConfig.from_json(r), root)
-        tables = rd.read_analysis("responses", p)
+        tables = rd.read_analysis(kind, p)
         if tables is None:
-            if test is None:  # decoded only when some run is not cached
+            if test is None:
                 data = load_cifar10(source)
                 test = balanced_subset(data.test_x, data.test_y, max_images)
-            tables = _measure(rd, "responses", p, lambda m: {"responses": layer_responses(m, eval_batches(*test))})
-        cfg = rd.cfg
-        frames.append(tables["responses"].assign(arch=cfg.arch, depth=cfg.depth, seed=cfg.seed, net=net_label(cfg)))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESPONSE_COLUMNS)
+            tables = _measure(rd, kind, p, lambda m: compute(m, eval_batches(*test)), "cpu")
+        yield rd.cfg, tables
 
 
 def response_summary(resp: pd.DataFrame) -> pd.DataFrame:
@@ -953,22 +963,23 @@ def analyse_notebook(notebook: str, params: dict[str, Any], device: str | None =
             [c for c in cfgs if status.get(c.hash) not in ("done", "diverged")])
 
 
+GATE_REVISION = 1  # bumped when gate_means measures something else: cached tables are then ignored
+
+
 def highway_gates(runs: pd.DataFrame, source: str | os.PathLike | None = None, max_images: int = 2_000,
                   root: str | os.PathLike | None = None) -> pd.DataFrame:
     """Mean gate per block of every finished highway or gated run over `max_images` test images (empty when
     there are none); `net` names the architecture and depth, `seed` the run, so a figure averages the seeds
     of one net."""
     from .analysis import gate_means
-    from .data import eval_batches
-    from .runs import RunDir
 
     hw = runs[runs["arch"].isin(GATED_ARCHS) & (runs["status"] == "done")] if not runs.empty else runs
     if hw.empty:
         return pd.DataFrame(columns=["block", "mean_gate", "net", "seed"])
-    data = load_cifar10(source)
-    x, y = balanced_subset(data.test_x, data.test_y, max_images)
-    frames = [gate_means(RunDir(RunConfig.from_json(r), root).load_model(), eval_batches(x, y))
-              .assign(net=f"{r['arch']}-{r['depth']}", seed=int(r["seed"])) for r in hw.to_dict("records")]
+    p = dict(revision=GATE_REVISION, max_images=check_count("max_images", max_images), dataset=dataset_id(source))
+    frames = [t["gates"].assign(net=f"{cfg.arch}-{cfg.depth}", seed=int(cfg.seed))  # cached like the responses
+              for cfg, t in _per_run(hw, "gates", p, source, max_images, root,
+                                     lambda m, batches: {"gates": gate_means(m, batches)})]
     return pd.concat(frames, ignore_index=True)
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 
 from .config import check_preset
 from .experiments import NOTEBOOKS_DIR
+from .records import RECORD, records_dir, restore, save  # RECORD: an executed notebook's metadata key
 from .runs import atomic_write_text, load_runs, results_dir, runs_dir
 from .sweep import OUTPUT_VAR, kernel_env, notebook_parameters, report_parameters
 
@@ -75,6 +76,8 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
           directory: Path = NOTEBOOKS_DIR, force: bool = False) -> pd.DataFrame:
     """Re-execute each notebook for `preset` from stored runs; one row per notebook with its status.
 
+    The preset's committed run records (results/<preset>/runs, `records`) are merged into the store first,
+    so a clone redraws what its tables were drawn from; they are written again after, for what was drawn.
     A notebook is `kept`, not redrawn, where a run its tables were drawn from is missing from the store, or
     is no longer drawn with these parameters (other seeds or depths, not finished, no cached analysis:
     `_lost_runs`; force: redraw it from what is drawn now)."""
@@ -86,6 +89,7 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
             raise ValueError(f"unknown notebook(s) {bad}: use some of {names}")
         names = [n for n in names if n in only]
     wanted = report_parameters(preset)  # a bad grid stops the report before any notebook runs
+    _restore(preset)
     try:
         with absolute_path_vars():
             status = pd.DataFrame([_build_one(name, preset, kernel, directory, wanted.get(name, {}), force)
@@ -100,11 +104,29 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
     return status
 
 
+def _restore(preset: str) -> None:
+    """The preset's committed records into the store (a copy further along there is kept), said in one line."""
+    try:
+        done = restore(records_dir(preset))
+    except OSError as e:  # a store this user may only read: the notebooks draw from what it holds
+        log.warning("the run records in %s could not be put into the run store (%s)", records_dir(preset), e)
+        return
+    taken = sum(what.startswith("imported") for what in done.values())
+    if taken:
+        log.info("%d of the %d run records in %s put into the run store (%s)", taken, len(done), records_dir(preset),
+                 runs_dir())
+
+
 def _describe(preset: str) -> None:
-    """results/<preset>/claims.csv and .md, and RESULTS.md, from the tables the notebooks just wrote."""
+    """The run records of what the executed notebooks drew (`records.save`); results/<preset>/claims.csv and
+    .md, and RESULTS.md, from the tables the notebooks just wrote."""
     from .claims import check
     from .page import write_page
 
+    try:
+        save(preset)
+    except OSError as e:  # the tables are written; their records wait for the next report
+        log.error("the run records of %s could not be written (%s)", preset, e)
     check(preset)
     write_page(preset)
 
@@ -175,7 +197,6 @@ def _build_one(name: str, preset: str, kernel: str | None, directory: Path,
             "output": str(written or out), "error": error}
 
 
-RECORD = "resnet_lab"  # an executed notebook's metadata: {"runs": the hashes of the runs its tables were drawn from}
 
 
 def _runs_drawn(name: str, params: dict[str, Any]) -> tuple[list[str], int] | None:
@@ -216,8 +237,8 @@ def _lost_runs(executed: Path, tables: Path, drawn: tuple[list[str], int] | None
         before = None
     head = (f"its tables and figures are kept: the run store ({runs_dir()}) holds {len(have)} of the {need} runs "
             "it reads")
-    absent = ("a clone has no runs (they are git-ignored): bring them with `resnet-lab runs import`, or train them; "
-              "`report --force` redraws from what is stored")
+    absent = (f"the store is git-ignored and {executed.parent.parent / 'runs'} has no record of them: bring "
+              "them with `resnet-lab runs import`, or train them; `report --force` redraws from what is stored")
     if not isinstance(before, list):
         if have or not _has_rows(tables):
             return None
@@ -252,7 +273,8 @@ def _reads_cache(executed: Path) -> bool:
 
 def stamp(preset: str, executed_dir: Path | None = None) -> None:
     """Record in each executed notebook of `preset` the runs its tables are drawn from, as `report` does for
-    its own executions: `make reproduce` executes them with papermill and calls this after."""
+    its own executions: `make reproduce` executes them with papermill and calls this after; then the run
+    records of those runs (`records.save`)."""
     folder = executed_dir or results_dir() / preset / "executed"
     for name in notebooks():
         nb = folder / f"{name}.ipynb"
@@ -260,6 +282,7 @@ def stamp(preset: str, executed_dir: Path | None = None) -> None:
             drawn = _runs_drawn(name, {**executed_parameters(nb), "preset": preset})
             if drawn is not None:
                 _record_output_path(nb, nb, drawn[0])
+    save(preset, folder)
 
 
 def _pid_alive(pid: int) -> bool:

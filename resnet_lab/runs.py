@@ -235,7 +235,11 @@ class RunDir:
         try:
             data = self.model_file.read_bytes()
         except FileNotFoundError:
-            raise FileNotFoundError(f"run {self.cfg.hash} ({self.cfg.name}) has no model.pt: train it first") from None
+            raise FileNotFoundError(
+                f"run {self.cfg.hash} ({self.cfg.name} seed {self.cfg.seed}) has no model.pt in {self.path}: "
+                + ("a run restored from its record (results/<preset>/runs) has no weights; import the run with them "
+                   "(`resnet-lab runs import` of an export), or remove the folder and train it again"
+                   if self.status() in FINISHED else "train it first")) from None
         model = model_from_config(self.cfg)
         model.load_state_dict(torch.load(io.BytesIO(data), map_location=device, weights_only=True))
         return to_device(model, device).eval(), hashlib.sha256(data).hexdigest()
@@ -250,15 +254,21 @@ class RunDir:
 
     def read_analysis(self, kind: str, params: Mapping[str, Any]) -> dict[str, pd.DataFrame] | None:
         """The tables write_analysis stored for these parameters and this very model.pt, else None
-        (absent, unreadable, other parameters, or a model.pt that has changed since)."""
+        (absent, unreadable, other parameters, or a model.pt that has changed since). A run without model.pt
+        (restored from its record, `records`) takes the tables its record brought."""
         f = self.analysis_file(kind, params)
         try:
             rec = json.loads(f.read_text())
-            model = hashlib.sha256(self.model_file.read_bytes()).hexdigest()
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
-        if not isinstance(rec, dict) or rec.get("params") != _plain(params) or rec.get("model_sha256") != model \
-                or not isinstance(rec.get("tables"), dict):
+        try:
+            model: str | None = hashlib.sha256(self.model_file.read_bytes()).hexdigest()
+        except FileNotFoundError:  # a run restored from its record (results/<preset>/runs) has no weights
+            model = None          # here: its cached tables are all there is of them, and nothing contradicts them
+        except OSError:
+            return None
+        if not isinstance(rec, dict) or rec.get("params") != _plain(params) or not isinstance(rec.get("tables"), dict) \
+                or (model is not None and rec.get("model_sha256") != model):
             return None
         try:
             return {name: pd.read_csv(io.StringIO(text)) for name, text in rec["tables"].items()}

@@ -144,7 +144,8 @@ def _run_files(run: Path, checkpoints: bool, again: bool = False) -> dict[str, b
     if finished:
         model = _read(run / "model.pt")
         if model is None:
-            log.warning("run %s not exported: its summary says finished but model.pt is missing", run.name)
+            log.warning("run %s not exported: its summary says finished but model.pt is missing (a run restored "
+                        "from its record in results/<preset>/runs has no weights)", run.name)
             return None
         files["model.pt"] = model
         for name in _analysis_names(run):

@@ -328,3 +328,13 @@ def test_evaluation_batches_are_small_on_a_cpu_and_large_on_a_gpu():
     assert [len(c[0]) for c in chunks] == [CPU_EVAL_BATCH] * (150 // CPU_EVAL_BATCH) + [150 % CPU_EVAL_BATCH]
     assert torch.equal(torch.cat([c[1] for c in chunks]), y)  # in order, nothing dropped
     assert [len(c[0]) for c in eval_batches(x, y, 100)] == [100, 50]
+
+
+def test_the_loader_imports_without_lzma():
+    """A Python built without _lzma (some minimal images) must still import the package: only .tar.xz needs it."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['lzma'] = None; import resnet_lab.data as d; print(len(d.ARCHIVE_ERRORS))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "4"

@@ -81,9 +81,9 @@ def test_an_fp16_stepper_starts_with_zero_momentum_and_survives_a_skipped_first_
     st(*_batch(), 0.1)
     assert float(st.scaler.skipped) == 1 and float(st.scaler.scale) == 2.0 ** 23
     assert torch.equal(_flat(model), p0)  # skipped: nothing moved
-    for _ in range(20):
+    for _ in range(8):  # ResNet-8, this batch: 5 skipped at 2^24..2^20, then taken (fp16 is slow on some CPUs)
         st(*_batch(), 0.1)
-    assert float(st.scaler.skipped) < 21 and torch.isfinite(_flat(model)).all()
+    assert float(st.scaler.skipped) < 9 and torch.isfinite(_flat(model)).all() and not torch.equal(_flat(model), p0)
     assert all(torch.isfinite(opt.state[p]["momentum_buffer"]).all() for p in model.parameters())
 
 
@@ -101,9 +101,10 @@ def test_a_snapshot_restores_the_loss_scale():
 
 
 def test_the_self_check_steps_both_ways_at_the_scale_it_reports(monkeypatch):
-    """Both steps overflow at 2^24: the check halves the scale until neither does, and each round's two steps
-    (the reference and the checked one) run at that round's scale, the one the check reports."""
-    monkeypatch.setattr(fast, "LOSS_SCALE_INIT", 2.0 ** 24)
+    """Both steps overflow at 2^21 (ResNet-8 on this batch overflows up to 2^20): the check halves the scale until
+    neither does, and each round's two steps (the reference and the checked one) run at that round's scale, the
+    one the check reports."""
+    monkeypatch.setattr(fast, "LOSS_SCALE_INIT", 2.0 ** 21)
     model, opt, lr_t = _net()
     st = Stepper(model, opt, lr_t, precision="fp16")
     x, y = _batch()
@@ -118,9 +119,9 @@ def test_the_self_check_steps_both_ways_at_the_scale_it_reports(monkeypatch):
     check = st._agree(one("reference"), one("other"), st._snapshot(), "other")
     pairs = list(zip(seen[::2], seen[1::2]))
     assert len(pairs) > 1 and all(a[0] == "reference" and b[0] == "other" and a[1] == b[1] for a, b in pairs)
-    assert [a[1] for a, _ in pairs] == [2.0 ** (24 - i) for i in range(len(pairs))]
+    assert [a[1] for a, _ in pairs] == [2.0 ** (21 - i) for i in range(len(pairs))]
     assert check["loss_scale"] == pairs[-1][0][1] and not check["skipped"] and check["update_rel_diff"] == 0
-    assert float(st.scaler.scale) == 2.0 ** 24  # the run's own scale is put back
+    assert float(st.scaler.scale) == 2.0 ** 21  # the run's own scale is put back
 
 
 def test_fp16_runs_are_never_grouped():

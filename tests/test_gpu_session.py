@@ -78,3 +78,26 @@ def test_a_session_trains_what_is_missing_and_brings_back_only_what_is_new(tmp_p
 
     bad = _session(tmp_path, "out3", STAGES="tests bnech")
     assert bad.returncode == 2 and "unknown stage 'bnech'" in bad.stdout + bad.stderr
+
+
+def test_the_bench_leaves_the_training_its_minimum(tmp_path):
+    """The first call's tests and bench must not eat the time its training was planned for: the bench is cut to
+    what leaves MIN_TRAIN_S (and train's 30 s of start-up), or skipped with a line saying so; the compile tests
+    run last, in a process of their own."""
+    fake = tmp_path / "py"  # python, but a bench that only says what it was given
+    fake.write_text(f'#!/bin/bash\nif [ "$3" = bench ]; then echo "fake bench $*"; exit 0; fi\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    common = dict(PY=str(fake), GRIDS="", REFERENCE="", EXPORT_S="20", MIN_TRAIN_S="60", BENCH_S="300")
+    cut = _session(tmp_path, "o1", STAGES="bench train", BUDGET_S="200", **common)
+    log = (tmp_path / "o1" / "log.txt").read_text()
+    assert cut.returncode == 0, log
+    m = re.search(r"bench .* \(at most (\d+)s\)", log)
+    assert m and 80 <= int(m.group(1)) <= 90 and "fake bench" in log  # 200 - 20 - 60 - 30, less the seconds gone
+    alone = _session(tmp_path, "o2", STAGES="bench", BUDGET_S="200", **common)
+    assert alone.returncode == 0 and "(at most 180s)" in (tmp_path / "o2" / "log.txt").read_text()
+    none = _session(tmp_path, "o3", STAGES="bench train", BUDGET_S="120", **common)
+    assert none.returncode == 0 and "bench: not run" in (tmp_path / "o3" / "log.txt").read_text()
+    tests = _session(tmp_path, "o4", STAGES="tests", BUDGET_S="200", **common)
+    log4 = (tmp_path / "o4" / "log.txt").read_text()
+    assert tests.returncode == 0, log4
+    assert log4.index("-k 'not compile'") < log4.index("tests/test_gpu.py -k compile")

@@ -1,0 +1,115 @@
+"""Run records: the small files of the runs a preset's committed tables are drawn from, committed beside them.
+
+The run store (results/runs/) is git-ignored: it holds weights and checkpoints. So a clone, or the next
+machine a GPU session lands on, has none of the runs behind results/<preset>/: `report` cannot redraw a
+figure there, and the next session's tables would see only the runs it trained. results/<preset>/runs/<hash>/
+keeps, for each run an executed notebook of the preset was drawn from, its config.json, summary.json,
+metrics.csv and cached analyses (no weights: kilobytes a run). `report` puts them into the store before it
+draws (`restore`, through the import's merge: a copy further along in the store is kept) and writes them
+after (`save`); `resnet-lab runs import results/<preset>/runs` does the first by hand.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .runs import ANALYSIS_FILE, atomic_write_bytes, results_dir, runs_dir
+
+log = logging.getLogger(__name__)
+
+RECORD_FILES = ("config.json", "summary.json", "metrics.csv")  # and every analysis-<kind>-<12 hex>.json
+RECORD = "resnet_lab"  # an executed notebook's metadata key: {"runs": the hashes its tables were drawn from}
+
+
+def records_dir(preset: str) -> Path:
+    """results/<preset>/runs: committed, unlike the store (results/runs)."""
+    return results_dir() / preset / "runs"
+
+
+def _record_files(run: Path, weights: bool = False) -> dict[str, bytes]:
+    """A run folder's files that a record keeps, and its model.pt with `weights` (a folder of run folders given
+    to `restore` keeps its weights); regular files only: a link is never followed."""
+    keep = RECORD_FILES + (("model.pt",) if weights else ())
+    out = {}
+    for p in sorted(run.iterdir()):
+        if (p.name in keep or ANALYSIS_FILE.fullmatch(p.name)) and p.is_file() and not p.is_symlink():
+            out[p.name] = p.read_bytes()
+    return out
+
+
+def drawn_hashes(executed_dir: Path) -> set[str]:
+    """The runs the executed notebooks in a folder record their tables as drawn from."""
+    from .transfer import HASH
+
+    hashes: set[str] = set()
+    for nb in sorted(executed_dir.glob("*.ipynb")):
+        try:
+            runs = json.loads(nb.read_text(encoding="utf-8"))["metadata"][RECORD]["runs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(runs, list):
+            hashes |= {h for h in runs if isinstance(h, str) and HASH.fullmatch(h)}
+    return hashes
+
+
+def save(preset: str, executed_dir: Path | None = None) -> int:
+    """Write the record of every run the preset's executed notebooks were drawn from (from the store; a run the
+    store lacks keeps the record it has), and remove the records no executed notebook names. Each file is
+    written atomically and only where its bytes changed, so an unchanged run leaves git quiet. Returns the
+    number of records written or changed."""
+    from .transfer import HASH
+
+    folder = records_dir(preset)
+    wanted = drawn_hashes(executed_dir or results_dir() / preset / "executed")
+    store, changed = runs_dir(), 0
+    for h in sorted(wanted):
+        src = store / h
+        if not (src / "config.json").is_file():
+            continue
+        files = _record_files(src)
+        dst = folder / h
+        old = {p.name for p in dst.iterdir() if p.is_file()} if dst.is_dir() else set()
+        wrote = False
+        for name, data in files.items():
+            if name in old and (dst / name).read_bytes() == data:
+                continue
+            atomic_write_bytes(dst / name, data)
+            wrote = True
+        for name in sorted(old - set(files)):  # an analysis of another revision, a summary now gone
+            (dst / name).unlink()
+            wrote = True
+        changed += wrote
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if p.is_dir() and HASH.fullmatch(p.name) and p.name not in wanted:
+                shutil.rmtree(p)
+                changed += 1
+    return changed
+
+
+def restore(source: str | os.PathLike, root: str | os.PathLike | None = None) -> dict[str, str]:
+    """Merge a folder of records (results/<preset>/runs) into the store, as `runs import` merges an export:
+    {run hash: what happened}. A record without its config (or whose config hashes elsewhere: a run of
+    another version of the code) is passed over with a warning; a missing folder restores nothing."""
+    from .transfer import HASH, _config_error, _merge_run
+
+    src = Path(source)
+    if not src.is_dir():
+        return {}
+    dst = runs_dir(root)
+    done: dict[str, str] = {}
+    for p in sorted(src.iterdir()):
+        if not (p.is_dir() and HASH.fullmatch(p.name)):
+            continue
+        files = _record_files(p, weights=True)
+        err = "it has no config.json" if "config.json" not in files else _config_error(p.name, files["config.json"])
+        if err:
+            log.warning("record %s not restored: %s", p, err)
+            done[p.name] = f"not restored: {err}"
+            continue
+        dst.mkdir(parents=True, exist_ok=True)
+        done[p.name] = _merge_run(dst, p.name, files)
+    return done
