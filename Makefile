@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: install
 	$(BIN)/python -m pytest -q
 
-# The quick preset keeps `make reproduce` near 15 minutes on 2 CPU cores (1031 s on a 2-core EPYC),
+# The quick preset keeps `make reproduce` near 15 minutes on 2 CPU cores (1031 s on a 2-core EPYC; 2208 s on a 2-core Xeon),
 # with other grids than the notebooks' defaults (which are the paper's): fewer depths and variants, and
 # 3 seeds for 01 and 06 (the default is one; 01's claims are judged against seed noise). Notebooks
 # share runs through the store (06 reuses 01's nets, 05 compares the 1202-layer net with 01's
@@ -87,7 +87,7 @@ gpu-in: install
 	src="$$(realpath "$(RESNET_LAB_DATA)")"; dst="$$(realpath -m ".data/$$(basename "$$src")")"; \
 	if [ "$$src" != "$$dst" ]; then find .data -maxdepth 1 -type f -delete && cp "$$src" .data/.copy.tmp && \
 	  mv .data/.copy.tmp "$$dst"; fi
-	test ! -d "$(PAPER_RECORDS)" || $(BIN)/resnet-lab runs import "$(PAPER_RECORDS)" >/dev/null
+	test ! -d "$(PAPER_RECORDS)" || $(BIN)/resnet-lab runs import "$(PAPER_RECORDS)"
 	$(BIN)/resnet-lab runs manifest .gpu-in/have.json
 	mb=$$($(BIN)/python -c 'import os, subprocess as sp; \
 	  tree = sum(os.path.getsize(p) for p in sp.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], \

@@ -516,7 +516,7 @@ def cmd_runs_import(a: argparse.Namespace) -> int:
         print(f"no run records in {a.parts[0]} (folders named by a run's 12-hex hash)", file=sys.stderr)
     for h, what in done.items():
         print(h, what)
-    return EXIT_INCOMPLETE if any(what.startswith("skipped") for what in done.values()) else 0
+    return EXIT_INCOMPLETE if any(what.startswith(("skipped", "not restored")) for what in done.values()) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,6 @@ from .runs import ANALYSIS_FILE, atomic_write_bytes, results_dir, runs_dir
 
 log = logging.getLogger(__name__)
 
-RECORD_FILES = ("config.json", "summary.json", "metrics.csv")  # and every analysis-<kind>-<12 hex>.json
 RECORD = "resnet_lab"  # an executed notebook's metadata key: {"runs": the hashes its tables were drawn from}
 
 
@@ -31,47 +30,79 @@ def records_dir(preset: str) -> Path:
 
 def _record_files(run: Path, weights: bool = False) -> dict[str, bytes]:
     """A run folder's files that a record keeps, and its model.pt with `weights` (a folder of run folders given
-    to `restore` keeps its weights); regular files only: a link is never followed."""
-    keep = RECORD_FILES + (("model.pt",) if weights else ())
+    to `restore` keeps its weights); regular files only: a link is never followed. Read summary first and curve
+    last, the reverse of a trainer's order (curve, checkpoint, summary), so the curve reaches the summary's step."""
+    names = ["summary.json", "config.json", *(["model.pt"] if weights else []),
+             *sorted(p.name for p in run.iterdir() if ANALYSIS_FILE.fullmatch(p.name)), "metrics.csv"]
     out = {}
-    for p in sorted(run.iterdir()):
-        if (p.name in keep or ANALYSIS_FILE.fullmatch(p.name)) and p.is_file() and not p.is_symlink():
-            out[p.name] = p.read_bytes()
+    for name in names:
+        f = run / name
+        if f.is_file() and not f.is_symlink():
+            out[name] = f.read_bytes()
     return out
 
 
-def drawn_hashes(executed_dir: Path) -> set[str]:
-    """The runs the executed notebooks in a folder record their tables as drawn from."""
+def drawn_hashes(executed_dir: Path) -> tuple[set[str], bool]:
+    """(the runs the executed notebooks in a folder record their tables as drawn from, whether every executed
+    notebook that reads runs has that record): one without it (a papermill run by hand, an interrupted `make
+    reproduce`, a damaged file) may have drawn any run, so then no record is pruned."""
+    from .experiments import NOTEBOOK_CONFIGS
     from .transfer import HASH
 
     hashes: set[str] = set()
+    complete = True
     for nb in sorted(executed_dir.glob("*.ipynb")):
         try:
             runs = json.loads(nb.read_text(encoding="utf-8"))["metadata"][RECORD]["runs"]
         except (OSError, ValueError, KeyError, TypeError):
+            runs = None
+        if not isinstance(runs, list):
+            complete &= nb.stem not in NOTEBOOK_CONFIGS
             continue
-        if isinstance(runs, list):
-            hashes |= {h for h in runs if isinstance(h, str) and HASH.fullmatch(h)}
-    return hashes
+        hashes |= {h for h in runs if isinstance(h, str) and HASH.fullmatch(h)}
+    return hashes, complete
+
+
+def _read_run(src: Path) -> dict[str, bytes] | None:
+    """The record files of a store's run, read under its lock where the store lets us take it (a trainer or an
+    import holding it: None, and the record stays as it was until the next report)."""
+    from .runs import RunLocked, lock_run
+    from .transfer import stranded
+
+    if stranded(src):  # an import killed part-way: its status says nothing until it is recovered
+        return None
+    try:
+        with lock_run(src, wait=False):
+            return _record_files(src)
+    except RunLocked:
+        log.info("run %s is held by another process: its record is left as it was", src.name)
+        return None
+    except OSError:  # a store this user may only read: no lock to take, and no trainer of ours writing there
+        return _record_files(src)
 
 
 def save(preset: str, executed_dir: Path | None = None) -> int:
     """Write the record of every run the preset's executed notebooks were drawn from (from the store; a run the
-    store lacks keeps the record it has), and remove the records no executed notebook names. Each file is
-    written atomically and only where its bytes changed, so an unchanged run leaves git quiet. Returns the
-    number of records written or changed."""
+    store lacks keeps the record it has), and remove the records no executed notebook names (only where every
+    one of them says what it drew: `drawn_hashes`). Each file is written atomically and only where its bytes
+    changed, so an unchanged run leaves git quiet; a linked record folder is neither written through nor
+    removed. Returns the number of records written, changed or removed."""
     from .transfer import HASH
 
     folder = records_dir(preset)
-    wanted = drawn_hashes(executed_dir or results_dir() / preset / "executed")
+    wanted, complete = drawn_hashes(executed_dir or results_dir() / preset / "executed")
     store, changed = runs_dir(), 0
     for h in sorted(wanted):
-        src = store / h
-        if not (src / "config.json").is_file():
+        src, dst = store / h, folder / h
+        if not (src / "config.json").is_file() or src.is_symlink():
             continue
-        files = _record_files(src)
-        dst = folder / h
-        old = {p.name for p in dst.iterdir() if p.is_file()} if dst.is_dir() else set()
+        if dst.is_symlink():
+            log.warning("record %s is a link: not written through", dst)
+            continue
+        files = _read_run(src)
+        if files is None or "config.json" not in files:
+            continue
+        old = {p.name for p in dst.iterdir() if p.is_file() and not p.is_symlink()} if dst.is_dir() else set()
         wrote = False
         for name, data in files.items():
             if name in old and (dst / name).read_bytes() == data:
@@ -82,9 +113,9 @@ def save(preset: str, executed_dir: Path | None = None) -> int:
             (dst / name).unlink()
             wrote = True
         changed += wrote
-    if folder.is_dir():
+    if complete and folder.is_dir():
         for p in sorted(folder.iterdir()):
-            if p.is_dir() and HASH.fullmatch(p.name) and p.name not in wanted:
+            if HASH.fullmatch(p.name) and p.is_dir() and not p.is_symlink() and p.name not in wanted:
                 shutil.rmtree(p)
                 changed += 1
     return changed
@@ -102,7 +133,7 @@ def restore(source: str | os.PathLike, root: str | os.PathLike | None = None) ->
     dst = runs_dir(root)
     done: dict[str, str] = {}
     for p in sorted(src.iterdir()):
-        if not (p.is_dir() and HASH.fullmatch(p.name)):
+        if not (p.is_dir() and HASH.fullmatch(p.name)) or p.is_symlink():
             continue
         files = _record_files(p, weights=True)
         err = "it has no config.json" if "config.json" not in files else _config_error(p.name, files["config.json"])

@@ -182,14 +182,16 @@ def _run_folders(src: Path) -> list[Path]:
 def manifest(root: str | os.PathLike | None = None) -> dict[str, dict]:
     """{run hash: {status, steps_done, checkpoint, analyses}} of a store: what this machine already has, for
     `export_runs(skip=)`."""
-    return {run.name: _entry(s, _analysis_names(run), can_resume(run)) for run, _, s in iter_runs(root)}
+    return {run.name: _entry(s, _analysis_names(run), can_resume(run), (run / "model.pt").is_file())
+            for run, _, s in iter_runs(root)}
 
 
-def _entry(summary: dict | None, analyses: list[str], checkpoint: bool) -> dict:
-    """One run's manifest entry: how far along it is, whether it can resume, which cached analyses it has."""
+def _entry(summary: dict | None, analyses: list[str], checkpoint: bool, weights: bool) -> dict:
+    """One run's manifest entry: how far along it is, whether it can resume, which cached analyses it has, and
+    whether it has its weights (a run restored from its record, `records.restore`, has none)."""
     s = summary or {}
     return {"status": s.get("status"), "steps_done": s.get("steps_done"), "checkpoint": checkpoint,
-            "analyses": sorted(analyses)}
+            "analyses": sorted(analyses), "weights": weights}
 
 
 def _has_all(entry: dict, files: dict[str, bytes], progress: tuple[int, int]) -> bool:
@@ -199,7 +201,8 @@ def _has_all(entry: dict, files: dict[str, bytes], progress: tuple[int, int]) ->
     have = entry.get("analyses")
     have = set(have) if isinstance(have, list) else set()
     theirs = _progress(entry, entry.get("checkpoint") is True)
-    return theirs >= progress and {n for n in files if ANALYSIS_FILE.fullmatch(n)} <= have
+    weights = entry.get("weights") is not False or "model.pt" not in files  # a manifest before weights: has them
+    return theirs >= progress and {n for n in files if ANALYSIS_FILE.fullmatch(n)} <= have and weights
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, dict]:
@@ -234,6 +237,8 @@ def _pack(src: Path, checkpoints: bool, skips: list[dict[str, dict]], max_bytes:
     ever carry that checkpoint (ResNet-1202's is 155 MB); the manifests are compared with what is sent."""
     runs, held = [], [[] for _ in skips]
     for run in _run_folders(src):
+        if unfinished and (_summary(run) or {}).get("status") in FINISHED:  # before _run_files: no warnings for
+            continue                                                       # a finished run it would not send
         files = _run_files(run, checkpoints)
         if files is None:
             continue
@@ -262,7 +267,8 @@ def _pack(src: Path, checkpoints: bool, skips: list[dict[str, dict]], max_bytes:
                 (too_big if size > max_bytes else left).append(h)
                 continue
             used += size
-            packed[h] = _entry(summary, [n for n in files if ANALYSIS_FILE.fullmatch(n)], CHECKPOINT in files)
+            packed[h] = _entry(summary, [n for n in files if ANALYSIS_FILE.fullmatch(n)], CHECKPOINT in files,
+                               "model.pt" in files)
             for name, data in sorted(files.items()):
                 info = tarfile.TarInfo(f"{h}/{name}")
                 info.size, info.mtime, info.mode = len(data), now, 0o644
@@ -576,6 +582,16 @@ def _merge_run(dst: Path, h: str, files: dict[str, bytes]) -> str:
             ours = _progress(mine, can_resume(local))
             theirs = _progress(_parse_summary(files.get("summary.json")), CHECKPOINT in files)
             had = (local / "config.json").exists()
+            # a finished copy without weights (a record: export never sends one) never costs a local copy its
+            # weights or its checkpoint; a copy with weights replaces a finished local one that lacks them
+            if had and "model.pt" not in files and theirs[0] == RANK["done"] \
+                    and ((local / "model.pt").exists() or can_resume(local)):
+                added = _add_analyses(local, mine, files)
+                return "kept local: it has its weights or a checkpoint, this copy has neither" + \
+                    (f"; {added} cached analysis file(s) added" if added else "")
+            if had and ours[0] == theirs[0] == RANK["done"] and "model.pt" in files and not (local / "model.pt").exists():
+                _swap_in(dst, h, files)
+                return "imported: it brings the weights the local copy lacked"
             if had and ours >= theirs:
                 added = _add_analyses(local, mine, files)
                 if ours[0] == RESUMES and theirs[1] > ours[1]:  # say what was passed over, and why

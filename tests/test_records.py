@@ -147,3 +147,67 @@ def test_highway_gates_are_cached_like_the_responses(home, cifar):
     pd.testing.assert_frame_equal(ex.highway_gates(runs, max_images=40), fresh)
     with pytest.raises(FileNotFoundError, match="restored from its record"):
         ex.highway_gates(runs, max_images=20)  # other settings need the weights
+
+
+def test_a_record_never_costs_a_local_copy_its_weights_or_checkpoint(home):
+    """A record has no weights: it must not replace a finished local copy that has them (even one claiming more
+    steps) nor a partial copy that resumes; an export of the run with its weights replaces a restored one."""
+    from resnet_lab.transfer import export_runs, import_runs, manifest
+
+    store, rec = home / "runs", records.records_dir("smoke")
+    _run(rec, CFGS[0], "done", 9, weights=False)
+    _run(rec, CFGS[1], "done", 8, weights=False)
+    _run(store, CFGS[0], "done", 8)  # weights
+    _run(store, CFGS[1], "running", 4)  # a checkpoint
+    got = records.restore(rec)
+    assert all(got[h].startswith("kept local: it has its weights or a checkpoint") for h in H[:2])
+    assert (store / H[0] / "model.pt").read_bytes() == b"weights" and (store / H[1] / "checkpoint.pt").exists()
+
+    elsewhere = home / "elsewhere"
+    _run(elsewhere / "runs", CFGS[2], "done", 8)
+    (store / H[2]).mkdir()
+    for name in ("config.json", "summary.json", "metrics.csv"):  # restored from a record: no weights
+        (store / H[2] / name).write_bytes((elsewhere / "runs" / H[2] / name).read_bytes())
+    assert manifest()[H[2]]["weights"] is False and manifest()[H[0]]["weights"] is True
+    parts = export_runs(home / "out", root=elsewhere / "runs", skip=manifest())
+    assert parts.runs == [H[2]]  # the manifest's copy has no weights: this one goes
+    assert import_runs(parts)[H[2]] == "imported: it brings the weights the local copy lacked"
+    assert (store / H[2] / "model.pt").read_bytes() == b"weights"
+
+
+def test_save_writes_through_no_link_skips_a_held_run_and_prunes_only_a_complete_record(home, tmp_path):
+    from resnet_lab.runs import lock_run
+
+    store, rec = home / "runs", records.records_dir("smoke")
+    for c in CFGS:
+        _run(store, c, "done", 8)
+    _executed(home, "smoke", "01_degradation", H)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "id_rsa").write_text("secret")
+    rec.mkdir(parents=True)
+    (rec / H[0]).symlink_to(outside)
+    with lock_run(store / H[1]):  # a trainer (or an import) holds it: its record waits for the next report
+        records.save("smoke")
+    assert sorted(p.name for p in outside.iterdir()) == ["id_rsa"]
+    assert not (rec / H[1]).exists() and (rec / H[2] / "summary.json").exists()
+    assert H[0] not in records.restore(rec)  # a linked record is not read either
+    (rec / H[0]).unlink()
+
+    records.save("smoke")
+    assert sorted(p.name for p in rec.iterdir()) == sorted(H)
+    _executed(home, "smoke", "02_depth", H[:1])
+    (home / "smoke" / "executed" / "01_degradation.ipynb").write_text('{"metadata": {}}')  # papermill by hand
+    records.save("smoke")
+    assert sorted(p.name for p in rec.iterdir()) == sorted(H)  # it may have drawn any of them: none pruned
+    _executed(home, "smoke", "01_degradation", H[:2])
+    records.save("smoke")
+    assert sorted(p.name for p in rec.iterdir()) == sorted(H[:2])
+
+
+def test_runs_import_of_records_exits_1_for_one_it_could_not_restore(home, capsys):
+    rec = records.records_dir("smoke")
+    (rec / H[0]).mkdir(parents=True)
+    (rec / H[0]).joinpath("config.json").write_text(json.dumps(CFGS[1].to_json()))  # hashes to another folder
+    assert cli.main(["runs", "import", str(rec)]) == 1
+    assert f"{H[0]} not restored" in capsys.readouterr().out

@@ -90,7 +90,8 @@ def test_export_skips_what_the_other_side_has_and_stays_under_max_mb(tmp_path):
     make_run(here, "aaa", "done", 100)  # already here: stays out
     make_run(here, "ccc", "running", 40)  # here but behind: goes
     have = manifest(here)
-    assert have[HASH["ccc"]] == {"status": "running", "steps_done": 40, "checkpoint": True, "analyses": []}
+    assert have[HASH["ccc"]] == {"status": "running", "steps_done": 40, "checkpoint": True, "analyses": [],
+                                 "weights": False}
     parts = export_runs(tmp_path / "o1", root=gpu, checkpoints=True, skip=have)
     assert _names(parts) == sorted([HASH["bbb"], HASH["ccc"]])
     # room for the finished run only: it goes first, the big unfinished one waits for the next export
