@@ -505,7 +505,8 @@ def cmd_runs_import(a: argparse.Namespace) -> int:
     from .transfer import PART_NUMBER, import_runs
 
     # one folder, not named like a part (.000, .001, ...): run records (results/<preset>/runs)
-    folder = len(a.parts) == 1 and Path(a.parts[0]).is_dir() and not PART_NUMBER.fullmatch(a.parts[0].rpartition(".")[2])
+    folder = len(a.parts) == 1 and Path(a.parts[0]).is_dir() \
+        and not PART_NUMBER.fullmatch(a.parts[0].rpartition(".")[2])
     try:
         done = restore(a.parts[0]) if folder else import_runs(a.parts)
     except ValueError as e:

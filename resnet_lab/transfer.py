@@ -180,8 +180,8 @@ def _run_folders(src: Path) -> list[Path]:
 
 
 def manifest(root: str | os.PathLike | None = None) -> dict[str, dict]:
-    """{run hash: {status, steps_done, checkpoint, analyses}} of a store: what this machine already has, for
-    `export_runs(skip=)`."""
+    """{run hash: {status, steps_done, checkpoint, analyses, weights}} of a store: what this machine already
+    has, for `export_runs(skip=)`."""
     return {run.name: _entry(s, _analysis_names(run), can_resume(run), (run / "model.pt").is_file())
             for run, _, s in iter_runs(root)}
 
