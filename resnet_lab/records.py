@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .runs import ANALYSIS_FILE, atomic_write_bytes, results_dir, runs_dir
+from .runs import atomic_write_bytes, results_dir, runs_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,25 @@ def _record_files(run: Path, weights: bool = False) -> dict[str, bytes]:
     """A run folder's files that a record keeps, and its model.pt with `weights` (a folder of run folders given
     to `restore` keeps its weights); regular files only: a link is never followed. Read summary first and curve
     last, the reverse of a trainer's order (curve, checkpoint, summary), so the curve reaches the summary's step."""
-    names = ["summary.json", "config.json", *(["model.pt"] if weights else []),
-             *sorted(p.name for p in run.iterdir() if ANALYSIS_FILE.fullmatch(p.name)), "metrics.csv"]
+    from .transfer import _analysis_names
+
+    names = ["summary.json", "config.json", *(["model.pt"] if weights else []), *_analysis_names(run), "metrics.csv"]
     out = {}
     for name in names:
         f = run / name
         if f.is_file() and not f.is_symlink():
             out[name] = f.read_bytes()
     return out
+
+
+def recorded_runs(executed: Path) -> list | None:
+    """The runs an executed notebook records its tables as drawn from (its metadata's RECORD), or None where it
+    records none (executed before records, by papermill by hand, or unreadable)."""
+    try:
+        runs = json.loads(executed.read_text(encoding="utf-8"))["metadata"][RECORD]["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return runs if isinstance(runs, list) else None
 
 
 def drawn_hashes(executed_dir: Path) -> tuple[set[str], bool]:
@@ -52,11 +63,8 @@ def drawn_hashes(executed_dir: Path) -> tuple[set[str], bool]:
     hashes: set[str] = set()
     complete = True
     for nb in sorted(executed_dir.glob("*.ipynb")):
-        try:
-            runs = json.loads(nb.read_text(encoding="utf-8"))["metadata"][RECORD]["runs"]
-        except (OSError, ValueError, KeyError, TypeError):
-            runs = None
-        if not isinstance(runs, list):
+        runs = recorded_runs(nb)
+        if runs is None:
             complete &= nb.stem not in NOTEBOOK_CONFIGS
             continue
         hashes |= {h for h in runs if isinstance(h, str) and HASH.fullmatch(h)}

@@ -23,7 +23,7 @@ import pandas as pd
 
 from .config import check_preset
 from .experiments import NOTEBOOKS_DIR
-from .records import RECORD, records_dir, restore, save  # RECORD: an executed notebook's metadata key
+from .records import RECORD, recorded_runs, records_dir, restore, save  # RECORD: the metadata key
 from .runs import atomic_write_text, load_runs, results_dir, runs_dir
 from .sweep import OUTPUT_VAR, kernel_env, notebook_parameters, report_parameters
 
@@ -231,15 +231,12 @@ def _lost_runs(executed: Path, tables: Path, drawn: tuple[list[str], int] | None
     if drawn is None or not (tables.is_dir() and any(tables.glob("*.csv"))):  # nothing there to lose
         return None
     have, need = drawn
-    try:
-        before = json.loads(executed.read_text(encoding="utf-8"))["metadata"][RECORD]["runs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        before = None
+    before = recorded_runs(executed)
     head = (f"its tables and figures are kept: the run store ({runs_dir()}) holds {len(have)} of the {need} runs "
             "it reads")
     absent = (f"the store is git-ignored and {executed.parent.parent / 'runs'} has no record of them it could restore: bring "
               "them with `resnet-lab runs import`, or train them; `report --force` redraws from what is stored")
-    if not isinstance(before, list):
+    if before is None:
         if have or not _has_rows(tables):
             return None
         return f"{head}, and its tables have rows drawn from runs it does not hold; {absent}"
