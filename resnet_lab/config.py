@@ -22,6 +22,7 @@ DEFAULT_GATE_BIAS = -2.0
 SHORTCUTS = ("A", "B", "C")
 BLOCK_LAYERS = (1, 2, 3)
 SPLITS = ("full", "45k5k")
+PAD_FILLS = ("mean", "black")  # what the random crop's padding is filled with (data.augment)
 SPLIT_IMAGES = {"full": (50_000, 10_000), "45k5k": (45_000, 5_000)}  # (training, evaluation) images of CIFAR-10
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # fp16: with a dynamic loss scale (fast.LossScaler)
 FLOAT_FIELDS = ("lr", "momentum", "weight_decay", "warmup_lr", "warmup_err")  # stored as floats whatever was given
@@ -34,14 +35,19 @@ NON_RESULT_FIELDS = frozenset({"activation_checkpointing", "fast", "compile"})
 # Fields that change results, added to RunConfig after runs were stored: {field: the value every earlier run
 # had, its default}. At that value a field is left out of the hash, so the runs stored before it existed keep
 # their folders (and are found by a config asking for it); any other value is hashed as usual. A new result
-# field goes here, and into tests/test_config.py's OTHER_VALUE (README: Extending).
-ADDED_FIELDS: dict[str, Any] = {}
+# field goes here, and into tests/test_config.py's OTHER_VALUE (README: Extending). A config.json written before
+# the field existed reads as that value, even where the default is now another (pad_fill: "mean" since session 24).
+ADDED_FIELDS: dict[str, Any] = {"pad_fill": "black"}
 
 # Bumped when `models.py` changes what an architecture computes, so that runs stored from the old
 # net hash to other folders and are not reused (an arch missing here is at revision 1, and its
 # hashes are those of before this table existed). preact 2: BN-ReLU before the split in the first
-# block and at projection shortcuts (He et al. 2016, appendix).
-MODEL_REVISIONS = {"preact": 2}
+# block and at projection shortcuts (He et al. 2016, appendix). highway and gated 2: the gates' 1x1 convs start at
+# zero weights, so every gate opens at exactly sigmoid(gate_bias).
+MODEL_REVISIONS = {"preact": 2, "highway": 2, "gated": 2}
+# The same for bottleneck blocks of any arch (a net without them keeps its hash). 2: the stride moved from the
+# 3x3 to the first 1x1 (He et al. 2016's code).
+BOTTLENECK_REVISION = 2
 
 
 def valid_depths(block_layers: int = 2, bottleneck: bool = False, limit: int = 1300) -> list[int]:
@@ -100,6 +106,8 @@ class RunConfig:
     # data
     dataset: str = ""  # sha256 prefix of the CIFAR-10 copy; filled in by `train` from the source
     split: str = "full"  # "full" = 50k train / 10k test; "45k5k" = 45k train / 5k val held out of train
+    pad_fill: str = "mean"  # the crop's 4-pixel border: "mean" colour (the paper's zero after mean subtraction)
+    # or "black" (torchvision's RandomCrop(32, padding=4) before Normalize; every run stored before session 24)
     train_subset: int | None = None  # first N images of a fixed class-balanced permutation
     eval_subset: int | None = None  # evaluate on a class-balanced N of the test (or val) images
     # optimisation (He et al. 2015: SGD, batch 128, lr 0.1, /10 at 32k and 48k, stop at 64k)
@@ -141,6 +149,7 @@ class RunConfig:
         object.__setattr__(self, "gate_bias", float(self.gate_bias))
         _check_choice("shortcut", self.shortcut, SHORTCUTS)
         _check_choice("split", self.split, SPLITS)
+        _check_choice("pad_fill", self.pad_fill, PAD_FILLS)
         _check_choice("precision", self.precision, PRECISIONS)
         if self.arch == "plain" and self.shortcut != "A":
             raise ValueError(f"shortcut={self.shortcut!r} means nothing for arch='plain' (no shortcuts): leave it 'A'")
@@ -192,6 +201,8 @@ class RunConfig:
         d["milestones"] = list(self.milestones)
         if self.arch in MODEL_REVISIONS:
             d["model_revision"] = MODEL_REVISIONS[self.arch]
+        if self.bottleneck:
+            d["bottleneck_revision"] = BOTTLENECK_REVISION
         return {k: v for k, v in sorted(d.items())
                 if k not in NON_RESULT_FIELDS and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
 
@@ -213,6 +224,8 @@ class RunConfig:
             s += f" {self.shortcut}"
         if self.precision != "auto":
             s += f" {self.precision}"
+        if self.pad_fill != "mean":
+            s += f" {self.pad_fill}-pad"
         return s
 
     def to_json(self) -> dict[str, Any]:
@@ -226,6 +239,9 @@ class RunConfig:
         of a column with gaps into floats)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in fields}
+        for k, before in ADDED_FIELDS.items():  # a run stored before the field existed had this value
+            if k not in d or (isinstance(d[k], float) and math.isnan(d[k])) or d[k] is None:
+                d[k] = before
         for k, v in list(d.items()):
             if isinstance(v, float) and math.isnan(v):
                 d[k] = None

@@ -469,16 +469,28 @@ def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
     return (x.to(dtype) - mean) / std
 
 
-def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = 4) -> torch.Tensor:
+def pad_colour(pad_fill: str) -> tuple[int, ...]:
+    """The uint8 colour of the crop's border: the training-set mean (0 after normalising, as the paper's zero
+    padding of mean-subtracted images) or black (torchvision's RandomCrop before Normalize: about -2 std)."""
+    fills = {"mean": tuple(round(255 * m) for m in MEAN), "black": (0, 0, 0)}
+    if pad_fill not in fills:
+        raise ValueError(f"pad_fill={pad_fill!r} is not valid: use one of {', '.join(map(repr, fills))}")
+    return fills[pad_fill]
+
+
+def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = 4,
+            fill: Sequence[int] = (0, 0, 0)) -> torch.Tensor:
     """Pad-`pad` random crop (shift dx, dy in [-pad, pad]) and horizontal flip, all in one gather.
 
-    x: (B, C, H, W) any dtype; dx, dy: (B,) int64; flip: (B,) bool. Pads with 0, i.e. black on uint8 images,
-    as torchvision's RandomCrop(32, padding=4) does before Normalize (the usual PyTorch recipe and the bench's
-    baseline). The paper's inputs have the per-pixel mean subtracted, so zero padding there is the mean
-    colour: the border differs, not the crop and flip.
+    x: (B, C, H, W) any dtype; dx, dy: (B,) int64; flip: (B,) bool; fill: the border's value per channel
+    (`pad_colour`). The paper's border is the mean colour (He et al. pad images with the per-pixel mean
+    subtracted; fb.resnet.torch normalises, then crops); torchvision's recipe pads black, the bench's baseline.
     """
     B, C, H, W = x.shape
-    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    xp = x.new_empty(B, C, H + 2 * pad, W + 2 * pad)  # (B, C, H+2p, W+2p)
+    for c, v in enumerate(fill):  # plain scalars: nothing copied from the host (a CUDA graph captures it)
+        xp[:, c].fill_(v)
+    xp[:, :, pad:pad + H, pad:pad + W] = x
     rows = (dy + pad).view(B, 1) + torch.arange(H, device=x.device).view(1, H)  # (B, H)
     ar = torch.arange(W, device=x.device).view(1, W)
     cols = torch.where(flip.view(B, 1), W - 1 - ar, ar) + (dx + pad).view(B, 1)  # (B, W)
@@ -494,8 +506,10 @@ class DeviceLoader:
     i of a run is a pure function of (seed, i): resuming at any step replays exactly.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, device: torch.device | str):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, device: torch.device | str,
+                 pad_fill: str = "mean"):
         self.device = torch.device(device)
+        self.fill = pad_colour(pad_fill)
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.batch_size, self.seed = batch_size, seed
         self.steps_per_epoch = len(x) // batch_size
@@ -520,7 +534,7 @@ class DeviceLoader:
         perm, dx, dy, fl = self._plan
         s = slice(i * self.batch_size, (i + 1) * self.batch_size)
         ix = perm[s]
-        return augment(self.x[ix], dx[s], dy[s], fl[s]), self.y[ix]
+        return augment(self.x[ix], dx[s], dy[s], fl[s], fill=self.fill), self.y[ix]
 
 
 # Images per evaluation batch. A GPU wants large batches (fewer launches); a CPU wants batches whose

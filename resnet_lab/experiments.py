@@ -485,9 +485,12 @@ def _compute_and_store(rd: RunDir, kind: str, p: dict[str, Any],
                        device: str) -> dict[str, pd.DataFrame]:
     from .train import device_name
 
+    from .fast import exact_fp32
+
     model, sha = rd.load_model_and_sha256(device)
     t0 = time.perf_counter()
-    tables = compute(model)
+    with exact_fp32():  # an fp32 analysis on a GPU is fp32, not TF32
+        tables = compute(model)
     seconds = round(time.perf_counter() - t0, 1)
     log.info("%s seed %d (run %s): %s analysis computed in %.1f s", rd.cfg.name, rd.cfg.seed, rd.cfg.hash, kind,
              seconds)
@@ -561,7 +564,7 @@ UNRAVEL_TAGS = ["net", "arch", "depth", "seed"]
 UNRAVEL_COLUMNS = {
     "lesion": ["block", "stage", "changes_shape", "has_shortcut", "err", "base_err"],
     "delete": ["k", "draw", "blocks", "err"],
-    "reorder": ["k", "draw", "pairs", "err"],
+    "reorder": ["k", "draw", "pairs", "kendall_tau", "err"],
     "paths": ["k", "paths", "share"],
     "gradient": ["k", "sample", "blocks", "grad_norm", "mean_grad_norm", "paths", "total"],
     "effective": ["blocks", "effective_from", "effective_to", "share_of_paths_%"],
@@ -587,7 +590,8 @@ def delete_ks(blocks: int) -> list[int]:
 # 2: reorder pairs drawn uniformly over same-stage pairs, never a pre-act net's first block. 3: deletions and
 # reorderings distinct per k (one stream per k), gradient paths distinct until every path of a length is measured.
 # 4: delete-k also at Veit et al.'s k = 10 (nets of 10 blocks or more; other k unchanged, each has its stream).
-UNRAVEL_REVISION = 4
+# 5: reorder rows carry the new order's Kendall tau (Veit et al. Fig. 5(b)).
+UNRAVEL_REVISION = 5
 
 
 def unravel_params(draws: int = 5, eval_images: int = 10_000, grad_samples: int = 10, grad_batch: int = 128,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 import logging
 
 import torch
@@ -92,15 +93,29 @@ def compute_dtype(device: torch.device, precision: str) -> str:
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 convolutions and matmuls computed in fp32. PyTorch lets cuDNN run fp32 convolutions in TF32 (a
+    10-bit mantissa) by default on Ampere and later GPUs, so without this the "fp32" evaluation and 08's fp32
+    reference loop would not be fp32 there. Legacy flags only: mixing them with the newer `fp32_precision`
+    API makes torch raise."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
 def autocast(device: torch.device, precision: str, cache: bool = True) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA ("auto") or when asked ("bf16"), fp16 when asked; nothing for fp32.
+    """bf16 autocast on CUDA ("auto") or when asked ("bf16"), fp16 when asked; fp32 as fp32 (`exact_fp32`).
 
     cache=False inside graph capture: the autocast weight cache would hold casts of the capture-time
     weights, stale at every replay.
     """
     dtype = AUTOCAST_DTYPES.get(compute_dtype(device, precision))
     if dtype is None:
-        return contextlib.nullcontext()
+        return exact_fp32()
     return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
@@ -178,6 +193,14 @@ def step_body(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
     refuses it for a GroupedNets).
     """
     xf = normalize(x).contiguous(memory_format=torch.channels_last)  # the models' layout (to_device)
+    # fp32: the backward's convolutions too (autocast below covers the forward only)
+    with exact_fp32() if compute_dtype(xf.device, precision) == "fp32" else contextlib.nullcontext():
+        return _forward_backward_step(model, opt, xf, y, precision, cache, members, scaler)
+
+
+def _forward_backward_step(model: nn.Module, opt: torch.optim.Optimizer, xf: torch.Tensor, y: torch.Tensor,
+                           precision: str, cache: bool, members: int, scaler: LossScaler | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     with autocast(xf.device, precision, cache):
         out = model(xf)
     wrong = out.detach().argmax(1) != y

@@ -158,8 +158,9 @@ def _basic_branch(cin: int, cout: int, stride: int, layers: int, preact: bool,
 
 def _bottleneck_branch(cin: int, mid: int, cout: int, stride: int, preact: bool,
                        shared_pre: bool = False) -> nn.Sequential:
-    """1x1 reduce - 3x3 - 1x1 expand (stride on the 3x3)."""
-    convs = [conv1x1(cin, mid), conv3x3(mid, mid, stride), conv1x1(mid, cout)]
+    """1x1 reduce - 3x3 - 1x1 expand, the stride on the first 1x1 as in He et al. 2016's ResNet-164/1001 code
+    (and He et al. 2015's ImageNet bottleneck; torchvision's "v1.5" puts it on the 3x3)."""
+    convs = [conv1x1(cin, mid, stride), conv3x3(mid, mid), conv1x1(mid, cout)]
     ins = [cin, mid, mid]
     mods: list[nn.Module] = []
     for i, conv in enumerate(convs):
@@ -225,14 +226,19 @@ class CifarResNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # He et al. 2015: Kaiming-normal convs; BN starts as the identity. The gates' 1x1 convs too, as He et
-        # al.'s code initialises every conv this way; so a gate starts at sigmoid(b) only on average, not exactly.
+        # He et al. 2015: Kaiming-normal convs; BN starts as the identity. A gate's 1x1 conv starts at zero
+        # weights, so every gate opens at exactly sigmoid(b) whatever its input: He et al. 2016 (Sec. 3.1) rest
+        # shortcut-only gating on 1 - g ~ 1 at b = -6. Kaiming weights would spread the logit by the block
+        # input's scale, which grows with depth (sigmoid is convex there: gated-110's mean gate opened at up
+        # to 0.13, not 0.0025, damping the identity path 20x over 54 blocks). W_g still learns (its gradient
+        # is the input's, not zero).
+        gates = {id(b.gate) for b in self.blocks if b.gate is not None}  # their bias is b, set where built
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                bias = m.bias.detach().clone() if m.bias is not None else None
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if bias is not None:
-                    m.bias.data.copy_(bias)  # keep the gate bias
+                if id(m) in gates:
+                    nn.init.zeros_(m.weight)
+                else:
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

@@ -310,22 +310,29 @@ def lesion_figure(lesion: pd.DataFrame) -> Figure:
 
 
 def deletion_figure(delete: pd.DataFrame, reorder: pd.DataFrame) -> Figure:
-    """Veit et al. Fig. 4: error vs number of deleted blocks, and vs number of swapped pairs (band: ±1 sd
-    over the random draws, seeds pooled: how much the choice of blocks matters)."""
+    """Veit et al. Fig. 5: error vs number of deleted blocks (a), and vs the Kendall tau of the reordered
+    blocks against their order (b; one point per random draw, 1 = the original order, read right to left)."""
     if delete.empty and reorder.empty:
         return no_data_figure("deleting and reordering blocks")
     set_style()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
-    for ax, df, label in ((axes[0], delete, "blocks deleted"), (axes[1], reorder, "pairs of blocks swapped")):
-        if df.empty:
-            continue
-        sns.lineplot(data=df.assign(err100=100 * df["err"]), x="k", y="err100", hue="net", marker="o",
-                     errorbar="sd", ax=ax)
-        ax.set(xlabel=label, ylabel="test error (%)")
+    if not delete.empty:
+        sns.lineplot(data=delete.assign(err100=100 * delete["err"]), x="k", y="err100", hue="net", marker="o",
+                     errorbar="sd", ax=axes[0])
+        axes[0].set(xlabel="blocks deleted", ylabel="test error (%)")
+    if not reorder.empty:
+        r = reorder.assign(err100=100 * reorder["err"])
+        x = "kendall_tau" if "kendall_tau" in r else "k"  # a table from before the column: pairs swapped
+        sns.scatterplot(data=r, x=x, y="err100", hue="net", alpha=0.7, ax=axes[1], legend=delete.empty)
+        axes[1].set(xlabel="Kendall tau of the block order" if x == "kendall_tau" else "pairs of blocks swapped",
+                    ylabel="test error (%)")
+        if x == "kendall_tau":
+            axes[1].invert_xaxis()  # as Veit et al.: more reordering to the right
     if not delete.empty and (delete["depth"] == 110).any():  # the paper's reading point, for a 110-layer net
         axes[0].plot([10], [20], "x", color="k", label="Veit et al. 2016 (≈)")
         axes[0].legend(title="net", frameon=False)
-    return note(fig, "band: ±1 sd over the distinct random draws of each k (seeds pooled)")
+    return note(fig, "left: band ±1 sd over the distinct random draws of each k (seeds pooled); right: one point "
+                     "per random reordering (seeds pooled)")
 
 
 def paths_figure(paths: pd.DataFrame, gradient: pd.DataFrame, effective: pd.DataFrame) -> Figure:

@@ -400,7 +400,7 @@ class _Run:
         atomic_write_json(rd.config_file, {**cfg.to_json(), "hash": cfg.hash})
         tx, ty, ex, ey = split_data(data, cfg.split, cfg.train_subset, cfg.eval_subset)
         self.ex, self.ey = ex.to(device), ey.to(device)
-        self.loader = DeviceLoader(tx, ty, cfg.batch_size, cfg.seed, device)
+        self.loader = DeviceLoader(tx, ty, cfg.batch_size, cfg.seed, device, cfg.pad_fill)
 
         torch.manual_seed(cfg.seed)
         model = model_from_config(cfg)

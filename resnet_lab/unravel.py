@@ -243,7 +243,8 @@ def reorder_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[i
     Pairs come from the same stage and never include a transition block or a pre-act net's first
     block (`swappable_groups`), drawn by `draw_pairs`; `draws` distinct sets of pairs per k, or all
     of them where there are fewer. k is at most the number of disjoint such pairs (sum over stages of
-    swappable blocks // 2). Columns: k, draw, pairs, err; k=0 is the unmodified error.
+    swappable blocks // 2). Columns: k, draw, pairs, kendall_tau (of the new block order against the
+    original: Veit et al. Fig. 5(b) plot the error against it), err; k=0 is the unmodified error.
     """
     _check_data(x, y)
     m = len(blocks_of(model))
@@ -253,12 +254,28 @@ def reorder_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks: Iterable[i
 
     def draw(rng: random.Random, k: int) -> tuple[Any, dict]:
         pairs = draw_pairs(rng, groups, k)
-        order = list(range(m))
-        for a, b in pairs:
-            order[a], order[b] = order[b], order[a]
-        return pairs, {"order": order}
+        return pairs, {"order": swapped_order(m, pairs)}
 
-    return _draw_errors(model, x, y, ks, draws, seed, batch_size, "pairs", draw, lambda k: _pairings(groups, k))
+    df = _draw_errors(model, x, y, ks, draws, seed, batch_size, "pairs", draw, lambda k: _pairings(groups, k))
+    df.insert(3, "kendall_tau", [kendall_tau(swapped_order(m, p)) for p in df["pairs"]])
+    return df
+
+
+def swapped_order(m: int, pairs: Iterable[tuple[int, int]]) -> list[int]:
+    """The order of m blocks after swapping each pair's places."""
+    order = list(range(m))
+    for a, b in pairs:
+        order[a], order[b] = order[b], order[a]
+    return order
+
+
+def kendall_tau(order: list[int]) -> float:
+    """Kendall's tau between `order` and 0..m-1: 1 - 4 * inversions / (m (m - 1)); 1 for the original order."""
+    m = len(order)
+    if m < 2:
+        return 1.0
+    inversions = sum(order[i] > order[j] for i in range(m) for j in range(i + 1, m))
+    return 1 - 4 * inversions / (m * (m - 1))
 
 
 def draw_pairs(rng: random.Random, groups: list[list[int]], k: int) -> tuple[tuple[int, int], ...]:

@@ -16,7 +16,7 @@ def test_hash_is_stable_and_ignores_speed_only_fields():
 OTHER_VALUE = dict(preset="quick", arch="plain", depth=32, block_layers=1, shortcut="B", width=32, dataset="0123456789abcdef",
                    split="45k5k", train_subset=1000, eval_subset=500, iterations=50_000, batch_size=64, lr=0.05,
                    momentum=0.8, weight_decay=5e-4, milestones=(30_000, 45_000), warmup_lr=0.01, warmup_err=0.7,
-                   eval_every=500, seed=1, precision="fp32")
+                   eval_every=500, seed=1, precision="fp32", pad_fill="black")
 OTHER_BASE = dict(bottleneck=({"depth": 20}, True), gate_bias=({"arch": "highway"}, -3.0))  # fields valid elsewhere
 
 

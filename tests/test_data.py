@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from resnet_lab import data as D
-from resnet_lab.data import DataError, DeviceLoader, augment, load_cifar10
+from resnet_lab.data import DataError, DeviceLoader, augment, load_cifar10, normalize
 
 from .conftest import needs_data
 
@@ -338,3 +338,34 @@ def test_the_loader_imports_without_lzma():
     code = "import sys; sys.modules['lzma'] = None; import resnet_lab.data as d; print(len(d.ARCHIVE_ERRORS))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "4"
+
+
+def test_the_crop_border_is_the_mean_colour_by_default_and_black_when_asked():
+    """He et al. pad mean-subtracted images with zeros: the border normalises to about 0, not to -2 std."""
+    from resnet_lab.data import augment, pad_colour
+
+    x = torch.full((2, 3, 32, 32), 200, dtype=torch.uint8)
+    shift, flip = torch.tensor([-4, 4]), torch.tensor([False, True])
+    mean = normalize(augment(x, shift, shift, flip, fill=pad_colour("mean")))
+    assert mean[0, :, :4, :].abs().max() < 0.01 and mean[1, :, -4:, :].abs().max() < 0.01  # the border
+    assert torch.allclose(mean[0, :, 4:, 4:], normalize(x)[0, :, :28, :28])  # the image itself, shifted
+    black = augment(x, shift, shift, flip, fill=pad_colour("black"))
+    assert black[0, :, :4, :].eq(0).all() and black[0, :, 4:, 4:].eq(200).all()
+    with pytest.raises(ValueError, match=r"pad_fill='grey'.*'mean', 'black'"):
+        pad_colour("grey")
+
+
+def test_a_run_takes_its_configs_pad_fill_and_old_configs_read_as_black():
+    from resnet_lab.config import RunConfig
+
+    assert RunConfig().pad_fill == "mean" and RunConfig().name == "resnet-20"
+    old = {k: v for k, v in RunConfig(pad_fill="black").to_json().items() if k != "pad_fill"}
+    assert RunConfig.from_json(old).pad_fill == "black"  # a config.json from before the field
+    assert RunConfig.from_json({**old, "pad_fill": float("nan")}).pad_fill == "black"  # a load_runs row's gap
+    assert RunConfig(pad_fill="black").name == "resnet-20 black-pad"
+    with pytest.raises(ValueError, match="pad_fill='zero'"):
+        RunConfig(pad_fill="zero")
+    x = torch.full((64, 3, 32, 32), 200, dtype=torch.uint8)
+    ld = DeviceLoader(x, torch.zeros(64, dtype=torch.long), 64, 0, "cpu", pad_fill="black")
+    assert ld.batch(0)[0].eq(0).any()  # some crop shifted: its border is black
+    assert not DeviceLoader(x, torch.zeros(64, dtype=torch.long), 64, 0, "cpu").batch(0)[0].eq(0).any()

@@ -10,6 +10,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import resnet_lab.fast as fast
 from resnet_lab.data import normalize
@@ -385,3 +386,46 @@ def test_the_compiled_twin_compiles_each_block_and_shares_the_weights(monkeypatc
         assert counters["stats"]["unique_graphs"] == 5
     finally:
         torch._dynamo.reset()
+
+
+class _TF32Probe(nn.Module):
+    """Records, at each forward and at its backward, whether cuDNN/cuBLAS may use TF32 for fp32 maths."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+        self.seen: list[tuple[str, bool, bool]] = []
+
+    def flags(self, when: str) -> None:
+        self.seen.append((when, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+
+    def forward(self, x):
+        self.flags("forward")
+        out = x.float().mean((1, 2, 3)).view(-1, 1) * self.w
+        if out.requires_grad:  # not under evaluate's no_grad
+            out.register_hook(lambda g: self.flags("backward"))
+        return torch.cat([out, torch.zeros(len(x), 9)], 1)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_fp32_maths_is_fp32_not_tf32_in_evaluation_and_in_the_step(precision):
+    """PyTorch lets cuDNN run fp32 convolutions in TF32 by default on recent GPUs: the "fp32" evaluation
+    and 08's fp32 reference loop would not be fp32 there. The flags are off inside and restored after."""
+    from resnet_lab.fast import compute_dtype, step_body
+    from resnet_lab.train import evaluate
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+    try:
+        m = _TF32Probe()
+        x, y = torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long)
+        evaluate(m, [(x, y)], "fp32")
+        assert m.seen == [("forward", False, False)]
+        m.seen.clear()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        step_body(m, opt, x, y, precision)
+        exact = compute_dtype(torch.device("cpu"), precision) == "fp32"
+        assert m.seen == [("forward", not exact, not exact), ("backward", not exact, not exact)]
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

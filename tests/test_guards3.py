@@ -45,15 +45,16 @@ def test_a_preact_net_ends_in_bn_relu_before_the_pool():
     assert _kinds(m.stem) == ["Conv2d"] and not any(b.post_relu for b in m.blocks)
 
 
-def test_a_bottleneck_downsamples_on_its_3x3_conv():
-    """The docstring's (and fb.resnet.torch's) placement: 1x1 reduce at stride 1, the 3x3 strided."""
+def test_a_bottleneck_downsamples_on_its_first_1x1_conv():
+    """He et al.'s placement (2015's ImageNet bottleneck, 2016's ResNet-164 code): the 1x1 reduce strided, the
+    3x3 at stride 1 (fb.resnet.torch and torchvision stride the 3x3)."""
     from resnet_lab.models import build_model
 
     m = build_model("resnet", 29, bottleneck=True, shortcut="B")
     for b in m.blocks:
         convs = [x for x in b.branch if isinstance(x, nn.Conv2d)]
         s = 2 if b is m.blocks[3] or b is m.blocks[6] else 1
-        assert [c.stride for c in convs] == [(1, 1), (s, s), (1, 1)]
+        assert [c.stride for c in convs] == [(s, s), (1, 1), (1, 1)]
         assert [c.kernel_size for c in convs] == [(1, 1), (3, 3), (1, 1)]
 
 

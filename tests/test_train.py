@@ -537,8 +537,8 @@ def test_each_seed_sets_the_init_and_the_batches(cifar, tmp_path, monkeypatch):
     T = importlib.import_module("resnet_lab.train")
     seen = []
     real_loader, real_model = T.DeviceLoader, T.model_from_config
-    monkeypatch.setattr(T, "DeviceLoader", lambda x, y, bs, seed, dev: seen.append(("loader", seed)) or
-                        real_loader(x, y, bs, seed, dev))
+    monkeypatch.setattr(T, "DeviceLoader", lambda x, y, bs, seed, dev, *rest: seen.append(("loader", seed)) or
+                        real_loader(x, y, bs, seed, dev, *rest))
     monkeypatch.setattr(T, "model_from_config", lambda cfg: seen.append(("init", torch.initial_seed())) or
                         real_model(cfg))
     for s in (0, 3):

@@ -358,3 +358,26 @@ def test_a_runs_effective_range_holds_90_percent_of_its_gradient():
     row = out["effective"].iloc[0]
     assert (row["effective_from"], row["effective_to"], row["blocks"]) == (lo, hi, 6)
     assert row["share_of_paths_%"] == pytest.approx(100 * sum(math.comb(6, k) for k in range(lo, hi + 1)) / 64)
+
+
+def test_kendall_tau_of_a_reordering():
+    """Veit et al. Fig. 5(b) measure reordering by Kendall's tau against the original order."""
+    from resnet_lab.unravel import kendall_tau, swapped_order
+
+    assert kendall_tau(list(range(6))) == 1.0 and kendall_tau(list(range(6))[::-1]) == -1.0
+    assert kendall_tau(swapped_order(4, [(0, 1)])) == pytest.approx(1 - 4 / 12)  # one inversion of 6 pairs
+    assert kendall_tau(swapped_order(5, [(0, 4)])) == pytest.approx(1 - 4 * 7 / 20)  # 2 * 4 - 1 inversions
+    assert swapped_order(5, [(0, 1), (2, 4)]) == [1, 0, 4, 3, 2]
+
+
+def test_reorder_rows_carry_the_kendall_tau_of_their_pairs():
+    from resnet_lab.unravel import kendall_tau, reorder_k, swapped_order
+
+    torch.manual_seed(0)
+    m = build_model("resnet", 20).eval()
+    x, y = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8), torch.randint(0, 10, (8,))
+    df = reorder_k(m, x, y, [0, 1, 2], draws=2, batch_size=8)
+    assert df.loc[df["k"] == 0, "kendall_tau"].eq(1.0).all()
+    assert (df.loc[df["k"] > 0, "kendall_tau"] < 1).all()
+    for r in df.to_dict("records"):
+        assert r["kendall_tau"] == kendall_tau(swapped_order(9, r["pairs"]))

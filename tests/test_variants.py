@@ -106,7 +106,8 @@ def test_gated_starts_at_its_papers_bias_and_other_hashes_stay():
     # the field gained a per-arch default; runs stored before (gate_bias -2.0 in their config) keep their folder
     for arch in ("resnet", "plain", "preact", "highway"):
         assert RunConfig(arch=arch).hash == RunConfig(arch=arch, gate_bias=-2.0).hash
-    assert RunConfig().hash == "fcb22df1aed5"  # the default config's folder, as the code before the change named it
+    # the default config's folder, as the code before the change named it (pad_fill: the runs before it were black)
+    assert RunConfig(pad_fill="black").hash == "fcb22df1aed5"
     assert RunConfig.from_json({**RunConfig(arch="gated").to_json(), "gate_bias": float("nan")}).gate_bias == -6.0
 
 
@@ -205,3 +206,50 @@ def test_a_model_revision_moves_only_its_arch_to_new_folders():
     pre = make_config("quick", arch="preact", depth=20)
     assert pre.result_fields()["model_revision"] == MODEL_REVISIONS["preact"]
     assert RunConfig.from_json(pre.to_json()) == pre  # config.json is not touched by it
+
+
+@pytest.mark.parametrize("arch,depth", [("gated", 56), ("highway", 56), ("gated", 110)])
+def test_every_gate_starts_open_at_exactly_sigmoid_of_its_bias(arch, depth):
+    """He et al. 2016 rest shortcut-only gating on 1 - g ~ 1 at b = -6: whatever the block's input (it grows
+    with depth), each gate starts at sigmoid(b), so the identity path through all blocks is barely damped."""
+    import math
+
+    torch.manual_seed(0)
+    m = build_model(arch, depth).train()
+    opens = []
+    hooks = [b.gate.register_forward_hook(lambda mod, i, o: opens.append(torch.sigmoid(o))) for b in m.blocks]
+    with torch.no_grad():
+        m(torch.randn(8, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    bias = m.blocks[0].gate.bias[0].item()
+    assert len(opens) == len(m.blocks)
+    assert all(torch.allclose(g, torch.full_like(g, 1 / (1 + math.exp(-bias)))) for g in opens)
+    if arch == "gated":
+        assert math.prod(1 - g.mean().item() for g in opens) > 0.8
+
+
+def test_a_gate_learns_from_zero_weights():
+    torch.manual_seed(0)
+    m = build_model("gated", 20)
+    torch.nn.functional.cross_entropy(m(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    assert all(b.gate.weight.grad.abs().sum() > 0 for b in m.blocks)
+
+
+def test_a_bottleneck_strides_on_its_first_1x1_as_he_2016_code():
+    m = build_model("preact", 164, shortcut="B", bottleneck=True)
+    first_of_stage2 = m.blocks[18]
+    convs = [c for c in first_of_stage2.branch if isinstance(c, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(1, 1), (3, 3), (1, 1)]
+    assert [c.stride for c in convs] == [(2, 2), (1, 1), (1, 1)]
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_the_gate_and_bottleneck_revisions_move_only_their_runs():
+    from resnet_lab.config import BOTTLENECK_REVISION, MODEL_REVISIONS
+
+    for arch in ("gated", "highway"):
+        assert make_config("quick", arch=arch, depth=20).result_fields()["model_revision"] == MODEL_REVISIONS[arch] >= 2
+    assert "bottleneck_revision" not in make_config("quick", arch="preact", depth=20).result_fields()
+    assert make_config("quick", arch="preact", depth=164, bottleneck=True,
+                       shortcut="B").result_fields()["bottleneck_revision"] == BOTTLENECK_REVISION
