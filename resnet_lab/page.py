@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .claims import read_table
+from .claims import TRAIN_ERR_MEANS, read_table, scope_note
 from .runs import JOINED, atomic_write_text, results_dir
 
 # the error columns every run table has, each shown as "mean ± CI" (markdown_table joins it with its _ci95)
@@ -52,8 +52,9 @@ def _figure(base: Path, notebook: str, name: str, caption: str) -> list[str]:
     return [f"![{caption}]({notebook}/{name}.png)", ""] if p.exists() else []
 
 
-RUN_COLUMNS = [("runs", "runs"), *MEAN_CI, ("params", "params"), ("wall_min", "wall min/run"), ("packed", "packed"),
-               ("device", "device")]
+# runs: the finished ones the means are over; diverged: runs not in them (their last error is that of NaN logits)
+RUN_COLUMNS = [("runs", "runs"), ("diverged", "diverged"), *MEAN_CI, ("params", "params"),
+               ("wall_min", "wall min/run"), ("packed", "packed"), ("device", "device")]
 
 
 def _section(base: Path, title: str, notebook: str, table: str, columns: list[tuple[str, str]],
@@ -102,11 +103,15 @@ def build_page(preset: str, root: str | Path | None = None) -> str:
     base = (Path(root) if root is not None else results_dir()) / preset
     out = [f"# Results: the `{preset}` preset", "",
            "Written by `resnet_lab.page` from the tables in this folder (rebuilt by `resnet-lab report` and "
-           "`make reproduce`; never edited by hand). Errors are % with the Student-t 95% CI over seeds where "
-           "there are several; `–`: not measured. Wall time is per run, over the runs that trained on one "
-           "device (a packed run's clock ran while its neighbours stepped too).", "", *_provenance(base), ""]
+           "`make reproduce`; never edited by hand). In the run tables, errors are % with the Student-t 95% CI "
+           "over seeds where there are several (`runs`: the finished runs the means are over; `diverged`: runs "
+           f"left out of them); `–`: not measured. {TRAIN_ERR_MEANS[0].upper()}{TRAIN_ERR_MEANS[1:]}. Wall time "
+           "is per run, over the runs that trained on one device (a packed run's clock ran while its neighbours "
+           "stepped too).", "", *_provenance(base), ""]
     claims = read_table(base, ".", "claims")
     out += ["## Claims", ""]
+    note = scope_note(preset)
+    out += [note, ""] if note else []
     out += [markdown_table(claims, [("notebook", "notebook"), ("claim", "claim"), ("ours", "ours"),
                                     ("holds", "holds")]), ""] if claims is not None else ["No claims.csv yet.", ""]
     out += _section(base, "Degradation (01; He et al. 2015, Fig. 6)", "01_degradation", "table",

@@ -203,7 +203,8 @@ def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = No
     _iterations_axis(g, long, [hue, col])
     if title:
         g.figure.suptitle(title, y=1.02)
-    return note(g.figure, f"dashed: training error, solid: test error; bands: {ERROR_BAND}")
+    return note(g.figure, f"dashed: training error (running mean since the last evaluation), solid: test error; "
+                          f"bands: {ERROR_BAND}")
 
 
 def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None) -> Figure:

@@ -56,3 +56,28 @@ def test_the_page_lists_runs_stopped_part_way_apart_from_the_tables(tmp_path):
     text = page.build_page("paper", root=tmp_path)
     assert "Stopped part-way (not averaged into any table):" in text
     assert "| ResNet-1202 | 0 | 12,000 | 64,000 |" in text
+
+
+# -- review s24 (statistics and claims) -----------------------------------------------------------------------
+_COLS = ["arch", "depth", "runs", "train_err_%", "train_err_ci95", "test_err_%", "test_err_ci95", "diverged"]
+
+
+def test_the_run_tables_show_diverged_runs(tmp_path):
+    """F2: `runs` counts the finished runs; a row of 1 run and 2 diverged must not read as one run."""
+    base = tmp_path / "quick"
+    _write(base, "01_degradation", "table", pd.DataFrame([("plain", 56, 1, 80.0, None, 80.0, None, 2)], columns=_COLS))
+    section = page.build_page("quick", root=tmp_path).split("## Degradation")[1].split("## Depth")[0]
+    assert "| net | depth | runs | diverged | train error % | test error % |" in section
+    assert "| plain | 56 | 1 | 2 | 80.00 | 80.00 |" in section
+
+
+def test_the_claims_off_the_paper_preset_carry_their_scope(tmp_path):
+    """F4: RESULTS.md's claims for quick say that the claims are about converged nets and quick's are not."""
+    for preset in ("quick", "paper"):
+        _write(tmp_path / preset, "02_depth", "table", pd.DataFrame(
+            [("resnet", 20, 1, 61.0, None, 59.1, None, 0), ("resnet", 56, 1, 65.7, None, 63.4, None, 0)],
+            columns=_COLS))
+        claims.check(preset, root=tmp_path)
+    quick = page.build_page("quick", root=tmp_path).split("## Claims")[1].split("## Degradation")[0]
+    assert "not converged" in quick and "describe early training only" in quick
+    assert "converged" not in page.build_page("paper", root=tmp_path)
