@@ -184,11 +184,22 @@ def depth(table: pd.DataFrame | None) -> list[dict]:
                       table, "resnet", "test_err_%", "lower")]
 
 
-LESION_CRITERION = f"every non-downsampling block costs < {LESION_COST_PTS:g} point (mean over seeds)"
+LESION_CRITERION = (f"every non-downsampling block costs < {LESION_COST_PTS:g} point (per block: mean over seeds; "
+                    "median over the non-downsampling blocks, as the lesion summary)")
+
+
+def _blocks(bs: list[int]) -> str:
+    """'block 3', or 'blocks 0, 1' where several tie."""
+    return f"block{'s' if len(bs) > 1 else ''} {', '.join(map(str, bs))}"
 
 
 def lesions(lesion: pd.DataFrame | None) -> list[dict]:
-    """Veit et al.: deleting one residual block costs little except at downsampling blocks; a plain net collapses."""
+    """Veit et al.: deleting one residual block costs little except at downsampling blocks; a plain net collapses.
+
+    Each block's error is its mean over seeds and the medians are over the blocks that keep their shape
+    (`experiments.lesion_by_block`, `lesion_medians`): the numbers of the lesion summary on the page."""
+    from .experiments import lesion_by_block, lesion_medians, worst_blocks
+
     out = []
     res = None if lesion is None else lesion[lesion["arch"] != "plain"]
     if res is None or res.empty:
@@ -196,26 +207,25 @@ def lesions(lesion: pd.DataFrame | None) -> list[dict]:
                         LESION_CRITERION, "", None))
     else:
         deepest = res[res["depth"] == res["depth"].max()]
-        kept = deepest[~deepest["changes_shape"].astype(bool)]
-        for net, g in kept.groupby("net", sort=True):  # one verdict per net, as for the plain nets below
-            # a block's cost: its lesion error over its seed's intact error, averaged over seeds (as lesion_summary)
-            cost = (100 * (g["err"].astype(float) - g["base_err"].astype(float))).groupby(g["block"]).mean()
+        for net, g in deepest.groupby("net", sort=True):  # one verdict per net, as for the plain nets below
+            kept = lesion_medians(lesion_by_block(g)[0])
+            cost = 100 * kept["cost"]
             out.append(_row("04_unraveled_ensemble", f"single-block deletions barely hurt {net} (not at downsampling)",
                             LESION_CRITERION,
-                            f"worst: block {int(cost.idxmax())} +{cost.max():.2f} points; median +{cost.median():.2f}",
+                            f"worst: {_blocks(worst_blocks(kept, 'cost'))} +{cost.max():.2f} points; "
+                            f"median +{cost.median():.2f}",
                             bool(cost.max() < LESION_COST_PTS)))
     plain = None if lesion is None else lesion[lesion["arch"] == "plain"]
     crit = (f"median lesion error >= {100 * COLLAPSE_ERR:.0f}% (chance: 90%) and >= {COLLAPSE_RISE_PTS:g} points "
-            "above the intact net's")
+            "above the intact net's (per block: mean over seeds; median over the blocks that can be removed)")
     if plain is None or plain.empty:
         out.append(_row("04_unraveled_ensemble", "a plain net collapses when one layer block is deleted", crit, "",
                         None))
         return out
     deepest = plain[plain["depth"] == plain["depth"].max()]
     for net, g in deepest.groupby("net", sort=True):
-        # every seed's intact error, averaged (the lesion figure's dashed line): the median pools all seeds' rows
-        intact = g.drop_duplicates("seed")["base_err"] if "seed" in g else g["base_err"].iloc[:1]
-        med, base = float(g["err"].astype(float).median()), float(intact.astype(float).mean())
+        per_block, base = lesion_by_block(g)  # intact: every seed's, averaged (the lesion figure's dashed line)
+        med = float(lesion_medians(per_block)["err"].median())
         out.append(_row("04_unraveled_ensemble", f"{net} collapses when one block is deleted", crit,
                         f"median {100 * med:.1f}% (intact {100 * base:.1f}%, +{100 * (med - base):.1f} points)",
                         med >= COLLAPSE_ERR and 100 * (med - base) >= COLLAPSE_RISE_PTS))

@@ -270,3 +270,40 @@ def test_training_error_criteria_say_what_the_training_error_is():
     t = _ci_table([("plain", 20, 3, 2.0, 0.3, 9.5, 0.3), ("plain", 56, 3, 4.0, 0.3, 13.5, 0.3)])
     assert "running error on the augmented training mini-batches" in claims.degradation(t)[0]["criterion"]
     assert "mini-batches" not in claims.depth(t)[0]["criterion"]  # test error: evaluated, nothing to add
+
+
+def _seeded(net, arch, seed, base_err, errs, down=()):
+    return [r | {"seed": seed} for r in lesion_rows(net, arch, 20, base_err, errs, shape_blocks=down)]
+
+
+def test_plain_collapse_median_is_the_lesion_summarys_median():
+    """F3: per-block means over seeds, then the median: 70%, not the 90% of all seeds' rows pooled."""
+    from resnet_lab.experiments import lesion_summary
+
+    df = pd.DataFrame(_seeded("plain-20", "plain", 0, 0.3, [0.9, 0.9, 0.9])
+                      + _seeded("plain-20", "plain", 1, 0.3, [0.5, 0.5, 0.9]))
+    row = [r for r in claims.lesions(df) if "plain-20" in r["claim"]][0]
+    med = float(lesion_summary(df).set_index("net").loc["plain-20", "median_err_excl_downsampling_%"])
+    assert med == pytest.approx(70.0) and row["ours"].startswith(f"median {med:.1f}%") and row["holds"] == "NO"
+
+
+def test_resnet_lesion_median_is_over_the_lesion_summarys_blocks():
+    """F3: the summary's median leaves the downsampling block out, as the claim does: +1.50, not +2.00."""
+    from resnet_lab.experiments import lesion_summary
+
+    df = pd.DataFrame(_seeded("ResNet-20", "resnet", 0, 0.10, [0.10, 0.11, 0.50, 0.12, 0.13], down=(2,)))
+    s = lesion_summary(df).iloc[0]
+    row = [r for r in claims.lesions(df) if "ResNet-20" in r["claim"]][0]
+    cost = s["median_err_excl_downsampling_%"] - s["intact_err_%"]
+    assert cost == pytest.approx(1.5) and f"median +{cost:.2f}" in row["ours"]
+
+
+def test_tied_worst_blocks_are_all_named():
+    """F9: quick's ResNet-20 has blocks 0 and 1 both at +13.4: the claim and the summary name both."""
+    from resnet_lab.experiments import lesion_summary
+
+    df = pd.DataFrame(_seeded("ResNet-20", "resnet", 0, 0.591, [0.725, 0.725, 0.594, 0.6], down=(3,)))
+    row = claims.lesions(df)[0]
+    assert row["ours"].startswith("worst: blocks 0, 1 +13.40 points")
+    s = lesion_summary(df).iloc[0]
+    assert s["worst_blocks"] == "0, 1" and s["worst_block"] == 0
