@@ -235,7 +235,8 @@ def lesions(lesion: pd.DataFrame | None) -> list[dict]:
 def effective_paths(effective: pd.DataFrame | None) -> list[dict]:
     """Veit et al.: the gradient comes from paths much shorter than the net (5-17 of 54 blocks)."""
     claim = "the gradient comes from paths much shorter than the net"
-    crit = "upper end of the effective range (90% of the gradient) below the mean path length m/2"
+    crit = ("upper end of the effective range (the shortest range of path lengths holding at least 90% of the "
+            "gradient) below the mean path length m/2")
     if effective is None or effective.empty:
         return [_row("04_unraveled_ensemble", claim, crit, "", None)]
     e = effective[effective["depth"] == effective["depth"].max()]
@@ -243,8 +244,11 @@ def effective_paths(effective: pd.DataFrame | None) -> list[dict]:
     for net, g in e.groupby("net", sort=True):  # one verdict per net (ResNet-110 and pre-act-110, say)
         hi, m = int(g["effective_to"].max()), int(g["blocks"].iloc[0])
         ranges = ", ".join(sorted({f"{int(a)}-{int(b)}" for a, b in zip(g["effective_from"], g["effective_to"])}))
+        held = ""
+        if "gradient_share_%" in g and g["gradient_share_%"].notna().any():  # tables from before the column: not said
+            held = "; holding " + ", ".join(f"{v:.1f}%" for v in g["gradient_share_%"].dropna()) + " of the gradient"
         rows.append(_row("04_unraveled_ensemble", f"{claim} ({net})", crit,
-                         f"effective {ranges} of {m} blocks (m/2 = {m / 2:g})", hi < m / 2))
+                         f"effective {ranges} of {m} blocks (m/2 = {m / 2:g}){held}", hi < m / 2))
     return rows
 
 

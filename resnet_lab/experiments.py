@@ -564,8 +564,20 @@ UNRAVEL_COLUMNS = {
     "reorder": ["k", "draw", "pairs", "err"],
     "paths": ["k", "paths", "share"],
     "gradient": ["k", "sample", "blocks", "grad_norm", "mean_grad_norm", "paths", "total"],
-    "effective": ["blocks", "effective_from", "effective_to", "share_of_paths_%"],
+    # gradient_share_%: the share of the run's total gradient the range holds (at least 90%; derived from its
+    # gradient table, so analyses cached before the column carry it too)
+    "effective": ["blocks", "effective_from", "effective_to", "share_of_paths_%", "gradient_share_%"],
 }
+
+
+def gradient_share(effective: pd.DataFrame, gradient: pd.DataFrame) -> pd.DataFrame:
+    """One run's effective table with `gradient_share_%`: the % of its total gradient (`total` per length k in its
+    gradient table) that the lengths effective_from..effective_to hold."""
+    per_k = gradient.groupby("k")["total"].first().astype(float) if len(gradient) else pd.Series(dtype=float)
+    whole = float(per_k.sum())
+    share = [100 * float(per_k[(per_k.index >= lo) & (per_k.index <= hi)].sum()) / whole if whole > 0 else math.nan
+             for lo, hi in zip(effective["effective_from"], effective["effective_to"])]
+    return effective.assign(**{"gradient_share_%": share})
 
 
 def _spread(top: int, points: int = 10) -> list[int]:
@@ -622,8 +634,8 @@ def _unravel_run(model: torch.nn.Module, cfg: RunConfig, test: tuple[torch.Tenso
     out["gradient"] = grad.assign(**tag)
     lo, hi = U.effective_paths(grad, 0.9)
     share = 100 * sum(math.comb(m, k) for k in range(lo, hi + 1)) / 2 ** m
-    out["effective"] = pd.DataFrame([{**tag, "blocks": m, "effective_from": lo, "effective_to": hi,
-                                      "share_of_paths_%": share}])
+    out["effective"] = gradient_share(pd.DataFrame([{**tag, "blocks": m, "effective_from": lo, "effective_to": hi,
+                                                     "share_of_paths_%": share}]), grad)
     return out
 
 
@@ -669,6 +681,8 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
         else:
             log.info("%s seed %d (run %s): unravel analysis read from its cache", rd.cfg.name, rd.cfg.seed,
                      rd.cfg.hash)
+        if "effective" in tables and "gradient" in tables:  # a cache from before the column: derived, not recomputed
+            tables["effective"] = gradient_share(tables["effective"], tables["gradient"])
         for k, df in tables.items():
             out[k].append(df)
     return {k: (pd.concat(v, ignore_index=True) if v else

@@ -136,8 +136,10 @@ def build_page(preset: str, root: str | Path | None = None) -> str:
     out += _section(base, "Unraveled ensemble (04): the paths that carry the gradient", "04_unraveled_ensemble",
                     "effective", [("net", "net"), ("seed", "seed"), ("blocks", "blocks m"),
                                   ("effective_from", "effective from"), ("effective_to", "to"),
+                                  ("gradient_share_%", "share of the gradient %"),
                                   ("share_of_paths_%", "share of paths %")],
-                    "The shortest range of path lengths carrying 90% of the gradient (Veit et al.: 5–17 of 54).",
+                    "The shortest range of path lengths carrying at least 90% of the gradient (the share it holds "
+                    "beside; among equally short ranges the one holding the most; Veit et al.: 5–17 of 54).",
                     (("path_lengths", "path lengths and gradient by path length"),))
     out += _section(base, "1000 layers (05)", "05_thousand_layers", "table",
                     [("depth", "ResNet"), ("paper_test_err_%", "paper test error %"), ("iterations", "iterations"),

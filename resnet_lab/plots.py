@@ -347,7 +347,7 @@ def paths_figure(paths: pd.DataFrame, gradient: pd.DataFrame, effective: pd.Data
     colour = {net: sns.color_palette(PALETTE)[i % 10] for i, net in enumerate(pd.unique(g["net"]))}
     for e in effective.to_dict("records"):  # one span per run
         axes[2].axvspan(e["effective_from"], e["effective_to"], alpha=0.15, color=colour.get(e["net"], "0.5"))
-    axes[2].set(xlabel="path length (shaded: effective, 90% of the gradient)",
+    axes[2].set(xlabel="path length (shaded: effective, at least 90% of the gradient)",
                 ylabel="total gradient\n(mean norm × C(m, k) paths)")
     fig.tight_layout()
     return note(fig, f"middle: mean over the sampled paths of each length, band their middle 50% (25th-75th "

@@ -307,3 +307,12 @@ def test_tied_worst_blocks_are_all_named():
     assert row["ours"].startswith("worst: blocks 0, 1 +13.40 points")
     s = lesion_summary(df).iloc[0]
     assert s["worst_blocks"] == "0, 1" and s["worst_block"] == 0
+
+
+def test_the_effective_paths_claim_says_how_much_gradient_its_range_holds():
+    """F6: the range holds at least 90% (quick's 1-6: 95.3%): said where the table has the column."""
+    eff = pd.DataFrame([dict(net="ResNet-20", arch="resnet", depth=20, seed=0, blocks=9, effective_from=1,
+                             effective_to=6, **{"share_of_paths_%": 90.8, "gradient_share_%": 95.31})])
+    row = claims.effective_paths(eff)[0]
+    assert row["ours"] == "effective 1-6 of 9 blocks (m/2 = 4.5); holding 95.3% of the gradient"
+    assert "at least 90% of the gradient" in row["criterion"]

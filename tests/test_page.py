@@ -81,3 +81,23 @@ def test_the_claims_off_the_paper_preset_carry_their_scope(tmp_path):
     quick = page.build_page("quick", root=tmp_path).split("## Claims")[1].split("## Degradation")[0]
     assert "not converged" in quick and "describe early training only" in quick
     assert "converged" not in page.build_page("paper", root=tmp_path)
+
+
+def test_the_lesion_and_effective_sections_say_what_their_numbers_are_over(tmp_path):
+    """F3, F6, F9: the lesion median leaves downsampling blocks out (as the claims), tied worst blocks are named,
+    and the effective range shows the share of the gradient it holds (at least 90%)."""
+    from resnet_lab.experiments import lesion_summary
+
+    base = tmp_path / "quick"
+    les = pd.DataFrame([dict(block=b, stage=0, changes_shape=b == 3, has_shortcut=True, err=e, base_err=0.591,
+                             net="ResNet-20", arch="resnet", depth=20, seed=0)
+                        for b, e in enumerate([0.725, 0.725, 0.594, 0.9, 0.6])])
+    _write(base, "04_unraveled_ensemble", "lesion_summary", lesion_summary(les))
+    _write(base, "04_unraveled_ensemble", "effective", pd.DataFrame([dict(
+        net="ResNet-20", arch="resnet", depth=20, seed=0, blocks=9, effective_from=1, effective_to=6,
+        **{"share_of_paths_%": 90.82, "gradient_share_%": 95.31})]))
+    text = page.build_page("quick", root=tmp_path)
+    assert "| net | seeds | intact % | median lesion % (downsampling left out) | worst block |" in text
+    assert "| ResNet-20 | 1 | 59.10 | 66.25 | 0, 1 | 72.50 | 90.00 |" in text
+    assert "| ResNet-20 | 0 | 9 | 1 | 6 | 95.31 | 90.82 |" in text
+    assert "carrying at least 90% of the gradient" in text
