@@ -352,7 +352,8 @@ def degradation_claims(table: pd.DataFrame) -> pd.DataFrame:
 
 # -- 02 depth (Table 6) ------------------------------------------------------------------------------
 # He et al. 2015, Table 6 (%): one run per depth, except 110, where the paper gives the best of 5 runs (6.43) and
-# their mean (6.61 ± 0.16); ours is a mean over seeds, so the mean is what it sits beside
+# their mean ± SD over the 5 runs (6.61 ± 0.16: an SD, not a 95% CI as ours); ours is a mean over seeds, so the
+# mean is what it sits beside
 PAPER_TEST_ERR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.61, 1202: 7.93}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -58,7 +59,8 @@ RUN_COLUMNS = [("runs", "runs"), ("diverged", "diverged"), *MEAN_CI, ("params", 
 
 
 def _section(base: Path, title: str, notebook: str, table: str, columns: list[tuple[str, str]],
-             intro: str = "", figures: tuple[tuple[str, str], ...] = ()) -> list[str]:
+             intro: str = "", figures: tuple[tuple[str, str], ...] = (),
+             derive: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> list[str]:
     out = [f"## {title}", ""]
     if intro:
         out += [intro, ""]
@@ -67,7 +69,7 @@ def _section(base: Path, title: str, notebook: str, table: str, columns: list[tu
         out += [f"No `{notebook}/{table}.csv` rows yet: none of the runs its last execution asked for (the "
                 f"parameters in `executed/{notebook}.ipynb`) is stored (or analysed) in this preset.", ""]
         return out
-    out += [markdown_table(df, columns), ""]
+    out += [markdown_table(df if derive is None else derive(df), columns), ""]
     for name, caption in figures:
         out += _figure(base, notebook, name, caption)
     return out
@@ -98,6 +100,14 @@ def _provenance(base: Path) -> list[str]:
     return [line]
 
 
+def _seed_range(df: pd.DataFrame) -> pd.DataFrame:
+    """06's summary with `seed_range`: 'min–max' of its per-seed columns ('seed 0', ...), '–' with one seed."""
+    seeds = [c for c in df.columns if str(c).startswith("seed ")]
+    v = df[seeds].apply(pd.to_numeric, errors="coerce") if seeds else pd.DataFrame(index=df.index)
+    return df.assign(seed_range=[f"{lo:.2f}–{hi:.2f}" if n > 1 else "–"
+                                 for lo, hi, n in zip(v.min(axis=1), v.max(axis=1), v.notna().sum(axis=1))])
+
+
 def build_page(preset: str, root: str | Path | None = None) -> str:
     """The page's markdown for results/<preset>/ (root: another results folder)."""
     base = (Path(root) if root is not None else results_dir()) / preset
@@ -120,6 +130,8 @@ def build_page(preset: str, root: str | Path | None = None) -> str:
                     (("degradation", "training (dashed) and test error vs iterations"),))
     out += _section(base, "Depth (02; He et al. 2015, Table 6)", "02_depth", "table",
                     [("depth", "ResNet"), ("paper_test_err_%", "paper test error %"), *RUN_COLUMNS],
+                    "The paper column is He et al.'s Table 6: one run per depth, except 110, the mean of 5 runs "
+                    "(6.61 ± 0.16 in the paper: mean ± SD over those 5 runs, not a 95% CI like ours).",
                     figures=(("test_error_vs_depth", "test error vs depth, paper beside"),))
     out += _section(base, "Shortcut ablations (03)", "03_shortcut_ablations", "table",
                     [("variant", "variant"), ("depth", "depth"), *RUN_COLUMNS],
@@ -150,9 +162,11 @@ def build_page(preset: str, root: str | Path | None = None) -> str:
         out += ["Stopped part-way (not averaged into any table):", "",
                 markdown_table(stopped, [(c, c) for c in stopped.columns]), ""]
     out += _section(base, "Layer responses (06; He et al. 2015, Fig. 7)", "06_layer_responses", "summary",
-                    [("net", "net"), ("seeds", "seeds"), ("mean", "mean std of the BN outputs")],
-                    "Per net, the std of each 3x3 layer's BN output over the test images, averaged over layers.",
-                    (("responses", "std per layer, in order and sorted"),))
+                    [("net", "net"), ("seeds", "seeds"), ("mean", "mean std of the BN outputs"),
+                     ("seed_range", "min–max over seeds")],
+                    "Per net, the std of each 3x3 layer's BN output over the test images, averaged over layers; "
+                    "the mean over seeds, with the lowest and highest seed beside it.",
+                    (("responses", "std per layer, in order and sorted"),), derive=_seed_range)
     out += _section(base, "Fast-path fidelity (08)", "08_fast_path_fidelity", "table",
                     [("precision", "precision"), ("loop", "loop"), *RUN_COLUMNS])
     return "\n".join(out).rstrip() + "\n"

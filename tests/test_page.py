@@ -101,3 +101,23 @@ def test_the_lesion_and_effective_sections_say_what_their_numbers_are_over(tmp_p
     assert "| ResNet-20 | 1 | 59.10 | 66.25 | 0, 1 | 72.50 | 90.00 |" in text
     assert "| ResNet-20 | 0 | 9 | 1 | 6 | 95.31 | 90.82 |" in text
     assert "carrying at least 90% of the gradient" in text
+
+
+def test_layer_response_means_show_their_seed_spread(tmp_path):
+    """F7: plain-56's 1.67 is the mean of 1.87, 2.20 and 0.94 (below ResNet-56's 1.11): the spread is beside it."""
+    _write(tmp_path / "quick", "06_layer_responses", "summary", pd.DataFrame(
+        [("plain-56", 1.868, 2.203, 0.944, 3, 1.672), ("ResNet-56", 1.11, None, None, 1, 1.11)],
+        columns=["net", "seed 0", "seed 1", "seed 2", "seeds", "mean"]))
+    section = page.build_page("quick", root=tmp_path).split("## Layer responses")[1].split("## ")[0]
+    assert "| plain-56 | 3 | 1.67 | 0.94–2.20 |" in section and "| ResNet-56 | 1 | 1.11 | – |" in section
+    assert "min–max over seeds" in section
+
+
+def test_the_page_says_what_the_training_error_and_the_papers_spread_are(tmp_path):
+    """F8, F9: the training error is a running error on augmented mini-batches; the paper's 6.61 ± 0.16 is a
+    mean ± SD over 5 runs, beside our mean ± 95% CI."""
+    text = page.build_page("paper", root=tmp_path)
+    assert "Training error: the running error on the augmented training mini-batches over the last evaluation " \
+           "interval, not the final model evaluated on the training set." in text
+    depth = text.split("## Depth")[1].split("## ")[0]
+    assert "6.61 ± 0.16 in the paper: mean ± SD over those 5 runs, not a 95% CI like ours" in depth
