@@ -352,7 +352,8 @@ def degradation_claims(table: pd.DataFrame) -> pd.DataFrame:
 
 # -- 02 depth (Table 6) ------------------------------------------------------------------------------
 # He et al. 2015, Table 6 (%): one run per depth, except 110, where the paper gives the best of 5 runs (6.43) and
-# their mean (6.61 ± 0.16); ours is a mean over seeds, so the mean is what it sits beside
+# their mean ± SD over the 5 runs (6.61 ± 0.16: an SD, not a 95% CI as ours); ours is a mean over seeds, so the
+# mean is what it sits beside
 PAPER_TEST_ERR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.61, 1202: 7.93}
 
 
@@ -567,8 +568,20 @@ UNRAVEL_COLUMNS = {
     "reorder": ["k", "draw", "pairs", "kendall_tau", "err"],
     "paths": ["k", "paths", "share"],
     "gradient": ["k", "sample", "blocks", "grad_norm", "mean_grad_norm", "paths", "total"],
-    "effective": ["blocks", "effective_from", "effective_to", "share_of_paths_%"],
+    # gradient_share_%: the share of the run's total gradient the range holds (at least 90%; derived from its
+    # gradient table, so analyses cached before the column carry it too)
+    "effective": ["blocks", "effective_from", "effective_to", "share_of_paths_%", "gradient_share_%"],
 }
+
+
+def gradient_share(effective: pd.DataFrame, gradient: pd.DataFrame) -> pd.DataFrame:
+    """One run's effective table with `gradient_share_%`: the % of its total gradient (`total` per length k in its
+    gradient table) that the lengths effective_from..effective_to hold."""
+    per_k = gradient.groupby("k")["total"].first().astype(float) if len(gradient) else pd.Series(dtype=float)
+    whole = float(per_k.sum())
+    share = [100 * float(per_k[(per_k.index >= lo) & (per_k.index <= hi)].sum()) / whole if whole > 0 else math.nan
+             for lo, hi in zip(effective["effective_from"], effective["effective_to"])]
+    return effective.assign(**{"gradient_share_%": share})
 
 
 def _spread(top: int, points: int = 10) -> list[int]:
@@ -626,8 +639,8 @@ def _unravel_run(model: torch.nn.Module, cfg: RunConfig, test: tuple[torch.Tenso
     out["gradient"] = grad.assign(**tag)
     lo, hi = U.effective_paths(grad, 0.9)
     share = 100 * sum(math.comb(m, k) for k in range(lo, hi + 1)) / 2 ** m
-    out["effective"] = pd.DataFrame([{**tag, "blocks": m, "effective_from": lo, "effective_to": hi,
-                                      "share_of_paths_%": share}])
+    out["effective"] = gradient_share(pd.DataFrame([{**tag, "blocks": m, "effective_from": lo, "effective_to": hi,
+                                                     "share_of_paths_%": share}]), grad)
     return out
 
 
@@ -673,6 +686,8 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
         else:
             log.info("%s seed %d (run %s): unravel analysis read from its cache", rd.cfg.name, rd.cfg.seed,
                      rd.cfg.hash)
+        if "effective" in tables and "gradient" in tables:  # a cache from before the column: derived, not recomputed
+            tables["effective"] = gradient_share(tables["effective"], tables["gradient"])
         for k, df in tables.items():
             out[k].append(df)
     return {k: (pd.concat(v, ignore_index=True) if v else
@@ -680,24 +695,54 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
                              UNRAVEL_COLUMNS[k] + UNRAVEL_TAGS)) for k, v in out.items()}
 
 
-LESION_SUMMARY_COLUMNS = ["net", "seeds", "intact_err_%", "median_err_%", "worst_block", "worst_err_%",
-                          "downsampling_err_%"]
+# median_err_excl_downsampling_%: over the blocks that keep their shape (a downsampling/transition block's
+# deletion is a different kind of damage, and a plain net's cannot be deleted at all), as the claims' medians
+LESION_SUMMARY_COLUMNS = ["net", "seeds", "intact_err_%", "median_err_excl_downsampling_%", "worst_block",
+                          "worst_blocks", "worst_err_%", "downsampling_err_%"]
+
+
+def lesion_by_block(g: pd.DataFrame) -> tuple[pd.DataFrame, float]:
+    """One net's lesion rows -> (per block: `err`, its lesion error averaged over seeds, `cost` = err minus the
+    intact error, and `down`, whether it changes the shape; the intact error averaged over seeds). The one
+    definition `lesion_summary` and the lesion claims (`claims.lesions`) both read, so the medians agree."""
+    per_block = g.assign(err=g["err"].astype(float)).groupby("block").agg(err=("err", "mean"),
+                                                                           down=("changes_shape", "first"))
+    per_block["down"] = per_block["down"].astype(bool)
+    intact = g.drop_duplicates("seed")["base_err"] if "seed" in g else g["base_err"].iloc[:1]
+    base = float(intact.astype(float).mean())
+    per_block["cost"] = per_block["err"] - base  # = the seeds' mean cost where every seed has every block
+    return per_block, base
+
+
+def lesion_medians(per_block: pd.DataFrame) -> pd.DataFrame:
+    """The blocks that keep their shape, NaN dropped (a plain net's transition blocks): what medians are over."""
+    return per_block.loc[~per_block["down"]].dropna(subset=["err"])
+
+
+def worst_blocks(kept: pd.DataFrame, col: str = "err") -> list[int]:
+    """Every block at the worst value of `col` (ties named, not broken by block order)."""
+    if kept.empty:
+        return []
+    top = kept[col].max()
+    return [int(b) for b in kept.index[(kept[col] - top).abs() <= 1e-9]]
 
 
 def lesion_summary(lesion: pd.DataFrame) -> pd.DataFrame:
-    """Per net, each block's lesion error averaged over seeds: the intact error, the median over blocks, the
-    worst block that keeps its shape, and the worst downsampling one apart (Veit et al.: only those hurt a
-    ResNet; a plain net's cannot be removed, NaN)."""
+    """Per net, each block's lesion error averaged over seeds (`lesion_by_block`): the intact error, the median
+    over the blocks that keep their shape, the worst of those (`worst_blocks`: every block tied at it;
+    `worst_block`: the first), and the worst downsampling one apart (Veit et al.: only those hurt a ResNet; a
+    plain net's cannot be removed, NaN)."""
     rows = []
     for net, g in lesion.groupby("net", sort=False):
-        per_block = g.groupby("block").agg(err=("err", "mean"), down=("changes_shape", "first"))
-        kept = per_block.loc[~per_block["down"].astype(bool), "err"].dropna()
-        down = per_block.loc[per_block["down"].astype(bool), "err"].dropna()
-        rows.append({"net": net, "seeds": g["seed"].nunique(),
-                     "intact_err_%": 100 * g.drop_duplicates("seed")["base_err"].astype(float).mean(),
-                     "median_err_%": 100 * per_block["err"].median(),
-                     "worst_block": int(kept.idxmax()) if len(kept) else pd.NA,
-                     "worst_err_%": 100 * kept.max() if len(kept) else math.nan,
+        per_block, base = lesion_by_block(g)
+        kept = lesion_medians(per_block)
+        down = per_block.loc[per_block["down"], "err"].dropna()
+        worst = worst_blocks(kept)
+        rows.append({"net": net, "seeds": g["seed"].nunique(), "intact_err_%": 100 * base,
+                     "median_err_excl_downsampling_%": 100 * kept["err"].median() if len(kept) else math.nan,
+                     "worst_block": worst[0] if worst else pd.NA,
+                     "worst_blocks": ", ".join(map(str, worst)),
+                     "worst_err_%": 100 * kept["err"].max() if len(kept) else math.nan,
                      "downsampling_err_%": 100 * down.max() if len(down) else math.nan})
     return pd.DataFrame(rows, columns=LESION_SUMMARY_COLUMNS).astype({"worst_block": "Int64"})
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
-from .claims import read_table
+from .claims import TRAIN_ERR_MEANS, read_table, scope_note
 from .runs import JOINED, atomic_write_text, results_dir
 
 # the error columns every run table has, each shown as "mean ± CI" (markdown_table joins it with its _ci95)
@@ -52,12 +53,14 @@ def _figure(base: Path, notebook: str, name: str, caption: str) -> list[str]:
     return [f"![{caption}]({notebook}/{name}.png)", ""] if p.exists() else []
 
 
-RUN_COLUMNS = [("runs", "runs"), *MEAN_CI, ("params", "params"), ("wall_min", "wall min/run"), ("packed", "packed"),
-               ("device", "device")]
+# runs: the finished ones the means are over; diverged: runs not in them (their last error is that of NaN logits)
+RUN_COLUMNS = [("runs", "runs"), ("diverged", "diverged"), *MEAN_CI, ("params", "params"),
+               ("wall_min", "wall min/run"), ("packed", "packed"), ("device", "device")]
 
 
 def _section(base: Path, title: str, notebook: str, table: str, columns: list[tuple[str, str]],
-             intro: str = "", figures: tuple[tuple[str, str], ...] = ()) -> list[str]:
+             intro: str = "", figures: tuple[tuple[str, str], ...] = (),
+             derive: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> list[str]:
     out = [f"## {title}", ""]
     if intro:
         out += [intro, ""]
@@ -66,7 +69,7 @@ def _section(base: Path, title: str, notebook: str, table: str, columns: list[tu
         out += [f"No `{notebook}/{table}.csv` rows yet: none of the runs its last execution asked for (the "
                 f"parameters in `executed/{notebook}.ipynb`) is stored (or analysed) in this preset.", ""]
         return out
-    out += [markdown_table(df, columns), ""]
+    out += [markdown_table(df if derive is None else derive(df), columns), ""]
     for name, caption in figures:
         out += _figure(base, notebook, name, caption)
     return out
@@ -97,16 +100,28 @@ def _provenance(base: Path) -> list[str]:
     return [line]
 
 
+def _seed_range(df: pd.DataFrame) -> pd.DataFrame:
+    """06's summary with `seed_range`: 'min–max' of its per-seed columns ('seed 0', ...), '–' with one seed."""
+    seeds = [c for c in df.columns if str(c).startswith("seed ")]
+    v = df[seeds].apply(pd.to_numeric, errors="coerce") if seeds else pd.DataFrame(index=df.index)
+    return df.assign(seed_range=[f"{lo:.2f}–{hi:.2f}" if n > 1 else "–"
+                                 for lo, hi, n in zip(v.min(axis=1), v.max(axis=1), v.notna().sum(axis=1))])
+
+
 def build_page(preset: str, root: str | Path | None = None) -> str:
     """The page's markdown for results/<preset>/ (root: another results folder)."""
     base = (Path(root) if root is not None else results_dir()) / preset
     out = [f"# Results: the `{preset}` preset", "",
            "Written by `resnet_lab.page` from the tables in this folder (rebuilt by `resnet-lab report` and "
-           "`make reproduce`; never edited by hand). Errors are % with the Student-t 95% CI over seeds where "
-           "there are several; `–`: not measured. Wall time is per run, over the runs that trained on one "
-           "device (a packed run's clock ran while its neighbours stepped too).", "", *_provenance(base), ""]
+           "`make reproduce`; never edited by hand). In the run tables, errors are % with the Student-t 95% CI "
+           "over seeds where there are several (`runs`: the finished runs the means are over; `diverged`: runs "
+           f"left out of them); `–`: not measured. {TRAIN_ERR_MEANS[0].upper()}{TRAIN_ERR_MEANS[1:]}. Wall time "
+           "is per run, over the runs that trained on one device (a packed run's clock ran while its neighbours "
+           "stepped too).", "", *_provenance(base), ""]
     claims = read_table(base, ".", "claims")
     out += ["## Claims", ""]
+    note = scope_note(preset)
+    out += [note, ""] if note else []
     out += [markdown_table(claims, [("notebook", "notebook"), ("claim", "claim"), ("ours", "ours"),
                                     ("holds", "holds")]), ""] if claims is not None else ["No claims.csv yet.", ""]
     out += _section(base, "Degradation (01; He et al. 2015, Fig. 6)", "01_degradation", "table",
@@ -115,21 +130,28 @@ def build_page(preset: str, root: str | Path | None = None) -> str:
                     (("degradation", "training (dashed) and test error vs iterations"),))
     out += _section(base, "Depth (02; He et al. 2015, Table 6)", "02_depth", "table",
                     [("depth", "ResNet"), ("paper_test_err_%", "paper test error %"), *RUN_COLUMNS],
+                    "The paper column is He et al.'s Table 6: one run per depth, except 110, the mean of 5 runs "
+                    "(6.61 ± 0.16 in the paper: mean ± SD over those 5 runs, not a 95% CI like ours).",
                     figures=(("test_error_vs_depth", "test error vs depth, paper beside"),))
     out += _section(base, "Shortcut ablations (03)", "03_shortcut_ablations", "table",
                     [("variant", "variant"), ("depth", "depth"), *RUN_COLUMNS],
                     figures=(("test_error_by_variant", "test error by variant"),))
     out += _section(base, "Unraveled ensemble (04; Veit et al. 2016): single-block lesions", "04_unraveled_ensemble",
                     "lesion_summary", [("net", "net"), ("seeds", "seeds"), ("intact_err_%", "intact %"),
-                                       ("median_err_%", "median lesion %"), ("worst_block", "worst block"),
-                                       ("worst_err_%", "its error %"), ("downsampling_err_%", "worst downsampling %")],
-                    "Test error with one block's residual branch removed (blocks averaged over seeds).",
+                                       ("median_err_excl_downsampling_%", "median lesion % (downsampling left out)"),
+                                       ("worst_blocks", "worst block"), ("worst_err_%", "its error %"),
+                                       ("downsampling_err_%", "worst downsampling %")],
+                    "Test error with one block's residual branch removed (each block's error averaged over seeds; "
+                    "the median and the worst over the blocks that keep their shape, as the claims; blocks tied "
+                    "at the worst all named).",
                     (("lesion", "test error per deleted block"), ("delete_reorder", "deleting and reordering k blocks")))
     out += _section(base, "Unraveled ensemble (04): the paths that carry the gradient", "04_unraveled_ensemble",
                     "effective", [("net", "net"), ("seed", "seed"), ("blocks", "blocks m"),
                                   ("effective_from", "effective from"), ("effective_to", "to"),
+                                  ("gradient_share_%", "share of the gradient %"),
                                   ("share_of_paths_%", "share of paths %")],
-                    "The shortest range of path lengths carrying 90% of the gradient (Veit et al.: 5–17 of 54).",
+                    "The shortest range of path lengths carrying at least 90% of the gradient (the share it holds "
+                    "beside; among equally short ranges the one holding the most; Veit et al.: 5–17 of 54).",
                     (("path_lengths", "path lengths and gradient by path length"),))
     out += _section(base, "1000 layers (05)", "05_thousand_layers", "table",
                     [("depth", "ResNet"), ("paper_test_err_%", "paper test error %"), ("iterations", "iterations"),
@@ -140,9 +162,11 @@ def build_page(preset: str, root: str | Path | None = None) -> str:
         out += ["Stopped part-way (not averaged into any table):", "",
                 markdown_table(stopped, [(c, c) for c in stopped.columns]), ""]
     out += _section(base, "Layer responses (06; He et al. 2015, Fig. 7)", "06_layer_responses", "summary",
-                    [("net", "net"), ("seeds", "seeds"), ("mean", "mean std of the BN outputs")],
-                    "Per net, the std of each 3x3 layer's BN output over the test images, averaged over layers.",
-                    (("responses", "std per layer, in order and sorted"),))
+                    [("net", "net"), ("seeds", "seeds"), ("mean", "mean std of the BN outputs"),
+                     ("seed_range", "min–max over seeds")],
+                    "Per net, the std of each 3x3 layer's BN output over the test images, averaged over layers; "
+                    "the mean over seeds, with the lowest and highest seed beside it.",
+                    (("responses", "std per layer, in order and sorted"),), derive=_seed_range)
     out += _section(base, "Fast-path fidelity (08)", "08_fast_path_fidelity", "table",
                     [("precision", "precision"), ("loop", "loop"), *RUN_COLUMNS])
     return "\n".join(out).rstrip() + "\n"

@@ -203,7 +203,8 @@ def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = No
     _iterations_axis(g, long, [hue, col])
     if title:
         g.figure.suptitle(title, y=1.02)
-    return note(g.figure, f"dashed: training error, solid: test error; bands: {ERROR_BAND}")
+    return note(g.figure, f"dashed: training error (running mean since the last evaluation), solid: test error; "
+                          f"bands: {ERROR_BAND}")
 
 
 def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None) -> Figure:
@@ -353,7 +354,7 @@ def paths_figure(paths: pd.DataFrame, gradient: pd.DataFrame, effective: pd.Data
     colour = {net: sns.color_palette(PALETTE)[i % 10] for i, net in enumerate(pd.unique(g["net"]))}
     for e in effective.to_dict("records"):  # one span per run
         axes[2].axvspan(e["effective_from"], e["effective_to"], alpha=0.15, color=colour.get(e["net"], "0.5"))
-    axes[2].set(xlabel="path length (shaded: effective, 90% of the gradient)",
+    axes[2].set(xlabel="path length (shaded: effective, at least 90% of the gradient)",
                 ylabel="total gradient\n(mean norm × C(m, k) paths)")
     fig.tight_layout()
     return note(fig, f"middle: mean over the sampled paths of each length, band their middle 50% (25th-75th "

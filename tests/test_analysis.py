@@ -137,9 +137,11 @@ def test_lesion_summary_averages_each_block_over_seeds_and_keeps_downsampling_ap
     r = t.loc["ResNet-20"]
     assert r["seeds"] == 2 and r["intact_err_%"] == pytest.approx(11.0) and r["worst_block"] == 1
     assert r["worst_err_%"] == pytest.approx(16.0) and r["downsampling_err_%"] == pytest.approx(45.0)
-    assert r["median_err_%"] == pytest.approx(14.0)  # blocks' means 12, 16, 12, 45
+    # over the blocks that keep their shape (means 12, 16, 12), as the lesion claims: not the downsampling 45
+    assert r["median_err_excl_downsampling_%"] == pytest.approx(12.0) and r["worst_blocks"] == "1"
     p = t.loc["plain-20"]
     assert p["worst_block"] == 0 and pd.isna(p["downsampling_err_%"])  # a plain net's cannot be removed
+    assert p["median_err_excl_downsampling_%"] == pytest.approx(87.5)  # its transition block (NaN) left out
     assert lesion_summary(pd.DataFrame(rows).iloc[:0]).empty
 
 

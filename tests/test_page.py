@@ -56,3 +56,68 @@ def test_the_page_lists_runs_stopped_part_way_apart_from_the_tables(tmp_path):
     text = page.build_page("paper", root=tmp_path)
     assert "Stopped part-way (not averaged into any table):" in text
     assert "| ResNet-1202 | 0 | 12,000 | 64,000 |" in text
+
+
+# -- review s24 (statistics and claims) -----------------------------------------------------------------------
+_COLS = ["arch", "depth", "runs", "train_err_%", "train_err_ci95", "test_err_%", "test_err_ci95", "diverged"]
+
+
+def test_the_run_tables_show_diverged_runs(tmp_path):
+    """F2: `runs` counts the finished runs; a row of 1 run and 2 diverged must not read as one run."""
+    base = tmp_path / "quick"
+    _write(base, "01_degradation", "table", pd.DataFrame([("plain", 56, 1, 80.0, None, 80.0, None, 2)], columns=_COLS))
+    section = page.build_page("quick", root=tmp_path).split("## Degradation")[1].split("## Depth")[0]
+    assert "| net | depth | runs | diverged | train error % | test error % |" in section
+    assert "| plain | 56 | 1 | 2 | 80.00 | 80.00 |" in section
+
+
+def test_the_claims_off_the_paper_preset_carry_their_scope(tmp_path):
+    """F4: RESULTS.md's claims for quick say that the claims are about converged nets and quick's are not."""
+    for preset in ("quick", "paper"):
+        _write(tmp_path / preset, "02_depth", "table", pd.DataFrame(
+            [("resnet", 20, 1, 61.0, None, 59.1, None, 0), ("resnet", 56, 1, 65.7, None, 63.4, None, 0)],
+            columns=_COLS))
+        claims.check(preset, root=tmp_path)
+    quick = page.build_page("quick", root=tmp_path).split("## Claims")[1].split("## Degradation")[0]
+    assert "not converged" in quick and "describe early training only" in quick
+    assert "converged" not in page.build_page("paper", root=tmp_path)
+
+
+def test_the_lesion_and_effective_sections_say_what_their_numbers_are_over(tmp_path):
+    """F3, F6, F9: the lesion median leaves downsampling blocks out (as the claims), tied worst blocks are named,
+    and the effective range shows the share of the gradient it holds (at least 90%)."""
+    from resnet_lab.experiments import lesion_summary
+
+    base = tmp_path / "quick"
+    les = pd.DataFrame([dict(block=b, stage=0, changes_shape=b == 3, has_shortcut=True, err=e, base_err=0.591,
+                             net="ResNet-20", arch="resnet", depth=20, seed=0)
+                        for b, e in enumerate([0.725, 0.725, 0.594, 0.9, 0.6])])
+    _write(base, "04_unraveled_ensemble", "lesion_summary", lesion_summary(les))
+    _write(base, "04_unraveled_ensemble", "effective", pd.DataFrame([dict(
+        net="ResNet-20", arch="resnet", depth=20, seed=0, blocks=9, effective_from=1, effective_to=6,
+        **{"share_of_paths_%": 90.82, "gradient_share_%": 95.31})]))
+    text = page.build_page("quick", root=tmp_path)
+    assert "| net | seeds | intact % | median lesion % (downsampling left out) | worst block |" in text
+    assert "| ResNet-20 | 1 | 59.10 | 66.25 | 0, 1 | 72.50 | 90.00 |" in text
+    assert "| ResNet-20 | 0 | 9 | 1 | 6 | 95.31 | 90.82 |" in text
+    assert "carrying at least 90% of the gradient" in text
+
+
+def test_layer_response_means_show_their_seed_spread(tmp_path):
+    """F7: plain-56's 1.67 is the mean of 1.87, 2.20 and 0.94 (below ResNet-56's 1.11): the spread is beside it."""
+    _write(tmp_path / "quick", "06_layer_responses", "summary", pd.DataFrame(
+        [("plain-56", 1.868, 2.203, 0.944, 3, 1.672), ("ResNet-56", 1.11, None, None, 1, 1.11)],
+        columns=["net", "seed 0", "seed 1", "seed 2", "seeds", "mean"]))
+    section = page.build_page("quick", root=tmp_path).split("## Layer responses")[1].split("## ")[0]
+    assert "| plain-56 | 3 | 1.67 | 0.94–2.20 |" in section and "| ResNet-56 | 1 | 1.11 | – |" in section
+    assert "min–max over seeds" in section
+
+
+def test_the_page_says_what_the_training_error_and_the_papers_spread_are(tmp_path):
+    """F8, F9: the training error is a running error on augmented mini-batches; the paper's 6.61 ± 0.16 is a
+    mean ± SD over 5 runs, beside our mean ± 95% CI."""
+    text = page.build_page("paper", root=tmp_path)
+    assert "Training error: the running error on the augmented training mini-batches over the last evaluation " \
+           "interval, not the final model evaluated on the training set." in text
+    depth = text.split("## Depth")[1].split("## ")[0]
+    assert "6.61 ± 0.16 in the paper: mean ± SD over those 5 runs, not a 95% CI like ours" in depth

@@ -165,3 +165,19 @@ def test_gates_of_several_seeds_are_one_line_per_net_with_its_band():
     fig = plots.gates_figure(gates)
     assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == ["gated-20", "highway-20"]
     assert len(fig.axes[0].collections) >= 2  # a band under each line
+
+
+def test_captions_say_what_the_training_error_and_the_effective_range_are():
+    """Review s24 F6, F8: every curves figure says its dashed line is a running error, and the shaded effective
+    range holds at least 90% of the gradient (quick's holds 95.3%), not exactly 90%."""
+    curves = pd.DataFrame([dict(step=s, train_err=0.5, test_err=0.5, depth=20, name="resnet-20", seed=0)
+                           for s in (1, 2)])
+    assert "training error (running mean since the last evaluation)" in " ".join(
+        plots.curves_figure(curves, hue="depth")._note_lines)
+    tag = dict(net="ResNet-8", arch="resnet", depth=8, seed=0)
+    paths = pd.DataFrame([dict(k=k, paths=1, share=0.25, **tag) for k in range(4)])
+    grad = pd.DataFrame([dict(k=k, sample=0, grad_norm=1.0, total=t, **tag)
+                         for k, t in enumerate([1.0, 6.0, 2.0, 1.0])])
+    eff = pd.DataFrame([dict(effective_from=1, effective_to=2, **tag)])
+    fig = plots.paths_figure(paths, grad, eff)
+    assert "at least 90% of the gradient" in fig.axes[2].get_xlabel()
