@@ -86,6 +86,13 @@ def ci95(values: Sequence[float] | pd.Series) -> float:
     return t975(n - 1) * float(v.std(ddof=1)) / math.sqrt(n)
 
 
+def _macs(summary: pd.Series) -> int:
+    """A run's multiply-adds: its summary's `macs`; a summary from before that field (session 24) stored them as
+    `flops` (He et al.'s sense of the word), since then flops are 2 per multiply-add."""
+    macs = summary.get("macs")
+    return int(summary["flops"] if macs is None or pd.isna(macs) else macs)
+
+
 def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Mean ± 95% CI over seeds of final train/test error (in %), with params and MACs, grouped by `by`.
 
@@ -109,7 +116,7 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
             **dict(zip(by, key)),
             "runs": len(ok),
             "params": int(g["params"].iloc[0]),
-            "macs": int(g["flops"].iloc[0]),
+            "macs": _macs(g.iloc[0]),
             "train_err_%": 100 * ok["final_train_err"].astype(float).mean(),
             "train_err_ci95": 100 * ci95(ok["final_train_err"].astype(float)),
             "test_err_%": 100 * ok["final_test_err"].astype(float).mean(),

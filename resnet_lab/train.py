@@ -406,7 +406,7 @@ class _Run:
         model = model_from_config(cfg)
         from .analysis import count_macs  # FLOPs of the fresh model, before it moves to the device
 
-        macs = count_macs(model)  # stored as "flops": multiply-adds, what He et al. call FLOPs
+        macs = count_macs(model)  # multiply-adds: what He et al. call FLOPs (the summary's flops are 2 per MAC)
         model = to_device(model, device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
@@ -451,7 +451,7 @@ class _Run:
         self.here = {"device": device_name(device), "compute_dtype": compute_dtype(device, cfg.precision),
                      "torch": str(torch.__version__), "packed_runs": packed, "grouped_runs": None}
         self.summary = {"status": "running", "name": cfg.name, "hash": cfg.hash, "params": count_params(model),
-                        "flops": macs, **{k: v for k, v in self.here.items() if v is not None},  # grouped: by _Group
+                        "macs": macs, "flops": 2 * macs, **{k: v for k, v in self.here.items() if v is not None},  # grouped: by _Group
                         "dataset_sha256": data.info.sha256, "dataset_kind": data.info.kind,
                         "official_pixels": data.info.official_pixels, "git_commit": _git_commit(),
                         "warmup_end_step": self.warmup_end, "pid": os.getpid()}

@@ -8,6 +8,8 @@ import torch
 from resnet_lab.analysis import ci95, summarize
 from resnet_lab.plots import t_interval
 
+from .conftest import needs_data
+
 
 def runs(statuses, test_errs):
     n = len(statuses)
@@ -151,3 +153,28 @@ def test_the_imagenet_table_names_the_device_it_timed_on():
     t = imagenet_architectures([18], batch_size=1, device="cpu", repeats=1, backward=False)
     assert t.loc[0, "device"].startswith("cpu (") and t.loc[0, "forward_s"] > 0 and "forward_backward_s" not in t
     assert t.loc[0, "params_M"] == pytest.approx(11.69, abs=0.01)
+
+
+def test_macs_come_from_the_summarys_macs_and_old_summaries_flops():
+    """A summary stored `flops` as multiply-adds (He et al.'s word) before it had `macs`; now flops = 2 * macs."""
+    old = runs(["done"], [0.1])
+    assert summarize(old, ["arch", "depth"]).iloc[0]["macs"] == 40_551_552
+    new = old.assign(macs=[40_551_040], flops=[2 * 40_551_040])
+    assert summarize(new, ["arch", "depth"]).iloc[0]["macs"] == 40_551_040
+    both = pd.concat([old.assign(depth=56), new], ignore_index=True)  # load_runs: NaN where a summary lacks it
+    t = summarize(both, ["arch", "depth"]).set_index("depth")
+    assert (t.loc[20, "macs"], t.loc[56, "macs"]) == (40_551_040, 40_551_552)
+
+
+@needs_data
+def test_a_trained_runs_summary_has_its_macs_and_twice_as_many_flops(cifar, tmp_path):
+    from resnet_lab.analysis import count_macs
+    from resnet_lab.config import make_config
+    from resnet_lab.models import model_from_config
+    from resnet_lab.runs import load_runs
+    from resnet_lab.train import train
+
+    cfg = make_config("smoke", depth=8, iterations=1, eval_every=1)
+    train(cfg, root=tmp_path, data=cifar, device="cpu")
+    row = load_runs(tmp_path).iloc[0]
+    assert row["macs"] == count_macs(model_from_config(cfg)) and row["flops"] == 2 * row["macs"]
