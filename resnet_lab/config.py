@@ -33,10 +33,11 @@ MAX_SEED = 2**32  # the loader's seeds (seed * 1_000_003 + epoch) must stay insi
 NON_RESULT_FIELDS = frozenset({"activation_checkpointing", "fast", "compile"})
 
 # Fields that change results, added to RunConfig after runs were stored: {field: the value every earlier run
-# had, its default}. At that value a field is left out of the hash, so the runs stored before it existed keep
-# their folders (and are found by a config asking for it); any other value is hashed as usual. A new result
-# field goes here, and into tests/test_config.py's OTHER_VALUE (README: Extending). A config.json written before
-# the field existed reads as that value, even where the default is now another (pad_fill: "mean" since session 24).
+# had} (usually the field's default). At that value a field is left out of the hash, so the runs stored before it
+# existed keep their folders (and are found by a config asking for it); any other value is hashed as usual. A
+# config.json (or `load_runs` row) without the field reads as that value, even where the default is another:
+# pad_fill's is "mean" since session 24, and every run before padded black. A new result field goes here, and
+# into tests/test_config.py's OTHER_VALUE (README: Extending).
 ADDED_FIELDS: dict[str, Any] = {"pad_fill": "black"}
 
 # Bumped when `models.py` changes what an architecture computes, so that runs stored from the old

@@ -568,8 +568,7 @@ UNRAVEL_COLUMNS = {
     "reorder": ["k", "draw", "pairs", "kendall_tau", "err"],
     "paths": ["k", "paths", "share"],
     "gradient": ["k", "sample", "blocks", "grad_norm", "mean_grad_norm", "paths", "total"],
-    # gradient_share_%: the share of the run's total gradient the range holds (at least 90%; derived from its
-    # gradient table, so analyses cached before the column carry it too)
+    # gradient_share_%: the share of the run's total gradient the range holds (at least 90%: `gradient_share`)
     "effective": ["blocks", "effective_from", "effective_to", "share_of_paths_%", "gradient_share_%"],
 }
 
@@ -686,8 +685,6 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
         else:
             log.info("%s seed %d (run %s): unravel analysis read from its cache", rd.cfg.name, rd.cfg.seed,
                      rd.cfg.hash)
-        if "effective" in tables and "gradient" in tables:  # a cache from before the column: derived, not recomputed
-            tables["effective"] = gradient_share(tables["effective"], tables["gradient"])
         for k, df in tables.items():
             out[k].append(df)
     return {k: (pd.concat(v, ignore_index=True) if v else

@@ -97,14 +97,26 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def exact_fp32() -> Iterator[None]:
     """fp32 convolutions and matmuls computed in fp32. PyTorch lets cuDNN run fp32 convolutions in TF32 (a
     10-bit mantissa) by default on Ampere and later GPUs, so without this the "fp32" evaluation and 08's fp32
-    reference loop would not be fp32 there. Legacy flags only: mixing them with the newer `fp32_precision`
-    API makes torch raise."""
-    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    reference loop would not be fp32 there. The legacy flags, unless the process has set torch's newer
+    `fp32_precision` API (reading the legacy ones then raises): then that API's, so that the two never mix."""
+    try:
+        legacy = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:
+        legacy = None
+    if legacy is not None:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = legacy
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 def autocast(device: torch.device, precision: str, cache: bool = True) -> contextlib.AbstractContextManager:

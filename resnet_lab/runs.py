@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping
 import pandas as pd
 import torch
 
-from .config import RunConfig
+from .config import ADDED_FIELDS, RunConfig
 
 # how a summary joins its sittings' devices, dtypes and step modes ("NVIDIA H200 + cpu (...)"): not a comma,
 # which a CPU's name has of its own; tables join and the results page splits their devices the same way
@@ -393,7 +393,10 @@ SUMMARY_COLUMNS = ["status", "final_train_err", "final_test_err", "final_train_l
                    "steps_done", "warmup_end_step", "step_mode", "packed_runs", "grouped_runs"]
 
 
-FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+# what a config.json lacking a field meant: the value every run stored before the field had (ADDED_FIELDS: pad_fill
+# "black"), else the field's default
+FIELD_DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING},
+                  **{k: v for k, v in ADDED_FIELDS.items() if k in RunConfig.__dataclass_fields__}}
 
 
 def load_runs(root: str | os.PathLike | None = None, **where: Any) -> pd.DataFrame:
@@ -401,7 +404,7 @@ def load_runs(root: str | os.PathLike | None = None, **where: Any) -> pd.DataFra
     preset='quick'. `root`: the run store (results/runs by default), not the results folder."""
     rows = []
     for p, cfg, summ in iter_runs(root):
-        row = {"hash": p.name, **FIELD_DEFAULTS, **cfg}  # a run stored before a field existed: its default
+        row = {"hash": p.name, **FIELD_DEFAULTS, **cfg}  # a run stored before a field existed: what it meant
         row["milestones"] = tuple(row["milestones"])
         for k in SUMMARY_COLUMNS:
             row[k] = (summ or {}).get(k)

@@ -226,26 +226,3 @@ def test_layer_responses_are_cached_per_run_and_recomputed_for_another_model(tra
     torch.save({k: v * 2 if v.is_floating_point() else v for k, v in state.items()}, path)
     again = ex.responses(runs, max_images=40)
     assert again[again["arch"] == "resnet"]["std"].tolist() != mine["std"].tolist()
-
-
-def test_an_analysis_cached_before_the_gradient_share_column_gets_it_from_its_gradient_table(tmp_path, monkeypatch):
-    """Review s24 F6: the effective range's share of the gradient is derived from the cached gradient table, so
-    caches written before the column (quick's and paper's) carry it without being computed again."""
-    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
-    source = tmp_path / "cifar.tar.gz"
-    source.write_bytes(b"stands in for the CIFAR-10 copy the cache is keyed on")
-    cfg = make_config("smoke", arch="resnet", depth=8)
-    rd = RunDir(cfg)
-    rd.path.mkdir(parents=True)
-    (rd.path / "config.json").write_text(json.dumps({**cfg.to_json(), "hash": cfg.hash}))
-    (rd.path / "summary.json").write_text(json.dumps({"status": "done", "final_test_err": 0.5, "params": 1,
-                                                      "flops": 1}))
-    tag = dict(net="ResNet-8", arch="resnet", depth=8, seed=0)
-    grad = pd.DataFrame([dict(k=k, sample=0, blocks="[]", grad_norm=t, mean_grad_norm=t, paths=1.0, total=t, **tag)
-                         for k, t in enumerate([1.0, 6.0, 2.0, 1.0])])
-    old = pd.DataFrame([dict(**tag, blocks=3, effective_from=1, effective_to=2, **{"share_of_paths_%": 75.0})])
-    p = ex.unravel_params(1, 40, 1, 128, source=source)
-    rd.write_analysis("unravel", p, {"effective": old, "gradient": grad}, model_sha256="0" * 64)
-    t = ex.unravel_analysis(load_runs(), draws=1, eval_images=40, grad_samples=1, source=source, compute_missing=False)
-    assert list(t["effective"].columns) == ex.UNRAVEL_TAGS + ex.UNRAVEL_COLUMNS["effective"]
-    assert t["effective"]["gradient_share_%"].tolist() == pytest.approx([80.0])  # (6 + 2) of 10

@@ -66,10 +66,11 @@ def test_each_criterion_says_what_its_verdict_does():
     plain, resnet = t
     assert plain["holds"] == "within noise" and "inside its 95% CI (Welch) is 'within noise'" in plain["criterion"]
     assert resnet["holds"] == "within noise" and "-0.50 ±" in resnet["ours"]  # lower, but the CI reaches past +1
-    assert "'yes' where its upper end is at most +1 point (the margin)" in resnet["criterion"]
+    assert "else 'yes' where its upper end is at most +1 point (the margin)" in resnet["criterion"]
     assert "'NO' where the CI lies wholly above 0" in resnet["criterion"]
     assert "inside its 95% CI (Welch) is" not in resnet["criterion"]
-    assert all("no noise estimate (one run on a side): 'not judged'" in r["criterion"] for r in t)
+    assert all("no noise estimate (one run on a side), or a diverged run on a side: 'not judged'" in r["criterion"]
+               for r in t)
     narrow = claims.degradation(_ci_table([("resnet", 20, 3, 10.0, 0.3, 12.0, 1.0),
                                            ("resnet", 56, 3, 9.5, 0.3, 11.0, 1.0)]))[1]
     assert narrow["holds"] == "yes"
@@ -316,3 +317,12 @@ def test_the_effective_paths_claim_says_how_much_gradient_its_range_holds():
     row = claims.effective_paths(eff)[0]
     assert row["ours"] == "effective 1-6 of 9 blocks (m/2 = 4.5); holding 95.3% of the gradient"
     assert "at least 90% of the gradient" in row["criterion"]
+
+
+def test_a_diverged_seed_beside_finished_ones_leaves_the_claim_not_judged():
+    """Review s24-diff F3: with 1 of 3 ResNet-56 seeds diverged, the two survivors' mean must not say 'yes'."""
+    t = pd.DataFrame([("resnet", 20, 3, 2.0, 0.2, 9.0, 0.2, 0), ("resnet", 56, 2, 1.0, 0.2, 7.0, 0.2, 1)],
+                     columns=_DIV)
+    row = claims.depth(t)[0]
+    assert row["holds"] == "not judged" and "ResNet-56: 1 of 3 runs diverged" in row["ours"]
+    assert claims.depth(t.assign(diverged=0))[0]["holds"] == "yes"  # the same means without it: judged

@@ -222,7 +222,7 @@ def test_augment_matches_pad_crop_flip_reference():
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
     dx, dy = torch.randint(-4, 5, (2, 16), generator=g)
     flip = torch.rand(16, generator=g) < 0.5
-    out = augment(x, dx, dy, flip)
+    out = augment(x, dx, dy, flip, fill=(0, 0, 0))
     assert out.shape == x.shape and out.dtype == torch.uint8
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(16):
@@ -349,6 +349,7 @@ def test_the_crop_border_is_the_mean_colour_by_default_and_black_when_asked():
     mean = normalize(augment(x, shift, shift, flip, fill=pad_colour("mean")))
     assert mean[0, :, :4, :].abs().max() < 0.01 and mean[1, :, -4:, :].abs().max() < 0.01  # the border
     assert torch.allclose(mean[0, :, 4:, 4:], normalize(x)[0, :, :28, :28])  # the image itself, shifted
+    assert torch.equal(augment(x, shift, shift, flip), augment(x, shift, shift, flip, fill=pad_colour("mean")))
     black = augment(x, shift, shift, flip, fill=pad_colour("black"))
     assert black[0, :, :4, :].eq(0).all() and black[0, :, 4:, 4:].eq(200).all()
     with pytest.raises(ValueError, match=r"pad_fill='grey'.*'mean', 'black'"):
@@ -361,7 +362,7 @@ def test_a_run_takes_its_configs_pad_fill_and_old_configs_read_as_black():
     assert RunConfig().pad_fill == "mean" and RunConfig().name == "resnet-20"
     old = {k: v for k, v in RunConfig(pad_fill="black").to_json().items() if k != "pad_fill"}
     assert RunConfig.from_json(old).pad_fill == "black"  # a config.json from before the field
-    assert RunConfig.from_json({**old, "pad_fill": float("nan")}).pad_fill == "black"  # a load_runs row's gap
+    assert RunConfig.from_json({**old, "pad_fill": float("nan")}).pad_fill == "black"  # a DataFrame's gap
     assert RunConfig(pad_fill="black").name == "resnet-20 black-pad"
     with pytest.raises(ValueError, match="pad_fill='zero'"):
         RunConfig(pad_fill="zero")
@@ -369,3 +370,30 @@ def test_a_run_takes_its_configs_pad_fill_and_old_configs_read_as_black():
     ld = DeviceLoader(x, torch.zeros(64, dtype=torch.long), 64, 0, "cpu", pad_fill="black")
     assert ld.batch(0)[0].eq(0).any()  # some crop shifted: its border is black
     assert not DeviceLoader(x, torch.zeros(64, dtype=torch.long), 64, 0, "cpu").batch(0)[0].eq(0).any()
+
+
+def test_load_runs_reads_a_run_stored_before_pad_fill_as_black(tmp_path):
+    """Its row must name the config it trained (folder = hash), and never pool with a mean-padded run."""
+    import json
+
+    from resnet_lab.analysis import summarize
+    from resnet_lab.config import RunConfig, make_config
+    from resnet_lab.runs import load_runs
+
+    old, new = make_config("smoke", pad_fill="black"), make_config("smoke", seed=1)
+    for cfg, drop in ((old, True), (new, False)):
+        d = tmp_path / cfg.hash
+        d.mkdir()
+        js = {k: v for k, v in cfg.to_json().items() if not (drop and k == "pad_fill")}
+        (d / "config.json").write_text(json.dumps(js))
+        (d / "summary.json").write_text(json.dumps({"status": "done", "final_train_err": 0.5, "final_test_err": 0.5,
+                                                    "params": 1, "flops": 1}))
+    runs = load_runs(tmp_path).set_index("hash")
+    assert runs.loc[old.hash, "pad_fill"] == "black" and runs.loc[new.hash, "pad_fill"] == "mean"
+    assert all(RunConfig.from_json(r).hash == h for h, r in zip(runs.index, runs.to_dict("records")))
+    assert runs.loc[old.hash, "name"].endswith("black-pad")
+    assert len(load_runs(tmp_path, pad_fill="black")) == 1
+    t = summarize(runs.reset_index(), ["arch", "depth", "pad_fill"])
+    assert sorted(t["runs"]) == [1, 1]
+    with pytest.raises(ValueError, match="pad_fill"):  # never two seeds of one config
+        summarize(runs.reset_index(), ["arch", "depth"])

@@ -429,3 +429,22 @@ def test_fp32_maths_is_fp32_not_tf32_in_evaluation_and_in_the_step(precision):
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_exact_fp32_works_where_the_process_uses_torchs_newer_precision_api():
+    """Reading the legacy TF32 flags raises once conv and rnn were set apart through `fp32_precision`: then
+    exact_fp32 sets that API instead, and restores it."""
+    from resnet_lab.fast import exact_fp32
+
+    conv, rnn = torch.backends.cudnn.conv, torch.backends.cudnn.rnn
+    before = conv.fp32_precision, rnn.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    try:
+        conv.fp32_precision, rnn.fp32_precision = "tf32", "ieee"
+        with pytest.raises(RuntimeError):
+            torch.backends.cudnn.allow_tf32  # noqa: B018 (the legacy read torch refuses here)
+        with exact_fp32():
+            assert conv.fp32_precision == "ieee" and torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert conv.fp32_precision == "tf32" and torch.backends.cuda.matmul.fp32_precision == before[2]
+    finally:
+        conv.fp32_precision, rnn.fp32_precision = before[:2]
+    assert torch.backends.cudnn.allow_tf32 in (True, False)  # the legacy read works again
