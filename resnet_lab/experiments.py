@@ -919,6 +919,7 @@ NOTEBOOK_CONFIGS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "07_imagenet_architectures": (imagenet_configs, ("preset", "depths")),  # measures untrained nets
     "08_fast_path_fidelity": (fidelity_configs, ("preset", "depth", "seeds", "reference_seeds", "precision")),
 }
+READS_NO_RUNS = frozenset({"07_imagenet_architectures"})  # its configs are none: it records no runs it drew
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 

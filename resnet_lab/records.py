@@ -57,7 +57,7 @@ def drawn_hashes(executed_dir: Path) -> tuple[set[str], bool]:
     """(the runs the executed notebooks in a folder record their tables as drawn from, whether every executed
     notebook that reads runs has that record): one without it (a papermill run by hand, an interrupted `make
     reproduce`, a damaged file) may have drawn any run, so then no record is pruned."""
-    from .experiments import NOTEBOOK_CONFIGS
+    from .experiments import NOTEBOOK_CONFIGS, READS_NO_RUNS
     from .transfer import HASH
 
     hashes: set[str] = set()
@@ -65,7 +65,7 @@ def drawn_hashes(executed_dir: Path) -> tuple[set[str], bool]:
     for nb in sorted(executed_dir.glob("*.ipynb")):
         runs = recorded_runs(nb)
         if runs is None:
-            complete &= nb.stem not in NOTEBOOK_CONFIGS
+            complete &= nb.stem not in NOTEBOOK_CONFIGS or nb.stem in READS_NO_RUNS
             continue
         hashes |= {h for h in runs if isinstance(h, str) and HASH.fullmatch(h)}
     return hashes, complete

@@ -211,3 +211,19 @@ def test_runs_import_of_records_exits_1_for_one_it_could_not_restore(home, capsy
     (rec / H[0]).joinpath("config.json").write_text(json.dumps(CFGS[1].to_json()))  # hashes to another folder
     assert cli.main(["runs", "import", str(rec)]) == 1
     assert f"{H[0]} not restored" in capsys.readouterr().out
+
+
+def test_an_executed_notebook_that_reads_no_runs_does_not_stop_pruning(home):
+    """07 times untrained nets: it records no runs, and `make reproduce` executes it beside the others, so it
+    must not make every old record look possibly drawn (it kept 24 stale records once)."""
+    store, rec = home / "runs", records.records_dir("smoke")
+    for c in CFGS:
+        _run(store, c, "done", 8)
+    _executed(home, "smoke", "01_degradation", H)
+    records.save("smoke")
+    (home / "smoke" / "executed" / "07_imagenet_architectures.ipynb").write_text('{"metadata": {}}')
+    _executed(home, "smoke", "01_degradation", H[:1])
+    records.save("smoke")
+    assert sorted(p.name for p in rec.iterdir()) == H[:1]
+    assert ex.configs_for("07_imagenet_architectures", {"preset": "smoke"}) == []  # what READS_NO_RUNS says
+    assert all(ex.configs_for(nb, {"preset": "smoke"}) for nb in set(ex.NOTEBOOK_CONFIGS) - ex.READS_NO_RUNS)
