@@ -483,13 +483,14 @@ def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Ten
     """Pad-`pad` random crop (shift dx, dy in [-pad, pad]) and horizontal flip, all in one gather.
 
     x: (B, C, H, W) any dtype; dx, dy: (B,) int64; flip: (B,) bool; fill: the border's value per channel
-    (`pad_colour`; None: the mean colour, RunConfig's default). The paper's border is the mean colour (He et al. pad images with the per-pixel mean
-    subtracted; fb.resnet.torch normalises, then crops); torchvision's recipe pads black, the bench's baseline.
+    (`pad_colour`; None: the mean colour, RunConfig's default). The paper's border is the mean colour (He et
+    al. pad images with the per-pixel mean subtracted; fb.resnet.torch normalises, then crops); torchvision's
+    recipe pads black, as the bench's baseline does.
     """
     B, C, H, W = x.shape
     xp = x.new_empty(B, C, H + 2 * pad, W + 2 * pad)  # (B, C, H+2p, W+2p)
-    for c, v in enumerate(pad_colour("mean") if fill is None else fill):  # plain scalars: nothing copied from the host (a CUDA graph captures it)
-        xp[:, c].fill_(v)
+    for c, v in enumerate(pad_colour("mean") if fill is None else fill):
+        xp[:, c].fill_(v)  # a Python scalar: no copy from the host
     xp[:, :, pad:pad + H, pad:pad + W] = x
     rows = (dy + pad).view(B, 1) + torch.arange(H, device=x.device).view(1, H)  # (B, H)
     ar = torch.arange(W, device=x.device).view(1, W)

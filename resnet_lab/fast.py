@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
 import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
