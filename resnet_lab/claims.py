@@ -125,17 +125,15 @@ def compare_text(a: pd.Series, b: pd.Series, col: str, diff: float, half: float 
             f"{int(b['depth'])} - {int(a['depth'])}: {diff:+.2f} ± {half:.2f} points")
 
 
-def _label(arch: str, depth: int) -> str:
-    return f"{'ResNet' if arch == 'resnet' else arch}-{depth}"
-
-
 def diverged_text(row: pd.Series, arch: str) -> str:
     """'plain-56: 2 of 3 runs diverged, not in the mean', or '' where none did (or the table has no column)."""
     dv = row.get("diverged")
     if dv is None or pd.isna(dv) or int(dv) <= 0:
         return ""
+    from .experiments import NET_NAMES
+
     n = int(dv) + int(row["runs"])
-    return f"{_label(arch, int(row['depth']))}: {int(dv)} of {n} run{'s' if n != 1 else ''} diverged, not in the mean"
+    return f"{NET_NAMES.get(arch, arch)}-{int(row['depth'])}: {int(dv)} of {n} run{'s' if n != 1 else ''} diverged, not in the mean"
 
 
 def _pair(table: pd.DataFrame, arch: str, shallow: int, deep: int) -> tuple[pd.Series, pd.Series] | None:

@@ -23,6 +23,7 @@ import torch
 from .analysis import summarize
 from .config import GATED_ARCHS, SPLIT_IMAGES, RunConfig, check_preset, make_config
 from .data import balanced_subset, load_cifar10, resolve_source
+from .fast import exact_fp32
 from .runs import RunDir, atomic_write_csv, load_metrics, load_runs, results_dir
 from .train import RunRecord, deadline_after, default_device, train_many
 
@@ -485,8 +486,6 @@ def _compute_and_store(rd: RunDir, kind: str, p: dict[str, Any],
                        compute: Callable[[torch.nn.Module], dict[str, pd.DataFrame]],
                        device: str) -> dict[str, pd.DataFrame]:
     from .train import device_name
-
-    from .fast import exact_fp32
 
     model, sha = rd.load_model_and_sha256(device)
     t0 = time.perf_counter()

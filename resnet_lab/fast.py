@@ -120,14 +120,15 @@ def exact_fp32() -> Iterator[None]:
 
 
 def autocast(device: torch.device, precision: str, cache: bool = True) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA ("auto") or when asked ("bf16"), fp16 when asked; fp32 as fp32 (`exact_fp32`).
+    """bf16 autocast on CUDA ("auto") or when asked ("bf16"), fp16 when asked; nothing for fp32 (callers that
+    compute in fp32 hold `exact_fp32` around the whole computation, backward included).
 
     cache=False inside graph capture: the autocast weight cache would hold casts of the capture-time
     weights, stale at every replay.
     """
     dtype = AUTOCAST_DTYPES.get(compute_dtype(device, precision))
     if dtype is None:
-        return exact_fp32()
+        return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
@@ -205,7 +206,7 @@ def step_body(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
     refuses it for a GroupedNets).
     """
     xf = normalize(x).contiguous(memory_format=torch.channels_last)  # the models' layout (to_device)
-    # fp32: the backward's convolutions too (autocast below covers the forward only)
+    # fp32: forward and backward (autocast covers the forward only)
     with exact_fp32() if compute_dtype(xf.device, precision) == "fp32" else contextlib.nullcontext():
         return _forward_backward_step(model, opt, xf, y, precision, cache, members, scaler)
 

@@ -234,8 +234,8 @@ def _lost_runs(executed: Path, tables: Path, drawn: tuple[list[str], int] | None
     before = recorded_runs(executed)
     head = (f"its tables and figures are kept: the run store ({runs_dir()}) holds {len(have)} of the {need} runs "
             "it reads")
-    absent = (f"the store is git-ignored and {executed.parent.parent / 'runs'} has no record of them it could restore: bring "
-              "them with `resnet-lab runs import`, or train them; `report --force` redraws from what is stored")
+    absent = (f"the store is git-ignored and {executed.parent.parent / 'runs'} has no record of them it could "
+              "restore: bring them with `resnet-lab runs import`, or train them; `report --force` redraws from what is stored")
     if before is None:
         if have or not _has_rows(tables):
             return None

@@ -389,7 +389,8 @@ def iter_runs(root: str | os.PathLike | None = None) -> Iterator[tuple[Path, dic
 
 
 SUMMARY_COLUMNS = ["status", "final_train_err", "final_test_err", "final_train_loss", "final_test_loss",
-                   "params", "macs", "flops", "wall_seconds", "device", "compute_dtype", "dataset_sha256", "official_pixels",
+                   "params", "macs", "flops", "wall_seconds", "device", "compute_dtype", "dataset_sha256",
+                   "official_pixels",
                    "steps_done", "warmup_end_step", "step_mode", "packed_runs", "grouped_runs"]
 
 

@@ -23,7 +23,8 @@ from torch import nn
 
 from .config import RunConfig
 from .data import Cifar10, DeviceLoader, eval_batches, load_cifar10, normalize, split_data
-from .fast import LossScaler, Stepper, autocast, compute_dtype, make_optimizer, match_momentum_layout, step_body, to_device
+from .fast import (LossScaler, Stepper, autocast, compute_dtype, exact_fp32, make_optimizer, match_momentum_layout,
+                   step_body, to_device)
 from .models import count_params, model_from_config
 from .runs import (CHECKPOINT_FILES, FINISHED, JOINED, METRIC_COLUMNS, RunDir, RunLocked, atomic_save_torch,
                    atomic_write_csv, atomic_write_json, lock_run)
@@ -70,15 +71,15 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     was_training = model.training
     model.eval()
     loss_sum, wrong, n = None, None, 0
-    for x, y in batches:
-        dev = x.device
-        with autocast(dev, precision):
-            out = model(normalize(x))
-        l = F.cross_entropy(out.float(), y, reduction="sum")
-        w = (out.argmax(1) != y).sum()
-        loss_sum = l if loss_sum is None else loss_sum + l
-        wrong = w if wrong is None else wrong + w
-        n += len(y)
+    with exact_fp32():  # fp32 means fp32 (no TF32); bf16/fp16 autocast below is unaffected by it
+        for x, y in batches:
+            with autocast(x.device, precision):
+                out = model(normalize(x))
+            l = F.cross_entropy(out.float(), y, reduction="sum")
+            w = (out.argmax(1) != y).sum()
+            loss_sum = l if loss_sum is None else loss_sum + l
+            wrong = w if wrong is None else wrong + w
+            n += len(y)
     model.train(was_training)
     if n == 0:
         raise ValueError("evaluate() got no batches")
@@ -451,7 +452,8 @@ class _Run:
         self.here = {"device": device_name(device), "compute_dtype": compute_dtype(device, cfg.precision),
                      "torch": str(torch.__version__), "packed_runs": packed, "grouped_runs": None}
         self.summary = {"status": "running", "name": cfg.name, "hash": cfg.hash, "params": count_params(model),
-                        "macs": macs, "flops": 2 * macs, **{k: v for k, v in self.here.items() if v is not None},  # grouped: by _Group
+                        "macs": macs, "flops": 2 * macs,
+                        **{k: v for k, v in self.here.items() if v is not None},  # grouped: by _Group
                         "dataset_sha256": data.info.sha256, "dataset_kind": data.info.kind,
                         "official_pixels": data.info.official_pixels, "git_commit": _git_commit(),
                         "warmup_end_step": self.warmup_end, "pid": os.getpid()}
