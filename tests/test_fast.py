@@ -342,10 +342,10 @@ def test_an_fp16_graph_replays_its_loss_scale_and_checks_a_step_that_was_taken(g
     self-check goes again at half the scale until it compares a step taken (two skipped steps agree on
     nothing), and graph and eager then train alike, scale and skips included."""
     monkeypatch.setattr(Stepper, "_capture", fake_capture())
-    monkeypatch.setattr(fast, "LOSS_SCALE_INIT", 2.0 ** 20)  # ResNet-8, batch 32: 2 skips, then it grows
+    monkeypatch.setattr(fast, "LOSS_SCALE_INIT", 2.0 ** 18)  # ResNet-8, batch 8: 2 skips, then it grows
     monkeypatch.setattr(fast, "LOSS_SCALE_GROWTH_INTERVAL", 2)
     a, b = pair()
-    data = batches(b=32)
+    data = batches()  # batch 8: fp16 convolutions' backward is slow on some CPUs
     runs = {}
     for model, graph in ((a, True), (b, False)):
         opt, lr_t = make_optimizer(model, 0.1, 0.9, 1e-4)
@@ -353,7 +353,7 @@ def test_an_fp16_graph_replays_its_loss_scale_and_checks_a_step_that_was_taken(g
         trail = [(float(st(x, y, lr)[0]), float(st.scaler.scale)) for (x, y), lr in zip(data, LRS)]
         runs[graph] = st, trail
     st, trail = runs[True]
-    assert st.mode == "graph" and not st.check["skipped"] and st.check["loss_scale"] < 2.0 ** 20
+    assert st.mode == "graph" and not st.check["skipped"] and st.check["loss_scale"] < 2.0 ** 18
     assert st.check["update_rel_diff"] < 1e-5
     assert trail == runs[False][1] and float(st.scaler.skipped) == float(runs[False][0].scaler.skipped) >= 1
     assert any(s2 == 2 * s1 for (_, s1), (_, s2) in zip(trail, trail[1:]))  # it grew again on a replay

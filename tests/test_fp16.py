@@ -18,7 +18,8 @@ def _net(seed: int = 0):
     return model, opt, lr_t
 
 
-def _batch(n: int = 32, seed: int = 1):
+def _batch(n: int = 8, seed: int = 1):
+    """Batch 8: fp16 convolutions' backward is ~100x slower than fp32's on some CPUs, and cost grows with n."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
             torch.randint(0, 10, (n,), generator=g))
@@ -48,10 +49,11 @@ def test_an_overflowing_step_is_skipped_and_the_scale_backs_off_then_grows():
     assert torch.allclose(p.detach(), torch.full((4,), 1 - 0.1 * g1 - 0.1 * (0.9 * g1 + g2)), rtol=1e-6)
 
 
-def test_the_loss_scale_does_not_change_the_fp16_step():
+def test_the_loss_scale_does_not_change_the_fp16_step(monkeypatch):
     """The scale comes off again before the update: the scaled step updates like the unscaled fp16 step (to
-    0.2% here: the unscaled one loses its smallest gradients to fp16's range, the reason for the scale) and
+    0.02% here: the unscaled one loses its smallest gradients to fp16's range, the reason for the scale) and
     both within fp16's rounding of the fp32 step."""
+    monkeypatch.setattr(fast, "LOSS_SCALE_INIT", 2.0 ** 14)  # ResNet-8 on this batch overflows from 2^17
     x, y = _batch()
     updates, losses = {}, {}
     for name in ("fp32", "fp16", "scaled"):
@@ -66,24 +68,25 @@ def test_the_loss_scale_does_not_change_the_fp16_step():
         updates[name], losses[name] = _flat(model) - p0, float(loss)
     ref = updates["fp32"].norm()
     assert losses["scaled"] == pytest.approx(losses["fp16"], rel=1e-6)
-    assert float((updates["scaled"] - updates["fp16"]).norm() / ref) < 0.01
-    assert 1e-4 < float((updates["scaled"] - updates["fp32"]).norm() / ref) < 0.05  # and it did run in fp16
+    assert float((updates["scaled"] - updates["fp16"]).norm() / ref) < 0.002
+    # and it did run in fp16 (1.2% off the fp32 step here)
+    assert 1e-4 < float((updates["scaled"] - updates["fp32"]).norm() / ref) < 0.05
 
 
 def test_an_fp16_stepper_starts_with_zero_momentum_and_survives_a_skipped_first_step(monkeypatch):
     """The fused kernel leaves a fresh buffer uninitialised when it skips the step that would fill it."""
-    monkeypatch.setattr(fast, "LOSS_SCALE_INIT", 2.0 ** 24)  # fp16 gradients overflow at first
+    monkeypatch.setattr(fast, "LOSS_SCALE_INIT", 2.0 ** 19)  # fp16 gradients overflow at first
     model, opt, lr_t = _net()
     st = Stepper(model, opt, lr_t, precision="fp16")
     bufs = [opt.state[p]["momentum_buffer"] for p in model.parameters()]
     assert all(torch.equal(b, torch.zeros_like(b)) for b in bufs)
     p0 = _flat(model)
     st(*_batch(), 0.1)
-    assert float(st.scaler.skipped) == 1 and float(st.scaler.scale) == 2.0 ** 23
+    assert float(st.scaler.skipped) == 1 and float(st.scaler.scale) == 2.0 ** 18
     assert torch.equal(_flat(model), p0)  # skipped: nothing moved
-    for _ in range(8):  # ResNet-8, this batch: 5 skipped at 2^24..2^20, then taken (fp16 is slow on some CPUs)
+    for _ in range(4):  # ResNet-8, this batch: 3 skipped at 2^19..2^17, then taken
         st(*_batch(), 0.1)
-    assert float(st.scaler.skipped) < 9 and torch.isfinite(_flat(model)).all() and not torch.equal(_flat(model), p0)
+    assert float(st.scaler.skipped) < 5 and torch.isfinite(_flat(model)).all() and not torch.equal(_flat(model), p0)
     assert all(torch.isfinite(opt.state[p]["momentum_buffer"]).all() for p in model.parameters())
 
 
@@ -101,10 +104,10 @@ def test_a_snapshot_restores_the_loss_scale():
 
 
 def test_the_self_check_steps_both_ways_at_the_scale_it_reports(monkeypatch):
-    """Both steps overflow at 2^21 (ResNet-8 on this batch overflows up to 2^20): the check halves the scale until
+    """Both steps overflow at 2^18 (ResNet-8 on this batch overflows from 2^17 up): the check halves the scale until
     neither does, and each round's two steps (the reference and the checked one) run at that round's scale, the
     one the check reports."""
-    monkeypatch.setattr(fast, "LOSS_SCALE_INIT", 2.0 ** 21)
+    monkeypatch.setattr(fast, "LOSS_SCALE_INIT", 2.0 ** 18)
     model, opt, lr_t = _net()
     st = Stepper(model, opt, lr_t, precision="fp16")
     x, y = _batch()
@@ -119,9 +122,9 @@ def test_the_self_check_steps_both_ways_at_the_scale_it_reports(monkeypatch):
     check = st._agree(one("reference"), one("other"), st._snapshot(), "other")
     pairs = list(zip(seen[::2], seen[1::2]))
     assert len(pairs) > 1 and all(a[0] == "reference" and b[0] == "other" and a[1] == b[1] for a, b in pairs)
-    assert [a[1] for a, _ in pairs] == [2.0 ** (21 - i) for i in range(len(pairs))]
+    assert [a[1] for a, _ in pairs] == [2.0 ** (18 - i) for i in range(len(pairs))]
     assert check["loss_scale"] == pairs[-1][0][1] and not check["skipped"] and check["update_rel_diff"] == 0
-    assert float(st.scaler.scale) == 2.0 ** 21  # the run's own scale is put back
+    assert float(st.scaler.scale) == 2.0 ** 18  # the run's own scale is put back
 
 
 def test_fp16_runs_are_never_grouped():
@@ -145,9 +148,9 @@ def test_precision_names_fp16_among_the_choices():
 def test_an_fp16_run_resumes_exactly_with_its_loss_scale(cifar, tmp_path, monkeypatch):
     """The scale moves during the run (it starts too high, backs off, grows every 2 clean steps); a resume
     that started the scale afresh would skip other steps and learn something else."""
-    monkeypatch.setattr(fast, "LOSS_SCALE_INIT", 2.0 ** 24)
+    monkeypatch.setattr(fast, "LOSS_SCALE_INIT", 2.0 ** 19)
     monkeypatch.setattr(fast, "LOSS_SCALE_GROWTH_INTERVAL", 2)
-    cfg = make_config("smoke", arch="resnet", depth=8, iterations=10, eval_every=2, batch_size=16, train_subset=256,
+    cfg = make_config("smoke", arch="resnet", depth=8, iterations=10, eval_every=2, batch_size=8, train_subset=256,
                       eval_subset=64, milestones=(8,), precision="fp16")
     straight = train(cfg, root=tmp_path / "a", data=cifar, device="cpu")
     assert straight.status == "done" and straight.summary["compute_dtype"] == "fp16"
@@ -166,7 +169,7 @@ def test_an_fp16_run_resumes_exactly_with_its_loss_scale(cifar, tmp_path, monkey
 
 @needs_data
 def test_a_checkpoint_with_a_bad_loss_scale_is_set_aside_not_fatal(cifar, tmp_path, caplog):
-    cfg = make_config("smoke", arch="resnet", depth=8, iterations=4, eval_every=2, batch_size=16, train_subset=256,
+    cfg = make_config("smoke", arch="resnet", depth=8, iterations=4, eval_every=2, batch_size=8, train_subset=256,
                       eval_subset=64, milestones=(3,), precision="fp16")
     part = train(cfg, root=tmp_path, data=cifar, device="cpu", stop_after=2)
     ck = torch.load(part.path / "checkpoint.pt", weights_only=True)
