@@ -327,8 +327,9 @@ def degradation_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def degradation_claims(table: pd.DataFrame) -> pd.DataFrame:
     """The paper's two claims on our numbers, shallowest vs deepest net, judged against seed noise as in
-    `claims`: deeper plain trains worse; deeper ResNet does not."""
-    from .claims import difference, verdict
+    `claims`: deeper plain trains worse; deeper ResNet does not. A diverged run on a side is no verdict, as in
+    `claims`: the survivors' mean leaves out the run that failed."""
+    from .claims import NOT_JUDGED, difference, diverged_text, verdict
 
     rows = []
     for arch, says, expect in (("plain", "deeper has HIGHER training error", "higher"),
@@ -343,11 +344,13 @@ def degradation_claims(table: pd.DataFrame) -> pd.DataFrame:
         lo, hi = t.iloc[0], t.iloc[-1]
         diff, half = difference(lo, hi, "train_err_%")
         spread = " (noise not estimated)" if half is None else f" ± {half:.2f}"
+        diverged = [d for d in (diverged_text(r, arch) for r in (lo, hi)) if d]
         rows.append({"arch": arch, "paper says": says,
                      "shallow": f"{int(lo['depth'])}: {lo['train_err_%']:.1f}%",
                      "deep": f"{int(hi['depth'])}: {hi['train_err_%']:.1f}%",
                      "deep - shallow (95% CI)": f"{diff:+.2f}{spread}",
-                     "holds here": verdict(diff, half, expect)})
+                     "holds here": (f"{NOT_JUDGED} ({'; '.join(diverged)})" if diverged
+                                    else verdict(diff, half, expect))})
     return pd.DataFrame(rows)
 
 

@@ -244,6 +244,20 @@ def test_diverged_runs_are_named_beside_the_means_they_are_not_in():
     assert "diverged" not in claims.depth(t.assign(diverged=0))[0]["ours"]  # none diverged: nothing said
 
 
+def test_01s_own_table_gives_no_verdict_beside_a_diverged_run():
+    """s25 audit A4: 01's claims cell judged the survivors while claims.md said `not judged`; one diverged
+    plain-56 seed of four makes both say `not judged` and name the run."""
+    from resnet_lab.experiments import degradation_claims
+
+    t = pd.DataFrame([("plain", 20, 3, 2.0, 0.2, 9.0, 0.5, 0), ("plain", 56, 3, 4.0, 0.2, 13.0, 0.5, 1),
+                      ("resnet", 20, 3, 2.0, 0.2, 9.0, 0.5, 0), ("resnet", 56, 3, 1.5, 0.2, 8.0, 0.5, 0)],
+                     columns=_DIV)
+    d = degradation_claims(t).set_index("arch")
+    assert d.loc["plain", "holds here"] == "not judged (plain-56: 1 of 4 runs diverged, not in the mean)"
+    assert claims.degradation(t)[0]["holds"] == "not judged"
+    assert d.loc["resnet", "holds here"] == "yes"  # its side: none diverged
+
+
 def test_verdicts_off_the_paper_preset_say_the_claims_are_about_converged_nets(tmp_path):
     """F4: quick's nets see 0.4 epoch; its claims.md says what its verdicts describe, paper's says nothing."""
     for preset in ("quick", "paper"):
