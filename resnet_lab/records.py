@@ -32,9 +32,9 @@ def _record_files(run: Path, weights: bool = False) -> dict[str, bytes]:
     """A run folder's files that a record keeps, and its model.pt with `weights` (a folder of run folders given
     to `restore` keeps its weights); regular files only: a link is never followed. Read summary first and curve
     last, the reverse of a trainer's order (curve, checkpoint, summary), so the curve reaches the summary's step."""
-    from .transfer import _analysis_names
+    from .transfer import analysis_names
 
-    names = ["summary.json", "config.json", *(["model.pt"] if weights else []), *_analysis_names(run), "metrics.csv"]
+    names = ["summary.json", "config.json", *(["model.pt"] if weights else []), *analysis_names(run), "metrics.csv"]
     out = {}
     for name in names:
         f = run / name

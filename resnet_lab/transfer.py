@@ -148,7 +148,7 @@ def _run_files(run: Path, checkpoints: bool, again: bool = False) -> dict[str, b
                         "from its record in results/<preset>/runs has no weights)", run.name)
             return None
         files["model.pt"] = model
-        for name in _analysis_names(run):
+        for name in analysis_names(run):
             if (data := _read(run / name)) is not None:
                 files[name] = data
     if checkpoints and not finished:
@@ -163,7 +163,7 @@ def _run_files(run: Path, checkpoints: bool, again: bool = False) -> dict[str, b
     return files
 
 
-def _analysis_names(run: Path) -> list[str]:
+def analysis_names(run: Path) -> list[str]:
     """The cached analyses in a run folder (regular files named like RunDir.analysis_file's)."""
     try:
         return sorted(p.name for p in run.iterdir() if ANALYSIS_FILE.fullmatch(p.name) and p.is_file()
@@ -182,7 +182,7 @@ def _run_folders(src: Path) -> list[Path]:
 def manifest(root: str | os.PathLike | None = None) -> dict[str, dict]:
     """{run hash: {status, steps_done, checkpoint, analyses, weights}} of a store: what this machine already
     has, for `export_runs(skip=)`."""
-    return {run.name: _entry(s, _analysis_names(run), can_resume(run), (run / "model.pt").is_file())
+    return {run.name: _entry(s, analysis_names(run), can_resume(run), (run / "model.pt").is_file())
             for run, _, s in iter_runs(root)}
 
 
