@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
+import numbers
 import platform
 import re
 import time
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_depth
 from .data import MEAN, STD, Cifar10, DeviceLoader, balanced_subset, eval_batches
 from .fast import Stepper, error_line, make_optimizer, to_device
 from .grouped import CatLoader, GroupedNets
@@ -279,6 +282,33 @@ def check_tag(tag: str | None) -> None:
         raise ValueError(f"--tag {tag!r} is not valid: use letters, digits, '-' and '_' (it names files)")
 
 
+def check_args(models: list[int], seconds: float, batch_size: int, num_workers: int,
+               packs: list[int] | None = None, out: Path | None = None, tag: str | None = None) -> None:
+    """Refuse bad input before anything is measured or written: a bad value would otherwise become rows of
+    errors written over this device's earlier bench, or (NaN seconds, a negative batch) a loop without end."""
+    check_tag(tag)
+    if not models:
+        raise ValueError("--models is empty: give comma-separated depths, e.g. 20,56,110")
+    for m in models:
+        try:
+            check_depth(m)
+        except ValueError as e:
+            raise ValueError(f"--models: {e}") from None
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"--seconds {seconds!r} is not valid: use a finite number of seconds > 0 (each loop is "
+                         "timed that long)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size!r} is not valid: use a positive integer (images per step)")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+        raise ValueError(f"--num-workers {num_workers!r} is not valid: use an integer >= 0 (the baseline "
+                         "DataLoader's worker processes; 0 loads in the main process)")
+    if packs is not None and any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in packs):
+        raise ValueError(f"packs={packs!r} is not valid: use run counts >= 1, e.g. [1, 2, 4, 8]")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {str(out)!r} is not a folder (a file is in the way): give a folder for "
+                         "<device>.json/.md")
+
+
 def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, batch_size: int = 128,
               num_workers: int = 4, images: int = 50_000, checkpointing: bool = False, out: Path | None = None,
               data: Cifar10 | None = None, packs: list[int] | None = None, pack_depth: int = 20, profile: bool = False,
@@ -297,7 +327,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
     fp16: also time our step in fp16 with its loss scale (precision="fp16"), every net.
     tag: appended to the files' names (<device>-<tag>.json), so a later bench on one device keeps the earlier.
     """
-    check_tag(tag)
+    check_args(models, seconds, batch_size, num_workers, packs, out, tag)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if data is None:
         from .data import load_cifar10

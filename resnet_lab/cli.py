@@ -409,23 +409,23 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from .bench import check_tag, markdown, run_bench
-
-    try:
-        check_tag(a.tag)
-    except ValueError as e:
-        usage_error(str(e))
+    from .bench import check_args, markdown, run_bench
 
     try:
         models = [int(m) for m in a.models.split(",")]
     except ValueError:
-        usage_error(f"--models {a.models!r}: use comma-separated depths, e.g. 20,56,110")
+        usage_error(f"--models {a.models!r}: use comma-separated depths 6n+2, e.g. 20,56,110")
     try:
         packs = [int(m) for m in a.packs.split(",") if m] if a.packs != "auto" else None
         if packs is not None and any(n < 1 for n in packs):
             raise ValueError
     except ValueError:
         usage_error(f"--packs {a.packs!r}: use 'auto' or comma-separated run counts >= 1, e.g. 1,2,4,8")
+    out = Path(a.out) if a.out else None
+    try:
+        check_args(models, a.seconds, a.batch_size, a.num_workers, packs, out, a.tag)
+    except ValueError as e:
+        usage_error(str(e))
     _check_device(a.device)
     if packs is None:  # packing is about filling a GPU; on a CPU the cores are already busy
         import torch
@@ -433,7 +433,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         on_cuda = a.device.startswith("cuda") or (a.device == "auto" and torch.cuda.is_available())
         packs = [1, 2, 4, 8] if on_cuda else []
     res = run_bench(models, a.device, a.seconds, a.batch_size, a.num_workers, checkpointing=a.checkpointing,
-                    packs=packs, profile=a.profile, out=Path(a.out) if a.out else None, compile=a.compile, fp16=a.fp16,
+                    packs=packs, profile=a.profile, out=out, compile=a.compile, fp16=a.fp16,
                     tag=a.tag)
     print(markdown(res))
     print("written:", *res["paths"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import numbers
 import os
 import pickle
 import tarfile
@@ -512,6 +513,8 @@ class DeviceLoader:
         self.device = torch.device(device)
         self.fill = pad_colour(pad_fill)
         self.x, self.y = x.to(self.device), y.to(self.device)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is not valid: use a positive integer")
         self.batch_size, self.seed = batch_size, seed
         self.steps_per_epoch = len(x) // batch_size
         if self.steps_per_epoch == 0:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 
 import pytest
 
@@ -185,6 +186,46 @@ def test_bad_devices_and_settings_are_one_line_errors(no_training, capsys, monke
     err = _usage_error(capsys, *argv)
     assert all(n in err for n in needles), err
     assert not (tmp_path / "runs").exists()  # nothing stored, not even a failed run
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--seconds", "nan"], ["--seconds nan", "finite number of seconds > 0"]),
+    (["--seconds", "0"], ["--seconds 0.0", "> 0"]),
+    (["--batch-size", "-5"], ["--batch-size -5", "positive integer"]),
+    (["--num-workers", "-1"], ["--num-workers -1", ">= 0"]),
+    (["--models", "8,21"], ["--models: depth=21", "8, 14, 20"]),
+    (["--out", "FILE"], ["is not a folder"]),
+])
+def test_bad_bench_input_is_refused_before_it_measures_or_overwrites_anything(capsys, monkeypatch, tmp_path, flags,
+                                                                               needles):
+    """s25 audit E1-E5: NaN seconds looped forever, a negative batch ate the memory, a bad depth wrote rows of
+    errors over the device's earlier bench; each is now a one-line error, exit 2, and the earlier files stay."""
+    from resnet_lab import bench
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    (tmp_path / "bench").mkdir()
+    earlier = tmp_path / "bench" / "cpu.json"
+    earlier.write_text('{"rows": ["good"]}')
+    monkeypatch.setattr("resnet_lab.data.load_cifar10", lambda *a, **k: pytest.fail("the data were loaded"))
+    for f in ("_ours", "baseline_images_per_s"):
+        monkeypatch.setattr(bench, f, lambda *a, **k: pytest.fail("the bench measured"))
+    flags = [str(earlier) if f == "FILE" else f for f in flags]
+    err = _usage_error(capsys, "bench", "--device", "cpu", "--models", "8", *flags)
+    assert all(n in err for n in needles), err
+    assert earlier.read_text() == '{"rows": ["good"]}' and sorted(p.name for p in (tmp_path / "bench").iterdir()) == [
+        "cpu.json"]
+
+
+def test_run_bench_refuses_bad_input_before_loading_the_data(tmp_path, monkeypatch):
+    from resnet_lab import bench
+
+    monkeypatch.setattr("resnet_lab.data.load_cifar10", lambda *a, **k: pytest.fail("the data were loaded"))
+
+    for kw, needle in (({"seconds": float("nan")}, "--seconds nan"), ({"batch_size": 0}, "--batch-size 0"),
+                       ({"models": [8, 9]}, "depth=9"), ({"packs": [0]}, "packs=[0]")):
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            bench.run_bench(**{"models": [8], **kw}, device="cpu", out=tmp_path, data=None)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("param, needle", [("eval_images=-3", "eval_images=-3"), ("eval_images=10001", "10,000"),

@@ -397,3 +397,14 @@ def test_load_runs_reads_a_run_stored_before_pad_fill_as_black(tmp_path):
     assert sorted(t["runs"]) == [1, 1]
     with pytest.raises(ValueError, match="pad_fill"):  # never two seeds of one config
         summarize(runs.reset_index(), ["arch", "depth"])
+
+
+def test_a_device_loader_refuses_a_batch_size_below_one():
+    """s25 audit E2: -5 passed (50000 // -5 is not 0) and built index tensors until the memory ran out."""
+    from resnet_lab.data import DeviceLoader
+
+    x, y = torch.zeros(64, 3, 32, 32, dtype=torch.uint8), torch.zeros(64, dtype=torch.int64)
+    for bad in (-5, 0, 2.0, True):
+        with pytest.raises(ValueError, match=f"batch_size={bad!r} is not valid: use a positive integer"):
+            DeviceLoader(x, y, bad, 0, "cpu")
+    assert DeviceLoader(x, y, 16, 0, "cpu").steps_per_epoch == 4
