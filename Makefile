@@ -23,7 +23,7 @@ PAPERMILL := $(BIN)/papermill -k $(KERNEL) --log-level WARNING
 TABLES := $(or $(RESNET_LAB_RESULTS),$(CURDIR)/results)/$(PRESET)
 OUT    := $(TABLES)/executed
 
-.PHONY: install test reproduce figures lab clean-venv gpu-in gpu-back
+.PHONY: install test reproduce figures lab clean-venv gpu-in gpu-back gpu-relay
 
 install: $(VENV)/.installed
 
@@ -77,9 +77,11 @@ lab: install
 
 # A GPU session (README, "Running on a GPU"): `make gpu-in` writes what the device call carries (.data and
 # .gpu-in: with the repository, within the tool's 64 MiB), `bash .ci/gpu-session` runs there, and
-# `make gpu-back FROM=<the folder the call's files came back to>` takes them in here.
+# `make gpu-back FROM=<the folder(s) the calls' files came back to>` takes them in here (`make gpu-relay
+# FROM=...` between two calls when the machine went back in between).
 # The unfinished runs go in what the 64 MiB a call carries leaves after the tree and the dataset (2 MiB spare).
-PAPER_RECORDS := $(or $(RESNET_LAB_RESULTS),$(CURDIR)/results)/paper/runs
+RESULTS_ROOT := $(or $(RESNET_LAB_RESULTS),$(CURDIR)/results)
+PAPER_RECORDS := $(RESULTS_ROOT)/paper/runs
 gpu-in: install
 	@test -f "$(RESNET_LAB_DATA)" || { echo "set RESNET_LAB_DATA to a CIFAR-10 archive or tarball"; exit 2; }
 	mkdir -p .data .gpu-in
@@ -99,12 +101,25 @@ gpu-in: install
 	$(BIN)/resnet-lab runs export .gpu-in --name resume --checkpoints --unfinished --max-mb $$mb
 	@du -sh .data .gpu-in
 
+# FROM: one or more folders a device call's files came back to, in the order of the calls
+import-from = @test -n "$(FROM)" || { echo "usage: make $@ FROM='<the folder(s) the device calls' files came back to>'"; exit 2; }; \
+	for d in $(FROM); do test -d "$$d" || { echo "FROM: $$d is not a folder"; exit 2; }; done; \
+	for d in $(FROM); do parts="$$(ls "$$d"/runs.tar.gz.[0-9]* 2>/dev/null)"; \
+	  [ -z "$$parts" ] || $(BIN)/resnet-lab runs import $$parts || exit $$?; done
+
 gpu-back: install
-	@test -d "$(FROM)" || { echo "usage: make gpu-back FROM=<the folder the device call's files came back to>"; exit 2; }
-	parts="$$(ls "$(FROM)"/runs.tar.gz.[0-9]* 2>/dev/null)"; [ -z "$$parts" ] || $(BIN)/resnet-lab runs import $$parts
-	for f in "$(FROM)"/*.json "$(FROM)"/*.md "$(FROM)"/*-profile.txt; do [ ! -e "$$f" ] || cp "$$f" results/bench/; done
+	$(import-from)
+	mkdir -p "$(RESULTS_ROOT)/bench"
+	for d in $(FROM); do for f in "$$d"/*.json "$$d"/*.md "$$d"/*-profile.txt; do \
+	  [ ! -e "$$f" ] || cp "$$f" "$(RESULTS_ROOT)/bench/"; done; done
 	$(BIN)/resnet-lab report --preset paper
-	@echo "bench files copied to results/bench/; add $(FROM)/log.txt there as <device>-<date>-session-log.txt if useful"
+	@echo "bench files copied to $(RESULTS_ROOT)/bench/; add a call's log.txt there as <device>-<date>-session-log.txt if useful"
+
+# Between two device calls when the machine has gone back (cold): the first call's runs into this store, then
+# what the next call carries (its store starts empty, so it resumes only what .gpu-in sends)
+gpu-relay: install
+	$(import-from)
+	$(MAKE) gpu-in
 
 clean-venv:
 	rm -rf $(VENV)
