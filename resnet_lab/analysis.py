@@ -103,7 +103,7 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     logits, which says nothing about the net. `runs` counts the runs the means are over.
     """
     columns = by + ["runs", "params", "macs", "train_err_%", "train_err_ci95", "test_err_%", "test_err_ci95",
-                    "diverged", "wall_min", "packed", "device", "dataset", "pixels"]
+                    "diverged", "wall_min", "packed", "device", "dataset", "pixels", "pad_fill"]
     done = runs[runs["status"].isin(["done", "diverged"])] if not runs.empty else runs
     if done.empty:  # no run finished yet (all stopped part-way, say): the table's columns, no rows
         return pd.DataFrame(columns=columns)
@@ -131,6 +131,8 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
             # which CIFAR-10 copy (sha256 prefix, as the run folders' summaries hold it): the JPEG one or another
             "dataset": ", ".join(sorted({str(s)[:16] for s in g.get("dataset_sha256", pd.Series(dtype=str)).dropna()})),
             "pixels": _pixels(g),
+            # the crop's border (one per row: rows pool seeds only); it moves absolute errors by points
+            "pad_fill": str(g["pad_fill"].iloc[0]) if "pad_fill" in g else "",
         })
     return pd.DataFrame(rows)
 

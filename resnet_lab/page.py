@@ -82,12 +82,15 @@ PROVENANCE_TABLES = [("01_degradation", "table"), ("02_depth", "table"), ("03_sh
 def _provenance(base: Path) -> list[str]:
     """The devices and CIFAR-10 copies (sha256 prefixes) the tables' runs used, from the tables' own columns,
     so the page says the same wherever it is rebuilt."""
-    devices, copies, pixels = set(), set(), set()
+    devices, copies, pixels, fills = set(), set(), set(), set()
+    no_fill = False  # a table with rows written before the pad_fill column
     for notebook, table in PROVENANCE_TABLES:
         df = read_table(base, notebook, table)
-        for col, sep, into in (("device", JOINED, devices), ("dataset", ",", copies), ("pixels", ",", pixels)):
+        for col, sep, into in (("device", JOINED, devices), ("dataset", ",", copies), ("pixels", ",", pixels),
+                               ("pad_fill", ",", fills)):
             if df is not None and col in df:  # split as summarize joins them
                 into.update(x.strip() for v in df[col].dropna() for x in str(v).split(sep) if x.strip())
+        no_fill |= df is not None and len(df) > 0 and "pad_fill" not in df
     if not devices:  # other notebooks' tables (06's) may hold finished runs: say only what these tables say
         read = ", ".join(n.split("_")[0] for n, _ in PROVENANCE_TABLES)
         return [f"Devices and CIFAR-10 copies: none recorded yet (they are read from the tables of {read}, which "
@@ -97,6 +100,12 @@ def _provenance(base: Path) -> list[str]:
     if "re-encoded" in pixels:
         line += (" **Runs here trained and tested on a re-encoded (lossy, JPEG) copy of CIFAR-10, not the official "
                  "pixels**: absolute errors sit above the paper's; comparisons inside a table are fair.")
+    names = {"mean": "the mean colour (the paper's)", "black": "black (torchvision's RandomCrop)"}
+    if fills:
+        line += f" Crops padded with {' and '.join(names.get(f, f) for f in sorted(fills))}."
+    if no_fill:
+        line += (" Some tables predate the crop-padding column (2026-11-30): runs trained before that date padded "
+                 "their crops black and, on a GPU, were evaluated with TF32 convolutions.")
     return [line]
 
 

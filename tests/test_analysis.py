@@ -66,6 +66,12 @@ def test_a_row_says_whether_its_runs_saw_the_official_pixels():
         "official, re-encoded"
 
 
+def test_a_row_says_how_its_runs_padded_their_crops():
+    r = runs(["done", "done"], [0.08, 0.1])
+    assert summarize(r.assign(pad_fill="mean"), ["arch", "depth"]).iloc[0]["pad_fill"] == "mean"
+    assert summarize(r, ["arch", "depth"]).iloc[0]["pad_fill"] == ""  # a frame without the column says nothing
+
+
 def test_figures_draw_the_tables_t_interval_not_a_bootstrap():
     v = [7.0, 8.0, 9.5]
     lo, hi = t_interval(v)

@@ -48,6 +48,19 @@ def test_the_page_names_the_devices_and_dataset_copies_from_the_tables(tmp_path)
     assert empty.count("Devices and CIFAR-10 copies: none recorded yet") == 1
 
 
+def test_the_page_says_how_the_crops_were_padded_or_that_its_tables_predate_saying(tmp_path):
+    """s25 audit A20: results/paper's tables came from runs that padded black (and evaluated in TF32), which its
+    page did not say; padding moves absolute errors by points."""
+    base = tmp_path / "paper"
+    row = dict(runs=1, params=1, wall_min=1.0, packed=1, device="NVIDIA H200", **{"test_err_%": 9.0, "train_err_%": 1.0})
+    _write(base, "01_degradation", "table", pd.DataFrame([dict(arch="plain", depth=20, **row)]))
+    old = page.build_page("paper", root=tmp_path)
+    assert "predate the crop-padding column" in old and "padded their crops black" in old and "Crops padded" not in old
+    _write(base, "01_degradation", "table", pd.DataFrame([dict(arch="plain", depth=20, pad_fill="mean", **row)]))
+    new = page.build_page("paper", root=tmp_path)
+    assert "Crops padded with the mean colour (the paper's)." in new and "predate" not in new
+
+
 def test_the_page_lists_runs_stopped_part_way_apart_from_the_tables(tmp_path):
     """05's ResNet-1202 trains over several GPU sessions: its progress shows, never averaged into a table."""
     base = tmp_path / "paper"
