@@ -653,13 +653,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .data import DataError
+    from .train import ResultsWriteError
 
     try:
         try:
             args = build_parser().parse_args(argv)
             return args.func(args)
-        except DataError as e:  # no dataset, a damaged archive: one line, not a traceback
-            raise SystemExit(f"error: {e}")
+        except (DataError, ResultsWriteError) as e:  # no dataset, a damaged archive, a run store that cannot be
+            raise SystemExit(f"error: {e}")  # written: the machine, not the input (exit 1), in one line
         except KeyboardInterrupt:  # Ctrl-C: quietly, with the shell's code (train and sweep say more)
             print("interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED

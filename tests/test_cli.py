@@ -336,6 +336,19 @@ def test_runs_commands_refuse_bad_paths_and_count_what_they_left_out(tmp_path, m
 
 
 @pytest.mark.usefixtures("cifar")  # it skips without a CIFAR-10 copy
+def test_a_run_store_that_cannot_be_written_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    """The disk, not the input: exit 1 with the run and the place named, no traceback."""
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "file"))  # a file where the store's folder would be
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--preset", "smoke", "--depth", "8", "--device", "cpu", "--quiet"])
+    assert e.value.code != 0 and str(e.value.code).startswith("error: cannot write run ")  # exit 1, the line
+    assert str(tmp_path / "file" / "runs") in e.value.code and "\n" not in e.value.code
+    assert "Traceback" not in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.usefixtures("cifar")  # it skips without a CIFAR-10 copy
 def test_a_diverged_run_is_a_result_and_a_stopped_one_without_checkpoint_says_it_restarts(tmp_path, monkeypatch,
                                                                                            capsys):
     """`train` exits 0 for a diverged run (a result: trained again it diverges again; `analyse` agrees), and
