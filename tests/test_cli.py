@@ -335,6 +335,26 @@ def test_runs_commands_refuse_bad_paths_and_count_what_they_left_out(tmp_path, m
     assert cli.main(["runs", "import", *parts]) == 0
 
 
+def test_runs_import_of_a_folder_without_records_is_refused_naming_the_parts_it_holds(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """`runs import <folder>` that imported nothing exited 0: an empty folder, or the folder an export wrote its
+    parts into (the user meant the parts), is bad input, and the message says what to pass instead."""
+    from .test_transfer import make_run
+
+    make_run(tmp_path / "store" / "runs", "aaa", "done", 100)
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "store"))
+    assert cli.main(["runs", "export", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "here"))
+    err = _usage_error(capsys, "runs", "import", str(tmp_path / "out"))
+    assert err == (f"error: {tmp_path / 'out'} holds export parts, not run records: pass them: "
+                   f"resnet-lab runs import {tmp_path / 'out'}/runs.tar.gz.*")
+    (tmp_path / "empty").mkdir()
+    err = _usage_error(capsys, "runs", "import", str(tmp_path / "empty"))
+    assert f"no run records in {tmp_path / 'empty'}" in err and "12-hex hash" in err
+    assert not (tmp_path / "here").exists()
+
+
 @pytest.mark.usefixtures("cifar")  # it skips without a CIFAR-10 copy
 def test_a_run_store_that_cannot_be_written_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
     """The disk, not the input: exit 1 with the run and the place named, no traceback."""
