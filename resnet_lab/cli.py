@@ -142,6 +142,11 @@ def _train_one(a: argparse.Namespace) -> int:
         cfg = make_config(a.preset or "quick", **kw)
     except ValueError as e:
         usage_error(e)
+    # a milestone past the end never fires; only where --set gave it (a preset's, with --set iterations shorter,
+    # is that preset's schedule cut short, as experiments.CPU_1202 cuts smoke's)
+    if "milestones" in kw and any(m >= cfg.iterations for m in cfg.milestones):
+        usage_error(f"milestones={cfg.milestones!r} lie beyond iterations={cfg.iterations}: use milestones below it, "
+                    "or raise iterations")
     _check_device(a.device, need=not a.list)
     from .experiments import with_dataset
     from .transfer import finished_in

@@ -26,6 +26,7 @@ PAD_FILLS = ("mean", "black")  # what the random crop's padding is filled with (
 SPLIT_IMAGES = {"full": (50_000, 10_000), "45k5k": (45_000, 5_000)}  # (training, evaluation) images of CIFAR-10
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # fp16: with a dynamic loss scale (fast.LossScaler)
 FLOAT_FIELDS = ("lr", "momentum", "weight_decay", "warmup_lr", "warmup_err")  # stored as floats whatever was given
+WARMUP_ERR = 0.80  # the warm-up's end: training error below 80% (He et al. 2015, ResNet-110)
 MAX_SEED = 2**32  # the loader's seeds (seed * 1_000_003 + epoch) must stay inside a 64-bit integer
 
 # Fields that change how fast a run goes or how much memory it takes, never what it learns:
@@ -119,7 +120,7 @@ class RunConfig:
     weight_decay: float = 1e-4
     milestones: tuple[int, ...] = (32_000, 48_000)
     warmup_lr: float | None = None  # ResNet-110/1202: lr 0.01 until training error < warmup_err
-    warmup_err: float = 0.80
+    warmup_err: float = WARMUP_ERR
     eval_every: int = 1_000
     seed: int = 0
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16, fp16 (loss-scaled)
@@ -183,7 +184,10 @@ class RunConfig:
         number("lr", lambda v: v > 0, "a positive number")
         if self.warmup_lr is not None:
             number("warmup_lr", lambda v: v > 0, "a positive number, or None (no warm-up)")
-        number("warmup_err", lambda v: v > 0, "a positive fraction (the warm-up ends below this training error)")
+        number("warmup_err", lambda v: 0 < v <= 1, "a fraction in (0, 1] (the warm-up ends below this training error)")
+        if self.warmup_lr is None and self.warmup_err != WARMUP_ERR:  # hashed: another folder, the same run
+            raise ValueError(f"warmup_err={self.warmup_err!r} means nothing without warmup_lr (no warm-up): "
+                             f"leave it {WARMUP_ERR:g}")
         number("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)")
         number("weight_decay", lambda v: v >= 0, "a number >= 0")
         for name in FLOAT_FIELDS:  # 0 and 0.0 are one run: one hash (JSON, and so the hash, tells them apart)

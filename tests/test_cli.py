@@ -60,6 +60,10 @@ def test_seed_with_notebook_says_to_use_the_seeds_parameter(no_training, capsys)
     (["--notebook", "01_degradation", "--pack", "0"], ["--pack 0", ">= 1"]),
     (["--time-budget", "0"], ["--time-budget 0", "> 0"]),
     (["--set", "lerning_rate=1"], ["lerning_rate", "allowed"]),
+    # each listed as the default run, in a folder of its own (s25 review E9)
+    (["--set", "warmup_err=5"], ["warmup_err=5", "a fraction in (0, 1]"]),
+    (["--set", "warmup_err=0.5"], ["warmup_err=0.5", "means nothing without warmup_lr"]),
+    (["--set", "milestones=[100000]"], ["milestones=(100000,) lie beyond iterations=6", "raise iterations"]),
 ])
 def test_meaningless_or_bad_values_are_refused(no_training, capsys, argv, needles):
     err = _usage_error(capsys, "train", "--preset", "smoke", *argv)
@@ -75,6 +79,18 @@ def test_list_without_notebook_lists_the_one_run(no_training, capsys, tmp_path, 
     assert cli.main(["train", "--preset", "smoke", "--depth", "14", "--seed", "3", "--list"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "resnet-14" in out[0] and "seed 3" in out[0] and "missing" in out[0], out
+
+
+def test_a_presets_milestone_past_a_shorter_set_iterations_is_still_a_run(no_training, capsys, tmp_path,
+                                                                           monkeypatch):
+    """Only a milestone --set gives is refused past the end: a preset's schedule cut short by --set iterations
+    (as experiments.CPU_1202 cuts smoke's, and README's `--preset paper --set iterations=32000`) stays a run."""
+    ex = importlib.import_module("resnet_lab.experiments")
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    monkeypatch.setattr(ex, "with_dataset", lambda cfgs: [dataclasses.replace(c, dataset="test") for c in cfgs])
+    assert cli.main(["train", "--preset", "smoke", "--set", "iterations=2", "--list"]) == 0  # smoke's milestone: 4
+    assert "step 0/2" in capsys.readouterr().out
 
 
 GRID = "notebook: 01_degradation\npreset: smoke\nparameters:\n  depths: [[8], [14]]\n"
