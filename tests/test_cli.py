@@ -71,6 +71,19 @@ def test_meaningless_or_bad_values_are_refused(no_training, capsys, argv, needle
         assert n in err, err
 
 
+def test_an_unknown_notebook_is_one_message_from_the_api_and_the_cli(no_training, capsys):
+    """notebook_defaults('99') raised a FileNotFoundError naming notebooks/99.ipynb; configs_for and
+    `train --notebook` said which notebooks there are."""
+    ex = importlib.import_module("resnet_lab.experiments")
+
+    message = f"notebook '99' is unknown: use one of {sorted(ex.NOTEBOOK_CONFIGS)}"
+    for call in (lambda: ex.notebook_defaults("99"), lambda: ex.configs_for("99", {})):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == message
+    assert _usage_error(capsys, "train", "--notebook", "99", "--list") == f"error: {message}"
+
+
 def test_list_without_notebook_lists_the_one_run(no_training, capsys, tmp_path, monkeypatch):
     ex = importlib.import_module("resnet_lab.experiments")
 

@@ -109,6 +109,15 @@ def test_bottleneck_model_rejects_other_block_layers():
         build_model(bottleneck=True, block_layers=3, depth=20)
 
 
+@pytest.mark.parametrize("width", [-4, 0, 2.5, True])
+def test_build_model_refuses_a_width_that_is_not_a_positive_integer(width):
+    """width=-4 gave torch's 'negative dimension' error, width=0 a zero-channel net with three warnings."""
+    from resnet_lab.models import build_model
+
+    with pytest.raises(ValueError, match=rf"width={width!r} is not valid: use a positive integer"):
+        build_model("resnet", 20, width=width)
+
+
 def test_unknown_preset_and_field():
     with pytest.raises(ValueError, match="preset='fast'.*paper.*quick.*smoke"):
         make_config("fast")

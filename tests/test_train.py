@@ -515,6 +515,42 @@ def test_a_run_stepped_two_ways_says_both_in_its_summary(cifar, tmp_path):
     assert rec.status == "done" and rec.summary["step_mode"] == "graph + eager"
 
 
+def test_train_takes_device_auto_as_every_entry_point_does(cifar, results):
+    """`train(cfg, device="auto")` gave torch's 'Expected one of cpu, cuda, ...' error: auto is what --device,
+    train_all and a notebook's device parameter default to."""
+    from resnet_lab.train import device_name
+
+    rec = train(tiny(iterations=2, eval_every=2), root=results, data=cifar, device="auto")
+    here = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert rec.status == "done" and rec.summary["device"] == device_name(here)
+
+
+def test_a_bad_device_or_pack_is_refused_before_the_data_loads(tmp_path, monkeypatch):
+    """A device name torch does not take came back as its own error listing twenty device kinds; pack=0 was
+    logged as a failed run after the dataset had loaded, and the call returned [None]."""
+    from resnet_lab import experiments as ex
+
+    T = importlib.import_module("resnet_lab.train")  # the package exports a function of that name
+
+    def boom(*a, **k):
+        raise AssertionError("the data loaded")
+
+    monkeypatch.setattr(T, "load_cifar10", boom)
+    monkeypatch.setattr(ex, "load_cifar10", boom)
+    cfg = tiny()
+    message = "device='gpu' is not valid: use auto, cpu, cuda or cuda:N"
+    for call in (lambda: train(cfg, root=tmp_path, device="gpu"), lambda: ex.train_all([cfg], device="gpu"),
+                 lambda: T.train_many([cfg], root=tmp_path, device="gpu"),
+                 lambda: ex.imagenet_architectures([18], device="gpu")):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == message
+    for pack in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"pack={pack!r} is not valid: use an integer >= 1"):
+            ex.train_all([cfg], root=tmp_path, pack=pack)
+    assert not any(tmp_path.iterdir())
+
+
 def test_lr_is_divided_by_ten_at_each_milestone():
     """The paper's schedule: 0.1, /10 at 32k and again at 48k (the step of the milestone already the lower one)."""
     from resnet_lab.train import lr_at
