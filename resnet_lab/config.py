@@ -52,11 +52,10 @@ MODEL_REVISIONS = {"preact": 2, "highway": 2, "gated": 2}
 BOTTLENECK_REVISION = 2
 
 
-def valid_depths(block_layers: int = 2, bottleneck: bool = False, limit: int = 1300) -> list[int]:
-    """Depths the CIFAR family accepts for this block shape (6n+2, or 9n+2 for bottlenecks)."""
-    if bottleneck:
-        return [9 * n + 2 for n in range(1, limit // 9 + 1)]
-    return [6 * n + 2 for n in range(1, limit // 6 + 1) if (2 * n) % block_layers == 0]
+def valid_depths(block_layers: int = 2) -> list[int]:
+    """Depths 6n+2 (up to 1300) the CIFAR family accepts with blocks of this many layers; bottleneck blocks take
+    9n+2 (`check_depth` says so)."""
+    return [6 * n + 2 for n in range(1, 1300 // 6 + 1) if (2 * n) % block_layers == 0]
 
 
 def check_depth(depth: int, block_layers: int = 2, bottleneck: bool = False) -> int:
@@ -299,8 +298,7 @@ def make_config(preset: str = "quick", **overrides: Any) -> RunConfig:
     known = {f.name for f in dataclasses.fields(RunConfig)} - {"preset"}  # the preset is the first argument
     bad = sorted(set(overrides) - known)
     if bad:
-        raise ValueError(f"unknown RunConfig field(s) {bad}: allowed are {sorted(known)}"
-                         + (" (the preset is make_config's first argument)" if "preset" in bad else ""))
+        raise ValueError(f"unknown RunConfig field(s) {bad}: allowed are {sorted(known)}")
     kw: dict[str, Any] = dict(PRESETS[preset])
     kw.update(overrides)
     if not isinstance(kw["milestones"], (list, tuple)):  # tuple(5) would raise a TypeError, tuple("5") split it

@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 
 GRID_KEYS = ("notebook", "preset", "parameters", "fixed", "report")
 BACKENDS = ("local", "ray")
-STATUSES = ("done", "skipped", "failed", "would-run", "interrupted")
 RESULT_COLUMNS = ["point", "status", "seconds", "output", "error"]
 DEFAULT_KERNEL = "resnet-lab"
 # Thread-count variables a point's process (and its kernel) inherits. RESNET_LAB_THREADS is the project's
