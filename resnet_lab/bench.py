@@ -34,7 +34,7 @@ from .fast import Stepper, error_line, make_optimizer, to_device
 from .grouped import CatLoader, GroupedNets
 from .models import build_model
 from .runs import atomic_write_json, atomic_write_text, results_dir
-from .train import EVAL_PRECISION, device_name, evaluate
+from .train import EVAL_PRECISION, device_name, evaluate, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
     tag: appended to the files' names (<device>-<tag>.json), so a later bench on one device keeps the earlier.
     """
     check_args(models, seconds, batch_size, num_workers, packs, out, tag)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = resolve_device(device)
     if data is None:
         from .data import load_cifar10
 

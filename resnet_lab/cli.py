@@ -142,6 +142,11 @@ def _train_one(a: argparse.Namespace) -> int:
         cfg = make_config(a.preset or "quick", **kw)
     except ValueError as e:
         usage_error(e)
+    # a milestone past the end never fires; only where --set gave it (a preset's, with --set iterations shorter,
+    # is that preset's schedule cut short, as experiments.CPU_1202 cuts smoke's)
+    if "milestones" in kw and any(m >= cfg.iterations for m in cfg.milestones):
+        usage_error(f"milestones={cfg.milestones!r} lie beyond iterations={cfg.iterations}: use milestones below it, "
+                    "or raise iterations")
     _check_device(a.device, need=not a.list)
     from .experiments import with_dataset
     from .transfer import finished_in
@@ -268,9 +273,7 @@ def _check_notebook(nb: str, params: dict[str, Any], command: str = "train") -> 
     (train_missing, a figure's setting) would be accepted and ignored. Values: `sweep.check_params`."""
     from . import experiments as ex
 
-    if nb not in ex.NOTEBOOK_CONFIGS:
-        raise ValueError(f"notebook {nb!r} is unknown: use one of {sorted(ex.NOTEBOOK_CONFIGS)}")
-    declared = ex.notebook_defaults(nb)
+    declared = ex.notebook_defaults(nb)  # an unknown notebook: a ValueError naming the known ones
     if set(params) - set(declared):
         raise ValueError(f"{nb} has no parameter(s) {sorted(set(params) - set(declared))}: it takes "
                          f"{sorted(declared)}")
@@ -513,8 +516,13 @@ def cmd_runs_import(a: argparse.Namespace) -> int:
         usage_error(e)
     except OSError as e:  # the store's disk (an unreadable part is a ValueError: bad input)
         raise SystemExit(f"error: {e}")
-    if folder and not done:
-        print(f"no run records in {a.parts[0]} (folders named by a run's 12-hex hash)", file=sys.stderr)
+    if folder and not done:  # nothing imported, though the user asked: name what the folder holds instead
+        exports = sorted({p.name.rpartition(".")[0] for p in Path(a.parts[0]).glob("*.tar.gz.*")
+                          if PART_NUMBER.fullmatch(p.name.rpartition(".")[2])})
+        if exports:
+            usage_error(f"{a.parts[0]} holds export parts, not run records: pass them: "
+                        + " or ".join(f"resnet-lab runs import {Path(a.parts[0]) / stem}.*" for stem in exports))
+        usage_error(f"no run records in {a.parts[0]} (folders named by a run's 12-hex hash): nothing imported")
     for h, what in done.items():
         print(h, what)
     return EXIT_INCOMPLETE if any(what.startswith(("skipped", "not restored")) for what in done.values()) else 0
@@ -653,13 +661,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .data import DataError
+    from .train import ResultsWriteError
 
     try:
         try:
             args = build_parser().parse_args(argv)
             return args.func(args)
-        except DataError as e:  # no dataset, a damaged archive: one line, not a traceback
-            raise SystemExit(f"error: {e}")
+        except (DataError, ResultsWriteError) as e:  # no dataset, a damaged archive, a run store that cannot be
+            raise SystemExit(f"error: {e}")  # written: the machine, not the input (exit 1), in one line
         except KeyboardInterrupt:  # Ctrl-C: quietly, with the shell's code (train and sweep say more)
             print("interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED

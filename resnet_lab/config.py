@@ -26,6 +26,7 @@ PAD_FILLS = ("mean", "black")  # what the random crop's padding is filled with (
 SPLIT_IMAGES = {"full": (50_000, 10_000), "45k5k": (45_000, 5_000)}  # (training, evaluation) images of CIFAR-10
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # fp16: with a dynamic loss scale (fast.LossScaler)
 FLOAT_FIELDS = ("lr", "momentum", "weight_decay", "warmup_lr", "warmup_err")  # stored as floats whatever was given
+WARMUP_ERR = 0.80  # the warm-up's end: training error below 80% (He et al. 2015, ResNet-110)
 MAX_SEED = 2**32  # the loader's seeds (seed * 1_000_003 + epoch) must stay inside a 64-bit integer
 
 # Fields that change how fast a run goes or how much memory it takes, never what it learns:
@@ -51,11 +52,10 @@ MODEL_REVISIONS = {"preact": 2, "highway": 2, "gated": 2}
 BOTTLENECK_REVISION = 2
 
 
-def valid_depths(block_layers: int = 2, bottleneck: bool = False, limit: int = 1300) -> list[int]:
-    """Depths the CIFAR family accepts for this block shape (6n+2, or 9n+2 for bottlenecks)."""
-    if bottleneck:
-        return [9 * n + 2 for n in range(1, limit // 9 + 1)]
-    return [6 * n + 2 for n in range(1, limit // 6 + 1) if (2 * n) % block_layers == 0]
+def valid_depths(block_layers: int = 2) -> list[int]:
+    """Depths 6n+2 (up to 1300) the CIFAR family accepts with blocks of this many layers; bottleneck blocks take
+    9n+2 (`check_depth` says so)."""
+    return [6 * n + 2 for n in range(1, 1300 // 6 + 1) if (2 * n) % block_layers == 0]
 
 
 def check_depth(depth: int, block_layers: int = 2, bottleneck: bool = False) -> int:
@@ -119,7 +119,7 @@ class RunConfig:
     weight_decay: float = 1e-4
     milestones: tuple[int, ...] = (32_000, 48_000)
     warmup_lr: float | None = None  # ResNet-110/1202: lr 0.01 until training error < warmup_err
-    warmup_err: float = 0.80
+    warmup_err: float = WARMUP_ERR
     eval_every: int = 1_000
     seed: int = 0
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16, fp16 (loss-scaled)
@@ -183,7 +183,10 @@ class RunConfig:
         number("lr", lambda v: v > 0, "a positive number")
         if self.warmup_lr is not None:
             number("warmup_lr", lambda v: v > 0, "a positive number, or None (no warm-up)")
-        number("warmup_err", lambda v: v > 0, "a positive fraction (the warm-up ends below this training error)")
+        number("warmup_err", lambda v: 0 < v <= 1, "a fraction in (0, 1] (the warm-up ends below this training error)")
+        if self.warmup_lr is None and self.warmup_err != WARMUP_ERR:  # hashed: another folder, the same run
+            raise ValueError(f"warmup_err={self.warmup_err!r} means nothing without warmup_lr (no warm-up): "
+                             f"leave it {WARMUP_ERR:g}")
         number("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)")
         number("weight_decay", lambda v: v >= 0, "a number >= 0")
         for name in FLOAT_FIELDS:  # 0 and 0.0 are one run: one hash (JSON, and so the hash, tells them apart)
@@ -295,8 +298,7 @@ def make_config(preset: str = "quick", **overrides: Any) -> RunConfig:
     known = {f.name for f in dataclasses.fields(RunConfig)} - {"preset"}  # the preset is the first argument
     bad = sorted(set(overrides) - known)
     if bad:
-        raise ValueError(f"unknown RunConfig field(s) {bad}: allowed are {sorted(known)}"
-                         + (" (the preset is make_config's first argument)" if "preset" in bad else ""))
+        raise ValueError(f"unknown RunConfig field(s) {bad}: allowed are {sorted(known)}")
     kw: dict[str, Any] = dict(PRESETS[preset])
     kw.update(overrides)
     if not isinstance(kw["milestones"], (list, tuple)):  # tuple(5) would raise a TypeError, tuple("5") split it

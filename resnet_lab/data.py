@@ -479,9 +479,12 @@ def pad_colour(pad_fill: str) -> tuple[int, ...]:
     return fills[pad_fill]
 
 
-def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = 4,
+PAD = 4  # the random crop's border in pixels (He et al. 2015): `augment` pads it, DeviceLoader shifts within it
+
+
+def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor,
             fill: Sequence[int] | None = None) -> torch.Tensor:
-    """Pad-`pad` random crop (shift dx, dy in [-pad, pad]) and horizontal flip, all in one gather.
+    """Pad-PAD random crop (shift dx, dy in [-PAD, PAD]) and horizontal flip, all in one gather.
 
     x: (B, C, H, W) any dtype; dx, dy: (B,) int64; flip: (B,) bool; fill: the border's value per channel
     (`pad_colour`; None: the mean colour, RunConfig's default). The paper's border is the mean colour (He et
@@ -489,13 +492,13 @@ def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Ten
     recipe pads black, as the bench's baseline does.
     """
     B, C, H, W = x.shape
-    xp = x.new_empty(B, C, H + 2 * pad, W + 2 * pad)  # (B, C, H+2p, W+2p)
+    xp = x.new_empty(B, C, H + 2 * PAD, W + 2 * PAD)  # (B, C, H+2p, W+2p)
     for c, v in enumerate(pad_colour("mean") if fill is None else fill):
         xp[:, c].fill_(v)  # a Python scalar: no copy from the host
-    xp[:, :, pad:pad + H, pad:pad + W] = x
-    rows = (dy + pad).view(B, 1) + torch.arange(H, device=x.device).view(1, H)  # (B, H)
+    xp[:, :, PAD:PAD + H, PAD:PAD + W] = x
+    rows = (dy + PAD).view(B, 1) + torch.arange(H, device=x.device).view(1, H)  # (B, H)
     ar = torch.arange(W, device=x.device).view(1, W)
-    cols = torch.where(flip.view(B, 1), W - 1 - ar, ar) + (dx + pad).view(B, 1)  # (B, W)
+    cols = torch.where(flip.view(B, 1), W - 1 - ar, ar) + (dx + PAD).view(B, 1)  # (B, W)
     b = torch.arange(B, device=x.device).view(B, 1, 1)
     out = xp.permute(0, 2, 3, 1)[b, rows.view(B, H, 1), cols.view(B, 1, W)]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2)
@@ -525,7 +528,7 @@ class DeviceLoader:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n = self.steps_per_epoch * self.batch_size
         perm = torch.randperm(len(self.x), generator=g)[:n]
-        shifts = torch.randint(-4, 5, (2, n), generator=g)
+        shifts = torch.randint(-PAD, PAD + 1, (2, n), generator=g)  # the border `augment` pads
         flips = torch.rand(n, generator=g) < 0.5
         dev = self.device
         return perm.to(dev), shifts[0].to(dev), shifts[1].to(dev), flips.to(dev)

@@ -25,7 +25,7 @@ from .config import GATED_ARCHS, SPLIT_IMAGES, RunConfig, check_preset, make_con
 from .data import balanced_subset, load_cifar10, resolve_source
 from .fast import exact_fp32
 from .runs import RunDir, atomic_write_csv, load_metrics, load_runs, results_dir
-from .train import RunRecord, deadline_after, default_device, train_many
+from .train import RunRecord, check_pack, deadline_after, resolve_device, train_many
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ def pack_size(device: str | torch.device | None = None) -> int:
         if not env.isdigit() or int(env) < 1:
             raise ValueError(f"RESNET_LAB_PACK={env!r} is not valid: use an integer >= 1")
         return int(env)
-    dev = torch.device(device) if device not in (None, "auto") else default_device()
-    return PACK_CUDA if dev.type == "cuda" else 1
+    return PACK_CUDA if resolve_device(device).type == "cuda" else 1
 
 
 def group_seeds() -> bool:
@@ -126,11 +125,11 @@ def train_all(cfgs: Iterable[RunConfig], device: str | None = None, root: str | 
     group (default $RESNET_LAB_GROUP, off): seeds of one config train as one grouped net.
     time_budget_s (in kw) is one budget for all of them, small nets and lone deep ones alike.
     """
-    deadline = deadline_after(kw.pop("time_budget_s", None))  # checked before the data loads
-    dev = None if device in (None, "auto") else device
+    deadline = deadline_after(kw.pop("time_budget_s", None))  # checked before the data loads, as are these
+    dev = resolve_device(device)
+    pack = pack_size(dev) if pack is None else check_pack(pack)
     data = load_cifar10(source)
     cfgs = list(cfgs)
-    pack = pack_size(dev) if pack is None else pack
     group = group_seeds() if group is None else group
     out: dict[int, RunRecord | None] = {}
     lone = [i for i, c in enumerate(cfgs) if c.depth > LONE_DEPTH]
@@ -669,7 +668,7 @@ def unravel_analysis(runs: pd.DataFrame, draws: int = 5, eval_images: int = 10_0
     from .runs import RunDir
 
     p = unravel_params(draws, eval_images, grad_samples, grad_batch, source)
-    dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = str(resolve_device(device))
     data = None
     out: dict[str, list[pd.DataFrame]] = {k: [] for k in UNRAVEL_COLUMNS}
     for r in runs[runs["status"] == "done"].to_dict("records"):
@@ -765,7 +764,7 @@ def imagenet_architectures(depths: list[int], batch_size: int = 8, device: str =
 
     check_count("batch_size", batch_size)
     check_count("repeats", repeats)
-    dev = default_device() if device in (None, "auto") else torch.device(device)
+    dev = resolve_device(device)
     table = imagenet_table(depths)
     table["forward_s"] = [time_model(imagenet_model(d), batch_size, dev, repeats=repeats) for d in depths]
     if backward:
@@ -925,11 +924,18 @@ READS_NO_RUNS = frozenset({"07_imagenet_architectures"})  # its configs are none
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
+def known_notebook(notebook: str) -> str:
+    """The notebook's stem, or a ValueError naming it and the notebooks that train (NOTEBOOK_CONFIGS)."""
+    if notebook not in NOTEBOOK_CONFIGS:
+        raise ValueError(f"notebook {notebook!r} is unknown: use one of {sorted(NOTEBOOK_CONFIGS)}")
+    return notebook
+
+
 def notebook_defaults(notebook: str) -> dict[str, Any]:
     """The literals of a notebook's parameters cell, so sweeps and reports never restate them."""
     from .sweep import notebook_parameters, parameter_default
 
-    path = NOTEBOOKS_DIR / f"{notebook}.ipynb"
+    path = NOTEBOOKS_DIR / f"{known_notebook(notebook)}.ipynb"
     out = {}
     for name, spec in notebook_parameters(path).items():
         out[name] = parameter_default(spec)
@@ -941,9 +947,7 @@ def notebook_defaults(notebook: str) -> dict[str, Any]:
 
 def configs_for(notebook: str, params: dict[str, Any]) -> list[RunConfig]:
     """The RunConfigs a notebook trains for these papermill parameters (notebook = file stem)."""
-    if notebook not in NOTEBOOK_CONFIGS:
-        raise ValueError(f"notebook {notebook!r} is unknown: use one of {sorted(NOTEBOOK_CONFIGS)}")
-    fn, names = NOTEBOOK_CONFIGS[notebook]
+    fn, names = NOTEBOOK_CONFIGS[known_notebook(notebook)]
     merged = {**notebook_defaults(notebook), **params}
     return fn(*[merged[n] for n in names])
 

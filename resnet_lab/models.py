@@ -263,9 +263,11 @@ class CifarResNet(nn.Module):
 def build_model(arch: str = "resnet", depth: int = 20, shortcut: str = "A", block_layers: int = 2,
                 bottleneck: bool = False, width: int = 16, gate_bias: float | None = None,
                 activation_checkpointing: int = 0) -> CifarResNet:
-    """The paper's CIFAR-10 net of the given kind. A bad arch, shortcut, depth or block_layers raises a
+    """The paper's CIFAR-10 net of the given kind. A bad arch, shortcut, depth, block_layers or width raises a
     ValueError naming the valid ones; the other arguments are checked only by a RunConfig (build a net from
     one, with `model_from_config`, to have every value checked)."""
+    if not isinstance(width, int) or isinstance(width, bool) or width <= 0:  # torch: a raw error, or a 0-channel net
+        raise ValueError(f"width={width!r} is not valid: use a positive integer (the first stage's channels)")
     return CifarResNet(arch, depth, shortcut, block_layers, bottleneck, width, gate_bias,
                        activation_checkpointing=activation_checkpointing)
 

@@ -25,7 +25,7 @@ from .config import check_preset
 from .experiments import NOTEBOOKS_DIR
 from .records import RECORD, recorded_runs, records_dir, restore, save  # RECORD: the metadata key
 from .runs import atomic_write_text, load_runs, results_dir, runs_dir
-from .sweep import OUTPUT_VAR, kernel_env, notebook_parameters, report_parameters
+from .sweep import OUTPUT_VAR, check_kernel, environ, kernel_env, notebook_parameters, report_parameters
 
 log = logging.getLogger(__name__)
 NOT_REPORTED = {"00_report"}  # the report notebook itself
@@ -57,21 +57,6 @@ def absolute_path_vars() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def environ(values: dict[str, str]) -> Iterator[None]:
-    """os.environ with `values` set (what a kernel papermill starts inherits), restored after."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def build(preset: str = "quick", only: list[str] | None = None, kernel: str | None = None,
           directory: Path = NOTEBOOKS_DIR, force: bool = False) -> pd.DataFrame:
     """Re-execute each notebook for `preset` from stored runs; one row per notebook with its status.
@@ -88,6 +73,8 @@ def build(preset: str = "quick", only: list[str] | None = None, kernel: str | No
         if bad:
             raise ValueError(f"unknown notebook(s) {bad}: use some of {names}")
         names = [n for n in names if n in only]
+    if kernel is not None:  # None: each notebook's own kernel
+        check_kernel(kernel)
     wanted = report_parameters(preset)  # a bad grid stops the report before any notebook runs
     _restore(preset)
     try:

@@ -26,7 +26,6 @@ JOINED = " + "
 
 PROJECT_RESULTS = Path(__file__).resolve().parent.parent / "results"
 METRIC_COLUMNS = ["step", "epoch", "lr", "train_loss", "train_err", "test_loss", "test_err", "seconds"]
-STATUSES = ("running", "done", "failed", "diverged")
 # a finished run's cached analysis: analysis-<kind>-<12 hex of its parameters>.json (RunDir.write_analysis)
 ANALYSIS_FILE = re.compile(r"analysis-[a-z]+-[0-9a-f]{12}\.json")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections.abc
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -41,7 +42,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, MutableMapping
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 
 GRID_KEYS = ("notebook", "preset", "parameters", "fixed", "report")
 BACKENDS = ("local", "ray")
-STATUSES = ("done", "skipped", "failed", "would-run", "interrupted")
 RESULT_COLUMNS = ["point", "status", "seconds", "output", "error"]
 DEFAULT_KERNEL = "resnet-lab"
 # Thread-count variables a point's process (and its kernel) inherits. RESNET_LAB_THREADS is the project's
@@ -558,6 +558,36 @@ def kernel_env() -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def environ(values: Mapping[str, str]) -> Iterator[None]:
+    """os.environ with `values` set (what a kernel papermill starts inherits), restored after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_kernel(name: str) -> None:
+    """ValueError unless `name` is a Jupyter kernel papermill finds here (looked up under `kernel_env`, as a
+    point's or a report's papermill looks it up): a typo failed every notebook after it had started, with a
+    traceback. No check without jupyter_client (the GPU machine executes no notebook)."""
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+    except ImportError:
+        return
+    with environ(kernel_env()):
+        names = sorted(KernelSpecManager().find_kernel_specs())
+    if name not in names:
+        raise ValueError(f"--kernel {name!r} is not a Jupyter kernel here: use one of {names} "
+                         f"(make install registers {DEFAULT_KERNEL})")
+
+
 def package_dir() -> Path:
     """The folder of the resnet_lab package this process imported."""
     return Path(__file__).resolve().parent
@@ -924,7 +954,8 @@ def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool =
     cores // jobs threads (locally: pinned to its own cores; with Ray: that many num_cpus per task, plus
     gpus_per_task of a GPU). address: a Ray cluster,
     whose nodes need this checkout at the same path and a shared results dir ($RESNET_LAB_RESULTS is passed on).
-    kernel_name: the Jupyter kernel papermill starts (the project registers "resnet-lab").
+    kernel_name: the Jupyter kernel papermill starts (the project registers "resnet-lab"); one not found here is a
+    ValueError before the first point starts.
     """
     from tqdm import tqdm  # text bars, as in train.py
 
@@ -956,6 +987,7 @@ def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool =
              len(points) - n_done, " (dry run: nothing executed)" if dry_run else "")
 
     if todo:
+        check_kernel(kernel_name)  # before the first point starts: each would fail on it
         bar = tqdm(total=len(todo), desc=f"sweep {grid.notebook}", unit="point",
                    disable=bool(os.environ.get("CI")) or None)
 

@@ -28,6 +28,7 @@ from .fast import (LossScaler, Stepper, autocast, compute_dtype, exact_fp32, mak
 from .models import count_params, model_from_config
 from .runs import (CHECKPOINT_FILES, FINISHED, JOINED, METRIC_COLUMNS, RunDir, RunLocked, atomic_save_torch,
                    atomic_write_csv, atomic_write_json, lock_run)
+from .sweep import DEVICE
 from .transfer import recover_stranded, stranded
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,24 @@ class RunRecord:
         return RunDir(self.config, self.path.parent).load_model(device)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device every entry point takes: None or "auto" is CUDA where there is one, else the CPU; a name must be
+    cpu, cuda or cuda:N (sweep.DEVICE, as --device): torch's own error lists twenty device kinds, and came after
+    the data had loaded."""
+    if isinstance(device, torch.device):
+        return device
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise ValueError(f"device={device!r} is not valid: use auto, cpu, cuda or cuda:N")
+    return torch.device(device)
+
+
+def check_pack(pack: Any) -> int:
+    """`pack` (runs stepped together), or a ValueError naming it."""
+    if not isinstance(pack, int) or isinstance(pack, bool) or pack < 1:
+        raise ValueError(f"pack={pack!r} is not valid: use an integer >= 1")
+    return pack
 
 
 @torch.no_grad()
@@ -275,7 +292,7 @@ def train(cfg: RunConfig, root: str | os.PathLike | None = None, device: str | t
     one sitting (the GPU machine's 10-minute calls); the next call resumes exactly.
     """
     deadline = deadline_after(time_budget_s)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     data = data if data is not None else load_cifar10()
     cfg = resolve_dataset(cfg, data)
     rd = RunDir(cfg, root)
@@ -658,10 +675,9 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
     (`experiments.train_all`); with time_budget_s too, the earlier of the two. A config given twice
     trains once (a pack would otherwise wait for ever on its own lock); both entries get its record.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
+    check_pack(pack)
     data = data if data is not None else load_cifar10()
-    if not isinstance(pack, int) or pack < 1:
-        raise ValueError(f"pack={pack!r} is not valid: use an integer >= 1")
     ends = [d for d in (deadline_after(time_budget_s), deadline) if d is not None]
     deadline = min(ends) if ends else None
     if device.type == "cpu":

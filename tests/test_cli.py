@@ -60,11 +60,28 @@ def test_seed_with_notebook_says_to_use_the_seeds_parameter(no_training, capsys)
     (["--notebook", "01_degradation", "--pack", "0"], ["--pack 0", ">= 1"]),
     (["--time-budget", "0"], ["--time-budget 0", "> 0"]),
     (["--set", "lerning_rate=1"], ["lerning_rate", "allowed"]),
+    # each listed as the default run, in a folder of its own (s25 review E9)
+    (["--set", "warmup_err=5"], ["warmup_err=5", "a fraction in (0, 1]"]),
+    (["--set", "warmup_err=0.5"], ["warmup_err=0.5", "means nothing without warmup_lr"]),
+    (["--set", "milestones=[100000]"], ["milestones=(100000,) lie beyond iterations=6", "raise iterations"]),
 ])
 def test_meaningless_or_bad_values_are_refused(no_training, capsys, argv, needles):
     err = _usage_error(capsys, "train", "--preset", "smoke", *argv)
     for n in needles:
         assert n in err, err
+
+
+def test_an_unknown_notebook_is_one_message_from_the_api_and_the_cli(no_training, capsys):
+    """notebook_defaults('99') raised a FileNotFoundError naming notebooks/99.ipynb; configs_for and
+    `train --notebook` said which notebooks there are."""
+    ex = importlib.import_module("resnet_lab.experiments")
+
+    message = f"notebook '99' is unknown: use one of {sorted(ex.NOTEBOOK_CONFIGS)}"
+    for call in (lambda: ex.notebook_defaults("99"), lambda: ex.configs_for("99", {})):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == message
+    assert _usage_error(capsys, "train", "--notebook", "99", "--list") == f"error: {message}"
 
 
 def test_list_without_notebook_lists_the_one_run(no_training, capsys, tmp_path, monkeypatch):
@@ -75,6 +92,18 @@ def test_list_without_notebook_lists_the_one_run(no_training, capsys, tmp_path, 
     assert cli.main(["train", "--preset", "smoke", "--depth", "14", "--seed", "3", "--list"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "resnet-14" in out[0] and "seed 3" in out[0] and "missing" in out[0], out
+
+
+def test_a_presets_milestone_past_a_shorter_set_iterations_is_still_a_run(no_training, capsys, tmp_path,
+                                                                           monkeypatch):
+    """Only a milestone --set gives is refused past the end: a preset's schedule cut short by --set iterations
+    (as experiments.CPU_1202 cuts smoke's, and README's `--preset paper --set iterations=32000`) stays a run."""
+    ex = importlib.import_module("resnet_lab.experiments")
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    monkeypatch.setattr(ex, "with_dataset", lambda cfgs: [dataclasses.replace(c, dataset="test") for c in cfgs])
+    assert cli.main(["train", "--preset", "smoke", "--set", "iterations=2", "--list"]) == 0  # smoke's milestone: 4
+    assert "step 0/2" in capsys.readouterr().out
 
 
 GRID = "notebook: 01_degradation\npreset: smoke\nparameters:\n  depths: [[8], [14]]\n"
@@ -333,6 +362,39 @@ def test_runs_commands_refuse_bad_paths_and_count_what_they_left_out(tmp_path, m
         assert cli.main(["runs", "import", *parts]) == 1
     assert "skipped" in capsys.readouterr().out
     assert cli.main(["runs", "import", *parts]) == 0
+
+
+def test_runs_import_of_a_folder_without_records_is_refused_naming_the_parts_it_holds(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """`runs import <folder>` that imported nothing exited 0: an empty folder, or the folder an export wrote its
+    parts into (the user meant the parts), is bad input, and the message says what to pass instead."""
+    from .test_transfer import make_run
+
+    make_run(tmp_path / "store" / "runs", "aaa", "done", 100)
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "store"))
+    assert cli.main(["runs", "export", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "here"))
+    err = _usage_error(capsys, "runs", "import", str(tmp_path / "out"))
+    assert err == (f"error: {tmp_path / 'out'} holds export parts, not run records: pass them: "
+                   f"resnet-lab runs import {tmp_path / 'out'}/runs.tar.gz.*")
+    (tmp_path / "empty").mkdir()
+    err = _usage_error(capsys, "runs", "import", str(tmp_path / "empty"))
+    assert f"no run records in {tmp_path / 'empty'}" in err and "12-hex hash" in err
+    assert not (tmp_path / "here").exists()
+
+
+@pytest.mark.usefixtures("cifar")  # it skips without a CIFAR-10 copy
+def test_a_run_store_that_cannot_be_written_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    """The disk, not the input: exit 1 with the run and the place named, no traceback."""
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "file"))  # a file where the store's folder would be
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--preset", "smoke", "--depth", "8", "--device", "cpu", "--quiet"])
+    assert e.value.code != 0 and str(e.value.code).startswith("error: cannot write run ")  # exit 1, the line
+    assert str(tmp_path / "file" / "runs") in e.value.code and "\n" not in e.value.code
+    assert "Traceback" not in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "x"
 
 
 @pytest.mark.usefixtures("cifar")  # it skips without a CIFAR-10 copy

@@ -15,9 +15,10 @@ def test_hash_is_stable_and_ignores_speed_only_fields():
 # one way would be handed back for a config asking another (a field added to RunConfig must be added here).
 OTHER_VALUE = dict(preset="quick", arch="plain", depth=32, block_layers=1, shortcut="B", width=32, dataset="0123456789abcdef",
                    split="45k5k", train_subset=1000, eval_subset=500, iterations=50_000, batch_size=64, lr=0.05,
-                   momentum=0.8, weight_decay=5e-4, milestones=(30_000, 45_000), warmup_lr=0.01, warmup_err=0.7,
+                   momentum=0.8, weight_decay=5e-4, milestones=(30_000, 45_000), warmup_lr=0.01,
                    eval_every=500, seed=1, precision="fp32", pad_fill="black")
-OTHER_BASE = dict(bottleneck=({"depth": 20}, True), gate_bias=({"arch": "highway"}, -3.0))  # fields valid elsewhere
+OTHER_BASE = dict(bottleneck=({"depth": 20}, True), gate_bias=({"arch": "highway"}, -3.0),  # fields valid elsewhere
+                  warmup_err=({"warmup_lr": 0.01}, 0.7))
 
 
 def test_every_field_that_changes_results_changes_the_hash():
@@ -62,7 +63,9 @@ def test_paper_preset_is_the_papers_recipe():
     (dict(weight_decay=-1e-4), ["weight_decay=-0.0001", ">= 0"]),
     (dict(momentum=1.5), ["momentum=1.5", "[0, 1)"]),
     (dict(warmup_lr=0.0), ["warmup_lr=0.0", "positive", "None"]),
-    (dict(warmup_err=float("nan")), ["warmup_err=nan", "positive"]),
+    (dict(warmup_err=float("nan")), ["warmup_err=nan", "fraction"]),
+    (dict(warmup_lr=0.01, warmup_err=5), ["warmup_err=5", "a fraction in (0, 1]"]),  # an error rate: never above 1
+    (dict(warmup_err=0.5), ["warmup_err=0.5", "means nothing without warmup_lr", "leave it 0.8"]),  # no new folder
     (dict(milestones=(300, 300)), ["milestones=(300, 300)", "strictly increasing"]),
     (dict(milestones=(0,)), ["milestones=(0,)", "positive"]),
     (dict(bottleneck=True, block_layers=3, depth=20), ["block_layers=3", "bottleneck", "block_layers=2"]),
@@ -104,6 +107,15 @@ def test_bottleneck_model_rejects_other_block_layers():
 
     with pytest.raises(ValueError, match="block_layers=3 is not valid for bottleneck"):
         build_model(bottleneck=True, block_layers=3, depth=20)
+
+
+@pytest.mark.parametrize("width", [-4, 0, 2.5, True])
+def test_build_model_refuses_a_width_that_is_not_a_positive_integer(width):
+    """width=-4 gave torch's 'negative dimension' error, width=0 a zero-channel net with three warnings."""
+    from resnet_lab.models import build_model
+
+    with pytest.raises(ValueError, match=rf"width={width!r} is not valid: use a positive integer"):
+        build_model("resnet", 20, width=width)
 
 
 def test_unknown_preset_and_field():

@@ -232,6 +232,23 @@ def test_augment_matches_pad_crop_flip_reference():
         assert torch.equal(out[i], ref)
 
 
+def test_the_loaders_shifts_follow_the_border_augment_pads(monkeypatch):
+    """augment(pad=8) padded 8 pixels while the loader still shifted within 4: one constant sets both, and every
+    shift a batch is drawn with stays inside the border (a shift past it would read outside the padded image)."""
+    from resnet_lab import data
+
+    monkeypatch.setattr(data, "PAD", 2)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    loader = DeviceLoader(x, torch.zeros(64, dtype=torch.long), batch_size=32, seed=0, device="cpu")
+    shifts = torch.cat([torch.cat(loader._epoch_plan(e)[1:3]) for e in range(50)])
+    assert set(shifts.tolist()) == set(range(-2, 3))
+    dx, dy = torch.tensor([-2, 2]), torch.tensor([2, -2])
+    out = augment(x[:2], dx, dy, torch.zeros(2, dtype=torch.bool), fill=(0, 0, 0))
+    padded = torch.nn.functional.pad(x[:2], (2, 2, 2, 2))
+    for i in range(2):
+        assert torch.equal(out[i], padded[i, :, 2 + dy[i]: 34 + dy[i], 2 + dx[i]: 34 + dx[i]])
+
+
 def test_loader_varies_crops_and_covers_all_offsets():
     x = torch.arange(64 * 3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(64, 3, 32, 32)
     loader = DeviceLoader(x, torch.zeros(64, dtype=torch.long), batch_size=32, seed=0, device="cpu")

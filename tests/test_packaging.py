@@ -130,3 +130,26 @@ def test_make_reproduce_writes_each_notebooks_tables_into_the_committed_folder(m
     papermill = [ln for ln in dry.stdout.splitlines() if "papermill" in ln]
     assert len(papermill) == len(notebooks()), dry.stdout[-2000:]
     assert all(" /elsewhere/quick/executed/" in ln for ln in papermill), dry.stdout[-2000:]
+
+
+def test_make_gpu_in_passes_over_a_missing_or_empty_paper_records_folder(tmp_path):
+    """`runs import` of a folder without records is an error (exit 2); `make gpu-in` imports results/paper/runs
+    only where it holds something, and a clone's empty folder must not stop the session's preparation."""
+    from .test_transfer import HASH, make_run
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL")}
+    cli = f"{sys.executable} -m resnet_lab.cli"
+    for records, imported in (("absent", False), ("empty", False), ("one", True)):
+        results = tmp_path / records
+        if records != "absent":
+            (results / "paper" / "runs").mkdir(parents=True)
+        if records == "one":
+            make_run(results / "paper" / "runs", "aaa", "done", 100)
+        dry = subprocess.run(["make", "-n", "gpu-in", f"RESNET_LAB_RESULTS={results}", "BIN=FAKEBIN"],
+                             capture_output=True, text=True, cwd=ROOT, env=env)
+        (line,) = [ln for ln in dry.stdout.splitlines() if "runs import" in ln]
+        store = tmp_path / f"store-{records}"
+        r = subprocess.run(["sh", "-c", line.replace("FAKEBIN/resnet-lab", cli)], capture_output=True, text=True,
+                           env={**env, "RESNET_LAB_RESULTS": str(store), "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 0, (records, r.stderr)
+        assert (store / "runs" / HASH["aaa"]).is_dir() == imported, records

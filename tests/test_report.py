@@ -48,6 +48,21 @@ def test_report_bad_input():
         report.build("smoke", only=["99_nothing"])
 
 
+def test_report_refuses_an_unknown_kernel_before_any_notebook_runs(tmp_path, monkeypatch, capsys):
+    """`report --kernel nope` printed a traceback per notebook, wrote a .failed.ipynb for each and rewrote the
+    claims: a kernel not found is bad input (exit 2, one line naming the kernels there), and nothing is touched."""
+    from resnet_lab import cli
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["report", "--preset", "smoke", "--only", "02_depth", "--kernel", "nope"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("error: --kernel 'nope' is not a Jupyter kernel here: use one of [") and "'python3'" in err
+    assert "make install registers resnet-lab" in err
+    assert not (tmp_path / "smoke").exists()
+
+
 def test_report_kernel_gets_absolute_data_and_results_paths(tmp_path, monkeypatch):
     """papermill starts the kernel in notebooks/: relative paths (README: RESNET_LAB_DATA=../shared/...) must be
     made absolute against the caller's cwd while it runs, and os.environ restored afterwards."""

@@ -299,8 +299,10 @@ def test_a_clean_notebook_whose_runs_did_not_finish_is_a_failed_point(tmp_path, 
 
 
 def test_cli_exit_code_is_1_when_points_failed(tmp_path, monkeypatch, capsys):
-    """Every point fails fast here (the kernel is not registered): 1, not the count (2 would read as bad input)."""
+    """Every point fails fast here (the kernel is not registered): 1, not the count (2 would read as bad input).
+    The up-front kernel check is skipped, as where a kernel goes between the check and a point (a Ray node)."""
     monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(sweep, "check_kernel", lambda name: None)
     parser = argparse.ArgumentParser(prog="resnet-lab")
     sweep.add_sweep_parser(parser.add_subparsers(dest="command", required=True))
     grid = write(tmp_path, "notebook: 01_degradation\npreset: smoke\nparameters:\n  seeds: [[0], [1]]\n")
@@ -309,6 +311,29 @@ def test_cli_exit_code_is_1_when_points_failed(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.count("failed") == 2 and "kernel 'no-such-kernel' not found" in out
     assert "seeds=[0]" in out and "seeds=[1]" in out
+
+
+def test_an_unknown_kernel_is_refused_before_any_point_runs_naming_the_kernels_there(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """`sweep --kernel nope` started every point, each failing on it with exit 1: it is bad input (2), said once,
+    with the kernels papermill would find."""
+    from resnet_lab import cli
+
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(sweep, "_run_local", lambda *a, **k: pytest.fail("a point started"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep", str(write(tmp_path, SMOKE_GRID)), "--kernel", "nope"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err, err
+    assert err.startswith("error: --kernel 'nope' is not a Jupyter kernel here: use one of [") and "'python3'" in err
+    assert "make install registers resnet-lab" in err
+    assert not (tmp_path / "results" / "smoke" / "executed").exists()
+
+
+def test_the_kernel_check_is_skipped_where_jupyter_is_missing(monkeypatch):
+    """The GPU machine has no Jupyter: it executes no notebook, and its commands say so in their own words."""
+    monkeypatch.setitem(sys.modules, "jupyter_client.kernelspec", None)  # import -> ImportError
+    assert sweep.check_kernel("nope") is None
 
 
 def test_cli_exit_code_does_not_count_failures(tmp_path, monkeypatch):

@@ -122,7 +122,7 @@ def test_divergence_is_recorded_not_raised(cifar, results):
 
 def test_warmup_switches_to_base_lr(cifar, results):
     # warm-up threshold 1.0: the first check (after 20 steps) ends it
-    rec = train(tiny(iterations=24, eval_every=4, warmup_lr=0.01, warmup_err=1.01, milestones=()), root=results,
+    rec = train(tiny(iterations=24, eval_every=4, warmup_lr=0.01, warmup_err=1.0, milestones=()), root=results,
                 data=cifar, device="cpu")
     lrs = rec.metrics.set_index("step")["lr"]
     assert lrs[20] == 0.01 and lrs[24] == 0.05 and rec.summary["warmup_end_step"] == 20
@@ -481,7 +481,7 @@ def test_a_checkpoint_from_before_sittings_resumes_with_one_sitting_from_its_sum
 def test_the_warmup_warning_is_for_a_warmup_still_on_at_the_first_milestone(cifar, tmp_path, caplog):
     """The first check (step 20) ends this warm-up: nothing to warn of at a milestone at step 20. One that never
     ends (threshold 0.01) is warned of there."""
-    ends = train(tiny(iterations=24, eval_every=4, warmup_lr=0.01, warmup_err=1.01, milestones=(20,)),
+    ends = train(tiny(iterations=24, eval_every=4, warmup_lr=0.01, warmup_err=1.0, milestones=(20,)),
                  root=tmp_path, data=cifar, device="cpu")
     assert ends.summary["warmup_end_step"] == 20 and "still warming up" not in caplog.text
     never = train(tiny(iterations=24, eval_every=4, warmup_lr=0.01, warmup_err=0.01, milestones=(20,)),
@@ -513,6 +513,42 @@ def test_a_run_stepped_two_ways_says_both_in_its_summary(cifar, tmp_path):
     torch.save(ck, part.path / "checkpoint.pt")
     rec = train(cfg, root=tmp_path, data=cifar, device="cpu")
     assert rec.status == "done" and rec.summary["step_mode"] == "graph + eager"
+
+
+def test_train_takes_device_auto_as_every_entry_point_does(cifar, results):
+    """`train(cfg, device="auto")` gave torch's 'Expected one of cpu, cuda, ...' error: auto is what --device,
+    train_all and a notebook's device parameter default to."""
+    from resnet_lab.train import device_name
+
+    rec = train(tiny(iterations=2, eval_every=2), root=results, data=cifar, device="auto")
+    here = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert rec.status == "done" and rec.summary["device"] == device_name(here)
+
+
+def test_a_bad_device_or_pack_is_refused_before_the_data_loads(tmp_path, monkeypatch):
+    """A device name torch does not take came back as its own error listing twenty device kinds; pack=0 was
+    logged as a failed run after the dataset had loaded, and the call returned [None]."""
+    from resnet_lab import experiments as ex
+
+    T = importlib.import_module("resnet_lab.train")  # the package exports a function of that name
+
+    def boom(*a, **k):
+        raise AssertionError("the data loaded")
+
+    monkeypatch.setattr(T, "load_cifar10", boom)
+    monkeypatch.setattr(ex, "load_cifar10", boom)
+    cfg = tiny()
+    message = "device='gpu' is not valid: use auto, cpu, cuda or cuda:N"
+    for call in (lambda: train(cfg, root=tmp_path, device="gpu"), lambda: ex.train_all([cfg], device="gpu"),
+                 lambda: T.train_many([cfg], root=tmp_path, device="gpu"),
+                 lambda: ex.imagenet_architectures([18], device="gpu")):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == message
+    for pack in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"pack={pack!r} is not valid: use an integer >= 1"):
+            ex.train_all([cfg], root=tmp_path, pack=pack)
+    assert not any(tmp_path.iterdir())
 
 
 def test_lr_is_divided_by_ten_at_each_milestone():
@@ -555,7 +591,7 @@ def test_each_seed_sets_the_init_and_the_batches(cifar, tmp_path, monkeypatch):
 
 # stopped during the warm-up (which ends at the first check, step 20), after it, and during one that never
 # ends (an untrained net's ~90% error stays above 0.6; its first check must count the window's first 10 steps)
-@pytest.mark.parametrize("stop,threshold,end", [(10, 1.01, 20), (21, 1.01, 20), (10, 0.6, None)])
+@pytest.mark.parametrize("stop,threshold,end", [(10, 1.0, 20), (21, 1.0, 20), (10, 0.6, None)])
 def test_a_warmup_run_resumes_bit_exact(cifar, tmp_path, stop, threshold, end):
     """ResNet-110 and -1202 warm up and are the runs split across GPU calls: a resume must keep the warm-up
     where it was (still on, or over at its recorded step), with its window of training errors."""
