@@ -89,7 +89,7 @@ gpu-in: install
 	src="$$(realpath "$(RESNET_LAB_DATA)")"; dst="$$(realpath -m ".data/$$(basename "$$src")")"; \
 	if [ "$$src" != "$$dst" ]; then find .data -maxdepth 1 -type f -delete && cp "$$src" .data/.copy.tmp && \
 	  mv .data/.copy.tmp "$$dst"; fi
-# the committed paper records, where there are any (`runs import` of a folder holding none is an error)
+# the committed paper records, where there are any
 	test -z "$$(ls -A "$(PAPER_RECORDS)" 2>/dev/null)" || $(BIN)/resnet-lab runs import "$(PAPER_RECORDS)"
 	$(BIN)/resnet-lab runs manifest .gpu-in/have.json
 	mb=$$($(BIN)/python -c 'import os, subprocess as sp; \

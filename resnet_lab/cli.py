@@ -516,13 +516,14 @@ def cmd_runs_import(a: argparse.Namespace) -> int:
         usage_error(e)
     except OSError as e:  # the store's disk (an unreadable part is a ValueError: bad input)
         raise SystemExit(f"error: {e}")
-    if folder and not done:  # nothing imported, though the user asked: name what the folder holds instead
+    if folder and not done:  # nothing imported: an export's folder is a mistake; a records folder may be empty
         exports = sorted({p.name.rpartition(".")[0] for p in Path(a.parts[0]).glob("*.tar.gz.*")
                           if PART_NUMBER.fullmatch(p.name.rpartition(".")[2])})
         if exports:
             usage_error(f"{a.parts[0]} holds export parts, not run records: pass them: "
                         + " or ".join(f"resnet-lab runs import {Path(a.parts[0]) / stem}.*" for stem in exports))
-        usage_error(f"no run records in {a.parts[0]} (folders named by a run's 12-hex hash): nothing imported")
+        print(f"no run records in {a.parts[0]} (folders named by a run's 12-hex hash): nothing imported",
+              file=sys.stderr)
     for h, what in done.items():
         print(h, what)
     return EXIT_INCOMPLETE if any(what.startswith(("skipped", "not restored")) for what in done.values()) else 0
