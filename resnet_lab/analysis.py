@@ -102,8 +102,9 @@ def summarize(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     Diverged runs are counted (`diverged`) but not averaged: their last error is that of NaN
     logits, which says nothing about the net. `runs` counts the runs the means are over.
     """
-    columns = by + ["runs", "params", "macs", "train_err_%", "train_err_ci95", "test_err_%", "test_err_ci95",
-                    "diverged", "wall_min", "packed", "device", "dataset", "pixels", "pad_fill"]
+    columns = by + [c for c in ("runs", "params", "macs", "train_err_%", "train_err_ci95", "test_err_%",
+                                "test_err_ci95", "diverged", "wall_min", "packed", "device", "dataset", "pixels",
+                                "pad_fill") if c not in by]  # a grouping key is not a second column
     done = runs[runs["status"].isin(["done", "diverged"])] if not runs.empty else runs
     if done.empty:  # no run finished yet (all stopped part-way, say): the table's columns, no rows
         return pd.DataFrame(columns=columns)

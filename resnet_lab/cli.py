@@ -144,9 +144,10 @@ def _train_one(a: argparse.Namespace) -> int:
         usage_error(e)
     # a milestone past the end never fires; only where --set gave it (a preset's, with --set iterations shorter,
     # is that preset's schedule cut short, as experiments.CPU_1202 cuts smoke's)
-    if "milestones" in kw and any(m >= cfg.iterations for m in cfg.milestones):
-        usage_error(f"milestones={cfg.milestones!r} lie beyond iterations={cfg.iterations}: use milestones below it, "
-                    "or raise iterations")
+    late = [m for m in cfg.milestones if m >= cfg.iterations] if "milestones" in kw else []
+    if late:
+        usage_error(f"milestones {late} are not before iterations={cfg.iterations} (they never fire): use "
+                    "milestones below it, or raise iterations")
     _check_device(a.device, need=not a.list)
     from .experiments import with_dataset
     from .transfer import finished_in

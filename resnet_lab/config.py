@@ -53,8 +53,8 @@ BOTTLENECK_REVISION = 2
 
 
 def valid_depths(block_layers: int = 2) -> list[int]:
-    """Depths 6n+2 (up to 1300) the CIFAR family accepts with blocks of this many layers; bottleneck blocks take
-    9n+2 (`check_depth` says so)."""
+    """Depths 6n+2 the CIFAR family accepts with blocks of this many layers, up to 1300 (the list error messages
+    show; `check_depth` takes any); bottleneck blocks take 9n+2 (`check_depth` says so)."""
     return [6 * n + 2 for n in range(1, 1300 // 6 + 1) if (2 * n) % block_layers == 0]
 
 

@@ -513,11 +513,11 @@ class DeviceLoader:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, device: torch.device | str,
                  pad_fill: str = "mean"):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is not valid: use a positive integer")
         self.device = torch.device(device)
         self.fill = pad_colour(pad_fill)
         self.x, self.y = x.to(self.device), y.to(self.device)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} is not valid: use a positive integer")
         self.batch_size, self.seed = batch_size, seed
         self.steps_per_epoch = len(x) // batch_size
         if self.steps_per_epoch == 0:

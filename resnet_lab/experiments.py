@@ -333,7 +333,14 @@ def degradation_claims(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for arch, says, expect in (("plain", "deeper has HIGHER training error", "higher"),
                                ("resnet", "deeper has no higher training error", "not higher")):
-        t = table[(table["arch"] == arch) & (table["runs"] > 0)].sort_values("depth")
+        every = table[table["arch"] == arch].sort_values("depth")
+        ends = [r for r in (every.iloc[0], every.iloc[-1]) if int(r["runs"]) == 0] if len(every) else []
+        lost = [d for d in (diverged_text(r, arch) for r in ends) if d]
+        if lost:  # the shallowest or deepest net diverged in every seed: comparing the next one would hide it
+            rows.append({"arch": arch, "paper says": says, "shallow": "", "deep": "", "deep - shallow (95% CI)": "",
+                         "holds here": f"{NOT_JUDGED} ({'; '.join(lost)})"})
+            continue
+        t = every[every["runs"] > 0]
         if len(t) < 2:  # said, not dropped: an empty frame with no columns reads as a broken cell
             only = (f"runs that finished without diverging at {int(t.iloc[0]['depth'])} layers only" if len(t)
                     else "no run that finished without diverging")

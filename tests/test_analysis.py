@@ -184,3 +184,9 @@ def test_a_trained_runs_summary_has_its_macs_and_twice_as_many_flops(cifar, tmp_
     train(cfg, root=tmp_path, data=cifar, device="cpu")
     row = load_runs(tmp_path).iloc[0]
     assert row["macs"] == count_macs(model_from_config(cfg)) and row["flops"] == 2 * row["macs"]
+
+
+def test_a_grouping_key_is_not_a_second_column_of_an_empty_table():
+    """s25 diff review F5: grouped by pad_fill with no finished run, the empty table had pad_fill twice."""
+    t = summarize(runs(["failed"], [0.5]).assign(pad_fill="mean"), ["arch", "depth", "pad_fill"])
+    assert t.empty and list(t.columns).count("pad_fill") == 1

@@ -340,3 +340,14 @@ def test_a_diverged_seed_beside_finished_ones_leaves_the_claim_not_judged():
     row = claims.depth(t)[0]
     assert row["holds"] == "not judged" and "ResNet-56: 1 of 3 runs diverged" in row["ours"]
     assert claims.depth(t.assign(diverged=0))[0]["holds"] == "yes"  # the same means without it: judged
+
+
+def test_01s_table_says_not_judged_where_the_deepest_net_diverged_in_every_seed():
+    """s25 diff review F4: with every plain-56 seed diverged, 01's cell compared plain-20 with plain-44 and said
+    `yes`, while claims.md said `not run`; it names the lost net instead."""
+    from resnet_lab.experiments import degradation_claims
+
+    t = pd.DataFrame([("plain", 20, 3, 2.0, 0.2, 9.0, 0.5, 0), ("plain", 44, 3, 4.0, 0.2, 13.0, 0.5, 0),
+                      ("plain", 56, 0, None, None, None, None, 3)], columns=_DIV)
+    d = degradation_claims(t).set_index("arch")
+    assert d.loc["plain", "holds here"] == "not judged (plain-56: 3 of 3 runs diverged, not in the mean)"

@@ -63,7 +63,7 @@ def test_seed_with_notebook_says_to_use_the_seeds_parameter(no_training, capsys)
     # each listed as the default run, in a folder of its own (s25 review E9)
     (["--set", "warmup_err=5"], ["warmup_err=5", "a fraction in (0, 1]"]),
     (["--set", "warmup_err=0.5"], ["warmup_err=0.5", "means nothing without warmup_lr"]),
-    (["--set", "milestones=[100000]"], ["milestones=(100000,) lie beyond iterations=6", "raise iterations"]),
+    (["--set", "milestones=[100000]"], ["milestones [100000] are not before iterations=6", "raise iterations"]),
 ])
 def test_meaningless_or_bad_values_are_refused(no_training, capsys, argv, needles):
     err = _usage_error(capsys, "train", "--preset", "smoke", *argv)

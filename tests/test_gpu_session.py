@@ -122,3 +122,5 @@ def test_a_cold_later_call_imports_first_and_no_budget_outlasts_the_tools_limit(
     assert warm.returncode == 0 and "COLD" not in log2 and "fake cli runs import" not in log2, log2
     long = _session(tmp_path, "o3", STAGES="export", BUDGET_S="900", **common)
     assert long.returncode == 0 and "using 570" in (tmp_path / "o3" / "log.txt").read_text()
+    octal = _session(tmp_path, "o4", STAGES="export", BUDGET_S="0540", **common)  # bash would read 352 s
+    assert octal.returncode == 2 and "BUDGET_S=0540 is not valid" in octal.stdout + octal.stderr

@@ -133,8 +133,8 @@ def test_make_reproduce_writes_each_notebooks_tables_into_the_committed_folder(m
 
 
 def test_make_gpu_in_passes_over_a_missing_or_empty_paper_records_folder(tmp_path):
-    """`runs import` of a folder without records is an error (exit 2); `make gpu-in` imports results/paper/runs
-    only where it holds something, and a clone's empty folder must not stop the session's preparation."""
+    """`make gpu-in` imports results/paper/runs only where it holds something: a clone's missing or empty folder
+    must not stop the session's preparation."""
     from .test_transfer import HASH, make_run
 
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL")}
