@@ -530,8 +530,16 @@ def cmd_runs_import(a: argparse.Namespace) -> int:
     return EXIT_INCOMPLETE if any(what.startswith(("skipped", "not restored")) for what in done.values()) else 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's bad-input line: `error: ...` and where to look, not the whole usage (exit 2).
+    Subcommands' parsers are of this class too (add_subparsers makes its parsers of the parent's type)."""
+
+    def error(self, message: str) -> NoReturn:
+        usage_error(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="resnet-lab", description="Reproduce why ResNets work, on CIFAR-10.")
+    p = Parser(prog="resnet-lab", description="Reproduce why ResNets work, on CIFAR-10.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one config, or every run of some notebooks (finished runs are kept)",

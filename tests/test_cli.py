@@ -496,3 +496,14 @@ def test_a_failed_run_reached_by_no_sitting_prints_its_error_not_a_traceback(cap
     assert capsys.readouterr().out.startswith("resnet-8 seed 0: failed (RuntimeError: boom; see ")
     cli._print_run(RunRecord(rec.config, tmp_path, {"status": "locked"}, pd.DataFrame()))  # held elsewhere
     assert capsys.readouterr().out == "resnet-8 seed 0: held by another process (a trainer or an import): left to it\n"
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["train", "--arch", "foo"], ["--arch: invalid choice: 'foo'", "'plain'", "resnet-lab train --help"]),
+    (["train", "--depth", "abc"], ["--depth: invalid int value: 'abc'"]),
+    (["nope"], ["invalid choice: 'nope'", "'train'"]),
+])
+def test_argparses_own_errors_are_one_line_too(capsys, argv, needles):
+    """s25 audit E13: an unknown choice printed the whole usage (8 lines) under argparse's own prefix."""
+    err = _usage_error(capsys, *argv)
+    assert all(n in err for n in needles), err
