@@ -193,7 +193,10 @@ def _open_tar(path: Path) -> tarfile.TarFile:
     try:
         return tarfile.open(path, "r:*")
     except ARCHIVE_ERRORS as e:
-        raise DataError(f"{str(path)!r} is not a readable tar archive (truncated or corrupt?): {e}") from e
+        lines = [line.strip("- ").rstrip(":") for line in str(e).splitlines() if line.strip()]  # one line a method
+        why = lines[0] + (": " + "; ".join(lines[1:]) if lines[1:] else "")
+        raise DataError(f"{str(path)!r} is not a readable tar archive (truncated or corrupt?): {why}; accepted: "
+                        "cifar-10-python.tar.gz, cifar-10-batches-py/, or an image-folder tree or tarball") from e
 
 
 def _decode(raw: bytes, name: str) -> np.ndarray:
