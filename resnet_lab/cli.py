@@ -499,8 +499,8 @@ def cmd_runs_manifest(a: argparse.Namespace) -> int:
     except (IsADirectoryError, NotADirectoryError, FileExistsError):  # a folder, or a file in the path's way
         usage_error(f"{a.out!r} cannot be a manifest file (a folder is there, or a file is in its path): "
                     f"give a file name, e.g. .gpu-in/have.json")
-    except OSError as e:  # the disk, not the input
-        raise SystemExit(f"error: {e}")
+    except OSError as e:  # the disk, not the input: named as given (not the temp file beside it)
+        raise SystemExit(f"error: cannot write the manifest {a.out!r}: {e.strerror or e}")
     return 0
 
 

@@ -507,3 +507,11 @@ def test_argparses_own_errors_are_one_line_too(capsys, argv, needles):
     """s25 audit E13: an unknown choice printed the whole usage (8 lines) under argparse's own prefix."""
     err = _usage_error(capsys, *argv)
     assert all(n in err for n in needles), err
+
+
+def test_a_manifest_that_cannot_be_written_names_the_path_given(tmp_path, monkeypatch, capsys):
+    """s25 audit E13: the error named the temp file written beside it ('/proc/.x.json.dzwky0rt.tmp')."""
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["runs", "manifest", "/proc/x.json"])  # /proc takes no new files, root or not
+    assert str(e.value) == "error: cannot write the manifest '/proc/x.json': No such file or directory"
