@@ -320,6 +320,9 @@ def _train_notebooks(a: argparse.Namespace) -> int:
     except ValueError as e:
         usage_error(e)
     elsewhere = {c.hash: skip[c.hash] for c in cfgs if finished_in(skip.get(c.hash))}
+    if not cfgs:  # 07 (it times ImageNet nets, trains none): said, not an empty line
+        print(f"no runs: {', '.join([*(a.sweep or []), *(a.notebook or [])])} trains none", file=sys.stderr)
+        return 0
     if a.list:
         _list_runs(cfgs, elsewhere, a.skip)
         return 0

@@ -31,10 +31,13 @@ log = logging.getLogger(__name__)
 
 
 def check_grid(name: str, values: list, allowed: Iterable | None = None, positive: bool = False) -> list:
-    """Grid parameters fail before any training: empty lists, bad values, unknown names."""
+    """Grid parameters fail before any training: empty lists, bad values, unknown names, a value twice (it would
+    train once and be listed once: a grid refuses it, `sweep.load_grid`, and so does a notebook)."""
     if not isinstance(values, (list, tuple)) or len(values) == 0:
         raise ValueError(f"{name}={values!r} is not valid: give a non-empty list")
-    for v in values:
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            raise ValueError(f"{name} lists {v!r} twice: each value once")
         if allowed is not None and v not in allowed:
             raise ValueError(f"{name} contains {v!r}: allowed are {list(allowed)}")
         if positive and (not isinstance(v, int) or isinstance(v, bool) or v < 0):

@@ -515,3 +515,16 @@ def test_a_manifest_that_cannot_be_written_names_the_path_given(tmp_path, monkey
     with pytest.raises(SystemExit) as e:
         cli.main(["runs", "manifest", "/proc/x.json"])  # /proc takes no new files, root or not
     assert str(e.value) == "error: cannot write the manifest '/proc/x.json': No such file or directory"
+
+
+def test_a_notebook_value_given_twice_is_refused_as_a_grid_refuses_it(capsys):
+    """s25 audit E12: -p 'seeds=[0,0]' trained seed 0 once and said nothing; a grid refused the same list."""
+    err = _usage_error(capsys, "train", "--notebook", "02_depth", "-p", "seeds=[0,0]", "--list")
+    assert err == "error: seeds lists 0 twice: each value once"
+
+
+@pytest.mark.usefixtures("cifar")  # with_dataset reads the copy's id
+def test_a_notebook_that_trains_nothing_says_so(capsys):
+    """s25 audit E12: `train --notebook 07_imagenet_architectures --list` printed an empty line."""
+    assert cli.main(["train", "--notebook", "07_imagenet_architectures", "--list"]) == 0
+    assert capsys.readouterr().err.strip().endswith("no runs: 07_imagenet_architectures trains none")
