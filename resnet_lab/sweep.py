@@ -970,6 +970,8 @@ def run_sweep(grid: Grid, jobs: int = 1, backend: str = "local", dry_run: bool =
     if backend == "local" and gpus_per_task:
         log.warning("gpus_per_task=%s applies to backend='ray' only; local points share the visible GPUs",
                     gpus_per_task)
+    if backend == "local" and address:  # a cluster named, then run here: say so before the points start
+        log.warning("address=%s applies to backend='ray' only: these points run on this machine", address)
     check_points(grid)  # a bad value fails now (exit 2), not in every point's notebook
 
     points = expand(grid)

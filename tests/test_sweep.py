@@ -233,6 +233,13 @@ def test_dry_run_executes_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "results").exists()  # no run, no notebook, not even a folder
 
 
+def test_a_ray_address_with_the_local_backend_is_said_not_ignored(tmp_path, monkeypatch, caplog):
+    """s25 audit E12: --address with the default local backend ran every point here without a word."""
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "results"))
+    run_sweep(load_grid(write(tmp_path, SMOKE_GRID)), dry_run=True, address="ray://head:10001", kernel_name=KERNEL)
+    assert "address=ray://head:10001 applies to backend='ray' only" in caplog.text
+
+
 @needs_data
 def test_sweep_runs_points_in_parallel_then_skips_them(store, cifar, tmp_path):
     grid = load_grid(write(tmp_path, SMOKE_GRID))
