@@ -221,9 +221,16 @@ def finished_in(entry: object) -> bool:
 def _check_manifest(skip: object) -> dict[str, dict]:
     if skip is None:
         return {}
-    if not isinstance(skip, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in skip.items()):
-        raise ValueError("a manifest is a JSON object {run hash: {status, steps_done, analyses}}, as "
-                         "`resnet-lab runs manifest` writes it")
+    shape = ("a manifest is a JSON object {run hash: {status, steps_done, analyses}}, as `resnet-lab runs manifest` "
+             "writes it")
+    if not isinstance(skip, dict):
+        raise ValueError(shape)
+    for k, v in skip.items():  # the entry named: a manifest may list hundreds
+        if not isinstance(v, dict):
+            raise ValueError(f"its entry {k!r} is {v!r}, not an object: {shape}")
+        steps = v.get("steps_done")  # None: a run folder without a summary (`_entry`)
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"its entry {k!r} has steps_done={steps!r}: use an integer >= 0 ({shape})")
     return skip
 
 
@@ -334,7 +341,10 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
     warm machine need it: their `skip` manifest, written here before the first call, is stale by the
     second, which would otherwise send the first call's runs again (and, under max_mb, only those)."""
     size = _check_part_mb(part_mb)
-    ledger = read_manifest(sent) if sent is not None and Path(sent).exists() else {}
+    try:
+        ledger = read_manifest(sent) if sent is not None and Path(sent).exists() else {}
+    except ValueError as e:
+        raise ValueError(f"--sent ledger {e}") from None
     name = _check_name(name)
     if max_mb is not None and not (_is_number(max_mb) and max_mb > 0):
         raise ValueError(f"max_mb={max_mb!r} is not valid: use a positive number of MiB, or None for no limit")

@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import tarfile
 
 import pytest
@@ -256,3 +257,20 @@ def test_export_compares_what_it_sends_and_reads_old_manifests(tmp_path):
     make_run(here, "bbb", "running", 5)
     what = import_runs(export_runs(tmp_path / "o6", root=gpu), root=here)[HASH["bbb"]]
     assert what == "imported: diverged at step 2, over a local copy running at step 5"
+
+
+def test_a_bad_manifest_entry_or_ledger_is_named(tmp_path):
+    """s25 audit E13: {"abc": {"steps_done": "x"}} was accepted (`train --list` then printed "step x/6"), a bad
+    entry was not named, and a bad --sent ledger did not say it was the ledger."""
+    from resnet_lab.transfer import export_runs, read_manifest
+
+    bad = tmp_path / "m.json"
+    for text, needle in (('{"abc": 5}', "its entry 'abc' is 5, not an object"),
+                         ('{"abc": {"status": "done", "steps_done": "x"}}', "its entry 'abc' has steps_done='x'")):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            read_manifest(bad)
+    bad.write_text('{"abc": {"status": null, "steps_done": null}}')  # a run folder without a summary: as written
+    assert read_manifest(bad)["abc"]["steps_done"] is None
+    with pytest.raises(ValueError, match="--sent ledger"):
+        export_runs(tmp_path / "out", sent=tmp_path)
