@@ -392,6 +392,8 @@ def cmd_analyse(a: argparse.Namespace) -> int:
 def cmd_data_info(a: argparse.Namespace) -> int:
     from .data import load_cifar10
 
+    if a.source is not None and not a.source.strip():  # '' would be read as the current folder
+        usage_error(f"--source {a.source!r} is empty: give a CIFAR-10 archive, folder or tarball, or leave it out")
     d = load_cifar10(a.source)  # no copy, a damaged one: main says it in one line
     counts = d.train_y.bincount(minlength=10).tolist()
     info = {**d.info.to_json(), "train_per_class": counts, "test_per_class": d.test_y.bincount(minlength=10).tolist()}

@@ -528,3 +528,9 @@ def test_a_notebook_that_trains_nothing_says_so(capsys):
     """s25 audit E12: `train --notebook 07_imagenet_architectures --list` printed an empty line."""
     assert cli.main(["train", "--notebook", "07_imagenet_architectures", "--list"]) == 0
     assert capsys.readouterr().err.strip().endswith("no runs: 07_imagenet_architectures trains none")
+
+
+def test_an_empty_data_source_is_refused_not_read_as_the_current_folder(capsys):
+    """s25 audit E13: `data info --source ''` reported the current folder's missing train/<class> images."""
+    assert _usage_error(capsys, "data", "info", "--source", "") == (
+        "error: --source '' is empty: give a CIFAR-10 archive, folder or tarball, or leave it out")
