@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import check_depth
+from .config import check_depth, is_int
 from .data import MEAN, STD, Cifar10, DeviceLoader, balanced_subset, eval_batches
 from .fast import Stepper, error_line, make_optimizer, to_device
 from .grouped import CatLoader, GroupedNets
@@ -297,12 +297,12 @@ def check_args(models: list[int], seconds: float, batch_size: int, num_workers: 
     if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"--seconds {seconds!r} is not valid: use a finite number of seconds > 0 (each loop is "
                          "timed that long)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"--batch-size {batch_size!r} is not valid: use a positive integer (images per step)")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+    if not is_int(num_workers) or num_workers < 0:
         raise ValueError(f"--num-workers {num_workers!r} is not valid: use an integer >= 0 (the baseline "
                          "DataLoader's worker processes; 0 loads in the main process)")
-    if packs is not None and any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in packs):
+    if packs is not None and any(not is_int(n) or n < 1 for n in packs):
         raise ValueError(f"packs={packs!r} is not valid: use run counts >= 1, e.g. [1, 2, 4, 8]")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {str(out)!r} is not a folder (a file is in the way): give a folder for "

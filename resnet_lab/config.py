@@ -52,6 +52,11 @@ MODEL_REVISIONS = {"preact": 2, "highway": 2, "gated": 2}
 BOTTLENECK_REVISION = 2
 
 
+def is_int(v: object) -> bool:
+    """An integer, numpy's too, and not a bool (True passes `isinstance(v, int)` and `v >= 1`)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def valid_depths(block_layers: int = 2) -> list[int]:
     """Depths 6n+2 the CIFAR family accepts with blocks of this many layers, up to 1300 (the list error messages
     show; `check_depth` takes any); bottleneck blocks take 9n+2 (`check_depth` says so)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import numbers
 import os
 import pickle
 import tarfile
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .config import is_int
 
 log = logging.getLogger(__name__)
 
@@ -516,7 +517,7 @@ class DeviceLoader:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, device: torch.device | str,
                  pad_fill: str = "mean"):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is not valid: use a positive integer")
         self.device = torch.device(device)
         self.fill = pad_colour(pad_fill)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ARCHS, GATED_ARCHS, SHORTCUTS, RunConfig, _check_choice, check_depth, default_gate_bias
+from .config import ARCHS, GATED_ARCHS, SHORTCUTS, RunConfig, _check_choice, check_depth, default_gate_bias, is_int
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -266,7 +266,7 @@ def build_model(arch: str = "resnet", depth: int = 20, shortcut: str = "A", bloc
     """The paper's CIFAR-10 net of the given kind. A bad arch, shortcut, depth, block_layers or width raises a
     ValueError naming the valid ones; the other arguments are checked only by a RunConfig (build a net from
     one, with `model_from_config`, to have every value checked)."""
-    if not isinstance(width, int) or isinstance(width, bool) or width <= 0:  # torch: a raw error, or a 0-channel net
+    if not is_int(width) or width <= 0:  # torch: a raw error, or a 0-channel net
         raise ValueError(f"width={width!r} is not valid: use a positive integer (the first stage's channels)")
     return CifarResNet(arch, depth, shortcut, block_layers, bottleneck, width, gate_bias,
                        activation_checkpointing=activation_checkpointing)

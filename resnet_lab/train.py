@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import RunConfig
+from .config import RunConfig, is_int
 from .data import Cifar10, DeviceLoader, eval_batches, load_cifar10, normalize, split_data
 from .fast import (LossScaler, Stepper, autocast, compute_dtype, exact_fp32, make_optimizer, match_momentum_layout,
                    step_body, to_device)
@@ -76,7 +76,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 def check_pack(pack: Any) -> int:
     """`pack` (runs stepped together), or a ValueError naming it."""
-    if not isinstance(pack, int) or isinstance(pack, bool) or pack < 1:
+    if not is_int(pack) or pack < 1:
         raise ValueError(f"pack={pack!r} is not valid: use an integer >= 1")
     return pack
 

@@ -25,7 +25,7 @@ import time
 import zlib
 from pathlib import Path
 
-from .config import RunConfig
+from .config import RunConfig, is_int
 from .runs import (ANALYSIS_FILE, CHECKPOINT_FILES, FINISHED, RunLocked, _umask, atomic_write_bytes,
                    atomic_write_json, atomic_write_text, can_resume, iter_runs, lock_run, runs_dir)
 
@@ -229,7 +229,7 @@ def _check_manifest(skip: object) -> dict[str, dict]:
         if not isinstance(v, dict):
             raise ValueError(f"its entry {k!r} is {v!r}, not an object: {shape}")
         steps = v.get("steps_done")  # None: a run folder without a summary (`_entry`)
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        if steps is not None and (not is_int(steps) or steps < 0):
             raise ValueError(f"its entry {k!r} has steps_done={steps!r}: use an integer >= 0 ({shape})")
     return skip
 

@@ -18,7 +18,6 @@ on exceptions). No parameter, buffer or `.grad` is ever changed.
 from __future__ import annotations
 
 import math
-import numbers
 import random
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -28,14 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import is_int
 from .data import eval_batch_size, eval_batches, normalize
 from .train import evaluate
 
 ROUTES = ("branch", "shortcut")
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 # -- blocks -----------------------------------------------------------------------------------
@@ -77,7 +73,7 @@ def modified_blocks(model: nn.Module, order: list[int] | None = None, lesion: It
     lesion, route = set(lesion), dict(route or {})
     for name, idx in (("order", order or []), ("lesion", lesion), ("route", route)):
         for i in idx:
-            if not _is_int(i) or not 0 <= i < m:
+            if not is_int(i) or not 0 <= i < m:
                 raise ValueError(f"{name} has block index {i!r}; allowed: integers 0..{m - 1} ({m} blocks)")
     if order is not None and len(set(order)) != len(order):
         raise ValueError(f"order={order} repeats a block; each block index may appear at most once")
@@ -112,13 +108,13 @@ def _check_ks(ks: Iterable[int], limit: int, what: str) -> list[int]:
     if not ks:
         raise ValueError(f"ks is empty; give at least one k in 0..{limit} ({what})")
     for k in ks:
-        if not _is_int(k) or not 0 <= k <= limit:
+        if not is_int(k) or not 0 <= k <= limit:
             raise ValueError(f"k={k!r} is out of range; allowed: integers 0..{limit} ({what})")
     return [int(k) for k in ks]
 
 
 def _check_count(name: str, n: int) -> None:
-    if not _is_int(n) or n <= 0:
+    if not is_int(n) or n <= 0:
         raise ValueError(f"{name}={n!r} is not valid; allowed: integers >= 1")
 
 
@@ -131,7 +127,7 @@ def _error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int |
     """Test error rate via `train.evaluate`, batches moved to the model's device, no autograd graph.
 
     batch_size None: the model's device's evaluation batch (`data.eval_batch_size`)."""
-    if batch_size is not None and (not _is_int(batch_size) or batch_size <= 0):
+    if batch_size is not None and (not is_int(batch_size) or batch_size <= 0):
         raise ValueError(f"batch_size={batch_size!r} is not valid; allowed: integers >= 1, or None")
     dev = next(model.parameters()).device
     batch_size = eval_batch_size(dev) if batch_size is None else batch_size
@@ -309,7 +305,7 @@ def path_length_distribution(m: int) -> pd.DataFrame:
     Columns: k, paths (exact Python ints, object dtype, so they sum to 2^m for any m), share
     (C(m,k) / 2^m as a float).
     """
-    if not _is_int(m) or m < 0:
+    if not is_int(m) or m < 0:
         raise ValueError(f"m={m!r} is not valid; allowed: integers >= 0 (the number of residual blocks)")
     m = int(m)
     total = 2**m
