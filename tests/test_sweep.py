@@ -69,9 +69,11 @@ def test_committed_grids_load_and_expand(tmp_path, monkeypatch):
         assert expand(load_grid(f))
 
     points = expand(load_grid(ROOT / "sweeps" / "degradation.yaml"))
-    assert len(points) == 12  # 4 depths x 3 seeds
-    assert {tuple(p.params["depths"]) for p in points} == {(20,), (32,), (44,), (56,)}
-    assert {tuple(p.params["seeds"]) for p in points} == {(0,), (1,), (2,)}
+    assert len(points) == 6  # 2 depth pairs x 3 seeds
+    # the paper's comparison (20 vs 56 layers) for every seed before 32 and 44: a GPU session that ends
+    # part-way has trained what 01's claims judge
+    assert [(tuple(p.params["depths"]), tuple(p.params["seeds"])) for p in points] == [
+        ((20, 56), (0,)), ((20, 56), (1,)), ((20, 56), (2,)), ((32, 44), (0,)), ((32, 44), (1,)), ((32, 44), (2,))]
     assert all(p.params["preset"] == "paper" for p in points)
     assert all(p.output == tmp_path / "paper" / "executed" / f"01_degradation-{p.hash}.ipynb" for p in points)
 
@@ -217,6 +219,9 @@ def test_grid_configs_are_every_points_runs_once_in_point_order(tmp_path, monkey
     assert [c.hash for c in cfgs] == [c.hash for c in by_point]  # no point shares a run here
     assert len(cfgs) == 24 and {(c.arch, c.depth, c.seed) for c in cfgs} == {
         (a, d, s) for a in ("plain", "resnet") for d in (20, 32, 44, 56) for s in (0, 1, 2)}
+    # packs of 4 on a GPU take them in this order: each seed's four nets of 20 and 56 layers first
+    assert [{(c.arch, c.depth, c.seed) for c in cfgs[i:i + 4]} for i in range(0, 12, 4)] == [
+        {(a, d, s) for a in ("plain", "resnet") for d in (20, 56)} for s in (0, 1, 2)]
     overlapping = load_grid(write(tmp_path, GOOD + "parameters:\n  depths: [[8], [8, 14]]\n"))
     assert [(c.arch, c.depth) for c in sweep.grid_configs(overlapping)] == [
         ("plain", 8), ("resnet", 8), ("plain", 14), ("resnet", 14)]
