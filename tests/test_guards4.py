@@ -235,7 +235,7 @@ def _fake_measurements(monkeypatch, bench):
 
 def test_the_bench_gains_and_schedules_divide_the_right_numbers(cifar, tmp_path, monkeypatch):
     """graph_gain is the graph step over our eager one (CUDA only), and the checkpointed schedule is timed at
-    the checkpointed step, not the plain one (what `sweeps/thousand_layers.yaml` plans ResNet-1202 by)."""
+    the checkpointed step, not the plain one (what a small GPU would plan ResNet-1202 by)."""
     from resnet_lab import bench
 
     _fake_measurements(monkeypatch, bench)

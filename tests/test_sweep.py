@@ -80,7 +80,7 @@ def test_committed_grids_load_and_expand(tmp_path, monkeypatch):
 
 @needs_data
 def test_every_run_of_the_paper_grids_trains_on_the_cpu(cifar, tmp_path, monkeypatch):
-    """A config only a paper grid holds (gated-110 warming up, the 1202 with checkpointing, a bottleneck at
+    """A config only a paper grid holds (gated-110 warming up, the 1202, a bottleneck at
     56) must not first fail on the GPU, whose minutes are scarce: each takes two steps and an evaluation
     here, on the grid's model and optimizer settings with a tiny schedule."""
     import dataclasses
