@@ -263,7 +263,7 @@ def profile_ours(depth: int, x: torch.Tensor, y: torch.Tensor, device: torch.dev
     return head + "\n" + ka.table(sort_by=sort, row_limit=25), busy
 
 
-CKPT_SEGMENTS = 2  # what a GPU under ~10 GB trains ResNet-1202 with (sweeps/thousand_layers.yaml says so)
+CKPT_SEGMENTS = 2  # what a GPU under ~10 GiB trains ResNet-1202 with (sweeps/thousand_layers.yaml says so)
 DEEP = 200  # nets deeper than this train alone (experiments.LONE_DEPTH): measured after the packs
 PROFILE_STEPS = {True: 3, False: 20}  # deep nets: a 1202-layer step is ~17k kernels, 20 of them take long to profile
 

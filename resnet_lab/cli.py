@@ -625,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--num-workers", type=int, default=4, help="baseline DataLoader workers")
     b.add_argument("--checkpointing", action="store_true",
-                   help="also time activation checkpointing (2 segments, for GPUs under ~10 GB) for nets "
+                   help="also time activation checkpointing (2 segments, for GPUs under ~10 GiB) for nets "
                         "deeper than 200 layers")
     b.add_argument("--profile", action="store_true",
                    help="also profile 20 of our steps per model (3 for nets deeper than 200 layers), after every "

@@ -101,8 +101,10 @@ def test_every_run_of_the_paper_grids_trains_on_the_cpu(cifar, tmp_path, monkeyp
         rec = train(tiny, root=tmp_path / "runs", data=cifar, device="cpu", progress=False)
         rows = pd.read_csv(rec.path / "metrics.csv")
         # a 110-layer plain net's eval-mode output can overflow two steps in (BatchNorm's running statistics
-        # are still near their start): that is recorded as diverged, which is not what this test is about
-        assert rec.status in ("done", "diverged") and list(rows["step"]) == [2], cfg.name
+        # are still near their start): recorded as diverged, which is not what this test is about; no other net
+        deep_plain = cfg.arch == "plain" and cfg.depth >= 110
+        assert (rec.status == "done" or deep_plain and rec.status == "diverged") and list(rows["step"]) == [2], \
+            (cfg.name, rec.status)
         assert math.isfinite(rows["train_loss"].iloc[0]), cfg.name
 
 
