@@ -57,7 +57,7 @@ def _parse_value(field: dataclasses.Field | None, text: str) -> Any:
 def _check_device(device: str, need: bool = True, what: str = "--device") -> str:
     """The device, if it is auto|cpu|cuda|cuda:N and (when `need`: it will be used) this machine has it; else a
     usage error naming `what` gave it (torch.device would raise deep inside, after a run folder was made)."""
-    from .sweep import DEVICE
+    from .config import DEVICE
 
     if not DEVICE.fullmatch(device):
         usage_error(f"{what} {device!r} is not valid: use auto, cpu, cuda or cuda:N")
@@ -425,9 +425,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     except ValueError:
         usage_error(f"--models {a.models!r}: use comma-separated depths 6n+2, e.g. 20,56,110")
     try:
-        packs = [int(m) for m in a.packs.split(",") if m] if a.packs != "auto" else None
-        if packs is not None and any(n < 1 for n in packs):
-            raise ValueError
+        packs = [int(m) for m in a.packs.split(",") if m] if a.packs != "auto" else None  # counts: check_args
     except ValueError:
         usage_error(f"--packs {a.packs!r}: use 'auto' or comma-separated run counts >= 1, e.g. 1,2,4,8")
     out = Path(a.out) if a.out else None
@@ -437,10 +435,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
         usage_error(str(e))
     _check_device(a.device)
     if packs is None:  # packing is about filling a GPU; on a CPU the cores are already busy
-        import torch
+        from .train import resolve_device
 
-        on_cuda = a.device.startswith("cuda") or (a.device == "auto" and torch.cuda.is_available())
-        packs = [1, 2, 4, 8] if on_cuda else []
+        packs = [1, 2, 4, 8] if resolve_device(a.device).type == "cuda" else []
     res = run_bench(models, a.device, a.seconds, a.batch_size, a.num_workers, checkpointing=a.checkpointing,
                     packs=packs, profile=a.profile, out=out, compile=a.compile, fp16=a.fp16,
                     tag=a.tag)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import numbers
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ SPLIT_IMAGES = {"full": (50_000, 10_000), "45k5k": (45_000, 5_000)}  # (training
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # fp16: with a dynamic loss scale (fast.LossScaler)
 FLOAT_FIELDS = ("lr", "momentum", "weight_decay", "warmup_lr", "warmup_err")  # stored as floats whatever was given
 WARMUP_ERR = 0.80  # the warm-up's end: training error below 80% (He et al. 2015, ResNet-110)
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # what --device, train(device=) and a notebook's `device` take
 MAX_SEED = 2**32  # the loader's seeds (seed * 1_000_003 + epoch) must stay inside a 64-bit integer
 
 # Fields that change how fast a run goes or how much memory it takes, never what it learns:
@@ -55,6 +57,14 @@ BOTTLENECK_REVISION = 2
 def is_int(v: object) -> bool:
     """An integer, numpy's too, and not a bool (True passes `isinstance(v, int)` and `v >= 1`)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_device(device: object) -> str:
+    """`device` if it names auto, cpu, cuda or cuda:N, else a ValueError naming it (torch's own error lists twenty
+    device kinds, and comes late: after the data loaded, or inside a notebook)."""
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise ValueError(f"device={device!r} is not valid: use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def valid_depths(block_layers: int = 2) -> list[int]:

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -69,7 +68,6 @@ OUTPUT_VAR = "RESNET_LAB_OUTPUT_DIR"  # where a notebook writes its tables and f
 PACKAGE_VAR = "RESNET_LAB_PACKAGE"
 STOP_GRACE_S = 10.0  # after Ctrl-C, how long running points get to shut their kernels down before SIGKILL
 _RESULT_MARK = "@@resnet-lab-sweep-result@@ "
-DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # what --device and a notebook's `device` parameter take
 _TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
                                        "list": (list, tuple), "tuple": (list, tuple), "dict": (dict,)}
 
@@ -431,11 +429,10 @@ def check_notebook(notebook: str, values: MutableMapping[str, Any]) -> None:
 def check_params(params: Mapping[str, Any]) -> None:
     """ValueError naming a value a notebook would take only to fail later: a device that is not
     auto|cpu|cuda|cuda:N, or a count (COUNT_PARAMS) that is not a positive integer within its bound."""
-    device = params.get("device", "auto")
-    if not isinstance(device, str) or not DEVICE.fullmatch(device):
-        raise ValueError(f"device={device!r} is not valid: use auto, cpu, cuda or cuda:N")
+    from .config import check_device
     from .experiments import COUNT_PARAMS, check_count
 
+    check_device(params.get("device", "auto"))
     for name in COUNT_PARAMS:
         if name in params:
             check_count(name, params[name])

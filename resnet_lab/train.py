@@ -21,14 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import RunConfig, is_int
+from .config import RunConfig, check_device, is_int
 from .data import Cifar10, DeviceLoader, eval_batches, load_cifar10, normalize, split_data
 from .fast import (LossScaler, Stepper, autocast, compute_dtype, exact_fp32, make_optimizer, match_momentum_layout,
                    step_body, to_device)
 from .models import count_params, model_from_config
 from .runs import (CHECKPOINT_FILES, FINISHED, JOINED, METRIC_COLUMNS, RunDir, RunLocked, atomic_save_torch,
                    atomic_write_csv, atomic_write_json, lock_run)
-from .sweep import DEVICE
 from .transfer import recover_stranded, stranded
 
 log = logging.getLogger(__name__)
@@ -63,15 +62,13 @@ class RunRecord:
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The device every entry point takes: None or "auto" is CUDA where there is one, else the CPU; a name must be
-    cpu, cuda or cuda:N (sweep.DEVICE, as --device): torch's own error lists twenty device kinds, and came after
+    cpu, cuda or cuda:N (config.check_device, as --device): torch's own error lists twenty device kinds, and came after
     the data had loaded."""
     if isinstance(device, torch.device):
         return device
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(device, str) or not DEVICE.fullmatch(device):
-        raise ValueError(f"device={device!r} is not valid: use auto, cpu, cuda or cuda:N")
-    return torch.device(device)
+    return torch.device(check_device(device))
 
 
 def check_pack(pack: Any) -> int:
