@@ -34,7 +34,7 @@ from .fast import Stepper, error_line, make_optimizer, to_device
 from .grouped import CatLoader, GroupedNets
 from .models import build_model
 from .runs import atomic_write_json, atomic_write_text, results_dir
-from .train import EVAL_PRECISION, device_name, evaluate, resolve_device
+from .train import EVAL_PRECISION, device_name, device_slug, evaluate, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def run_bench(models: list[int], device: str = "auto", seconds: float = 10.0, ba
               "batch_size": batch_size, "seconds_per_measurement": seconds,
               "num_workers": num_workers, "images": images, "rows": rows, "packed": packed, "complete": False}
     out = out or results_dir() / "bench"
-    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")  # "cpu-x86-64-2-threads", "nvidia-h100-..."
+    slug = device_slug(result["device"])  # "cpu-x86-64-2-threads", "nvidia-h100-..."
     slug += f"-{tag}" if tag else ""
     paths = [out / f"{slug}.json", out / f"{slug}.md"] + ([out / f"{slug}-profile.txt"] if profile else [])
 

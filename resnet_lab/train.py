@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -145,6 +146,11 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     model = cpu_model()
     return f"cpu ({model + ', ' if model else ''}{platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def device_slug(name: str) -> str:
+    """A device name as a file name: 'nvidia-h200', 'cpu-amd-epyc-x86-64-2-threads'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def resolve_dataset(cfg: RunConfig, data: Cifar10) -> RunConfig:

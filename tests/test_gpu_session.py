@@ -37,7 +37,7 @@ def test_the_defaults_are_commands_the_cli_takes():
 
 def _session(tmp_path: Path, out: str, **env: str) -> subprocess.CompletedProcess:
     base = dict(os.environ, OUT=str(tmp_path / out), DEVICE="cpu", PY=sys.executable,
-                GPU_IN=str(tmp_path / "in"), GPU_DIR=str(tmp_path / "gpu"),
+                GPU_IN=str(tmp_path / "in"), GPU_DIR=str(tmp_path / "gpu"), TESTS_RECORD=str(tmp_path / "record"),
                 RESNET_LAB_RESULTS=str(tmp_path / "gpu" / "results"),  # the machine's own store, as there
                 BUDGET_S="300", EXPORT_S="60", MIN_TRAIN_S="5", GRIDS="sweeps/smoke_example.yaml",
                 REFERENCE="--preset smoke --depth 8 --set precision=fp32 --set fast=false")
@@ -65,6 +65,7 @@ def test_a_session_trains_what_is_missing_and_brings_back_only_what_is_new(tmp_p
     assert first.returncode == 0, log
     assert "done; 0 stage(s) failed" in log and "resnet-8 seed 0: done in" in log  # not trained there
     assert re.search(r"\d+ skipped", log)  # the GPU tests ran (and skip without CUDA)
+    assert not list((tmp_path / "out1").glob("*-tests.json"))  # all skipped: no record of a pass
     parts = sorted(str(p) for p in (tmp_path / "out1").glob("runs.tar.gz.*"))
     assert parts and "8 run(s) in this export" in log  # the 7 other grid runs and the reference run
     imported = run("runs", "import", *parts)
@@ -124,3 +125,101 @@ def test_a_cold_later_call_imports_first_and_no_budget_outlasts_the_tools_limit(
     assert long.returncode == 0 and "using 570" in (tmp_path / "o3" / "log.txt").read_text()
     octal = _session(tmp_path, "o4", STAGES="export", BUDGET_S="0540", **common)  # bash would read 352 s
     assert octal.returncode == 2 and "BUDGET_S=0540 is not valid" in octal.stdout + octal.stderr
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" failures="0"
+skipped="1" tests="{n}">{cases}</testsuite></testsuites>"""
+
+
+def _junit(path: Path, **outcomes: str) -> Path:
+    """A pytest --junitxml file with the given test outcomes (passed, skipped, failed, error)."""
+    tag = {"passed": "", "skipped": "<skipped message='no CUDA'/>", "failed": "<failure message='x'/>",
+           "error": "<error message='x'/>"}
+    cases = "".join(f'<testcase classname="tests.test_gpu" name="{k}" time="1">{tag[v]}</testcase>'
+                    for k, v in outcomes.items())
+    path.write_text(JUNIT.format(n=len(outcomes), cases=cases))
+    return path
+
+
+def _sources(root: Path) -> Path:
+    for rel in ("resnet_lab/fast.py", "resnet_lab/sub/x.py", "tests/test_gpu.py"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(f"# {rel}\n")
+    return root
+
+
+def test_a_pass_of_the_gpu_tests_is_recorded_and_stands_until_a_source_torch_or_device_changes(tmp_path,
+                                                                                                monkeypatch):
+    from resnet_lab import gputests
+
+    root = _sources(tmp_path / "tree")
+    out = tmp_path / "out"
+    out.mkdir()
+    digest = gputests.source_digest(root)
+    assert digest == gputests.source_digest(root) and len(digest) == 64
+    assert gputests.check(out, "cpu", root)[0] is False  # nothing recorded yet
+    skipped = _junit(tmp_path / "s.xml", a="skipped", b="skipped")
+    assert gputests.record(out, [skipped], "cpu", root) is None  # all skipped (no CUDA): says nothing of a GPU
+    failed = _junit(tmp_path / "f.xml", a="passed", b="failed")
+    assert gputests.record(out, [failed], "cpu", root) is None
+    errored = _junit(tmp_path / "e.xml", a="error")
+    assert gputests.record(out, [_junit(tmp_path / "p0.xml", a="passed"), errored], "cpu", root) is None
+    assert not list(out.iterdir())
+
+    passed = gputests.record(out, [_junit(tmp_path / "p.xml", a="passed", b="skipped"),
+                                   _junit(tmp_path / "c.xml", c="passed")], "cpu", root)
+    assert passed is not None and passed.name.endswith("-tests.json") and passed.name.startswith("cpu-")
+    rec = json.loads(passed.read_text())
+    assert (rec["passed"], rec["skipped"], rec["failed"]) == (2, 1, 0) and rec["digest"] == digest
+    assert rec["tests"]["tests.test_gpu::b"] == "skipped"
+    ok, why = gputests.check(out, "cpu", root)
+    assert ok and "2 passed, 1 skipped" in why
+
+    (root / "resnet_lab" / "sub" / "x.py").write_text("# changed\n")  # a package file, however deep
+    ok, why = gputests.check(out, "cpu", root)
+    assert not ok and "the sources changed" in why
+    (root / "resnet_lab" / "sub" / "x.py").write_text("# resnet_lab/sub/x.py\n")
+    assert gputests.check(out, "cpu", root)[0]
+    (root / "tests" / "test_other.py").write_text("# not a GPU test\n")  # the CPU suite is not what they check
+    assert gputests.check(out, "cpu", root)[0]
+
+    monkeypatch.setattr(gputests.torch, "__version__", "9.9.9")
+    ok, why = gputests.check(out, "cpu", root)
+    assert not ok and "torch" in why and "9.9.9" in why
+    monkeypatch.undo()
+    passed.write_text("[]")
+    assert "not a record" in gputests.check(out, "cpu", root)[1]
+    passed.write_text("{")
+    assert "unreadable" in gputests.check(out, "cpu", root)[1]
+    with pytest.raises(FileNotFoundError, match="none of"):
+        gputests.source_digest(tmp_path / "empty")
+
+
+def test_a_later_call_skips_the_gpu_tests_that_passed_on_these_sources(tmp_path):
+    """The first call records the GPU tests' pass with its files; a call whose tree has that record (committed
+    from results/bench) does not spend 4 of the session's 15 minutes running them again, unless asked."""
+    fake = tmp_path / "py"  # python, but pytest writes a passing junit file (the GPU tests only skip here)
+    fake.write_text(f"""#!/bin/bash
+if [ "$2" = pytest ]; then
+  for ((i = 1; i <= $#; i++)); do [ "${{!i}}" = --junitxml ] && j=$((i + 1)) && xml=${{!j}}; done
+  echo "fake pytest $*"
+  printf '<testsuites><testsuite><testcase classname="t" name="%s"/></testsuite></testsuites>' "$RANDOM" > "$xml"
+  exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    common = dict(PY=str(fake), GRIDS="", REFERENCE="", STAGES="tests", BUDGET_S="200")
+    first = _session(tmp_path, "o1", TESTS_RECORD=str(tmp_path / "none"), **common)
+    log = (tmp_path / "o1" / "log.txt").read_text()
+    assert first.returncode == 0, log
+    assert "GPU tests to run: no record" in log and log.count("fake pytest") == 2
+    recs = list((tmp_path / "o1").glob("*-tests.json"))
+    assert len(recs) == 1 and json.loads(recs[0].read_text())["passed"] == 2, log
+
+    again = _session(tmp_path, "o2", TESTS_RECORD=str(tmp_path / "o1"), **common)
+    log2 = (tmp_path / "o2" / "log.txt").read_text()
+    assert again.returncode == 0, log2
+    assert "passed here already" in log2 and "tests: not run" in log2 and "fake pytest" not in log2
+    forced = _session(tmp_path, "o3", TESTS_RECORD=str(tmp_path / "o1"), TESTS_AGAIN="1", **common)
+    assert forced.returncode == 0 and (tmp_path / "o3" / "log.txt").read_text().count("fake pytest") == 2
