@@ -114,7 +114,7 @@ gpu-back: install
 	for d in $(FROM); do for f in "$$d"/*.json "$$d"/*.md "$$d"/*-profile.txt; do \
 	  [ ! -e "$$f" ] || cp "$$f" "$(RESULTS_ROOT)/bench/"; done; done
 	$(BIN)/resnet-lab report --preset paper
-	@echo "bench files (and a GPU tests' pass, <device>-tests.json) copied to $(RESULTS_ROOT)/bench/; add a call's log.txt there as <device>-<date>-session-log.txt if useful"
+	@echo "bench files (and the GPU tests' outcomes, <device>-tests.json) copied to $(RESULTS_ROOT)/bench/; add a call's log.txt there as <device>-<date>-session-log.txt if useful"
 
 # Between two device calls when the machine has gone back (cold): the first call's runs into this store, then
 # what the next call carries (its store starts empty, so it resumes only what .gpu-in sends)

@@ -148,8 +148,8 @@ def _sources(root: Path) -> Path:
     return root
 
 
-def test_a_pass_of_the_gpu_tests_is_recorded_and_stands_until_a_source_torch_or_device_changes(tmp_path,
-                                                                                                monkeypatch):
+def test_the_gpu_tests_outcomes_are_recorded_and_stand_until_a_source_torch_or_device_changes(tmp_path,
+                                                                                               monkeypatch):
     from resnet_lab import gputests
 
     root = _sources(tmp_path / "tree")
@@ -160,20 +160,22 @@ def test_a_pass_of_the_gpu_tests_is_recorded_and_stands_until_a_source_torch_or_
     assert gputests.check(out, "cpu", root)[0] is False  # nothing recorded yet
     skipped = _junit(tmp_path / "s.xml", a="skipped", b="skipped")
     assert gputests.record(out, [skipped], "cpu", root) is None  # all skipped (no CUDA): says nothing of a GPU
-    failed = _junit(tmp_path / "f.xml", a="passed", b="failed")
-    assert gputests.record(out, [failed], "cpu", root) is None
-    errored = _junit(tmp_path / "e.xml", a="error")
-    assert gputests.record(out, [_junit(tmp_path / "p0.xml", a="passed"), errored], "cpu", root) is None
     assert not list(out.iterdir())
 
-    passed = gputests.record(out, [_junit(tmp_path / "p.xml", a="passed", b="skipped"),
-                                   _junit(tmp_path / "c.xml", c="passed")], "cpu", root)
-    assert passed is not None and passed.name.endswith("-tests.json") and passed.name.startswith("cpu-")
-    rec = json.loads(passed.read_text())
-    assert (rec["passed"], rec["skipped"], rec["failed"]) == (2, 1, 0) and rec["digest"] == digest
+    path = gputests.record(out, [_junit(tmp_path / "p.xml", a="passed", b="skipped"),
+                                 _junit(tmp_path / "c.xml", c="passed", d="skipped")], "cpu", root)
+    assert path is not None and path.name.endswith("-tests.json") and path.name.startswith("cpu-")
+    rec = json.loads(path.read_text())
+    assert (rec["passed"], rec["skipped"], rec["failed"]) == (2, 2, 0) and rec["digest"] == digest
     assert rec["tests"]["tests.test_gpu::b"] == "skipped"
     ok, why = gputests.check(out, "cpu", root)
-    assert ok and "2 passed, 1 skipped" in why
+    assert ok and "2 passed, 2 skipped, 0 failed on cpu" in why
+
+    # a failure is recorded too (rerunning unchanged code in the next session would tell nothing new), by name
+    gputests.record(out, [_junit(tmp_path / "f.xml", a="passed", b="failed"),
+                          _junit(tmp_path / "e.xml", c="error", d="passed")], "cpu", root)
+    ok, why = gputests.check(out, "cpu", root)
+    assert ok and "2 passed, 0 skipped, 2 failed (b, c)" in why
 
     (root / "resnet_lab" / "sub" / "x.py").write_text("# changed\n")  # a package file, however deep
     ok, why = gputests.check(out, "cpu", root)
@@ -182,28 +184,37 @@ def test_a_pass_of_the_gpu_tests_is_recorded_and_stands_until_a_source_torch_or_
     assert gputests.check(out, "cpu", root)[0]
     (root / "tests" / "test_other.py").write_text("# not a GPU test\n")  # the CPU suite is not what they check
     assert gputests.check(out, "cpu", root)[0]
+    (root / "tests" / "test_gpu.py").write_text("# changed\n")
+    assert not gputests.check(out, "cpu", root)[0]
+    (root / "tests" / "test_gpu.py").write_text("# tests/test_gpu.py\n")
 
     monkeypatch.setattr(gputests.torch, "__version__", "9.9.9")
     ok, why = gputests.check(out, "cpu", root)
     assert not ok and "torch" in why and "9.9.9" in why
     monkeypatch.undo()
-    passed.write_text("[]")
+    assert gputests.check(out, "cpu", root)[0]
+    path.write_text("[]")
     assert "not a record" in gputests.check(out, "cpu", root)[1]
-    passed.write_text("{")
+    path.write_text("{")
     assert "unreadable" in gputests.check(out, "cpu", root)[1]
     with pytest.raises(FileNotFoundError, match="none of"):
         gputests.source_digest(tmp_path / "empty")
 
 
-def test_a_later_call_skips_the_gpu_tests_that_passed_on_these_sources(tmp_path):
-    """The first call records the GPU tests' pass with its files; a call whose tree has that record (committed
-    from results/bench) does not spend 4 of the session's 15 minutes running them again, unless asked."""
-    fake = tmp_path / "py"  # python, but pytest writes a passing junit file (the GPU tests only skip here)
+def test_a_later_call_skips_the_gpu_tests_that_ran_on_these_sources(tmp_path):
+    """The first call records the GPU tests' outcomes with its files; a call whose tree has that record
+    (committed from results/bench) does not spend 4 of the session's 15 minutes running them again, unless
+    asked; a call whose tests were cut off records nothing."""
+    fake = tmp_path / "py"  # python, but pytest writes a junit file (the GPU tests only skip here): FAIL=1 fails
     fake.write_text(f"""#!/bin/bash
 if [ "$2" = pytest ]; then
   for ((i = 1; i <= $#; i++)); do [ "${{!i}}" = --junitxml ] && j=$((i + 1)) && xml=${{!j}}; done
   echo "fake pytest $*"
-  printf '<testsuites><testsuite><testcase classname="t" name="%s"/></testsuite></testsuites>' "$RANDOM" > "$xml"
+  [ -n "$HANG" ] && exec sleep 60
+  f=""; [ -n "$FAIL" ] && f="<failure message='x'/>"
+  printf '<testsuites><testsuite><testcase classname="t" name="t%s">%s</testcase></testsuite></testsuites>' \
+    "$RANDOM" "$f" > "$xml"
+  [ -n "$FAIL" ] && exit 1
   exit 0
 fi
 exec {sys.executable} "$@"
@@ -220,6 +231,15 @@ exec {sys.executable} "$@"
     again = _session(tmp_path, "o2", TESTS_RECORD=str(tmp_path / "o1"), **common)
     log2 = (tmp_path / "o2" / "log.txt").read_text()
     assert again.returncode == 0, log2
-    assert "passed here already" in log2 and "tests: not run" in log2 and "fake pytest" not in log2
+    assert "ran here already: 2 passed" in log2 and "tests: not run" in log2 and "fake pytest" not in log2
     forced = _session(tmp_path, "o3", TESTS_RECORD=str(tmp_path / "o1"), TESTS_AGAIN="1", **common)
     assert forced.returncode == 0 and (tmp_path / "o3" / "log.txt").read_text().count("fake pytest") == 2
+
+    failing = _session(tmp_path, "o4", TESTS_RECORD=str(tmp_path / "none"), FAIL="1", **common)
+    log4 = (tmp_path / "o4" / "log.txt").read_text()
+    assert failing.returncode == 1 and "tests exited 1" in log4  # the call says it failed, and records it
+    assert json.loads(next((tmp_path / "o4").glob("*-tests.json")).read_text())["failed"] == 2
+    cut = _session(tmp_path, "o5", TESTS_RECORD=str(tmp_path / "none"), HANG="1", TESTS_S="31", **common)
+    log5 = (tmp_path / "o5" / "log.txt").read_text()
+    assert cut.returncode == 1 and "tests exited 124" in log5, log5
+    assert not list((tmp_path / "o5").glob("*-tests.json"))  # cut off: not a record of what the tests say
