@@ -174,19 +174,35 @@ def _plain_value(v: Any) -> Any:
     return v
 
 
-def _check_seeds_only(group: pd.DataFrame, key: dict[str, Any]) -> None:
+def check_seeds_only(frame: pd.DataFrame, by: Sequence[str], ignore: Iterable[str] = ()) -> None:
+    """Refuse a frame whose groups by `by` are not seeds of one config, naming the fields that differ: a
+    figure's line, band or bar averages each group as seeds. `ignore`: columns that only share a config
+    field's name (a curve's `lr` is each evaluation's rate)."""
+    if frame.empty:
+        return
+    by = [c for c in dict.fromkeys(by) if c in frame]
+    groups = frame.groupby(by, sort=False, dropna=False) if by else [((), frame)]
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        _check_seeds_only(g, dict(zip(by, key)), ignore, what="line or bar",
+                          hint="select one config's runs (by `hash`, say) or draw the differing field apart")
+
+
+def _check_seeds_only(group: pd.DataFrame, key: dict[str, Any], ignore: Iterable[str] = (), what: str = "row",
+                      hint: str = "add {differ} to `by` or select the runs first") -> None:
     """The runs of one row must be seeds of one config: averaging, say, option A with option C as if they
     were seeds would give a mean and CI of nothing. (The notebooks select runs by config hash; a frame
     from `load_runs(preset=...)` holds every variant.)"""
     from .config import RunConfig
 
-    fields = [f for f in RunConfig.__dataclass_fields__ if f in group and f not in SEED_LIKE and f not in key]
+    skip = set(SEED_LIKE) | set(key) | set(ignore)
+    fields = [f for f in RunConfig.__dataclass_fields__ if f in group and f not in skip]
     values = {f: set(map(_plain_value, group[f])) for f in fields}  # 8 == 8.0 == np.int64(8): one value
     differ = [f for f in fields if len(values[f]) > 1]
     if differ:
         values = {f: sorted(map(str, values[f])) for f in differ}
-        raise ValueError(f"the runs of row {key} differ in {values}: a row averages seeds of one config; "
-                         f"add {differ} to `by` or select the runs first")
+        raise ValueError(f"the runs of {what} {key} differ in {values}: a {what} averages seeds of one config; "
+                         + hint.format(differ=differ))
 
 
 def _run_with_hooks(model: nn.Module, hooks, batches, max_images: int | None) -> None:

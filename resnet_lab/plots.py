@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 import pandas as pd
 import seaborn as sns
 
-from .runs import atomic_write_bytes
+from .analysis import check_seeds_only
+from .runs import METRIC_COLUMNS, atomic_write_bytes
 
 PALETTE = "colorblind"
 
@@ -161,16 +162,17 @@ def _curves_long(metrics: pd.DataFrame) -> pd.DataFrame:
     return long
 
 
-def _curves_to_draw(metrics: pd.DataFrame) -> pd.DataFrame | None:
+def _curves_to_draw(metrics: pd.DataFrame, by: Sequence[str | None]) -> pd.DataFrame | None:
     """`_curves_long(metrics)`, or None where there is no error to draw (no rows, or only NaN: runs
-    killed before their first evaluation)."""
+    killed before their first evaluation). Each line (`by`) must be the seeds of one config."""
+    check_seeds_only(metrics, [c for c in by if c], ignore=METRIC_COLUMNS)
     long = _curves_long(metrics) if not metrics.empty else None
     return None if long is None or long["error (%)"].isna().all() else long
 
 
 def degradation_figure(metrics: pd.DataFrame) -> Figure:
     """He et al. Fig. 6: training (dashed) and test (solid) error vs iterations; plain left, ResNet right."""
-    long = _curves_to_draw(metrics)
+    long = _curves_to_draw(metrics, ["arch", "depth"])
     if long is None:
         return no_data_figure("degradation curves")
     set_style()
@@ -189,8 +191,8 @@ def degradation_figure(metrics: pd.DataFrame) -> Figure:
 
 def curves_figure(metrics: pd.DataFrame, hue: str = "name", col: str | None = None,
                   title: str | None = None) -> Figure:
-    """Training (dashed) and test (solid) error vs iterations, one line per `hue`."""
-    long = _curves_to_draw(metrics)
+    """Training (dashed) and test (solid) error vs iterations, one line per `hue` (and `col`)."""
+    long = _curves_to_draw(metrics, [hue, col])
     if long is None:
         return no_data_figure(title or "error curves")
     set_style()
@@ -212,6 +214,7 @@ def depth_figure(runs: pd.DataFrame, paper: dict[int, float] | None = None) -> F
     d = runs[runs["status"] == "done"].assign(**{"test error (%)": lambda x: 100 * x["final_test_err"].astype(float)})
     if d.empty:
         return no_data_figure("test error vs depth")
+    check_seeds_only(d, ["depth"])
     set_style()
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
     sns.lineplot(data=d, x="depth", y="test error (%)", marker="o", errorbar=t_interval_error, ax=ax, label="ours")
@@ -231,6 +234,7 @@ def bars_figure(runs: pd.DataFrame, x: str, order: list[str] | None = None, hue:
     d = runs[runs["status"] == "done"].assign(**{ylabel: lambda r: 100 * r[y].astype(float)})
     if d.empty:
         return no_data_figure(ylabel)
+    check_seeds_only(d, [x, hue] if hue else [x])
     set_style()
     if hue:
         d[hue] = d[hue].astype(str)

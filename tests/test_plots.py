@@ -181,3 +181,29 @@ def test_captions_say_what_the_training_error_and_the_effective_range_are():
     eff = pd.DataFrame([dict(effective_from=1, effective_to=2, **tag)])
     fig = plots.paths_figure(paths, grad, eff)
     assert "at least 90% of the gradient" in fig.axes[2].get_xlabel()
+
+
+def test_a_line_or_bar_is_the_seeds_of_one_config_or_the_figure_is_refused():
+    """A frame from `load_metrics(preset=...)` holds every variant: drawn by depth alone, option A and C
+    ResNet-20s would be averaged into one line with a band, as if they were seeds. The tables refuse that
+    (`analysis._check_seeds_only`); so do the figures, naming the field, and a hue on it draws them apart."""
+    steps = [1000 * i for i in range(1, 5)]
+    rows = [{"step": s, "lr": 0.1 if s < 3000 else 0.01, "train_err": 0.3, "test_err": 0.3, "arch": "resnet",
+             "depth": 20, "shortcut": sc, "seed": seed, "compile": seed == 1, "name": "resnet-20"}
+            for s in steps for sc in ("A", "C") for seed in (0, 1)]
+    curves = pd.DataFrame(rows)
+    with pytest.raises(ValueError, match=r"differ in \{'shortcut': \['A', 'C'\]\}.*one config"):
+        plots.degradation_figure(curves)
+    with pytest.raises(ValueError, match="shortcut"):
+        plots.curves_figure(curves, hue="depth")
+    one = curves[curves["shortcut"] == "A"]  # seeds of one config, one compiled (speed only): drawn
+    assert not getattr(plots.degradation_figure(one), "no_data", False)
+    assert len(plots.curves_figure(curves, hue="shortcut").axes) == 1  # the differing field as the hue
+    assert len(plots.curves_figure(curves, hue="depth", col="shortcut").axes) == 2
+    runs = curves.drop_duplicates(["shortcut", "seed"]).assign(status="done", final_test_err=0.1)
+    with pytest.raises(ValueError, match="shortcut"):
+        plots.depth_figure(runs)
+    with pytest.raises(ValueError, match="shortcut"):
+        plots.bars_figure(runs, x="arch")
+    plots.bars_figure(runs, x="shortcut")
+    plots.depth_figure(runs[runs["shortcut"] == "C"])
