@@ -108,11 +108,14 @@ import-from = @test -n "$(FROM)" || { echo "usage: make $@ FROM='<the folder(s) 
 	for d in $(FROM); do parts="$$(ls "$$d"/runs.tar.gz.[0-9]* 2>/dev/null)"; \
 	  [ -z "$$parts" ] || $(BIN)/resnet-lab runs import $$parts || exit $$?; done
 
-gpu-back: install
-	$(import-from)
-	mkdir -p "$(RESULTS_ROOT)/bench"
+# the bench's files and the GPU tests' outcomes (<device>-tests.json: a later call skips tests that ran on its sources)
+copy-bench = mkdir -p "$(RESULTS_ROOT)/bench"; \
 	for d in $(FROM); do for f in "$$d"/*.json "$$d"/*.md "$$d"/*-profile.txt; do \
 	  [ ! -e "$$f" ] || cp "$$f" "$(RESULTS_ROOT)/bench/"; done; done
+
+gpu-back: install
+	$(import-from)
+	$(copy-bench)
 	$(BIN)/resnet-lab report --preset paper
 	@echo "bench files (and the GPU tests' outcomes, <device>-tests.json) copied to $(RESULTS_ROOT)/bench/; add a call's log.txt there as <device>-<date>-session-log.txt if useful"
 
@@ -120,6 +123,7 @@ gpu-back: install
 # what the next call carries (its store starts empty, so it resumes only what .gpu-in sends)
 gpu-relay: install
 	$(import-from)
+	$(copy-bench)
 	$(MAKE) gpu-in
 
 clean-venv:

@@ -132,9 +132,10 @@ skipped="1" tests="{n}">{cases}</testsuite></testsuites>"""
 
 
 def _junit(path: Path, **outcomes: str) -> Path:
-    """A pytest --junitxml file with the given test outcomes (passed, skipped, failed, error)."""
-    tag = {"passed": "", "skipped": "<skipped message='no CUDA'/>", "failed": "<failure message='x'/>",
-           "error": "<error message='x'/>"}
+    """A pytest --junitxml file with the given test outcomes (passed, skipped, failed, error, timeout)."""
+    tag = {"passed": "", "skipped": "<skipped message='no CIFAR-10 copy: set RESNET_LAB_DATA'/>",
+           "failed": "<failure message='AssertionError: x'/>", "error": "<error message='x'/>",
+           "timeout": "<failure message='Failed: Timeout (&gt;120.0s) from pytest-timeout.'/>"}
     cases = "".join(f'<testcase classname="tests.test_gpu" name="{k}" time="1">{tag[v]}</testcase>'
                     for k, v in outcomes.items())
     path.write_text(JUNIT.format(n=len(outcomes), cases=cases))
@@ -157,46 +158,56 @@ def test_the_gpu_tests_outcomes_are_recorded_and_stand_until_a_source_torch_or_d
     out.mkdir()
     digest = gputests.source_digest(root)
     assert digest == gputests.source_digest(root) and len(digest) == 64
-    assert gputests.check(out, "cpu", root)[0] is False  # nothing recorded yet
-    skipped = _junit(tmp_path / "s.xml", a="skipped", b="skipped")
-    assert gputests.record(out, [skipped], "cpu", root) is None  # all skipped (no CUDA): says nothing of a GPU
+    for ignored in (".ipynb_checkpoints/fast-checkpoint.py", "__pycache__/x.py"):  # git-ignored: not on the GPU
+        (root / "resnet_lab" / ignored).parent.mkdir(exist_ok=True)
+        (root / "resnet_lab" / ignored).write_text("# not travelling\n")
+    assert gputests.source_digest(root) == digest
+    assert gputests.check(out, "cpu", root)[0] == gputests.RUN  # nothing recorded yet
+    xml = lambda name, **o: _junit(tmp_path / f"{name}.xml", **o)  # noqa: E731
+    # nothing final: no test, all skipped (no CUDA), one skipped (no data copy: it would stay untried), cut off
+    for files in ([xml("none")], [xml("s", a="skipped", b="skipped")], [xml("s1", a="passed", b="skipped")],
+                  [xml("t", a="passed"), xml("t2", b="timeout")]):
+        assert gputests.record(out, files, "cpu", root) is None
+        assert gputests.not_final(gputests.summarise(files))
+    assert "cut off by pytest-timeout: b" == gputests.not_final(gputests.summarise([xml("t2", b="timeout")]))
     assert not list(out.iterdir())
 
-    path = gputests.record(out, [_junit(tmp_path / "p.xml", a="passed", b="skipped"),
-                                 _junit(tmp_path / "c.xml", c="passed", d="skipped")], "cpu", root)
+    path = gputests.record(out, [xml("p", a="passed", b="passed"), xml("c", c="passed")], "cpu", root)
     assert path is not None and path.name.endswith("-tests.json") and path.name.startswith("cpu-")
     rec = json.loads(path.read_text())
-    assert (rec["passed"], rec["skipped"], rec["failed"]) == (2, 2, 0) and rec["digest"] == digest
-    assert rec["tests"]["tests.test_gpu::b"] == "skipped"
-    ok, why = gputests.check(out, "cpu", root)
-    assert ok and "2 passed, 2 skipped, 0 failed on cpu" in why
+    assert (rec["passed"], rec["skipped"], rec["failed"]) == (3, 0, 0) and rec["digest"] == digest
+    assert rec["tests"]["tests.test_gpu::b"] == "passed"
+    code, why = gputests.check(out, "cpu", root)
+    assert code == gputests.PASSED and "3 passed, 0 skipped, 0 failed on cpu" in why
+    assert any("these sources: a call there" in line for line in gputests.status(out, root))
 
     # a failure is recorded too (rerunning unchanged code in the next session would tell nothing new), by name
-    gputests.record(out, [_junit(tmp_path / "f.xml", a="passed", b="failed"),
-                          _junit(tmp_path / "e.xml", c="error", d="passed")], "cpu", root)
-    ok, why = gputests.check(out, "cpu", root)
-    assert ok and "2 passed, 0 skipped, 2 failed (b, c)" in why
+    gputests.record(out, [xml("f", a="passed", b="failed"), xml("e", c="error", d="passed")], "cpu", root)
+    code, why = gputests.check(out, "cpu", root)
+    assert code == gputests.FAILED and "2 passed, 0 skipped, 2 failed (b, c)" in why
 
     (root / "resnet_lab" / "sub" / "x.py").write_text("# changed\n")  # a package file, however deep
-    ok, why = gputests.check(out, "cpu", root)
-    assert not ok and "the sources changed" in why
+    code, why = gputests.check(out, "cpu", root)
+    assert code == gputests.RUN and "the sources changed" in why
+    assert any("the sources changed since" in line for line in gputests.status(out, root))
     (root / "resnet_lab" / "sub" / "x.py").write_text("# resnet_lab/sub/x.py\n")
-    assert gputests.check(out, "cpu", root)[0]
+    assert gputests.check(out, "cpu", root)[0] == gputests.FAILED
     (root / "tests" / "test_other.py").write_text("# not a GPU test\n")  # the CPU suite is not what they check
-    assert gputests.check(out, "cpu", root)[0]
+    assert gputests.check(out, "cpu", root)[0] == gputests.FAILED
     (root / "tests" / "test_gpu.py").write_text("# changed\n")
-    assert not gputests.check(out, "cpu", root)[0]
+    assert gputests.check(out, "cpu", root)[0] == gputests.RUN
     (root / "tests" / "test_gpu.py").write_text("# tests/test_gpu.py\n")
 
     monkeypatch.setattr(gputests.torch, "__version__", "9.9.9")
-    ok, why = gputests.check(out, "cpu", root)
-    assert not ok and "torch" in why and "9.9.9" in why
+    code, why = gputests.check(out, "cpu", root)
+    assert code == gputests.RUN and "torch" in why and "9.9.9" in why
     monkeypatch.undo()
-    assert gputests.check(out, "cpu", root)[0]
+    assert gputests.check(out, "cpu", root)[0] == gputests.FAILED
     path.write_text("[]")
     assert "not a record" in gputests.check(out, "cpu", root)[1]
     path.write_text("{")
-    assert "unreadable" in gputests.check(out, "cpu", root)[1]
+    assert "unreadable" in gputests.check(out, "cpu", root)[1] and "unreadable" in gputests.status(out, root)[0]
+    assert gputests.status(tmp_path / "nothing", root)[0].startswith("no record")
     with pytest.raises(FileNotFoundError, match="none of"):
         gputests.source_digest(tmp_path / "empty")
 
@@ -204,15 +215,15 @@ def test_the_gpu_tests_outcomes_are_recorded_and_stand_until_a_source_torch_or_d
 def test_a_later_call_skips_the_gpu_tests_that_ran_on_these_sources(tmp_path):
     """The first call records the GPU tests' outcomes with its files; a call whose tree has that record
     (committed from results/bench) does not spend 4 of the session's 15 minutes running them again, unless
-    asked; a call whose tests were cut off records nothing."""
+    asked, and still fails where they failed; a call whose tests were cut off records nothing."""
     fake = tmp_path / "py"  # python, but pytest writes a junit file (the GPU tests only skip here): FAIL=1 fails
     fake.write_text(f"""#!/bin/bash
 if [ "$2" = pytest ]; then
   for ((i = 1; i <= $#; i++)); do [ "${{!i}}" = --junitxml ] && j=$((i + 1)) && xml=${{!j}}; done
-  echo "fake pytest $*"
+  echo "fake pytest $* (PYTEST_ADDOPTS=${{PYTEST_ADDOPTS-unset}})"
   [ -n "$HANG" ] && exec sleep 60
   f=""; [ -n "$FAIL" ] && f="<failure message='x'/>"
-  printf '<testsuites><testsuite><testcase classname="t" name="t%s">%s</testcase></testsuite></testsuites>' \
+  printf '<testsuites><testsuite><testcase classname="t" name="t%s">%s</testcase></testsuite></testsuites>' \\
     "$RANDOM" "$f" > "$xml"
   [ -n "$FAIL" ] && exit 1
   exit 0
@@ -221,10 +232,11 @@ exec {sys.executable} "$@"
 """)
     fake.chmod(0o755)
     common = dict(PY=str(fake), GRIDS="", REFERENCE="", STAGES="tests", BUDGET_S="200")
-    first = _session(tmp_path, "o1", TESTS_RECORD=str(tmp_path / "none"), **common)
+    first = _session(tmp_path, "o1", TESTS_RECORD=str(tmp_path / "none"), PYTEST_ADDOPTS="-x", **common)
     log = (tmp_path / "o1" / "log.txt").read_text()
     assert first.returncode == 0, log
     assert "GPU tests to run: no record" in log and log.count("fake pytest") == 2
+    assert log.count("PYTEST_ADDOPTS=unset") == 2  # a -x there would leave a partial junit file
     recs = list((tmp_path / "o1").glob("*-tests.json"))
     assert len(recs) == 1 and json.loads(recs[0].read_text())["passed"] == 2, log
 
@@ -239,7 +251,11 @@ exec {sys.executable} "$@"
     log4 = (tmp_path / "o4" / "log.txt").read_text()
     assert failing.returncode == 1 and "tests exited 1" in log4  # the call says it failed, and records it
     assert json.loads(next((tmp_path / "o4").glob("*-tests.json")).read_text())["failed"] == 2
-    cut = _session(tmp_path, "o5", TESTS_RECORD=str(tmp_path / "none"), HANG="1", TESTS_S="31", **common)
+    skipped = _session(tmp_path, "o5", TESTS_RECORD=str(tmp_path / "o4"), **common)
     log5 = (tmp_path / "o5" / "log.txt").read_text()
-    assert cut.returncode == 1 and "tests exited 124" in log5, log5
-    assert not list((tmp_path / "o5").glob("*-tests.json"))  # cut off: not a record of what the tests say
+    assert skipped.returncode == 1 and "fake pytest" not in log5  # not run again, but still a failed call
+    assert "2 failed (t" in log5 and "1 stage(s) failed: tests (recorded failures" in log5
+    cut = _session(tmp_path, "o6", TESTS_RECORD=str(tmp_path / "none"), HANG="1", TESTS_S="31", **common)
+    log6 = (tmp_path / "o6" / "log.txt").read_text()
+    assert cut.returncode == 1 and "tests exited 124" in log6, log6
+    assert not list((tmp_path / "o6").glob("*-tests.json"))  # cut off: not a record of what the tests say
