@@ -98,7 +98,7 @@ gpu-in: install
 	  data = sum(e.stat().st_size for e in os.scandir(".data") if e.is_file()); \
 	  print(int((64 * 2**20 - tree - data) / 2**20) - 2)'); \
 	if [ "$$mb" -lt 1 ]; then echo "the tree and .data leave no room under 64 MiB for unfinished runs"; exit 2; fi; \
-	echo "unfinished runs: up to $$mb MiB"; \
+	echo "unfinished runs: up to $$mb MiB"; echo "$$mb" > .gpu-in/carry-mb; \
 	$(BIN)/resnet-lab runs export .gpu-in --name resume --checkpoints --unfinished --max-mb $$mb
 	@du -sh .data .gpu-in
 

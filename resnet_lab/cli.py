@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 # `train` flags that describe one net (--notebook and --sweep take a grid instead) and flags that only mean
 # something for several runs (--notebook, --sweep); each is refused where it would be ignored.
 SINGLE_RUN_FLAGS = ("arch", "depth", "shortcut", "block_layers", "seed")
-NOTEBOOK_FLAGS = ("param", "pack", "group")
-TRAINING_FLAGS = ("time_budget", "pack", "group")  # --list trains nothing
+NOTEBOOK_FLAGS = ("param", "pack", "pack_mb", "group")
+TRAINING_FLAGS = ("time_budget", "pack", "pack_mb", "group")  # --list trains nothing
 # exit codes of every command: 0 all done, 1 some run/point/notebook failed or is missing (the output says
 # which), 2 bad input (argparse's), 130 interrupted; a count would read as 2 or 130 and wrap at 256
 EXIT_INCOMPLETE = 1
@@ -109,6 +109,8 @@ def _check_train_flags(a: argparse.Namespace) -> None:
         usage_error(f"--list trains nothing: drop {', '.join(_given(a, TRAINING_FLAGS))}")
     if a.pack is not None and a.pack < 1:
         usage_error(f"--pack {a.pack} is not valid: use an integer >= 1 (runs stepped together)")
+    if a.pack_mb is not None and not 0 < a.pack_mb < float("inf"):
+        usage_error(f"--pack-mb {a.pack_mb} is not valid: use a positive number of MiB (checkpoints per pack)")
     if a.time_budget is not None and not a.time_budget > 0:
         usage_error(f"--time-budget {a.time_budget} is not valid: use a number of seconds > 0")
 
@@ -331,7 +333,7 @@ def _train_notebooks(a: argparse.Namespace) -> int:
             print(f"{c.name} seed {c.seed}: {elsewhere[c.hash]['status']} in {a.skip} (not trained here)")
     cfgs = [c for c in cfgs if c.hash not in elsewhere]
     recs = ex.train_all(cfgs, device=device, pack=pack, group=group, progress=not a.quiet,
-                        time_budget_s=a.time_budget) if cfgs else []
+                        time_budget_s=a.time_budget, pack_mb=a.pack_mb) if cfgs else []
     for c, rec in zip(cfgs, recs):
         if rec is not None:
             _print_run(rec)
@@ -569,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --notebook: a notebook parameter, JSON value, e.g. -p 'seeds=[0,1,2]'")
     t.add_argument("--pack", type=int, default=None,
                    help="with --notebook/--sweep: runs stepped together per GPU (default: 4 on CUDA, 1 on CPU)")
+    t.add_argument("--pack-mb", type=float, default=None, metavar="MIB",
+                   help="with --notebook/--sweep: at most this many MiB of checkpoints in a pack (a run larger "
+                        "alone is a pack of its own), so that a pack stopped part-way fits what a GPU call can "
+                        "send back and carry into the next (.ci/gpu-session sets it)")
     t.add_argument("--group", action="store_true",
                    help="with --notebook/--sweep: train the seeds of one config as one grouped net (conv groups; "
                         "$RESNET_LAB_GROUP=1 does the same); off by default until the GPU bench shows it pays")

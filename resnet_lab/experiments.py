@@ -25,7 +25,7 @@ from .config import GATED_ARCHS, SPLIT_IMAGES, RunConfig, check_preset, make_con
 from .data import balanced_subset, load_cifar10, resolve_source
 from .fast import exact_fp32
 from .runs import RunDir, atomic_write_csv, load_metrics, load_runs, results_dir
-from .train import RunRecord, check_pack, deadline_after, resolve_device, train_many
+from .train import RunRecord, check_pack, check_pack_mb, deadline_after, resolve_device, train_many
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +126,13 @@ def train_all(cfgs: Iterable[RunConfig], device: str | None = None, root: str | 
 
     A failure is logged and stored in its run folder; the others go on (its entry is None).
     group (default $RESNET_LAB_GROUP, off): seeds of one config train as one grouped net.
-    time_budget_s (in kw) is one budget for all of them, small nets and lone deep ones alike.
+    time_budget_s (in kw) is one budget for all of them, small nets and lone deep ones alike; pack_mb (in kw):
+    MiB of checkpoints a pack may hold (`train.pack_chunks`).
     """
     deadline = deadline_after(kw.pop("time_budget_s", None))  # checked before the data loads, as are these
     dev = resolve_device(device)
     pack = pack_size(dev) if pack is None else check_pack(pack)
+    check_pack_mb(kw.get("pack_mb"))
     data = load_cifar10(source)
     cfgs = list(cfgs)
     group = group_seeds() if group is None else group

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ from .fast import (LossScaler, Stepper, autocast, compute_dtype, exact_fp32, mak
                    step_body, to_device)
 from .models import count_params, model_from_config
 from .runs import (CHECKPOINT_FILES, FINISHED, JOINED, METRIC_COLUMNS, RunDir, RunLocked, atomic_save_torch,
-                   atomic_write_csv, atomic_write_json, lock_run)
+                   atomic_write_csv, atomic_write_json, can_resume, lock_run)
 from .transfer import recover_stranded, stranded
 
 log = logging.getLogger(__name__)
@@ -658,17 +659,63 @@ def deadline_after(time_budget_s: float | None) -> float | None:
     return time.monotonic() + time_budget_s
 
 
+@functools.lru_cache(maxsize=None)
+def checkpoint_mib(cfg: RunConfig) -> float:
+    """A run's checkpoint in MiB, from its model: weights, buffers and SGD momentum (one more copy of the
+    weights), and about 1 KiB a tensor for the file's bookkeeping; ResNet-110's is about 14."""
+    model = model_from_config(cfg)
+    params, buffers = list(model.parameters()), list(model.buffers())
+    size = sum(8 * p.numel() for p in params) + sum(b.numel() * b.element_size() for b in buffers)
+    return (size + 1024 * (2 * len(params) + len(buffers))) / 2**20
+
+
+def check_pack_mb(pack_mb: Any) -> float | None:
+    """`pack_mb` (MiB of checkpoints a pack may hold; None: no limit), or a ValueError naming it."""
+    if pack_mb is not None and (isinstance(pack_mb, bool) or not isinstance(pack_mb, (int, float))
+                                or not pack_mb > 0 or not math.isfinite(pack_mb)):
+        raise ValueError(f"pack_mb={pack_mb!r} is not valid: use a positive number of MiB, or None (no limit)")
+    return pack_mb
+
+
+def pack_chunks(cfgs: list[RunConfig], order: list[int], pack: int, pack_mb: float | None = None
+                ) -> list[list[int]]:
+    """`order` (indices of `cfgs`) cut into packs, each in the order given: graph-stepped runs apart from eager
+    ones (a pack steps in lockstep, so an eager run would hold graph-stepped mates to its pace), at most `pack`
+    runs, and with `pack_mb` at most that many MiB of checkpoints (`checkpoint_mib`; a run larger alone is a
+    pack of its own). A GPU session stops its last pack part-way, and those runs' checkpoints must go back
+    with the call's files and into the next session's call, both under the device tool's 64 MiB: four
+    110-layer nets (about 56 MiB) would not, and whichever did not would start again at step 0."""
+    check_pack(pack)
+    check_pack_mb(pack_mb)
+    chunks: list[list[int]] = []
+    for part in ([i for i in order if cfgs[i].fast], [i for i in order if not cfgs[i].fast]):
+        chunk: list[int] = []
+        mib = 0.0
+        for i in part:
+            size = checkpoint_mib(cfgs[i]) if pack_mb is not None else 0.0
+            if chunk and (len(chunk) == pack or (pack_mb is not None and mib + size > pack_mb)):
+                chunks.append(chunk)
+                chunk, mib = [], 0.0
+            chunk.append(i)
+            mib += size
+        if chunk:
+            chunks.append(chunk)
+    return chunks
+
+
 def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
                device: str | torch.device | None = None, data: Cifar10 | None = None, pack: int = 1,
                progress: bool | None = None, stop_after: int | None = None, checkpoint_every_s: float = 120.0,
-               time_budget_s: float | None = None, group: bool = False, deadline: float | None = None
-               ) -> list[RunRecord | None]:
+               time_budget_s: float | None = None, group: bool = False, deadline: float | None = None,
+               pack_mb: float | None = None) -> list[RunRecord | None]:
     """Train several configs, `pack` at a time in lockstep on one device (each on its own CUDA stream).
 
     Small nets leave most of a big GPU idle; packed, their kernels overlap. Runs already finished are
     read from the store; a run that fails is stored as failed and the others go on (its entry is None).
     The order of steps inside one run is the same as `train`'s, so a packed run learns what a lone
-    run learns (bit-exact on the CPU).
+    run learns (bit-exact on the CPU). Runs stopped part-way (with a checkpoint) go first, then the others
+    in the order given: a time budget then leaves one pack unfinished, not a new one beside an older one.
+    pack_mb: at most this many MiB of checkpoints in a pack (`pack_chunks`).
 
     group: runs of one pack that differ only in seed train as one grouped net (`grouped.GroupedNets`,
     one set of kernels for all; equal to lone runs up to float rounding); seeds of a config are
@@ -680,6 +727,7 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
     """
     device = resolve_device(device)
     check_pack(pack)
+    check_pack_mb(pack_mb)
     data = data if data is not None else load_cifar10()
     ends = [d for d in (deadline_after(time_budget_s), deadline) if d is not None]
     deadline = min(ends) if ends else None
@@ -709,15 +757,14 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
                     "little.", len(slow), ", ".join(sorted({c.name for c in slow})),
                     ", ".join(sorted({c.preset for c in slow})), f"{max(c.iterations for c in slow):,}",
                     max(c.batch_size for c in slow))
-    if group:  # seeds of one config side by side, else in the order given (the sort is stable)
+    todo.sort(key=lambda i: not can_resume(RunDir(cfgs[i], root).path))  # stable: else in the order given
+    if group:  # seeds of one config side by side, where the first of them stands (the sort is stable)
         keys = {i: group_key(cfgs[i]) or i for i in todo}
         first: dict = {}
-        for i in todo:
-            first.setdefault(keys[i], i)
+        for n, i in enumerate(todo):
+            first.setdefault(keys[i], n)
         todo.sort(key=lambda i: first[keys[i]])
-    # a pack steps in lockstep, so an eager run (fast=False) would hold graph-stepped mates to its pace
-    chunks = [c[g:g + pack] for c in ([i for i in todo if cfgs[i].fast], [i for i in todo if not cfgs[i].fast])
-              for g in range(0, len(c), pack)]
+    chunks = pack_chunks(cfgs, todo, pack, pack_mb)
     for chunk in chunks:
         if deadline is not None and time.monotonic() >= deadline:
             break

@@ -38,7 +38,7 @@ def test_depth_0_is_refused_not_trained_as_20(no_training, capsys):
 
 
 @pytest.mark.parametrize("argv, flag", [(["-p", "seeds=[1]"], "-p/--param"), (["--pack", "2"], "--pack"),
-                                        (["--group"], "--group")])
+                                        (["--pack-mb", "30"], "--pack-mb"), (["--group"], "--group")])
 def test_notebook_flags_without_notebook_are_refused(no_training, capsys, argv, flag):
     err = _usage_error(capsys, "train", "--preset", "smoke", *argv)
     assert flag in err and "--notebook" in err
@@ -58,6 +58,9 @@ def test_seed_with_notebook_says_to_use_the_seeds_parameter(no_training, capsys)
     (["--list", "--time-budget", "5"], ["--list", "--time-budget"]),
     (["--notebook", "01_degradation", "--list", "--pack", "2"], ["--list", "--pack"]),
     (["--notebook", "01_degradation", "--pack", "0"], ["--pack 0", ">= 1"]),
+    (["--notebook", "01_degradation", "--pack-mb", "0"], ["--pack-mb 0.0", "positive number of MiB"]),
+    (["--notebook", "01_degradation", "--pack-mb", "nan"], ["--pack-mb nan", "positive number of MiB"]),
+    (["--notebook", "01_degradation", "--list", "--pack-mb", "30"], ["--list", "--pack-mb"]),
     (["--time-budget", "0"], ["--time-budget 0", "> 0"]),
     (["--set", "lerning_rate=1"], ["lerning_rate", "allowed"]),
     # each listed as the default run, in a folder of its own (s25 review E9)
@@ -175,7 +178,7 @@ def test_train_sweep_tells_runs_the_time_budget_never_reached_from_failed_ones(c
     monkeypatch.setattr(ex, "with_dataset", lambda cfgs: [dataclasses.replace(c, dataset="test") for c in cfgs])
 
     def train_all(cfgs, time_budget_s=None, **kw):  # what train_many gives when the budget ran out during run 1
-        assert time_budget_s == 5 and len(cfgs) == 4
+        assert time_budget_s == 5 and len(cfgs) == 4 and kw["pack_mb"] == 30
         RunDir(cfgs[1]).path.mkdir(parents=True)
         atomic_write_json(RunDir(cfgs[1]).summary_file, {"status": "failed", "error": "RuntimeError: boom"})
         running = {"status": "running", "steps_done": 3, "final_train_err": None, "final_test_err": None,
@@ -185,7 +188,8 @@ def test_train_sweep_tells_runs_the_time_budget_never_reached_from_failed_ones(c
     monkeypatch.setattr(ex, "train_all", train_all)
     grid = tmp_path / "g.yaml"
     grid.write_text(GRID)
-    assert cli.main(["train", "--sweep", str(grid), "--time-budget", "5", "--quiet", "--device", "cpu"]) == 1
+    assert cli.main(["train", "--sweep", str(grid), "--time-budget", "5", "--quiet", "--device", "cpu",
+                     "--pack-mb", "30"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert "stopped (no checkpoint here: starts at step 0 when run again; 6 iterations in all) at step 3: train err -" \
         in out[0], out

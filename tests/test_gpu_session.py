@@ -121,6 +121,12 @@ def test_a_cold_later_call_imports_first_and_no_budget_outlasts_the_tools_limit(
     warm = _session(tmp_path, "o2", STAGES="train export", BUDGET_S="120", **common)
     log2 = (tmp_path / "o2" / "log.txt").read_text()
     assert warm.returncode == 0 and "COLD" not in log2 and "fake cli runs import" not in log2, log2
+    assert "--pack-mb 28 " in log  # no carry-mb from `make gpu-in`: 30 MiB, less 2 (no reference run here)
+    (tmp_path / "in" / "carry-mb").write_text("36\n")  # what 64 MiB leaves beside the tree and the dataset
+    sized = _session(tmp_path, "o5", STAGES="train", BUDGET_S="120", **{**common, "REFERENCE": "x"})
+    assert sized.returncode == 0 and "--pack-mb 31 " in (tmp_path / "o5" / "log.txt").read_text()
+    bad = _session(tmp_path, "o6", STAGES="train", BUDGET_S="120", PACK_MB="0", **common)
+    assert bad.returncode == 2 and "PACK_MB=0 is not valid" in bad.stdout + bad.stderr
     long = _session(tmp_path, "o3", STAGES="export", BUDGET_S="900", **common)
     assert long.returncode == 0 and "using 570" in (tmp_path / "o3" / "log.txt").read_text()
     octal = _session(tmp_path, "o4", STAGES="export", BUDGET_S="0540", **common)  # bash would read 352 s

@@ -617,3 +617,49 @@ def test_grouped_seeds_train_with_the_configs_optimizer_settings(cifar, tmp_path
     cfgs = [tiny(seed=s, iterations=2, eval_every=2, weight_decay=5e-3, momentum=0.8) for s in (0, 1)]
     train_many(cfgs, root=tmp_path, data=cifar, device="cpu", pack=2, group=True)
     assert len(made) == 3 and set(made) == {(0.05, 0.8, 5e-3)}  # each run's own, then the group's
+
+
+def test_packs_hold_what_a_gpu_call_can_send_back_and_carry_into_the_next():
+    """A GPU session stops its last pack part-way, and each run's checkpoint (weights and momentum) must come
+    back in the call's files and go into the next session's call, both under the device tool's 64 MiB. Four
+    110-layer nets (about 56 MiB) do not: whichever was left behind started again at step 0 each session.
+    With pack_mb the packs are cut, in order, to what fits; a run too big alone is a pack of its own."""
+    from resnet_lab.models import count_params, model_from_config
+    from resnet_lab.train import check_pack_mb, checkpoint_mib, pack_chunks
+
+    def cfg(depth, seed=0, **kw):
+        return make_config("paper", depth=depth, seed=seed, **kw)
+
+    r110 = checkpoint_mib(cfg(110))
+    params = count_params(model_from_config(cfg(110)))
+    assert 8 * params / 2**20 < r110 < 8 * params / 2**20 + 1.5  # weights + momentum, and the file's bookkeeping
+    assert checkpoint_mib(cfg(20)) < 3 < r110 < 15
+    cfgs = [cfg(56), cfg(110), cfg(110, 1), cfg(110, 2), cfg(20), cfg(20, 1, fast=False), cfg(1202)]
+    order = list(range(len(cfgs)))
+    assert pack_chunks(cfgs, order, 4) == [[0, 1, 2, 3], [4, 6], [5]]  # graph runs and eager apart, as before
+    chunks = pack_chunks(cfgs, order, 4, 33)
+    assert chunks == [[0, 1], [2, 3, 4], [6], [5]]  # 7 + 14 fit 33, a third net then would not; the 1202 alone
+    assert all(sum(checkpoint_mib(cfgs[i]) for i in c) <= 33 for c in chunks if len(c) > 1)
+    assert pack_chunks(cfgs, [3, 4, 1], 2, 1000) == [[3, 4], [1]]  # the order given, pack still the cap
+    for bad in (0, -1.0, float("nan"), float("inf"), "30", True):
+        with pytest.raises(ValueError, match=r"pack_mb=.* is not valid: use a positive number of MiB"):
+            check_pack_mb(bad)
+
+
+def test_runs_stopped_part_way_resume_before_new_ones_start(cifar, tmp_path, monkeypatch):
+    """A session that ends part-way leaves one pack unfinished; if the next trained its grids in order from the
+    top, a run begun earlier would wait while new ones started, and two packs' checkpoints would have to
+    travel. Stopped runs go first, in the order given; grouping keeps seeds together where the first stands."""
+    from resnet_lab.train import train_many
+
+    cfgs = [tiny(seed=0), tiny(seed=1), tiny(seed=2), tiny(depth=14)]
+    for c in cfgs[2:]:  # a step and a checkpoint each, as a call's time budget leaves them
+        assert train(c, root=tmp_path, data=cifar, device="cpu", time_budget_s=0).status == "running"
+    T = importlib.import_module("resnet_lab.train")
+    packs = []
+    monkeypatch.setattr(T, "_train_pack", lambda c, chunk, *a, **k: packs.append([x.seed for x in c]) or {})
+    train_many(cfgs, root=tmp_path, data=cifar, device="cpu", pack=2)
+    assert packs == [[2, 0], [0, 1]]  # seed 2 and the 14-layer net (seed 0) first, then seeds 0 and 1
+    packs.clear()
+    train_many(cfgs, root=tmp_path, data=cifar, device="cpu", pack=2, group=True)
+    assert packs == [[2, 0], [1, 0]]  # grouped: the 8-layer seeds 2 (resumed), 0 and 1 side by side, then the 14
