@@ -757,14 +757,17 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
                     "little.", len(slow), ", ".join(sorted({c.name for c in slow})),
                     ", ".join(sorted({c.preset for c in slow})), f"{max(c.iterations for c in slow):,}",
                     max(c.batch_size for c in slow))
-    todo.sort(key=lambda i: not can_resume(RunDir(cfgs[i], root).path))  # stable: else in the order given
-    if group:  # seeds of one config side by side, where the first of them stands (the sort is stable)
-        keys = {i: group_key(cfgs[i]) or i for i in todo}
+    resumes = {i: can_resume(RunDir(cfgs[i], root).path) for i in todo}
+    todo.sort(key=lambda i: not resumes[i])  # stable: else in the order given
+    if group:  # seeds of one config side by side, where the first of them stands (the sort is stable); resumed
+        # seeds apart from new ones (a group steps from one start step): they stay ahead of every new run
+        keys = {i: (group_key(cfgs[i]) or i, resumes[i]) for i in todo}
         first: dict = {}
         for n, i in enumerate(todo):
             first.setdefault(keys[i], n)
         todo.sort(key=lambda i: first[keys[i]])
-    chunks = pack_chunks(cfgs, todo, pack, pack_mb)
+    # packs holding a resumed run first: the graph/eager split would otherwise leave a resumed eager run waiting
+    chunks = sorted(pack_chunks(cfgs, todo, pack, pack_mb), key=lambda c: not any(resumes[i] for i in c))
     for chunk in chunks:
         if deadline is not None and time.monotonic() >= deadline:
             break

@@ -121,12 +121,23 @@ def test_a_cold_later_call_imports_first_and_no_budget_outlasts_the_tools_limit(
     warm = _session(tmp_path, "o2", STAGES="train export", BUDGET_S="120", **common)
     log2 = (tmp_path / "o2" / "log.txt").read_text()
     assert warm.returncode == 0 and "COLD" not in log2 and "fake cli runs import" not in log2, log2
-    assert "--pack-mb 28 " in log  # no carry-mb from `make gpu-in`: 30 MiB, less 2 (no reference run here)
+    assert "--pack-mb 34 " in log and "no " in log and "carry-mb (make gpu-in writes it): taking 36 MiB" in log
     (tmp_path / "in" / "carry-mb").write_text("36\n")  # what 64 MiB leaves beside the tree and the dataset
     sized = _session(tmp_path, "o5", STAGES="train", BUDGET_S="120", **{**common, "REFERENCE": "x"})
     assert sized.returncode == 0 and "--pack-mb 31 " in (tmp_path / "o5" / "log.txt").read_text()
     bad = _session(tmp_path, "o6", STAGES="train", BUDGET_S="120", PACK_MB="0", **common)
     assert bad.returncode == 2 and "PACK_MB=0 is not valid" in bad.stdout + bad.stderr
+    bad = _session(tmp_path, "o7", STAGES="train", BUDGET_S="120", EXPORT_MB="lots", **common)
+    assert bad.returncode == 2 and "EXPORT_MB=lots is not valid" in bad.stdout + bad.stderr
+    (tmp_path / "in" / "carry-mb").write_text("036\r\n")  # written on another system: the same 36 MiB
+    crlf = _session(tmp_path, "o8", STAGES="train", BUDGET_S="120", **common)
+    assert crlf.returncode == 0 and "--pack-mb 34 " in (tmp_path / "o8" / "log.txt").read_text()
+    for args, mb in (("--models 20", 60), ("--models 20 --profile", 45)):  # 8 files: 4 parts, or 3 beside 3
+        benched = _session(tmp_path, "o10", STAGES="bench export", BUDGET_S="120", BENCH_ARGS=args, **common)
+        assert benched.returncode == 0 and f"export (max {mb} MiB" in (tmp_path / "o10" / "log.txt").read_text()
+    (tmp_path / "in" / "carry-mb").write_text("2\n")  # no room: one run a pack, the call still goes on
+    tight = _session(tmp_path, "o9", STAGES="train", BUDGET_S="120", **common)
+    assert tight.returncode == 0 and "--pack-mb 1 " in (tmp_path / "o9" / "log.txt").read_text()
     long = _session(tmp_path, "o3", STAGES="export", BUDGET_S="900", **common)
     assert long.returncode == 0 and "using 570" in (tmp_path / "o3" / "log.txt").read_text()
     octal = _session(tmp_path, "o4", STAGES="export", BUDGET_S="0540", **common)  # bash would read 352 s

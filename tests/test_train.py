@@ -662,4 +662,11 @@ def test_runs_stopped_part_way_resume_before_new_ones_start(cifar, tmp_path, mon
     assert packs == [[2, 0], [0, 1]]  # seed 2 and the 14-layer net (seed 0) first, then seeds 0 and 1
     packs.clear()
     train_many(cfgs, root=tmp_path, data=cifar, device="cpu", pack=2, group=True)
-    assert packs == [[2, 0], [1, 0]]  # grouped: the 8-layer seeds 2 (resumed), 0 and 1 side by side, then the 14
+    assert packs == [[2, 0], [0, 1]]  # grouped: resumed runs still first (a group steps from one start step),
+    #                                   then the new seeds 0 and 1 side by side (helper-93: 2, 0 | 1, 0 had left
+    #                                   a third checkpoint to carry)
+    packs.clear()
+    eager = [tiny(seed=5), tiny(seed=6, precision="fp32", fast=False)]
+    assert train(eager[1], root=tmp_path, data=cifar, device="cpu", time_budget_s=0).status == "running"
+    train_many(eager, root=tmp_path, data=cifar, device="cpu", pack=2)
+    assert packs == [[6], [5]]  # a resumed eager run does not wait behind a new graph-stepped pack
