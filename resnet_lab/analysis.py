@@ -180,7 +180,10 @@ def check_seeds_only(frame: pd.DataFrame, by: Sequence[str], ignore: Iterable[st
     field's name (a curve's `lr` is each evaluation's rate)."""
     if frame.empty:
         return
-    by = [c for c in dict.fromkeys(by) if c in frame]
+    by = list(dict.fromkeys(by))
+    missing = [c for c in by if c not in frame]
+    if missing:  # else every run would be one group, and the message would name a field, not the typo
+        raise ValueError(f"no column {missing} to draw by: the frame has {sorted(map(str, frame.columns))}")
     groups = frame.groupby(by, sort=False, dropna=False) if by else [((), frame)]
     for key, g in groups:
         key = key if isinstance(key, tuple) else (key,)

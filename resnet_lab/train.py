@@ -659,11 +659,16 @@ def deadline_after(time_budget_s: float | None) -> float | None:
     return time.monotonic() + time_budget_s
 
 
-@functools.lru_cache(maxsize=None)
 def checkpoint_mib(cfg: RunConfig) -> float:
     """A run's checkpoint in MiB, from its model: weights, buffers and SGD momentum (one more copy of the
-    weights), and about 1 KiB a tensor for the file's bookkeeping; ResNet-110's is about 14."""
-    model = model_from_config(cfg)
+    weights), and about 1 KiB a tensor for the file's bookkeeping; ResNet-110's is about 14 (13.5 on disk)."""
+    return _checkpoint_mib(dataclasses.replace(cfg, seed=0))  # seeds share a net: one build for all of them
+
+
+@functools.lru_cache(maxsize=None)
+def _checkpoint_mib(cfg: RunConfig) -> float:
+    with torch.random.fork_rng(devices=[]):  # the model's init draws: the caller's generator stays as it was
+        model = model_from_config(cfg)
     params, buffers = list(model.parameters()), list(model.buffers())
     size = sum(8 * p.numel() for p in params) + sum(b.numel() * b.element_size() for b in buffers)
     return (size + 1024 * (2 * len(params) + len(buffers))) / 2**20
@@ -692,7 +697,7 @@ def pack_chunks(cfgs: list[RunConfig], order: list[int], pack: int, pack_mb: flo
         chunk: list[int] = []
         mib = 0.0
         for i in part:
-            size = checkpoint_mib(cfgs[i]) if pack_mb is not None else 0.0
+            size = checkpoint_mib(cfgs[i]) if pack_mb is not None and pack > 1 else 0.0  # one a pack: no sizing
             if chunk and (len(chunk) == pack or (pack_mb is not None and mib + size > pack_mb)):
                 chunks.append(chunk)
                 chunk, mib = [], 0.0

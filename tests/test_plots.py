@@ -207,3 +207,5 @@ def test_a_line_or_bar_is_the_seeds_of_one_config_or_the_figure_is_refused():
         plots.bars_figure(runs, x="arch")
     plots.bars_figure(runs, x="shortcut")
     plots.depth_figure(runs[runs["shortcut"] == "C"])
+    with pytest.raises(ValueError, match=r"no column \['depht'\] to draw by: the frame has \[.*'depth'"):
+        plots.curves_figure(curves, hue="depht")  # a typo, not a pooling of configs: said as such

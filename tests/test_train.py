@@ -630,7 +630,11 @@ def test_packs_hold_what_a_gpu_call_can_send_back_and_carry_into_the_next():
     def cfg(depth, seed=0, **kw):
         return make_config("paper", depth=depth, seed=seed, **kw)
 
-    r110 = checkpoint_mib(cfg(110))
+    r110 = checkpoint_mib(cfg(110, 3))  # seed 3: the same build as seed 0's
+    torch.manual_seed(7)
+    expected = torch.rand(1)
+    torch.manual_seed(7)
+    assert checkpoint_mib(cfg(56, 9)) > 0 and torch.rand(1) == expected  # the caller's generator left alone
     params = count_params(model_from_config(cfg(110)))
     assert 8 * params / 2**20 < r110 < 8 * params / 2**20 + 1.5  # weights + momentum, and the file's bookkeeping
     assert checkpoint_mib(cfg(20)) < 3 < r110 < 15
@@ -652,10 +656,13 @@ def test_runs_stopped_part_way_resume_before_new_ones_start(cifar, tmp_path, mon
     travel. Stopped runs go first, in the order given; grouping keeps seeds together where the first stands."""
     from resnet_lab.train import train_many
 
+    T = importlib.import_module("resnet_lab.train")
     cfgs = [tiny(seed=0), tiny(seed=1), tiny(seed=2), tiny(depth=14)]
     for c in cfgs[2:]:  # a step and a checkpoint each, as a call's time budget leaves them
-        assert train(c, root=tmp_path, data=cifar, device="cpu", time_budget_s=0).status == "running"
-    T = importlib.import_module("resnet_lab.train")
+        rec = train(c, root=tmp_path, data=cifar, device="cpu", time_budget_s=0)
+        assert rec.status == "running"
+        real = (rec.path / "checkpoint.pt").stat().st_size / 2**20
+        assert real <= T.checkpoint_mib(c) <= 1.15 * real + 0.05, (real, T.checkpoint_mib(c))  # never below
     packs = []
     monkeypatch.setattr(T, "_train_pack", lambda c, chunk, *a, **k: packs.append([x.seed for x in c]) or {})
     train_many(cfgs, root=tmp_path, data=cifar, device="cpu", pack=2)
