@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 import pandas as pd
 import seaborn as sns
 
+from .analysis import check_seeds_only
 from .runs import METRIC_COLUMNS, atomic_write_bytes
 
 PALETTE = "colorblind"
@@ -159,13 +160,6 @@ def _curves_long(metrics: pd.DataFrame) -> pd.DataFrame:
     long["curve"] = long["curve"].map({"train_err": "train", "test_err": "test"})
     long["iterations"] = long["step"]
     return long
-
-
-def check_seeds_only(frame: pd.DataFrame, by: Sequence[str], ignore: Sequence[str] = ()) -> None:
-    """`analysis.check_seeds_only`, imported when a figure is drawn (analysis imports torch)."""
-    from .analysis import check_seeds_only as check
-
-    check(frame, by, ignore)
 
 
 def _curves_to_draw(metrics: pd.DataFrame, by: Sequence[str | None]) -> pd.DataFrame | None:
