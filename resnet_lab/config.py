@@ -59,6 +59,11 @@ def is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def is_number(v: object) -> bool:
+    """A finite int or float, not a bool: what a size in MiB may be."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def check_device(device: object) -> str:
     """`device` if it names auto, cpu, cuda or cuda:N, else a ValueError naming it (torch's own error lists twenty
     device kinds, and comes late: after the data loaded, or inside a notebook)."""

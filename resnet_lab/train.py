@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import RunConfig, check_device, is_int
+from .config import RunConfig, check_device, is_int, is_number
 from .data import Cifar10, DeviceLoader, eval_batches, load_cifar10, normalize, split_data
 from .fast import (LossScaler, Stepper, autocast, compute_dtype, exact_fp32, make_optimizer, match_momentum_layout,
                    step_body, to_device)
@@ -676,8 +676,7 @@ def _checkpoint_mib(cfg: RunConfig) -> float:
 
 def check_pack_mb(pack_mb: Any) -> float | None:
     """`pack_mb` (MiB of checkpoints a pack may hold; None: no limit), or a ValueError naming it."""
-    if pack_mb is not None and (isinstance(pack_mb, bool) or not isinstance(pack_mb, (int, float))
-                                or not pack_mb > 0 or not math.isfinite(pack_mb)):
+    if pack_mb is not None and not (is_number(pack_mb) and pack_mb > 0):
         raise ValueError(f"pack_mb={pack_mb!r} is not valid: use a positive number of MiB, or None (no limit)")
     return pack_mb
 
@@ -744,6 +743,7 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
         index_of.setdefault(cfg.hash, i)
     out: dict[int, RunRecord | None] = {}
     todo = []
+    resumes: dict[int, bool] = {}  # stopped part-way, with a checkpoint: trained first (below)
     for i, cfg in enumerate(cfgs):
         if index_of[cfg.hash] != i:  # the same run again
             continue
@@ -752,6 +752,7 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
             out[i] = _finished(rd)
         else:
             todo.append(i)
+            resumes[i] = can_resume(rd.path)
     # the schedule's length, not the preset's name, decides (a quick config given 64k iterations is as long)
     slow = [cfgs[i] for i in todo if cfgs[i].iterations * cfgs[i].batch_size >= CPU_LONG_IMAGES] \
         if device.type == "cpu" else []
@@ -762,7 +763,6 @@ def train_many(cfgs: Iterable[RunConfig], root: str | os.PathLike | None = None,
                     "little.", len(slow), ", ".join(sorted({c.name for c in slow})),
                     ", ".join(sorted({c.preset for c in slow})), f"{max(c.iterations for c in slow):,}",
                     max(c.batch_size for c in slow))
-    resumes = {i: can_resume(RunDir(cfgs[i], root).path) for i in todo}
     todo.sort(key=lambda i: not resumes[i])  # stable: else in the order given
     if group:  # seeds of one config side by side, where the first of them stands (the sort is stable); resumed
         # seeds apart from new ones (a group steps from one start step): they stay ahead of every new run

@@ -15,7 +15,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -25,7 +24,7 @@ import time
 import zlib
 from pathlib import Path
 
-from .config import RunConfig, is_int
+from .config import RunConfig, is_int, is_number
 from .runs import (ANALYSIS_FILE, CHECKPOINT_FILES, FINISHED, RunLocked, _umask, atomic_write_bytes,
                    atomic_write_json, atomic_write_text, can_resume, iter_runs, lock_run, runs_dir)
 
@@ -89,14 +88,9 @@ def _config_error(h: str, data: bytes) -> str | None:
 
 
 # -- export ------------------------------------------------------------------------------------------
-def _is_number(v: object) -> bool:
-    """A finite int or float (not a bool): what a size in MiB may be."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _check_part_mb(part_mb: float) -> int:
     """Part size in bytes; NaN, inf, tiny or oversized values are refused by name."""
-    if not _is_number(part_mb) or not MIN_PART_MB <= part_mb <= MAX_PART_MB:
+    if not is_number(part_mb) or not MIN_PART_MB <= part_mb <= MAX_PART_MB:
         raise ValueError(f"part_mb={part_mb!r} is not valid: use a number of MiB from 1/1024 (1 KiB) "
                          f"to {MAX_PART_MB:g} (the device tool's file limit, with a margin)")
     return int(part_mb * 2**20)
@@ -346,7 +340,7 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
     except ValueError as e:
         raise ValueError(f"--sent ledger {e}") from None
     name = _check_name(name)
-    if max_mb is not None and not (_is_number(max_mb) and max_mb > 0):
+    if max_mb is not None and not (is_number(max_mb) and max_mb > 0):
         raise ValueError(f"max_mb={max_mb!r} is not valid: use a positive number of MiB, or None for no limit")
     dest = _check_dest(Path(dest))
     data, left, too_big, packed, held = _pack(runs_dir(root), checkpoints, [_check_manifest(skip), ledger],
