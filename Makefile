@@ -79,13 +79,16 @@ lab: install
 # .gpu-in: with the repository, within the tool's 64 MiB), `bash .ci/gpu-session` runs there, and
 # `make gpu-back FROM=<the folder(s) the calls' files came back to>` takes them in here (`make gpu-relay
 # FROM=...` between two calls when the machine went back in between).
-# The unfinished runs go in what the 64 MiB a call carries leaves after the tree and the dataset (2 MiB spare).
+# The unfinished runs go in what the 64 MiB a call carries leaves after the tree and the dataset (2 MiB spare);
+# in what they leave, finished runs of ANALYSE_GRIDS without their cached analyses (weights and all: the
+# call's analyse stage computes them in minutes, where this CPU takes hours).
+ANALYSE_GRIDS ?= sweeps/unraveled_ensemble.yaml
 RESULTS_ROOT := $(or $(RESNET_LAB_RESULTS),$(CURDIR)/results)
 PAPER_RECORDS := $(RESULTS_ROOT)/paper/runs
 gpu-in: install
 	@test -f "$(RESNET_LAB_DATA)" || { echo "set RESNET_LAB_DATA to a CIFAR-10 archive or tarball"; exit 2; }
 	mkdir -p .data .gpu-in
-	rm -f .gpu-in/resume.tar.gz.*
+	rm -f .gpu-in/resume.tar.gz.* .gpu-in/analyse.tar.gz.*
 	src="$$(realpath "$(RESNET_LAB_DATA)")"; dst="$$(realpath -m ".data/$$(basename "$$src")")"; \
 	if [ "$$src" != "$$dst" ]; then find .data -maxdepth 1 -type f -delete && cp "$$src" .data/.copy.tmp && \
 	  mv .data/.copy.tmp "$$dst"; fi
@@ -99,7 +102,12 @@ gpu-in: install
 	  print(int((64 * 2**20 - tree - data) / 2**20) - 2)'); \
 	if [ "$$mb" -lt 1 ]; then echo "the tree and .data leave no room under 64 MiB for unfinished runs"; exit 2; fi; \
 	echo "unfinished runs: up to $$mb MiB"; echo "$$mb" > .gpu-in/carry-mb; \
-	$(BIN)/resnet-lab runs export .gpu-in --name resume --checkpoints --unfinished --max-mb $$mb
+	$(BIN)/resnet-lab runs export .gpu-in --name resume --checkpoints --unfinished --max-mb $$mb || exit $$?; \
+	left=$$($(BIN)/python -c 'import glob, os, sys; \
+	  print(int(int(sys.argv[1]) - sum(os.path.getsize(p) for p in glob.glob(".gpu-in/resume.tar.gz.*")) / 2**20))' $$mb); \
+	if [ -z "$(ANALYSE_GRIDS)" ]; then :; elif [ "$$left" -lt 1 ]; then echo "no room left to send runs to analyse"; \
+	else echo "runs to analyse: up to $$left MiB"; \
+	  $(BIN)/resnet-lab runs export .gpu-in --name analyse $(foreach g,$(ANALYSE_GRIDS),--to-analyse $(g)) --max-mb $$left; fi
 	@du -sh .data .gpu-in
 
 # FROM: one or more folders a device call's files came back to, in the order of the calls

@@ -456,9 +456,12 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
     from .transfer import export_runs
 
     skip = _manifest(a.skip)
+    only = _to_analyse(a.to_analyse) if a.to_analyse else None
+    if only is not None and a.unfinished:
+        usage_error("--to-analyse sends finished runs, --unfinished only unfinished ones: export them apart")
     try:
         parts = export_runs(a.dest, checkpoints=a.checkpoints, part_mb=a.part_mb, name=a.name, skip=skip,
-                            max_mb=a.max_mb, unfinished=a.unfinished, sent=a.sent)
+                            max_mb=a.max_mb, unfinished=a.unfinished, sent=a.sent, only=only)
     except ValueError as e:
         usage_error(e)
     except OSError as e:  # the disk, not the input
@@ -475,6 +478,30 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
         print(f"not exported, over --max-mb {a.max_mb:g} on its own: {', '.join(parts.never_fit)}", file=sys.stderr)
         return EXIT_INCOMPLETE
     return 0
+
+
+def _to_analyse(paths: list[str]) -> set[str]:
+    """The finished runs of these grids' points whose cached analyses are missing (bad grids exit 2)."""
+    from . import experiments as ex
+    from .data import DataError
+    from .sweep import expand, load_grid
+
+    only: set[str] = set()
+    try:
+        for path in paths:
+            grid = load_grid(path)
+            if grid.notebook not in ex.NOTEBOOK_ANALYSES:
+                raise ValueError(f"--to-analyse {path}: its notebook {grid.notebook} caches no analysis; only "
+                                 f"{', '.join(sorted(ex.NOTEBOOK_ANALYSES))} do")
+            for pt in expand(grid):
+                only.update(ex.unanalysed_runs(pt.notebook, pt.params))
+    except DataError:  # no dataset copy: the machine, not the input
+        raise
+    except ValueError as e:
+        usage_error(e)
+    print(f"--to-analyse: {len(only)} finished run(s) without the cached analyses of {' '.join(paths)}",
+          file=sys.stderr)
+    return only
 
 
 def _manifest(path: str | None) -> dict[str, dict] | None:
@@ -658,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the rest waits for the next export (finished runs go first)")
     ex.add_argument("--unfinished", action="store_true", help="only runs not finished yet: with --checkpoints, what "
                     "a fresh machine needs to resume them (`train --skip MANIFEST` there leaves out the finished ones)")
+    ex.add_argument("--to-analyse", metavar="GRID", action="append", help="only finished runs whose analyses "
+                    "for this grid's points (04's) are not cached here, with their weights: for `resnet-lab analyse "
+                    "--sweep GRID` on a GPU (minutes there, hours here); repeatable")
     ex.add_argument("--sent", metavar="LEDGER", help="this machine's record of its exports (created if missing): "
                     "runs it has as far along stay out, and this export's runs are added to it; for calls back to "
                     "back on one machine, whose --skip manifest is stale after the first")

@@ -1005,11 +1005,26 @@ def drawn_runs(notebook: str, params: dict[str, Any]) -> tuple[list[str], int]:
         if notebook in DRAWS_STOPPED and not runs.empty:
             drawn |= stopped_part_way(runs)
         return sorted(runs.loc[drawn, "hash"]), len(cfgs)
+    return _by_analysis(notebook, merged, runs)[0], len(cfgs)
+
+
+def _by_analysis(notebook: str, merged: dict[str, Any], runs: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(the hashes of the done runs whose analysis for these notebook parameters is cached, of those without)."""
     a = NOTEBOOK_ANALYSES[notebook]
     p = a.key(**{n: merged[n] for n in a.reads})
-    done = runs[runs["status"] == "done"].to_dict("records")
-    return sorted(r["hash"] for r in done if RunDir(RunConfig.from_json(r)).read_analysis(a.kind, p) is not None), \
-        len(cfgs)
+    done = runs[runs["status"] == "done"].to_dict("records") if not runs.empty else []
+    cached = {r["hash"]: RunDir(RunConfig.from_json(r)).read_analysis(a.kind, p) is not None for r in done}
+    return sorted(h for h, c in cached.items() if c), sorted(h for h, c in cached.items() if not c)
+
+
+def unanalysed_runs(notebook: str, params: dict[str, Any]) -> list[str]:
+    """The hashes of the done runs a notebook's execution with these parameters reads whose cached analysis is
+    missing: what `resnet-lab analyse` would compute (`runs export --to-analyse` sends them, with their
+    weights, to the GPU that computes it in minutes, where a CPU takes hours). Trains and computes nothing."""
+    if notebook not in NOTEBOOK_ANALYSES:
+        raise ValueError(f"notebook {notebook!r} caches no analysis: use one of {sorted(NOTEBOOK_ANALYSES)}")
+    merged = {**notebook_defaults(notebook), **params}
+    return _by_analysis(notebook, merged, collect(configs_for(notebook, merged))[0])[1]
 
 
 def analyse_notebook(notebook: str, params: dict[str, Any], device: str | None = None

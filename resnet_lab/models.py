@@ -69,7 +69,9 @@ class Block(nn.Module):
                   block keeps its gate on the shortcut); a post-activation block keeps its ReLU
                   after the (now one-term) sum;
       route    -- "branch" or "shortcut": let the gradient through only that side
-                  (forward values unchanged), for gradient-by-path-length.
+                  (forward values unchanged), for gradient-by-path-length; or a bool tensor with
+                  one entry per image of the batch (True: branch), so that one pass measures
+                  several paths, each on its own images.
     """
 
     def __init__(self, branch: nn.Module, shortcut: nn.Module | None, post_relu: bool,
@@ -80,7 +82,7 @@ class Block(nn.Module):
         self.shortcut_gate_only = shortcut_gate_only
         self.post_relu, self.changes_shape = post_relu, changes_shape
         self.lesioned = False
-        self.route: str | None = None
+        self.route: str | torch.Tensor | None = None
 
     @property
     def has_shortcut(self) -> bool:
@@ -102,13 +104,19 @@ class Block(nn.Module):
         if self.shortcut is None:  # plain net: no addition
             return F.relu(f) if self.post_relu else f
         s = self.shortcut(x)
-        if self.route == "branch":
+        r = self.route
+        mask = r.view(-1, 1, 1, 1) if isinstance(r, torch.Tensor) else None  # per image: True takes the branch
+        if mask is not None:  # the values of both sides are kept; each image's gradient goes through its side only
+            s, f = torch.where(mask, s.detach(), s), torch.where(mask, f, f.detach())
+        elif r == "branch":
             s = s.detach()
-        elif self.route == "shortcut":
+        elif r == "shortcut":
             f = f.detach()
         if self.gate is not None:  # highway: T*F(x) + (1-T)*x; shortcut-only: F(x) + (1-g)*x
             t = torch.sigmoid(self.gate(x))
-            if self.route == "shortcut":
+            if mask is not None:
+                t = torch.where(mask, t, t.detach())
+            elif r == "shortcut":
                 t = t.detach()
             out = (f if self.shortcut_gate_only else t * f) + (1 - t) * s
         else:

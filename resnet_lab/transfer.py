@@ -23,6 +23,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+from typing import Iterable
 
 from .config import RunConfig, is_int, is_number
 from .runs import (ANALYSIS_FILE, CHECKPOINT_FILES, FINISHED, RunLocked, _umask, atomic_write_bytes,
@@ -229,15 +230,20 @@ def _check_manifest(skip: object) -> dict[str, dict]:
 
 
 def _pack(src: Path, checkpoints: bool, skips: list[dict[str, dict]], max_bytes: int | None,
-          unfinished: bool = False) -> tuple[bytes, list[str], list[str], dict[str, dict], list[list[str]]]:
+          unfinished: bool = False, only: set[str] | None = None
+          ) -> tuple[bytes, list[str], list[str], dict[str, dict], list[list[str]]]:
     """The archive, the runs left out because it was full, those no archive of max_bytes can hold, the
     manifest entries of the runs packed, and per manifest the runs it held. Runs one of the manifests `skips` has as far along, with
     every cached analysis, are not packed (import would keep that copy anyway); finished runs go
     first, or are left out when `unfinished`. An unfinished run that its checkpoint alone puts over
     max_bytes goes without it: its curve and summary so far, since no export under the limit could
-    ever carry that checkpoint (ResNet-1202's is 155 MB); the manifests are compared with what is sent."""
+    ever carry that checkpoint (ResNet-1202's is 155 MB); the manifests are compared with what is sent.
+    A finished run the receiver has with its weights, which goes for its new analyses only, comes last: under
+    max_bytes, a pack's checkpoints must not wait behind weights the receiver already holds."""
     runs, held = [], [[] for _ in skips]
     for run in _run_folders(src):
+        if only is not None and run.name not in only:
+            continue
         if unfinished and (_summary(run) or {}).get("status") in FINISHED:  # before _run_files: no warnings for
             continue                                                       # a finished run it would not send
         files = _run_files(run, checkpoints)
@@ -258,7 +264,11 @@ def _pack(src: Path, checkpoints: bool, skips: list[dict[str, dict]], max_bytes:
             log.warning("run %s goes without its checkpoint, which alone is over %.3g MiB: its curve and summary "
                         "so far travel, and it resumes only on the machine that has the checkpoint",
                         run.name, max_bytes / 2**20)
-        runs.append((progress[0] != RANK["done"], run.name, files, summary))
+        # finished runs new there first, then unfinished ones (their checkpoints resume), then finished runs whose
+        # weights are there already, sent again only for analyses computed here (`analyse` recomputes one lost)
+        weighed = progress[0] == RANK["done"] and any(
+            finished_in(m.get(run.name)) and m[run.name].get("weights") is not False for m in skips)
+        runs.append((2 if weighed else int(progress[0] != RANK["done"]), run.name, files, summary))
     buf = io.BytesIO()
     now, used, left, too_big, packed = int(time.time()), 0, [], [], {}
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -315,12 +325,14 @@ def _check_dest(dest: Path) -> Path:
 def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, checkpoints: bool = False,
                 part_mb: float = 15.0, name: str = "runs", skip: dict[str, dict] | None = None,
                 max_mb: float | None = None, unfinished: bool = False,
-                sent: str | os.PathLike | None = None) -> Parts:
+                sent: str | os.PathLike | None = None, only: Iterable[str] | None = None) -> Parts:
     """Write `<dest>/<name>.tar.gz.000`, `.001`, ...: every run folder of the store, without
     checkpoints unless `checkpoints` (then only unfinished runs' newest one). Returns the parts.
 
     unfinished: only runs not finished yet; with `checkpoints`, what a fresh machine needs to resume
     them (a GPU machine starts bare each session; it learns of the finished runs from a manifest).
+    only: just these run hashes (`experiments.unanalysed_runs`: finished runs whose cached analysis a GPU
+    is to compute).
 
     skip: a `manifest()` of the machine the parts go to; runs it has as far along stay out, so each
     export carries only what is new there. max_mb: stop adding runs before the archive could pass this
@@ -344,7 +356,8 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
         raise ValueError(f"max_mb={max_mb!r} is not valid: use a positive number of MiB, or None for no limit")
     dest = _check_dest(Path(dest))
     data, left, too_big, packed, held = _pack(runs_dir(root), checkpoints, [_check_manifest(skip), ledger],
-                                              None if max_mb is None else int(max_mb * 2**20), unfinished)
+                                              None if max_mb is None else int(max_mb * 2**20), unfinished,
+                                              None if only is None else set(only))
     if left:
         log.warning("%d run(s) left for the next export (over %g MiB): %s", len(left), max_mb, ", ".join(left))
     for h in too_big:  # waiting would not help: no export under this limit can ever hold it

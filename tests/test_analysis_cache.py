@@ -202,6 +202,48 @@ def test_the_gpu_session_path_train_analyse_export_import_report(tmp_path, monke
 
 
 @needs_data
+def test_runs_finished_without_their_analysis_go_to_the_gpu_and_come_back_analysed(tmp_path, monkeypatch, cifar,
+                                                                                    capsys):
+    """A run that finished in a GPU call's last minutes comes back unanalysed (hours of CPU here): `runs export
+    --to-analyse GRID` sends exactly those runs, weights and all, for the next session's `analyse` stage."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text("notebook: 04_unraveled_ensemble\npreset: smoke\n"
+                    "parameters:\n  depth: [8]\n  draws: [1]\n  eval_images: [40]\n  grad_samples: [1]\n")
+    gpu, here = tmp_path / "gpu", tmp_path / "here"
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(here))
+    assert cli.main(["train", "--sweep", str(grid), "--quiet", "--device", "cpu"]) == 0
+    other = make_config("smoke", depth=14, iterations=40)  # finished, but no point of the grid reads it
+    ex.train_all([other], device="cpu", progress=False)
+    send = lambda name, *more: cli.main(["runs", "export", str(tmp_path / name), "--name", "analyse",  # noqa: E731
+                                         "--to-analyse", str(grid), *more])
+    capsys.readouterr()
+    assert send("in1") == 0
+    assert "2 finished run(s) without the cached analyses" in capsys.readouterr().err
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(gpu))
+    assert set(import_runs(sorted((tmp_path / "in1").iterdir())).values()) == {"imported"}
+    assert len(manifest()) == 2 and all(v["weights"] and v["status"] == "done" for v in manifest().values())
+    assert cli.main(["analyse", "--sweep", str(grid), "--device", "cpu"]) == 0
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(here))
+    assert cli.main(["runs", "manifest", str(tmp_path / "have.json")]) == 0
+    back = export_runs(tmp_path / "back", root=gpu / "runs", skip=json.loads((tmp_path / "have.json").read_text()))
+    assert set(import_runs(back).values()) == {"kept local, 1 cached analysis file(s) added"}
+    capsys.readouterr()
+    assert send("in2") == 0 and "0 finished run(s)" in capsys.readouterr().err
+    first = ex.configs_for("04_unraveled_ensemble", {**ex.notebook_defaults("04_unraveled_ensemble"), "preset": "smoke",
+                                                     "depth": 8})[0]
+    for f in RunDir(ex.with_dataset([first])[0]).path.glob("analysis-*.json"):
+        f.unlink()  # this one's analysis only: it alone goes
+    assert send("in3") == 0
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "gpu2"))
+    assert list(import_runs(sorted((tmp_path / "in3").iterdir()))) == [ex.with_dataset([first])[0].hash]
+    for bad in (["--to-analyse", "sweeps/degradation.yaml"], ["--to-analyse", str(grid), "--unfinished"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["runs", "export", str(tmp_path / "x"), *bad])
+        assert e.value.code == 2
+    assert "01_degradation caches no analysis" in capsys.readouterr().err
+
+
+@needs_data
 def test_layer_responses_are_cached_per_run_and_recomputed_for_another_model(trained, monkeypatch):
     """06 passes every test image through every net; a report reads that back from the run folder instead, and a
     model.pt that changed (or other settings) computes it again."""

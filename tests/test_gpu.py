@@ -221,6 +221,23 @@ def test_unravel_analysis_runs_on_the_gpu_and_is_cached_for_the_cpu(cifar, tmp_p
     assert all(cpu[k].equals(gpu[k]) for k in gpu)
 
 
+def test_paths_measured_together_on_the_gpu_have_their_own_gradient_norms():
+    """On CUDA gradient_by_path_length measures as many paths a pass as PASS_IMAGES allows (one a pass: 5,500
+    launch-bound passes for a 110-layer net); the norms must be those of one pass each."""
+    from resnet_lab.fast import exact_fp32
+    from resnet_lab.unravel import gradient_by_path_length
+
+    torch.manual_seed(0)
+    model = build_model("preact", 20).to("cuda").eval()
+    x, y = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (512,))
+    kw = dict(ks=[0, 3, 9], samples=20, seed=1, batch=128)
+    with exact_fp32():  # as the cached analysis runs it
+        together = gradient_by_path_length(model, x, y, **kw)  # 16 samples a pass
+        one = gradient_by_path_length(model, x, y, per_pass=1, **kw)
+    assert together["blocks"].tolist() == one["blocks"].tolist()
+    assert together["grad_norm"].tolist() == pytest.approx(one["grad_norm"].tolist(), rel=1e-3)
+
+
 FAILED_CAPTURE = """
 import torch, pytest
 import resnet_lab.fast as fast

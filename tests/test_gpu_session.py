@@ -81,6 +81,40 @@ def test_a_session_trains_what_is_missing_and_brings_back_only_what_is_new(tmp_p
     assert bad.returncode == 2 and "unknown stage 'bnech'" in bad.stdout + bad.stderr
 
 
+@pytest.mark.usefixtures("cifar")
+def test_runs_sent_for_their_analyses_are_analysed_there_and_come_back_with_them(tmp_path):
+    """What `make gpu-in` sends with --to-analyse (runs that finished in an earlier session's last minutes) is
+    imported, analysed before any training and brought back; here the report then reads the analyses."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text("notebook: 04_unraveled_ensemble\npreset: smoke\n"
+                    "parameters:\n  depth: [8]\n  draws: [1]\n  eval_images: [40]\n  grad_samples: [1]\n")
+    here = tmp_path / "here"
+    env = dict(os.environ, RESNET_LAB_RESULTS=str(here))
+    run = lambda *argv: subprocess.run([sys.executable, "-m", "resnet_lab.cli", *argv], cwd=ROOT, env=env,
+                                       capture_output=True, text=True, timeout=300)
+    assert run("train", "--sweep", str(grid), "--device", "cpu", "--quiet").returncode == 0
+    assert run("runs", "manifest", str(tmp_path / "in" / "have.json")).returncode == 0
+    sent = run("runs", "export", str(tmp_path / "in"), "--name", "analyse", "--to-analyse", str(grid))
+    assert sent.returncode == 0 and "2 run(s) in this export" in sent.stderr, sent.stderr
+
+    call = _session(tmp_path, "out", STAGES="import analyse train export", GRIDS="", REFERENCE="",
+                    ANALYSE_GRIDS=str(grid))
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert call.returncode == 0, log
+    assert "import analyse: 1 part(s)" in log and "no " + str(tmp_path / "in") + "/resume.tar.gz.*" in log
+    assert "analysed 2 finished run(s)" in log
+    assert log.index("import analyse:") < log.index(f"analyse {grid} (at most") < log.index("export (max")
+    assert "2 run(s) in this export" in log  # the same runs, now with their analyses
+    back = run("runs", "import", *sorted(str(p) for p in (tmp_path / "out").glob("runs.tar.gz.*")))
+    assert back.returncode == 0 and back.stdout.count("1 cached analysis file(s) added") == 2, back.stdout
+    again = run("runs", "export", str(tmp_path / "in2"), "--name", "analyse", "--to-analyse", str(grid))
+    assert "0 run(s) in this export" in again.stderr
+    cut = _session(tmp_path, "out2", STAGES="analyse", ANALYSE_GRIDS=str(grid), ANALYSE_S="20", BUDGET_S="100")
+    assert cut.returncode == 0 and "analyse: not run (20s left for it)" in (tmp_path / "out2" / "log.txt").read_text()
+    bad = _session(tmp_path, "out3", STAGES="analyse", ANALYSE_S="2m")
+    assert bad.returncode == 2 and "ANALYSE_S=2m is not valid" in bad.stdout + bad.stderr
+
+
 def test_the_bench_leaves_the_training_its_minimum(tmp_path):
     """The first call's tests and bench must not eat the time its training was planned for: the bench is cut to
     what leaves MIN_TRAIN_S (and train's STARTUP_S), or skipped with a line saying so; the compile tests

@@ -108,6 +108,27 @@ def test_export_skips_what_the_other_side_has_and_stays_under_max_mb(tmp_path):
         export_runs(tmp_path / "o4", root=gpu, skip=["not", "a", "manifest"])
 
 
+def test_runs_sent_again_for_their_analyses_only_wait_behind_checkpoints(tmp_path):
+    """A run analysed on the GPU goes back whole (model.pt too), though the receiver has its weights; under
+    max_mb it must not keep a pack's checkpoints from coming back (lost with the machine: step 0 again)."""
+    from resnet_lab.transfer import manifest
+
+    gpu, here = tmp_path / "gpu", tmp_path / "here"
+    for key in ("aaa", "ccc"):
+        make_run(here, key, "done", 100)
+        make_run(gpu, key, "done", 100)
+        (gpu / HASH[key] / f"analysis-unravel-{'0' * 12}.json").write_text("{}")  # computed there
+    make_run(gpu, "bbb", "running", 50, big=60_000)
+    have = manifest(here)
+    parts = export_runs(tmp_path / "o1", root=gpu, checkpoints=True, skip=have, max_mb=0.07)
+    assert _names(parts) == [HASH["bbb"]]  # the checkpoint first; the analyses wait (and are computed again)
+    roomy = export_runs(tmp_path / "o2", root=gpu, checkpoints=True, skip=have, max_mb=1)
+    assert _names(roomy) == sorted(HASH.values())
+    make_run(tmp_path / "bare", "ccc", "running", 10)  # a receiver without ccc's weights: ccc is news there
+    parts = export_runs(tmp_path / "o3", root=gpu, checkpoints=True, skip=manifest(tmp_path / "bare"), max_mb=0.07)
+    assert _names(parts) == sorted([HASH["aaa"], HASH["ccc"]])  # finished news first, as before
+
+
 def test_back_to_back_exports_on_one_machine_send_each_run_once(tmp_path, monkeypatch, capsys):
     """Calls on one warm machine share a stale --skip manifest; the --sent ledger keeps them from sending
     the first call's runs again (under --max-mb: from sending only those, every call)."""

@@ -212,6 +212,79 @@ def test_gradient_samples_measure_distinct_paths_before_any_twice():
     assert len(set(two)) == 11
 
 
+@pytest.mark.parametrize("arch", ["resnet", "preact"])
+@pytest.mark.parametrize("batch", [None, 2])
+def test_samples_measured_together_in_one_pass_give_each_ones_own_norm(arch, batch):
+    """per_pass only changes how many paths one backward pass measures: the same draws (paths and batches,
+    across k boundaries too) and, up to rounding, the same norms as one pass each."""
+    model = tiny(arch, 20)  # 9 blocks
+    x, y = data()
+    one = gradient_by_path_length(model, x, y, ks=[0, 1, 4, 9], samples=5, seed=2, batch=batch, per_pass=1)
+    for per_pass in (3, 7, 100):
+        together = gradient_by_path_length(model, x, y, ks=[0, 1, 4, 9], samples=5, seed=2, batch=batch,
+                                           per_pass=per_pass)
+        assert together[["k", "sample", "blocks"]].equals(one[["k", "sample", "blocks"]])
+        assert together["grad_norm"].tolist() == pytest.approx(one["grad_norm"].tolist(), rel=1e-5)
+    assert one["grad_norm"].nunique() > 10  # the paths (and batches) really differ
+    assert all(p.grad is None for p in model.parameters()) and all(b.route is None for b in model.blocks)
+
+
+def test_a_pass_that_runs_out_of_memory_is_measured_again_in_halves(monkeypatch):
+    import resnet_lab.unravel as U
+
+    model = tiny("resnet", 20)
+    x, y = data()
+    one = gradient_by_path_length(model, x, y, ks=[1, 2], samples=5, batch=2, per_pass=1)
+    real, sizes = U._path_grad_norms, []
+
+    def small_memory(model, x, y, m, draws):
+        sizes.append(len(draws))
+        if len(draws) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, x, y, m, draws)
+
+    monkeypatch.setattr(U, "_path_grad_norms", small_memory)
+    halved = gradient_by_path_length(model, x, y, ks=[1, 2], samples=5, batch=2, per_pass=8)
+    assert sizes == [8, 4, 2, 2, 2, 2, 2]  # 10 draws: 8 and 4 fail, then pairs to the end
+    assert halved.drop(columns=["grad_norm", "mean_grad_norm", "total"]).equals(
+        one.drop(columns=["grad_norm", "mean_grad_norm", "total"]))
+    assert halved["grad_norm"].tolist() == pytest.approx(one["grad_norm"].tolist(), rel=1e-5)
+    monkeypatch.setattr(U, "_path_grad_norms", lambda *a: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("oom")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # one sample a pass and still too large: said, not looped
+        gradient_by_path_length(model, x, y, ks=[1], samples=1, per_pass=4)
+
+
+@pytest.mark.parametrize("arch", ["resnet", "preact", "highway", "gated"])
+def test_a_per_image_route_gives_each_image_the_gradient_of_its_own_route(arch):
+    """Block.route as a bool tensor: each image's input gradient is the one its routes alone would give."""
+    model = tiny(arch, 14)  # 6 blocks
+    with torch.no_grad():  # gates start with zero weights: no gradient would reach the input through them
+        for b in model.blocks:
+            if b.gate is not None:
+                b.gate.weight.normal_(0, 0.3)
+                b.gate.bias.fill_(0.0)
+    x, y = data(4)
+    m = len(model.blocks)
+    masks = {i: torch.tensor([(i + j) % 3 == 0 for j in range(4)]) for i in range(m)}
+
+    def grads(xs, ys, route):
+        xn = normalize(xs).requires_grad_(True)
+        with modified_blocks(model, route=route):
+            loss = F.cross_entropy(model(xn), ys, reduction="sum")
+            return torch.autograd.grad(loss, xn)[0]
+
+    together = grads(x, y, masks)
+    for j in range(4):
+        alone = grads(x[j:j + 1], y[j:j + 1], {i: "branch" if masks[i][j] else "shortcut" for i in range(m)})
+        torch.testing.assert_close(together[j:j + 1], alone, rtol=1e-4, atol=1e-6)
+    unrouted = grads(x, y, {})
+    assert not torch.allclose(together, unrouted, rtol=1e-3)  # the routes act
+    with torch.no_grad():
+        with modified_blocks(model, route=masks):
+            routed = model(normalize(x))
+        assert torch.equal(routed, model(normalize(x)))  # forward values unchanged
+
+
 def test_gated_blocks_have_no_single_paths_to_measure():
     x, y = data()
     with pytest.raises(ValueError, match="are gated"):
@@ -307,6 +380,8 @@ BAD = [
     (lambda m, x, y: blocks_of(nn.Linear(2, 2)), r"model has no block list \(`\.blocks`"),
     (lambda m, x, y: modified_blocks(m, lesion={7}).__enter__(), r"block index 7.*0\.\.2"),
     (lambda m, x, y: modified_blocks(m, route={0: "both"}).__enter__(), r"route\[0\]='both'"),
+    (lambda m, x, y: modified_blocks(m, route={0: torch.ones(6)}).__enter__(), r"route\[0\] is a torch.float32 .*bool"),
+    (lambda m, x, y: gradient_by_path_length(m, x, y, ks=[1], samples=1, per_pass=0), r"per_pass=0 .*>= 1"),
     (lambda m, x, y: modified_blocks(m, order=[0, 0]).__enter__(), r"order=\[0, 0\] repeats"),
 ]
 
