@@ -105,6 +105,7 @@ def test_runs_sent_for_their_analyses_are_analysed_there_and_come_back_with_them
     assert "analysed 2 finished run(s)" in log
     assert log.index("import analyse:") < log.index(f"analyse {grid} (at most") < log.index("export (max")
     assert "2 run(s) in this export" in log  # the same runs, now with their analyses
+    assert "packs: 34 MiB, 1 less for the analyses" in log  # 36 - 1 for the tree, less what the records will grow
     back = run("runs", "import", *sorted(str(p) for p in (tmp_path / "out").glob("runs.tar.gz.*")))
     assert back.returncode == 0 and back.stdout.count("1 cached analysis file(s) added") == 2, back.stdout
     again = run("runs", "export", str(tmp_path / "in2"), "--name", "analyse", "--to-analyse", str(grid))
