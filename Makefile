@@ -104,10 +104,13 @@ gpu-in: install
 	echo "unfinished runs: up to $$mb MiB"; echo "$$mb" > .gpu-in/carry-mb; \
 	$(BIN)/resnet-lab runs export .gpu-in --name resume --checkpoints --unfinished --max-mb $$mb || exit $$?; \
 	left=$$($(BIN)/python -c 'import glob, os, sys; \
-	  print(int(int(sys.argv[1]) - sum(os.path.getsize(p) for p in glob.glob(".gpu-in/resume.tar.gz.*")) / 2**20))' $$mb); \
+	  print(int(int(sys.argv[1]) - sum(os.path.getsize(p) for p in glob.glob(".gpu-in/resume.tar.gz.*")) / 2**20))' $$mb) \
+	  || exit $$?; \
 	if [ -z "$(ANALYSE_GRIDS)" ]; then :; elif [ "$$left" -lt 1 ]; then echo "no room left to send runs to analyse"; \
 	else echo "runs to analyse: up to $$left MiB"; \
-	  $(BIN)/resnet-lab runs export .gpu-in --name analyse $(foreach g,$(ANALYSE_GRIDS),--to-analyse $(g)) --max-mb $$left; fi
+	  $(BIN)/resnet-lab runs export .gpu-in --name analyse $(foreach g,$(ANALYSE_GRIDS),--to-analyse $(g)) \
+	    --max-mb $$left || { rc=$$?; [ $$rc -eq 1 ] || exit $$rc; \
+	    echo "(runs larger than the room left wait for a session whose unfinished runs leave more)"; }; fi
 	@du -sh .data .gpu-in
 
 # FROM: one or more folders a device call's files came back to, in the order of the calls

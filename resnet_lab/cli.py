@@ -484,6 +484,7 @@ def _to_analyse(paths: list[str]) -> set[str]:
     """The finished runs of these grids' points whose cached analyses are missing (bad grids exit 2)."""
     from . import experiments as ex
     from .data import DataError
+    from .runs import runs_dir
     from .sweep import expand, load_grid
 
     only: set[str] = set()
@@ -499,9 +500,11 @@ def _to_analyse(paths: list[str]) -> set[str]:
         raise
     except ValueError as e:
         usage_error(e)
-    print(f"--to-analyse: {len(only)} finished run(s) without the cached analyses of {' '.join(paths)}",
-          file=sys.stderr)
-    return only
+    bare = sorted(h for h in only if not (runs_dir() / h / "model.pt").is_file())  # restored from their records
+    print(f"--to-analyse: {len(only) - len(bare)} finished run(s) without the cached analyses of {' '.join(paths)}"
+          + (f"; {len(bare)} more without their weights too (restored from records: only training them again "
+             f"would give them): {', '.join(bare)}" if bare else ""), file=sys.stderr)
+    return only - set(bare)
 
 
 def _manifest(path: str | None) -> dict[str, dict] | None:
@@ -682,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--skip", metavar="MANIFEST", help="leave out runs this manifest (`runs manifest` on the "
                     "receiving machine) has as far along")
     ex.add_argument("--max-mb", type=float, help="add runs only while the archive stays under this many MiB; "
-                    "the rest waits for the next export (finished runs go first)")
+                    "the rest waits for the next export (finished runs go first, but those the --skip manifest has with "
+                    "their weights, sent again for new analyses, go last)")
     ex.add_argument("--unfinished", action="store_true", help="only runs not finished yet: with --checkpoints, what "
                     "a fresh machine needs to resume them (`train --skip MANIFEST` there leaves out the finished ones)")
     ex.add_argument("--to-analyse", metavar="GRID", action="append", help="only finished runs whose analyses "

@@ -71,7 +71,8 @@ class Block(nn.Module):
       route    -- "branch" or "shortcut": let the gradient through only that side
                   (forward values unchanged), for gradient-by-path-length; or a bool tensor with
                   one entry per image of the batch (True: branch), so that one pass measures
-                  several paths, each on its own images.
+                  several paths, each on its own images (independent only in eval mode, where
+                  BatchNorm uses its running statistics).
     """
 
     def __init__(self, branch: nn.Module, shortcut: nn.Module | None, post_relu: bool,
@@ -105,7 +106,12 @@ class Block(nn.Module):
             return F.relu(f) if self.post_relu else f
         s = self.shortcut(x)
         r = self.route
-        mask = r.view(-1, 1, 1, 1) if isinstance(r, torch.Tensor) else None  # per image: True takes the branch
+        mask = None
+        if isinstance(r, torch.Tensor):  # per image: True takes the branch
+            if r.shape != (len(x),):
+                raise ValueError(f"route is a tensor of shape {tuple(r.shape)} for a batch of {len(x)} images: "
+                                 "give one entry per image")
+            mask = r.view(-1, 1, 1, 1)
         if mask is not None:  # the values of both sides are kept; each image's gradient goes through its side only
             s, f = torch.where(mask, s.detach(), s), torch.where(mask, f, f.detach())
         elif r == "branch":

@@ -382,17 +382,17 @@ def gradient_by_path_length(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         part = draws[len(norms):len(norms) + per_pass]
         try:
             norms += _path_grad_norms(model, x, y, m, part)
+            continue
         except torch.cuda.OutOfMemoryError:
             if per_pass == 1:
                 raise
-            per_pass = max(1, per_pass // 2)
-            torch.cuda.empty_cache()
+        per_pass //= 2  # the failed pass's tensors are gone once the exception is: its memory can go back
+        torch.cuda.empty_cache()
     df = pd.DataFrame([dict(k=k, sample=s, blocks=chosen, grad_norm=n) for (k, s, chosen, _), n in zip(draws, norms)])
     df["mean_grad_norm"] = df.groupby("k")["grad_norm"].transform("mean")
     df["paths"] = [float(math.comb(m, k)) for k in df["k"]]
     df["total"] = df["mean_grad_norm"] * df["paths"]
     return df
-
 
 
 def _path_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int,

@@ -203,7 +203,7 @@ def test_the_gpu_session_path_train_analyse_export_import_report(tmp_path, monke
 
 @needs_data
 def test_runs_finished_without_their_analysis_go_to_the_gpu_and_come_back_analysed(tmp_path, monkeypatch, cifar,
-                                                                                    capsys):
+                                                                                    capsys, caplog):
     """A run that finished in a GPU call's last minutes comes back unanalysed (hours of CPU here): `runs export
     --to-analyse GRID` sends exactly those runs, weights and all, for the next session's `analyse` stage."""
     grid = tmp_path / "g.yaml"
@@ -236,6 +236,14 @@ def test_runs_finished_without_their_analysis_go_to_the_gpu_and_come_back_analys
     assert send("in3") == 0
     monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "gpu2"))
     assert list(import_runs(sorted((tmp_path / "in3").iterdir()))) == [ex.with_dataset([first])[0].hash]
+    monkeypatch.setenv("RESNET_LAB_RESULTS", str(here))
+    RunDir(ex.with_dataset([first])[0]).model_file.unlink()  # as a run restored from its record: no weights
+    capsys.readouterr()
+    caplog.clear()
+    assert send("in4") == 0
+    err = capsys.readouterr().err
+    assert "0 finished run(s)" in err and "1 more without their weights too" in err and "0 run(s) in this" in err
+    assert "model.pt is missing" not in caplog.text  # said once above, not warned about by the export
     for bad in (["--to-analyse", "sweeps/degradation.yaml"], ["--to-analyse", str(grid), "--unfinished"]):
         with pytest.raises(SystemExit) as e:
             cli.main(["runs", "export", str(tmp_path / "x"), *bad])

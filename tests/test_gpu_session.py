@@ -35,6 +35,14 @@ def test_the_defaults_are_commands_the_cli_takes():
         assert (ROOT / grid).is_file(), grid
 
 
+def test_the_grids_sent_to_be_analysed_are_those_the_call_analyses():
+    """`make gpu-in` carries the runs of its ANALYSE_GRIDS; a call analysing other grids would carry them for nothing."""
+    m = re.search(r"^ANALYSE_GRIDS \?= (.*)$", (ROOT / "Makefile").read_text(), re.M)
+    assert m and m.group(1).split() == _default("ANALYSE_GRIDS").split()
+    for grid in m.group(1).split():
+        assert (ROOT / grid).is_file(), grid
+
+
 def _session(tmp_path: Path, out: str, **env: str) -> subprocess.CompletedProcess:
     base = dict(os.environ, OUT=str(tmp_path / out), DEVICE="cpu", PY=sys.executable,
                 GPU_IN=str(tmp_path / "in"), GPU_DIR=str(tmp_path / "gpu"), TESTS_RECORD=str(tmp_path / "record"),
@@ -112,6 +120,14 @@ def test_runs_sent_for_their_analyses_are_analysed_there_and_come_back_with_them
     assert "0 run(s) in this export" in again.stderr
     cut = _session(tmp_path, "out2", STAGES="analyse", ANALYSE_GRIDS=str(grid), ANALYSE_S="20", BUDGET_S="100")
     assert cut.returncode == 0 and "analyse: not run (20s left for it)" in (tmp_path / "out2" / "log.txt").read_text()
+    # with training to follow, the analyses leave it MIN_TRAIN_S and STARTUP_S, as the bench does
+    (tmp_path / "in" / "have.json").write_text("[]")  # not a manifest: the packs keep their size, and say why
+    short = _session(tmp_path, "out4", STAGES="analyse train", ANALYSE_GRIDS=str(grid), BUDGET_S="200",
+                     EXPORT_S="20", MIN_TRAIN_S="60", GRIDS="", REFERENCE="")
+    log4 = (tmp_path / "out4" / "log.txt").read_text()
+    m = re.search(r"analyse .* \(at most (\d+)s\)", log4)
+    assert short.returncode == 0 and m and 95 <= int(m.group(1)) <= 105, log4  # 200 - 20 - 60 - 15, less the time gone
+    assert "packs: 35 MiB; the analyses computed here were not measured (AttributeError" in log4
     bad = _session(tmp_path, "out3", STAGES="analyse", ANALYSE_S="2m")
     assert bad.returncode == 2 and "ANALYSE_S=2m is not valid" in bad.stdout + bad.stderr
 

@@ -362,6 +362,11 @@ def test_modified_blocks_restores_even_on_exceptions():
 
 
 # -- validation ---------------------------------------------------------------------------------
+def _routed(model, x, route):
+    with modified_blocks(model, route=route):
+        return model(normalize(x))
+
+
 BAD = [
     (lambda m, x, y: delete_k(m, x, y, ks=[4], draws=1), r"k=4 .*0\.\.3"),
     (lambda m, x, y: delete_k(m, x, y, ks=[-1], draws=1), r"k=-1 .*0\.\.3"),
@@ -382,6 +387,7 @@ BAD = [
     (lambda m, x, y: modified_blocks(m, route={0: "both"}).__enter__(), r"route\[0\]='both'"),
     (lambda m, x, y: modified_blocks(m, route={0: torch.ones(6)}).__enter__(), r"route\[0\] is a torch.float32 .*bool"),
     (lambda m, x, y: gradient_by_path_length(m, x, y, ks=[1], samples=1, per_pass=0), r"per_pass=0 .*>= 1"),
+    (lambda m, x, y: _routed(m, x, {0: torch.ones(1, dtype=torch.bool)}), r"shape \(1,\) for a batch of 6 images"),
     (lambda m, x, y: modified_blocks(m, order=[0, 0]).__enter__(), r"order=\[0, 0\] repeats"),
 ]
 
