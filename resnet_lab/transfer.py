@@ -361,6 +361,10 @@ def export_runs(dest: str | os.PathLike, root: str | os.PathLike | None = None, 
     if left:
         log.warning("%d run(s) left for the next export (over %g MiB): %s", len(left), max_mb, ", ".join(left))
     for h in too_big:  # waiting would not help: no export under this limit can ever hold it
+        if only is not None:  # runs sent to be analysed: the room is what unfinished runs leave, another time more
+            log.warning("run %s alone is over %g MiB: it goes to be analysed with an export that has more room",
+                        h, max_mb)
+            continue
         log.warning("run %s alone is over %g MiB (a finished ResNet-1202's weights are 78 MB), "
                     "so no export under --max-mb holds it: export it without --max-mb into a folder on that "
                     "machine and bring the parts back a few per call; import takes them once all are here",

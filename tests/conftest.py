@@ -33,6 +33,13 @@ if os.environ.get("RESNET_LAB_REQUIRE_DATA") == "1" and real_source() is None:
     where = os.environ.get("RESNET_LAB_DATA") or SHARED
     raise pytest.UsageError(f"RESNET_LAB_REQUIRE_DATA=1 but there is no CIFAR-10 copy at {where} (set RESNET_LAB_DATA)")
 
+def smoke_04_grid(path: Path, depths: str = "8") -> Path:
+    """A sweep grid of 04 small enough for the CPU: smoke nets, one draw, 40 test images, one gradient sample."""
+    path.write_text("notebook: 04_unraveled_ensemble\npreset: smoke\n"
+                    f"parameters:\n  depth: [{depths}]\n  draws: [1]\n  eval_images: [40]\n  grad_samples: [1]\n")
+    return path
+
+
 needs_data = pytest.mark.skipif(real_source() is None,
                                 reason="no CIFAR-10 copy: set RESNET_LAB_DATA (CI uses ../shared/data/cifar10-jpeg.tar.gz)")
 

@@ -16,7 +16,7 @@ from resnet_lab.config import make_config
 from resnet_lab.runs import RunDir, load_runs
 from resnet_lab.transfer import export_runs, import_runs, manifest
 
-from .conftest import needs_data
+from .conftest import needs_data, smoke_04_grid
 
 KW = dict(draws=1, eval_images=40, grad_samples=1, grad_batch=128, device="cpu")
 
@@ -100,9 +100,7 @@ def test_without_compute_missing_uncached_runs_are_left_out_and_named_with_the_c
 
 @needs_data
 def test_analyse_command_caches_what_the_notebook_reads(trained, tmp_path, monkeypatch, capsys):
-    grid = tmp_path / "g.yaml"
-    grid.write_text("notebook: 04_unraveled_ensemble\npreset: smoke\n"
-                    "parameters:\n  depth: [8, 14]\n  draws: [1]\n  eval_images: [40]\n  grad_samples: [1]\n")
+    grid = smoke_04_grid(tmp_path / "g.yaml", "8, 14")
     assert cli.main(["analyse", "--sweep", str(grid), "--device", "cpu"]) == 1  # resnet/plain-14: not trained
     out = capsys.readouterr().out
     assert "analysed 2 finished run(s): resnet-8, plain-8" in out and "no finished model in this store: resnet-14, plain-14" in out
@@ -177,9 +175,7 @@ def test_the_gpu_session_path_train_analyse_export_import_report(tmp_path, monke
 
     from .conftest import ROOT
 
-    grid = tmp_path / "g.yaml"
-    grid.write_text("notebook: 04_unraveled_ensemble\npreset: smoke\n"
-                    "parameters:\n  depth: [8]\n  draws: [1]\n  eval_images: [40]\n  grad_samples: [1]\n")
+    grid = smoke_04_grid(tmp_path / "g.yaml")
     gpu, here = tmp_path / "gpu", tmp_path / "here"
     monkeypatch.setenv("RESNET_LAB_RESULTS", str(gpu))
     assert cli.main(["train", "--sweep", str(grid), "--quiet", "--device", "cpu"]) == 0
@@ -206,9 +202,7 @@ def test_runs_finished_without_their_analysis_go_to_the_gpu_and_come_back_analys
                                                                                     capsys, caplog):
     """A run that finished in a GPU call's last minutes comes back unanalysed (hours of CPU here): `runs export
     --to-analyse GRID` sends exactly those runs, weights and all, for the next session's `analyse` stage."""
-    grid = tmp_path / "g.yaml"
-    grid.write_text("notebook: 04_unraveled_ensemble\npreset: smoke\n"
-                    "parameters:\n  depth: [8]\n  draws: [1]\n  eval_images: [40]\n  grad_samples: [1]\n")
+    grid = smoke_04_grid(tmp_path / "g.yaml")
     gpu, here = tmp_path / "gpu", tmp_path / "here"
     monkeypatch.setenv("RESNET_LAB_RESULTS", str(here))
     assert cli.main(["train", "--sweep", str(grid), "--quiet", "--device", "cpu"]) == 0
@@ -234,6 +228,10 @@ def test_runs_finished_without_their_analysis_go_to_the_gpu_and_come_back_analys
     for f in RunDir(ex.with_dataset([first])[0]).path.glob("analysis-*.json"):
         f.unlink()  # this one's analysis only: it alone goes
     assert send("in3") == 0
+    caplog.clear()
+    assert send("in3b", "--max-mb", "0.01") == 1  # no room for it this time: it goes with a later export
+    assert "goes to be analysed with an export that has more room" in caplog.text
+    assert "bring the parts back" not in caplog.text  # the advice for a run too big to come back from a GPU
     monkeypatch.setenv("RESNET_LAB_RESULTS", str(tmp_path / "gpu2"))
     assert list(import_runs(sorted((tmp_path / "in3").iterdir()))) == [ex.with_dataset([first])[0].hash]
     monkeypatch.setenv("RESNET_LAB_RESULTS", str(here))

@@ -14,6 +14,8 @@ import pytest
 
 from resnet_lab import cli
 
+from .conftest import smoke_04_grid
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / ".ci" / "gpu-session"
 
@@ -93,9 +95,7 @@ def test_a_session_trains_what_is_missing_and_brings_back_only_what_is_new(tmp_p
 def test_runs_sent_for_their_analyses_are_analysed_there_and_come_back_with_them(tmp_path):
     """What `make gpu-in` sends with --to-analyse (runs that finished in an earlier session's last minutes) is
     imported, analysed before any training and brought back; here the report then reads the analyses."""
-    grid = tmp_path / "g.yaml"
-    grid.write_text("notebook: 04_unraveled_ensemble\npreset: smoke\n"
-                    "parameters:\n  depth: [8]\n  draws: [1]\n  eval_images: [40]\n  grad_samples: [1]\n")
+    grid = smoke_04_grid(tmp_path / "g.yaml")
     here = tmp_path / "here"
     env = dict(os.environ, RESNET_LAB_RESULTS=str(here))
     run = lambda *argv: subprocess.run([sys.executable, "-m", "resnet_lab.cli", *argv], cwd=ROOT, env=env,

@@ -7,7 +7,7 @@ import tomllib
 
 import yaml
 
-from .conftest import ROOT, needs_data
+from .conftest import ROOT, needs_data, smoke_04_grid
 
 CONDA_NAMES = {"pytorch": "torch", "ray-core": "ray"}  # conda-forge package name -> PyPI name
 
@@ -77,8 +77,7 @@ def test_cli_trains_a_grids_runs_where_jupyter_is_missing(tmp_path):
     assert r.returncode == 0 and r.stdout.count(" done at step 6") == 4, r.stdout + r.stderr
     assert run("--list").stdout.count(" done ") == 4
     # then 04's analyses, as `resnet-lab analyse` computes them there after training
-    grid.write_text("notebook: 04_unraveled_ensemble\npreset: smoke\nparameters:\n  depth: [8]\n  draws: [1]\n"
-                    "  eval_images: [40]\n  grad_samples: [1]\n")
+    smoke_04_grid(grid)
     assert run("--quiet").returncode == 0
     r = subprocess.run([sys.executable, "-m", "resnet_lab.cli", "analyse", "--sweep", str(grid)], capture_output=True,
                        text=True, env=env)
