@@ -323,7 +323,7 @@ exec {sys.executable} "$@"
     log5 = (tmp_path / "o5" / "log.txt").read_text()
     assert skipped.returncode == 1 and "fake pytest" not in log5  # not run again, but still a failed call
     assert "2 failed (t" in log5 and "1 stage(s) failed: tests (recorded failures" in log5
-    cut = _session(tmp_path, "o6", TESTS_RECORD=str(tmp_path / "none"), HANG="1", TESTS_S="31", **common)
+    cut = _session(tmp_path, "o6", TESTS_RECORD=str(tmp_path / "none"), HANG="1", TESTS_S="3", **common)
     log6 = (tmp_path / "o6" / "log.txt").read_text()
     assert cut.returncode == 1 and "tests exited 124" in log6, log6
     assert not list((tmp_path / "o6").glob("*-tests.json"))  # cut off: not a record of what the tests say
