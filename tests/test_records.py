@@ -227,3 +227,28 @@ def test_an_executed_notebook_that_reads_no_runs_does_not_stop_pruning(home):
     assert sorted(p.name for p in rec.iterdir()) == H[:1]
     assert ex.configs_for("07_imagenet_architectures", {"preset": "smoke"}) == []  # what READS_NO_RUNS says
     assert all(ex.configs_for(nb, {"preset": "smoke"}) for nb in set(ex.NOTEBOOK_CONFIGS) - ex.READS_NO_RUNS)
+
+
+def test_floats_a_run_writes_to_csv_come_back_bit_for_bit(tmp_path, monkeypatch):
+    """A resumed run rewrites its earlier metric rows from what it reads back, and cached analyses are tables
+    read back from CSV text: pandas 2 (the GPU machine's may be) reads about one float in five 1 ulp off
+    unless asked for round-trip parsing, an argument pandas 3 deprecates."""
+    import io
+    import warnings
+
+    import numpy as np
+
+    from resnet_lab.runs import _read_metrics, atomic_write_csv, read_csv
+
+    x = np.random.default_rng(0).lognormal(0, 2, 5000)
+    atomic_write_csv(pd.DataFrame({"step": range(len(x)), "test_loss": x}), tmp_path / "metrics.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation either
+        back = _read_metrics(tmp_path / "metrics.csv")["test_loss"].to_numpy()
+    assert back.dtype == np.float64 and (back == x).all(), int((back != x).sum())
+    asked = []
+    monkeypatch.setattr(pd, "read_csv", lambda src, **kw: asked.append(kw))
+    for version in ("2.2.3", "3.0.0", "10.1"):
+        monkeypatch.setattr(pd, "__version__", version)
+        read_csv(io.StringIO("x\n1.5\n"))
+    assert asked == [{"float_precision": "round_trip"}, {}, {}]
