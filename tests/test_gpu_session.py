@@ -75,6 +75,7 @@ def test_a_session_trains_what_is_missing_and_brings_back_only_what_is_new(tmp_p
     assert first.returncode == 0, log
     assert "done; 0 stage(s) failed" in log and "resnet-8 seed 0: done in" in log  # not trained there
     assert re.search(r"\d+ skipped", log)  # the GPU tests ran (and skip without CUDA)
+    assert re.search(r"== stack: python 3\.\d+\.\d+, torch \S+, .* pandas \d", log)  # the machine's own versions
     assert not list((tmp_path / "out1").glob("*-tests.json"))  # all skipped: no record of a pass
     parts = sorted(str(p) for p in (tmp_path / "out1").glob("runs.tar.gz.*"))
     assert parts and "8 run(s) in this export" in log  # the 7 other grid runs and the reference run
