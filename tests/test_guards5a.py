@@ -295,7 +295,7 @@ def test_a_point_whose_process_cannot_start_fails_alone(tmp_path, monkeypatch):
         return {"ok": True, "error": "", "attempts": 1, "seconds": 0.5}
 
     monkeypatch.setattr(sweep, "_run_point_process", run_point)
-    table = sweep.run_sweep(_tiny_grid(tmp_path, [1, 2]), jobs=1)
+    table = sweep.run_sweep(_tiny_grid(tmp_path, [1, 2]), jobs=1, kernel_name="python3")
     assert table["status"].tolist() == ["failed", "done"] and "Cannot allocate memory" in table["error"][0]
 
 
@@ -311,7 +311,7 @@ def test_an_interrupt_keeps_the_rows_of_the_points_already_reported(tmp_path, mo
 
     monkeypatch.setattr(sweep, "_run_local", run_local)
     with pytest.raises(sweep.SweepInterrupted) as e:
-        sweep.run_sweep(_tiny_grid(tmp_path, [1, 2, 3]))
+        sweep.run_sweep(_tiny_grid(tmp_path, [1, 2, 3]), kernel_name="python3")
     assert e.value.table["status"].tolist() == ["failed", "interrupted", "interrupted"]
     assert "1 of 3 points finished" in str(e.value)
 
