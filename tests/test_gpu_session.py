@@ -147,7 +147,9 @@ def test_the_bench_leaves_the_training_its_minimum(tmp_path):
     m = re.search(r"bench .* \(at most (\d+)s\)", log)
     assert m and 95 <= int(m.group(1)) <= 105 and "fake bench" in log  # 200 - 20 - 60 - 15, less the seconds gone
     alone = _session(tmp_path, "o2", STAGES="bench", BUDGET_S="200", **common)
-    assert alone.returncode == 0 and "(at most 180s)" in (tmp_path / "o2" / "log.txt").read_text()
+    log2 = (tmp_path / "o2" / "log.txt").read_text()
+    m2 = re.search(r"bench .* \(at most (\d+)s\)", log2)  # 200 - 20, less the seconds gone (a slow start: 1 or 2)
+    assert alone.returncode == 0 and m2 and 175 <= int(m2.group(1)) <= 180, log2
     none = _session(tmp_path, "o3", STAGES="bench train", BUDGET_S="120", **common)
     assert none.returncode == 0 and "bench: not run" in (tmp_path / "o3" / "log.txt").read_text()
     tests = _session(tmp_path, "o4", STAGES="tests", BUDGET_S="200", **common)
