@@ -1,4 +1,4 @@
-"""environment.yml and pyproject.toml name the same dependencies; the CLI answers --help."""
+"""environment.yml and pyproject.toml name the same dependencies and bounds; the CLI answers --help."""
 import os
 import re
 import subprocess
@@ -16,14 +16,36 @@ def _name(req: str) -> str:
     return re.split(r"[<>=!~\[ ;]", req.strip(), maxsplit=1)[0].lower()
 
 
+def _bounds(reqs) -> dict[str, str]:
+    """{name: the version specifier after it}, e.g. {"torch": ">=2.4"}."""
+    return {CONDA_NAMES.get(_name(r), _name(r)): r.strip()[len(_name(r)):].strip() for r in reqs}
+
+
 def test_environment_yml_matches_pyproject():
+    """The same packages with the same lower bounds, and a Python that pyproject allows."""
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    want = {_name(r) for r in py["dependencies"]} | {_name(r) for r in py["optional-dependencies"]["dev"]}
+    want = _bounds(py["dependencies"] + py["optional-dependencies"]["dev"])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     assert env["channels"] == ["conda-forge", "nodefaults"]
-    conda = {_name(d) for d in env["dependencies"] if isinstance(d, str)} - {"python", "pip"}
-    conda = {CONDA_NAMES.get(n, n) for n in conda}
+    conda = _bounds(d for d in env["dependencies"] if isinstance(d, str) and _name(d) not in ("python", "pip"))
     assert conda == want
+    python = next(d for d in env["dependencies"] if isinstance(d, str) and _name(d) == "python")
+    assert _version(python.split("=")[-1]) >= _version(py["requires-python"].removeprefix(">="))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.strip().split("."))
+
+
+def test_the_code_parses_as_the_oldest_python_pyproject_allows():
+    """requires-python is a promise: no syntax newer than it (PEP 695 `type`, say) may creep into the code."""
+    import ast
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    oldest = _version(py["requires-python"].removeprefix(">="))
+    files = sorted((ROOT / "resnet_lab").rglob("*.py")) + sorted((ROOT / "tests").rglob("*.py"))
+    assert len(files) > 40
+    for f in files:
+        ast.parse(f.read_text(), filename=str(f), feature_version=oldest[:2])
 
 
 def test_constraints_pin_every_dependency():
