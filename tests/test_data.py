@@ -153,7 +153,7 @@ def test_official_batches_are_read(tmp_path, monkeypatch, caplog):
     assert c.info.kind == "official" and not c.info.official_pixels
     assert "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch differ" in caplog.text
     assert c.train_x.shape == (50_000, 3, 32, 32) and c.test_y[:3].tolist() == [0, 1, 2]
-    raw = pickle.load(open(d / "test_batch", "rb"))[b"data"][0].reshape(3, 32, 32)
+    raw = pickle.loads((d / "test_batch").read_bytes())[b"data"][0].reshape(3, 32, 32)
     assert torch.equal(c.test_x[0], torch.from_numpy(raw))
     published = {n: hashlib.md5((d / n).read_bytes()).hexdigest() for n in data.BATCHES}
     monkeypatch.setattr(data, "OFFICIAL_MD5", published)  # as if these were the published bytes
@@ -181,7 +181,7 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_decoded_data(tmp
 
 def test_classes_must_have_their_official_counts(tmp_path):
     d = _official_dir(tmp_path)
-    batch = pickle.load(open(d / "data_batch_1", "rb"))
+    batch = pickle.loads((d / "data_batch_1").read_bytes())
     batch[b"labels"][0] = 1  # one airplane relabelled: 4999 / 5001, the totals still right
     with open(d / "data_batch_1", "wb") as f:
         pickle.dump(batch, f, protocol=2)

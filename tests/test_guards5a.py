@@ -372,6 +372,7 @@ def test_a_stopped_sweep_starts_no_point_and_kills_one_that_ignores_ctrl_c():
     finally:
         proc.kill()
         proc.wait()
+        proc.stdout.close(), proc.stderr.close()
     with pytest.raises(sweep.SweepStopped):
         children.start([sys.executable, "-c", "pass"], os.environ)
 
@@ -402,6 +403,7 @@ def test_stopping_a_point_stops_what_it_started_too():
     finally:
         proc.kill()
         proc.wait()
+        proc.stdout.close(), proc.stderr.close()
         if alive(kernel):
             os.kill(kernel, signal.SIGKILL)
 

@@ -53,6 +53,7 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(cifar, tmp_pa
     assert p.poll() is None, "finished before it could be killed"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
+    p.stdout.close(), p.stderr.close()
     killed = json.loads((run / "summary.json").read_text())
     assert killed["status"] == "running" and not (run / "model.pt").exists()
     # the summary is the newest checkpoint's progress (what manifests, exports and --list read), not the start's

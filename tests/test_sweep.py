@@ -667,6 +667,7 @@ def test_a_points_process_ends_when_its_sweep_is_killed_outright(tmp_path):
     assert ready.exists(), "the point never started"
     parent.kill()
     parent.wait()
+    parent.stdout.close()
 
     def alive(pid: int) -> bool:
         try:
