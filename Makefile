@@ -6,16 +6,17 @@ KERNEL := resnet-lab
 PRESET ?= quick
 
 # Offline machines: use the shared JPEG copy of CIFAR-10 unless RESNET_LAB_DATA says otherwise.
-SHARED_DATA := $(abspath ../shared/data/cifar10-jpeg.tar.gz)
+# (paths through the shell and "$(CURDIR)/...", not make's abspath or wildcard, which split a path at its spaces)
+SHARED_DATA := $(shell cd .. && pwd)/shared/data/cifar10-jpeg.tar.gz
 ifeq ($(strip $(RESNET_LAB_DATA)),)
-ifneq ($(wildcard $(SHARED_DATA)),)
+ifneq ($(shell test -f "$(SHARED_DATA)" && echo yes),)
 export RESNET_LAB_DATA := $(SHARED_DATA)
 endif
 endif
 
 # A relative RESNET_LAB_* path names a place under the folder make runs in; kernels (JupyterLab's, papermill's)
 # start in notebooks/, where it would name nothing: pass them on absolute (from the environment or `make V=...`).
-$(foreach v,RESNET_LAB_DATA RESNET_LAB_DATA_DIR RESNET_LAB_RESULTS,$(if $(strip $($(v))),$(eval override $(v) := $(abspath $($(v))))$(eval export $(v))))
+$(foreach v,RESNET_LAB_DATA RESNET_LAB_DATA_DIR RESNET_LAB_RESULTS,$(if $(strip $($(v))),$(if $(filter /%,$(firstword $($(v)))),,$(eval override $(v) := $(CURDIR)/$($(v))))$(eval export $(v))))
 
 PAPERMILL := $(BIN)/papermill -k $(KERNEL) --log-level WARNING
 # the committed tables and figures: a notebook executed here writes into results/<preset>/<notebook>/ (one run by
@@ -55,17 +56,17 @@ endif
 
 # Executes every notebook through papermill with the $(PRESET) preset; finished runs are reused.
 reproduce: install
-	mkdir -p $(OUT)
-	RESNET_LAB_OUTPUT_DIR=$(TABLES)/01_degradation $(PAPERMILL) notebooks/01_degradation.ipynb $(OUT)/01_degradation.ipynb -p preset $(PRESET) $(ARGS_01)
-	RESNET_LAB_OUTPUT_DIR=$(TABLES)/02_depth $(PAPERMILL) notebooks/02_depth.ipynb $(OUT)/02_depth.ipynb -p preset $(PRESET) $(ARGS_02)
-	RESNET_LAB_OUTPUT_DIR=$(TABLES)/03_shortcut_ablations $(PAPERMILL) notebooks/03_shortcut_ablations.ipynb $(OUT)/03_shortcut_ablations.ipynb -p preset $(PRESET) $(ARGS_03)
-	RESNET_LAB_OUTPUT_DIR=$(TABLES)/04_unraveled_ensemble $(PAPERMILL) notebooks/04_unraveled_ensemble.ipynb $(OUT)/04_unraveled_ensemble.ipynb -p preset $(PRESET) $(ARGS_04)
-	RESNET_LAB_OUTPUT_DIR=$(TABLES)/05_thousand_layers $(PAPERMILL) notebooks/05_thousand_layers.ipynb $(OUT)/05_thousand_layers.ipynb -p preset $(PRESET) $(ARGS_05)
-	RESNET_LAB_OUTPUT_DIR=$(TABLES)/06_layer_responses $(PAPERMILL) notebooks/06_layer_responses.ipynb $(OUT)/06_layer_responses.ipynb -p preset $(PRESET) $(ARGS_06)
-	RESNET_LAB_OUTPUT_DIR=$(TABLES)/07_imagenet_architectures $(PAPERMILL) notebooks/07_imagenet_architectures.ipynb $(OUT)/07_imagenet_architectures.ipynb -p preset $(PRESET) $(ARGS_07)
-	RESNET_LAB_OUTPUT_DIR=$(TABLES)/08_fast_path_fidelity $(PAPERMILL) notebooks/08_fast_path_fidelity.ipynb $(OUT)/08_fast_path_fidelity.ipynb -p preset $(PRESET) $(ARGS_08)
+	mkdir -p "$(OUT)"
+	RESNET_LAB_OUTPUT_DIR="$(TABLES)/01_degradation" $(PAPERMILL) notebooks/01_degradation.ipynb "$(OUT)/01_degradation.ipynb" -p preset $(PRESET) $(ARGS_01)
+	RESNET_LAB_OUTPUT_DIR="$(TABLES)/02_depth" $(PAPERMILL) notebooks/02_depth.ipynb "$(OUT)/02_depth.ipynb" -p preset $(PRESET) $(ARGS_02)
+	RESNET_LAB_OUTPUT_DIR="$(TABLES)/03_shortcut_ablations" $(PAPERMILL) notebooks/03_shortcut_ablations.ipynb "$(OUT)/03_shortcut_ablations.ipynb" -p preset $(PRESET) $(ARGS_03)
+	RESNET_LAB_OUTPUT_DIR="$(TABLES)/04_unraveled_ensemble" $(PAPERMILL) notebooks/04_unraveled_ensemble.ipynb "$(OUT)/04_unraveled_ensemble.ipynb" -p preset $(PRESET) $(ARGS_04)
+	RESNET_LAB_OUTPUT_DIR="$(TABLES)/05_thousand_layers" $(PAPERMILL) notebooks/05_thousand_layers.ipynb "$(OUT)/05_thousand_layers.ipynb" -p preset $(PRESET) $(ARGS_05)
+	RESNET_LAB_OUTPUT_DIR="$(TABLES)/06_layer_responses" $(PAPERMILL) notebooks/06_layer_responses.ipynb "$(OUT)/06_layer_responses.ipynb" -p preset $(PRESET) $(ARGS_06)
+	RESNET_LAB_OUTPUT_DIR="$(TABLES)/07_imagenet_architectures" $(PAPERMILL) notebooks/07_imagenet_architectures.ipynb "$(OUT)/07_imagenet_architectures.ipynb" -p preset $(PRESET) $(ARGS_07)
+	RESNET_LAB_OUTPUT_DIR="$(TABLES)/08_fast_path_fidelity" $(PAPERMILL) notebooks/08_fast_path_fidelity.ipynb "$(OUT)/08_fast_path_fidelity.ipynb" -p preset $(PRESET) $(ARGS_08)
 	$(BIN)/python -c 'from pathlib import Path; from resnet_lab import claims, page, report; report.stamp("$(PRESET)", Path("$(OUT)")); claims.check("$(PRESET)"); page.write_page("$(PRESET)")'
-	@cat $(TABLES)/claims.md
+	@cat "$(TABLES)/claims.md"
 	@echo "tables and figures under $(TABLES)/, all on one page: $(TABLES)/RESULTS.md"
 
 # Tables and figures of every notebook rebuilt from results/runs/ without training.

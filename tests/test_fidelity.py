@@ -6,7 +6,6 @@ import pytest
 
 from resnet_lab import claims, experiments as ex
 from resnet_lab.analysis import t975
-from resnet_lab.config import make_config
 
 
 def _table(rows, diverged=None):

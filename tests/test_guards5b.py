@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 
 # -- claims: the numbers a verdict rests on --------------------------------------------------------------

@@ -1,6 +1,7 @@
 """environment.yml and pyproject.toml name the same dependencies and bounds; the CLI answers --help."""
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -136,7 +137,7 @@ def test_make_reproduce_writes_each_notebooks_tables_into_the_committed_folder(m
     assert [re.search(r"notebooks/(\w+)\.ipynb", ln).group(1) for ln in lines] == notebooks()  # each, in order
     for ln in lines:
         nb = re.search(r"notebooks/(\w+)\.ipynb", ln).group(1)
-        assert ln.strip().startswith(f"RESNET_LAB_OUTPUT_DIR=$(TABLES)/{nb} "), ln
+        assert ln.strip().startswith(f'RESNET_LAB_OUTPUT_DIR="$(TABLES)/{nb}" '), ln
     out = subprocess.run(["make", "-s", "-f", "-", "show"], input=make + "\nshow:\n\t@echo $(TABLES)\n",
                          capture_output=True, text=True, cwd=ROOT,
                          env={**{k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "PRESET")},
@@ -146,11 +147,30 @@ def test_make_reproduce_writes_each_notebooks_tables_into_the_committed_folder(m
 
     monkeypatch.setenv("RESNET_LAB_RESULTS", "")  # empty: the project's folder, to make and to the package alike
     assert results_dir() == ROOT / "results"
-    dry = subprocess.run(["make", "-n", "reproduce", "RESNET_LAB_RESULTS=/elsewhere"], capture_output=True, text=True,
+    dry = subprocess.run(["make", "-n", "reproduce", "RESNET_LAB_RESULTS=/else where"], capture_output=True, text=True,
                          cwd=ROOT, env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL")})
-    papermill = [ln for ln in dry.stdout.splitlines() if "papermill" in ln]
-    assert len(papermill) == len(notebooks()), dry.stdout[-2000:]
-    assert all(" /elsewhere/quick/executed/" in ln for ln in papermill), dry.stdout[-2000:]
+    papermill = [shlex.split(ln) for ln in dry.stdout.splitlines() if "papermill" in ln]
+    assert [w[0] for w in papermill] == [f"RESNET_LAB_OUTPUT_DIR=/else where/quick/{nb}" for nb in notebooks()], \
+        dry.stdout[-2000:]  # a folder with a space in its name stays one word
+    assert [w[w.index("-k") + 5] for w in papermill] == [f"/else where/quick/executed/{nb}.ipynb" for nb in notebooks()]
+
+
+def test_make_keeps_paths_with_spaces_whole(tmp_path):
+    """A clone in "~/My Projects/" (or a relative RESNET_LAB_* with a space): make's abspath and wildcard split
+    such a path at its spaces, which lost the shared dataset copy and named folders that do not exist."""
+    top = tmp_path / "My Projects"
+    (top / "shared" / "data").mkdir(parents=True)
+    (top / "shared" / "data" / "cifar10-jpeg.tar.gz").write_bytes(b"")
+    (top / "resnet-lab").mkdir()
+    make = (ROOT / "Makefile").read_text() + "\nshow:\n\t@echo \"[$$RESNET_LAB_DATA][$$RESNET_LAB_RESULTS]\"\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "RESNET_LAB_DATA",
+                                                            "RESNET_LAB_RESULTS")}
+    show = lambda *a: subprocess.run(["make", "-s", "-f", "-", "show", *a], input=make, capture_output=True,  # noqa: E731
+                                     text=True, cwd=top / "resnet-lab", env=env).stdout.strip()
+    data = top / "shared" / "data" / "cifar10-jpeg.tar.gz"
+    assert show() == f"[{data}][]"  # the copy beside the clone is found and named whole
+    assert show("RESNET_LAB_RESULTS=my results") == f"[{data}][{top / 'resnet-lab' / 'my results'}]"
+    assert show("RESNET_LAB_DATA=/abs dir/x.tar.gz") == "[/abs dir/x.tar.gz][]"
 
 
 def test_make_gpu_in_passes_over_a_missing_or_empty_paper_records_folder(tmp_path):
