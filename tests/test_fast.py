@@ -297,7 +297,11 @@ def test_nets_past_dynamos_limit_are_said_not_compiled(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     monkeypatch.setattr(fast, "COMPILE_RECOMPILE_LIMIT", 6)
     # config.patch, not monkeypatch: monkeypatch's undo would delete the settings, hiding them from later tests
-    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=False):
+    # (torch before 2.7 names them cache_size_limit and fail_on_cache_limit_hit, as fast._allow_many_nets knows)
+    cfg = torch._dynamo.config
+    limit, fail = (("recompile_limit", "fail_on_recompile_limit_hit") if hasattr(cfg, "recompile_limit")
+                   else ("cache_size_limit", "fail_on_cache_limit_hit"))
+    with cfg.patch(**{limit: 1, fail: False}):
         _past_the_limit()
 
 
@@ -436,6 +440,8 @@ def test_exact_fp32_works_where_the_process_uses_torchs_newer_precision_api():
     exact_fp32 sets that API instead, and restores it."""
     from resnet_lab.fast import exact_fp32
 
+    if not hasattr(torch.backends.cudnn, "conv"):
+        pytest.skip(f"torch {torch.__version__} has no fp32_precision API: the legacy flags are all there is")
     conv, rnn = torch.backends.cudnn.conv, torch.backends.cudnn.rnn
     before = conv.fp32_precision, rnn.fp32_precision, torch.backends.cuda.matmul.fp32_precision
     try:

@@ -169,7 +169,7 @@ def test_a_kernel_of_another_checkout_stops_at_its_first_call(monkeypatch, tmp_p
 
 # -- the fast path's compile limit on older torch ------------------------------------------------------------------
 def test_the_compile_limit_is_raised_under_torchs_older_names(monkeypatch):
-    """torch before 2.7 names the settings cache_size_limit and fail_on_cache_limit_hit (pyproject allows 2.4)."""
+    """torch before 2.7 names the settings cache_size_limit and fail_on_cache_limit_hit (pyproject allows 2.6)."""
     import torch._dynamo
 
     from resnet_lab import fast

@@ -18,7 +18,7 @@ def _name(req: str) -> str:
 
 
 def _bounds(reqs) -> dict[str, str]:
-    """{name: the version specifier after it}, e.g. {"torch": ">=2.4"}."""
+    """{name: the version specifier after it}, e.g. {"torch": ">=2.6"}."""
     return {CONDA_NAMES.get(_name(r), _name(r)): r.strip()[len(_name(r)):].strip() for r in reqs}
 
 
