@@ -486,17 +486,21 @@ def compiled_twin(model: nn.Module) -> nn.Module:
     return twin(model)
 
 
+def dynamo_limit_names(cfg) -> tuple[str, str]:
+    """The names of dynamo's recompile limit and of its fail-when-hit switch in `cfg` (torch._dynamo.config):
+    torch before 2.7 calls them cache_size_limit and fail_on_cache_limit_hit."""
+    if hasattr(cfg, "recompile_limit"):
+        return "recompile_limit", "fail_on_recompile_limit_hit"
+    return "cache_size_limit", "fail_on_cache_limit_hit"
+
+
 def _allow_many_nets() -> None:
     """Raise dynamo's limit of compiled versions per forward to COMPILE_RECOMPILE_LIMIT, and make passing
     it an error (which `_try_compile` reports) rather than a forward silently left uncompiled."""
     cfg = torch._dynamo.config
-    # torch before 2.7 names them cache_size_limit and fail_on_cache_limit_hit
-    limit = next((n for n in ("recompile_limit", "cache_size_limit") if hasattr(cfg, n)), None)
-    if limit:
-        setattr(cfg, limit, max(getattr(cfg, limit), COMPILE_RECOMPILE_LIMIT))
-    fail = next((n for n in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit") if hasattr(cfg, n)), None)
-    if fail:
-        setattr(cfg, fail, True)
+    limit, fail = dynamo_limit_names(cfg)
+    setattr(cfg, limit, max(getattr(cfg, limit), COMPILE_RECOMPILE_LIMIT))
+    setattr(cfg, fail, True)
 
 
 def _require_agreement(check: dict, what: str) -> None:

@@ -297,11 +297,8 @@ def test_nets_past_dynamos_limit_are_said_not_compiled(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     monkeypatch.setattr(fast, "COMPILE_RECOMPILE_LIMIT", 6)
     # config.patch, not monkeypatch: monkeypatch's undo would delete the settings, hiding them from later tests
-    # (torch before 2.7 names them cache_size_limit and fail_on_cache_limit_hit, as fast._allow_many_nets knows)
-    cfg = torch._dynamo.config
-    limit, fail = (("recompile_limit", "fail_on_recompile_limit_hit") if hasattr(cfg, "recompile_limit")
-                   else ("cache_size_limit", "fail_on_cache_limit_hit"))
-    with cfg.patch(**{limit: 1, fail: False}):
+    limit, fail = fast.dynamo_limit_names(torch._dynamo.config)  # torch before 2.7 names them otherwise
+    with torch._dynamo.config.patch(**{limit: 1, fail: False}):
         _past_the_limit()
 
 
