@@ -23,7 +23,7 @@ from typing import Callable
 import pandas as pd
 
 from .analysis import t975
-from .runs import atomic_write_csv, atomic_write_text, results_dir
+from .runs import atomic_write_csv, atomic_write_text, read_csv, results_dir
 
 LESION_COST_PTS = 1.0  # a residual block's deletion "costs little": under 1 point of test error
 # A plain net "collapses" when one block goes: its median single-block lesion error is near chance (90% on
@@ -272,7 +272,7 @@ def read_table(base: Path, notebook: str, name: str) -> pd.DataFrame | None:
     """The table, or None where it is missing or holds no row (a notebook run before any of its nets were)."""
     p = base / notebook / f"{name}.csv"
     try:
-        df = pd.read_csv(p)
+        df = read_csv(p)  # the floats the notebook wrote, bit for bit, under pandas 2 as under 3
     except (FileNotFoundError, pd.errors.EmptyDataError):
         return None
     return df if len(df) else None

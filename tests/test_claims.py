@@ -351,3 +351,14 @@ def test_01s_table_says_not_judged_where_the_deepest_net_diverged_in_every_seed(
                       ("plain", 56, 0, None, None, None, None, 3)], columns=_DIV)
     d = degradation_claims(t).set_index("arch")
     assert d.loc["plain", "holds here"] == "not judged (plain-56: 3 of 3 runs diverged, not in the mean)"
+
+
+def test_a_table_is_read_back_bit_for_bit(tmp_path):
+    """The verdicts are drawn from floats the notebooks wrote: under pandas 2 a plain pd.read_csv reads about
+    one in five 1 ulp off, so a verdict at its threshold could differ between pandas versions."""
+    import numpy as np
+
+    x = np.random.default_rng(1).lognormal(0, 2, 2000)
+    _write(tmp_path, "02_depth", "table", pd.DataFrame({"depth": range(len(x)), "test_err_%": x}))
+    back = claims.read_table(tmp_path, "02_depth", "table")["test_err_%"].to_numpy()
+    assert back.dtype == np.float64 and (back == x).all(), int((back != x).sum())
