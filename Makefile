@@ -38,7 +38,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: install
 	$(BIN)/python -m pytest -q
 
-# The quick preset keeps `make reproduce` near 15 minutes on 2 CPU cores (1031 s on a 2-core EPYC; 1406-2208 s on 2-core Xeons),
+# The quick preset keeps `make reproduce` near 15 minutes on 2 CPU cores (1031 s on a 2-core EPYC; 2208 s on a 2-core Xeon, 1406 s on another with the install),
 # with other grids than the notebooks' defaults (which are the paper's): fewer depths and variants, and
 # 3 seeds for 01 and 06 (the default is one; 01's claims are judged against seed noise). Notebooks
 # share runs through the store (06 reuses 01's nets, 05 compares the 1202-layer net with 01's
